@@ -1,0 +1,81 @@
+"""``d2v`` command line: one sub-command per pipeline stage (the same words as dvc.yaml and the flows).
+
+Each sub-command loads params.yaml (strictly), then calls one library function; the stage modules are
+imported lazily so ``d2v --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from d2v.config import ConfigError, load_params
+from d2v.modalities import MODALITIES
+
+# stage name -> (module, function); each function takes (params: dict, args: argparse.Namespace)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "prepare": ("d2v.data.stages", "cli_prepare", "materialise raw data for a modality"),
+    "shard": ("d2v.data.stages", "cli_shard", "write WebDataset shards + manifest.json"),
+    "pretrain": ("d2v.train", "cli_pretrain", "data2vec pretraining on the pretrain shards"),
+    "finetune": ("d2v.finetune", "cli_finetune", "fine-tune a pretrained (or fresh) encoder"),
+    "evaluate": ("d2v.evaluate", "cli_evaluate", "evaluate a fine-tuned model; writes metrics"),
+    "report": ("d2v.report", "cli_report", "render reports/benchmark.{md,html}"),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--profile", default=None, help="profile under 'profiles:' (e.g. smoke); default: file's")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2v", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, _, help_) in STAGES.items():
+        p = sub.add_parser(name, help=help_)
+        _add_common(p)
+        if name != "report":
+            p.add_argument("modality", choices=MODALITIES)
+        if name in ("finetune", "evaluate"):
+            p.add_argument("--budget", default=None, help="label budget: labels per class (int) or fraction")
+            p.add_argument("--seed", type=int, default=None, help="fine-tuning seed (default: params seed)")
+            p.add_argument("--from-scratch", action="store_true", help="random init instead of pretrained")
+    p = sub.add_parser("embed", help="mean-pooled features of raw items -> .npy")
+    p.add_argument("checkpoint")
+    p.add_argument("inputs", nargs="+", help="file paths (audio/images/text files) or strings (text)")
+    p.add_argument("--out", required=True, help="output .npy path")
+    p = sub.add_parser("export-hf", help="write a Hugging Face data2vec directory from a d2v checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p = sub.add_parser("check-params", help="validate every section of params.yaml")
+    _add_common(p)
+    return parser
+
+
+def _call(module: str, func: str) -> Callable:
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in STAGES:
+            params = load_params(args.params, args.profile)
+            module, func, _ = STAGES[args.command]
+            return _call(module, func)(params, args) or 0
+        if args.command == "embed":
+            return _call("d2v.embed", "cli_embed")(args) or 0
+        if args.command == "export-hf":
+            return _call("d2v.hf", "cli_export_hf")(args) or 0
+        if args.command == "check-params":
+            return _call("d2v.params_check", "check_all")(load_params(args.params, args.profile)) or 0
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"d2v {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

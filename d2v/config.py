@@ -1,0 +1,262 @@
+"""Frozen config dataclasses and a strict loader.
+
+Every ``params.yaml`` section maps onto one frozen dataclass; ``from_dict`` rejects unknown keys and
+values of the wrong type with a message that names the full key path (``model.audio.dim``), so a typo
+in ``params.yaml`` or a ``dvc exp run -S`` override fails before any work starts.
+
+Modality-specific sections (``model.<modality>`` etc.) are defined in ``d2v/modalities/<m>/``; this file
+holds the modality-blind pieces and the loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params.yaml / override problem; the message names the key path and what is expected."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a type annotation (subset of typing that configs use)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:  # try the next member of the union
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build the frozen dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(known)}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if not f.init or f.name not in data:
+            continue
+        path = f"{where}.{f.name}" if where else f.name
+        kwargs[f.name] = _coerce(data[f.name], hints[f.name], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain (YAML/JSON-ready) dict of a config dataclass; tuples become lists."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that validates the new values like ``from_dict``."""
+    merged = to_dict(cfg)
+    merged.update(changes)
+    return from_dict(type(cfg), merged, type(cfg).__name__)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found (run from the project root, or pass --params PATH)")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The block stack shared by every modality (data2vec §2.1)."""
+
+    dim: int = 768
+    """Width D (Base 768, Large 1024)."""
+    depth: int = 12
+    """Number of blocks L."""
+    heads: int = 12
+    """Attention heads (Base 12, Large 16)."""
+    ffn_dim: int = 3072
+    """FFN inner width (4 x D in the papers)."""
+    layer_norm_first: bool = False
+    """Pre-LN (BEiT vision) if true, post-LN (wav2vec 2.0 / RoBERTa) if false (§7.4)."""
+    dropout: float = 0.1
+    """Residual-branch dropout."""
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.0
+    """Probability of skipping a whole block per batch in training (speech 0.05)."""
+    drop_path: float = 0.0
+    """Stochastic depth, linearly increasing with depth up to this value (vision 0.2-0.25)."""
+    layer_scale_init: float | None = None
+    """BEiT layer-scale init (0.1 for HF vision, 1e-4 in [DV] ViT-B); None disables it."""
+    norm_eps: float = 1e-5
+    activation: Literal["gelu", "gelu_new", "relu"] = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ConfigError(f"transformer: dim {self.dim} is not divisible by heads {self.heads}")
+        if self.depth < 1:
+            raise ConfigError(f"transformer: depth must be >= 1, got {self.depth}")
+        for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "drop_path"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"transformer.{name}: must be in [0, 1), got {v}")
+
+
+# ----------------------------------------------------------------------------------- params.yaml loading
+
+SECTIONS = (
+    "seed", "modalities", "profile", "profiles", "paths", "tracking",
+    "prepare", "shard", "model", "pretrain", "finetune", "evaluate", "report",
+)  # fmt: skip
+"""Top-level keys of params.yaml; anything else is rejected."""
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where each stage reads and writes; dvc.yaml templates its deps/outs from these (declared once)."""
+
+    raw: str = "data/raw"
+    shards: str = "data/shards"
+    checkpoints: str = "checkpoints"
+    metrics: str = "metrics"
+    plots: str = "plots"
+    reports: str = "reports"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """W&B settings. Offline by default; ``mode: online`` once the user has run ``wandb login``."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "d2v"
+    entity: str | None = None
+    dir: str = "wandb"
+    """Local W&B directory (offline runs live in ``<dir>/wandb/offline-run-*``)."""
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
+    """Read params.yaml, reject unknown top-level keys, apply the selected profile's overrides.
+
+    ``profile`` (or the file's ``profile:`` key) names an entry of ``profiles:`` whose nested keys replace
+    the defaults (``profile: smoke`` is the seconds-per-stage profile of the e2e tests and CI).
+    """
+    raw = load_yaml(path)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; valid keys are {list(SECTIONS)}")
+    name = profile if profile is not None else raw.get("profile", "default")
+    profiles = raw.get("profiles") or {}
+    if name not in ("default", None):
+        if name not in profiles:
+            raise ConfigError(f"{path}: profile {name!r} is not defined under 'profiles:' ({sorted(profiles)})")
+        bad = sorted(set(profiles[name]) - set(SECTIONS) - {"profiles", "profile"})
+        if bad:
+            raise ConfigError(f"{path}: profiles.{name}: unknown key(s) {bad}")
+        raw = _deep_merge(raw, profiles[name])
+    raw["profile"] = name or "default"
+    return raw
+
+
+def section(params: dict[str, Any], name: str, cls: type[T], modality: str | None = None) -> T:
+    """The validated ``params[name]`` (or ``params[name][modality]``) as dataclass ``cls``."""
+    data = params.get(name) or {}
+    where = name
+    if modality is not None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: expected a mapping of modalities, got {data!r}")
+        data = data.get(modality) or {}
+        where = f"{name}.{modality}"
+    return from_dict(cls, data, where)

@@ -1,0 +1,105 @@
+"""Hugging Face data2vec checkpoints in and out (data2vec 1.0 only: transformers has no 2.0 models).
+
+``load_encoder(path)`` takes a directory with ``config.json`` plus ``model.safetensors`` or
+``pytorch_model.bin`` of ``Data2Vec{Audio,Text,Vision}Model`` or one of their ``For<Task>`` models (the
+backbone is taken), or a d2v checkpoint, and returns a d2v encoder. The per-modality key maps live in
+``d2v/modalities/<m>/hf.py``; this file only dispatches on ``model_type`` and does the file I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from d2v.modalities import MODALITIES, get
+from d2v.modalities.base import Encoder
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _modality_for(model_type: str, where: Path) -> str:
+    for m in MODALITIES:
+        if get(m).HF_MODEL_TYPE == model_type:
+            return m
+    known = [get(m).HF_MODEL_TYPE for m in MODALITIES]
+    raise ValueError(f"{where}: model_type {model_type!r} is not a data2vec 1.0 model; expected one of {known}")
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of an HF directory; never unpickles arbitrary objects (``weights_only=True``)."""
+    for name in WEIGHT_FILES:
+        f = path / name
+        if f.exists():
+            if f.suffix == ".safetensors":
+                return load_file(str(f))
+            return torch.load(f, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: no weights found; expected one of {list(WEIGHT_FILES)} beside config.json")
+
+
+def backbone_state_dict(sd: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """Strip the ``data2vec_<m>.`` prefix of ``For<Task>`` models and drop their task heads."""
+    prefix = model_type.replace("-", "_") + "."
+    if any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def load_hf_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ValueError(f"{path}: no config.json; expected a Hugging Face data2vec model directory")
+    hf_cfg = json.loads(cfg_file.read_text())
+    model_type = hf_cfg.get("model_type", "")
+    mod = get(_modality_for(model_type, path))
+    cfg = mod.config_from_hf(hf_cfg)
+    torch.manual_seed(seed)
+    encoder = mod.build_encoder(cfg)
+    if pretrained:
+        sd = mod.state_dict_from_hf(backbone_state_dict(read_hf_weights(path), model_type), cfg)
+        missing, unexpected = encoder.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: weights do not match a {model_type} encoder of this config: "
+                f"missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+    return encoder.eval()
+
+
+def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
+    """A d2v encoder from an HF data2vec directory or a d2v checkpoint.
+
+    ``pretrained=False`` builds the same architecture freshly initialised with ``seed``: the from-scratch
+    baseline that benchmarks compare against.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    if (path / "config.json").exists():
+        return load_hf_encoder(path, pretrained, seed)
+    from d2v.checkpoint import load_encoder as load_d2v_encoder
+
+    return load_d2v_encoder(path, pretrained=pretrained, seed=seed)
+
+
+def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg, sd = get(encoder.modality).to_hf(encoder)
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def cli_export_hf(args) -> int:
+    encoder = load_encoder(args.checkpoint)
+    out = export_hf(encoder, args.out_dir)
+    print(f"wrote {out}/config.json and model.safetensors ({encoder.modality})")
+    return 0

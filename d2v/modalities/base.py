@@ -1,0 +1,115 @@
+"""What every modality provides: the contract between ``d2v/modalities/<m>/`` and the shared code.
+
+Shape legend: B batch, N raw input length (samples / pixels / tokens), T tokens, D width, K top-K layers.
+
+The data2vec recipe is modality-blind (``d2v/model.py``); a modality supplies
+- an :class:`Encoder`: ``embed`` (local feature encoder: conv stack / patches / token embeddings),
+  ``apply_mask`` (how the student sees masked tokens), ``contextualize`` (positions + block stack + norms);
+- ``make_mask``: its masking strategy (span / block / token), a pure function run in the data loader;
+- ``normalize_layer`` / ``normalize_target``: its target normalisation (§1.5);
+- ``make_head``: the regression head (§1.8); and its loss settings in its config (§1.7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from d2v.config import TransformerConfig
+from d2v.transformer import Tap
+
+Preset = Literal["tiny", "small", "base", "large"]
+
+
+@dataclass(frozen=True)
+class Data2VecTargets:
+    """How targets and the loss are built (§1.4-1.7); each modality sets its paper defaults."""
+
+    top_k: int = 8
+    """Average the top-K blocks of the teacher."""
+    tap: Tap = "ffn"
+    """'ffn': FFN output before the last residual (speech, text); 'block': end of block (vision v1, [DV])."""
+    layer_norm: Literal["instance", "layer", "none"] = "instance"
+    """Per-layer, parameter-less normalisation before averaging."""
+    final_norm: Literal["instance", "layer", "none"] = "none"
+    """Normalisation after averaging (vision: layer)."""
+    loss_beta: float = 0.0
+    """Smooth-L1 transition; 0 means L2 (fairseq's ``loss_beta: 0``)."""
+    loss_scale: float | None = None
+    """Multiply the per-token loss by this; None means 1/sqrt(D) (fairseq ``loss_scale: null``)."""
+    loss_reduction: Literal["token", "element"] = "token"
+    """'token': sum over D, mean over masked tokens (fairseq); 'element': mean over tokens x D ([DV])."""
+    ema_local_encoder: bool = False
+    """True: the teacher has its own EMA copy of the local encoder ([DV] vision); else it is shared."""
+
+
+class EncoderOutput(NamedTuple):
+    x_BTD: Tensor
+    """Last layer output, per token (prefix tokens such as CLS included), after the modality's final norm."""
+    padding_BT: Tensor | None
+    """True at padding, at the token rate (None when there is none)."""
+    layers: list[Tensor]
+    """Per-block target taps, [B, T, D] each (prefix tokens included); empty unless asked for."""
+
+
+class Encoder(nn.Module):
+    """Base class of the three modality encoders.
+
+    Subclasses set ``modality`` and implement ``embed``, ``contextualize`` and ``check_inputs``.
+    ``features`` is the user-facing call (and the one compared with transformers' ``last_hidden_state``).
+    """
+
+    modality: ClassVar[str]
+    num_prefix_tokens: ClassVar[int] = 0
+    """Tokens prepended by ``contextualize`` (vision's CLS); dropped before targets and the loss."""
+    local_modules: ClassVar[tuple[str, ...]] = ()
+    """Parameter-name prefixes used by ``embed`` (the local encoder)."""
+    shared_with_teacher: ClassVar[tuple[str, ...]] = ()
+    """Parameter-name prefixes of ``contextualize`` that the teacher copies instead of averaging (§1.3)."""
+
+    config: Any
+    transformer: TransformerConfig
+
+    def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
+        """Raise ValueError naming the problem and the expected form."""
+        raise NotImplementedError
+
+    def embed(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Local feature encoder: raw input -> ``(x_BTD, padding_BT)`` (no positions for audio/vision)."""
+        raise NotImplementedError
+
+    def apply_mask(self, x_BTD: Tensor, mask_BT: Tensor) -> Tensor:
+        """The student's view: masked tokens replaced by the learned mask embedding (v1)."""
+        return torch.where(mask_BT[..., None], self.mask_emb.to(x_BTD.dtype), x_BTD)
+
+    def contextualize(
+        self,
+        x_BTD: Tensor,
+        padding_BT: Tensor | None,
+        tap: Tap | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EncoderOutput:
+        """Positions + Transformer blocks (+ final norm) on embedded tokens."""
+        raise NotImplementedError
+
+    def features(
+        self, inputs: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(hidden_BTD, padding_BT)``: the last layer's per-token output and its padding (None if none)."""
+        self.check_inputs(inputs, padding_mask)
+        x, pad = self.embed(inputs, padding_mask)
+        out = self.contextualize(x, pad)
+        return out.x_BTD, out.padding_BT
+
+    @torch.no_grad()
+    def embed_pooled(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded)."""
+        h, pad = self.features(inputs, padding_mask)
+        h = h[:, self.num_prefix_tokens :]
+        if pad is None:
+            return h.mean(1)
+        keep = (~pad[:, self.num_prefix_tokens :]).to(h.dtype)[..., None]
+        return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)

@@ -1,0 +1,77 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from d2v.config import ConfigError, TransformerConfig, from_dict, load_params, section, to_dict
+
+
+@dataclass(frozen=True)
+class _Inner:
+    a: int = 1
+    kind: Literal["x", "y"] = "x"
+
+
+@dataclass(frozen=True)
+class _Outer:
+    lr: float = 1e-3
+    sizes: tuple[int, ...] = (1, 2)
+    inner: _Inner = field(default_factory=_Inner)
+    name: str | None = None
+
+
+def test_from_dict_builds_nested_and_converts():
+    cfg = from_dict(_Outer, {"lr": 1, "sizes": [3, 4], "inner": {"kind": "y"}})
+    assert cfg == _Outer(lr=1.0, sizes=(3, 4), inner=_Inner(kind="y"))
+    assert isinstance(cfg.lr, float)
+    assert to_dict(cfg) == {"lr": 1.0, "sizes": [3, 4], "inner": {"a": 1, "kind": "y"}, "name": None}
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"lrr": 1}, "unknown key(s) ['lrr']"),
+        ({"inner": {"b": 2}}, "model.inner: unknown key(s) ['b']"),
+        ({"inner": {"kind": "z"}}, "model.inner.kind: 'z' is not one of ['x', 'y']"),
+        ({"inner": {"a": "3"}}, "model.inner.a: expected an integer"),
+        ({"inner": {"a": True}}, "model.inner.a: expected an integer"),
+        ({"sizes": 3}, "model.sizes: expected a list"),
+        ({"lr": "fast"}, "model.lr: expected a number"),
+    ],
+)
+def test_from_dict_rejects_bad_input_with_the_key_path(data, fragment):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_Outer, data, "model")
+    assert fragment in str(e.value)
+
+
+def test_transformer_config_validates():
+    with pytest.raises(ConfigError, match="not divisible"):
+        TransformerConfig(dim=10, heads=3)
+    with pytest.raises(ConfigError, match="dropout"):
+        from_dict(TransformerConfig, {"dropout": 1.5})
+
+
+def test_load_params_profiles_and_unknown_sections(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(
+        "seed: 1\nprofile: default\nprofiles:\n  smoke:\n    seed: 2\n    pretrain: {image: {steps: 3}}\n"
+        "pretrain: {image: {steps: 100, lr: 0.1}}\n"
+    )
+    assert load_params(p)["seed"] == 1
+    smoke = load_params(p, "smoke")
+    assert smoke["seed"] == 2 and smoke["pretrain"]["image"] == {"steps": 3, "lr": 0.1}
+    assert smoke["profile"] == "smoke"
+    with pytest.raises(ConfigError, match="profile 'fast' is not defined"):
+        load_params(p, "fast")
+    p.write_text("seeds: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['seeds'\]"):
+        load_params(p)
+
+
+def test_section_reads_one_modality():
+    params = {"model": {"image": {"a": 5}}}
+    assert section(params, "model", _Inner, "image") == _Inner(a=5)
+    assert section(params, "model", _Inner, "text") == _Inner()
+    with pytest.raises(ConfigError, match="model.image: unknown key"):
+        section({"model": {"image": {"zz": 1}}}, "model", _Inner, "image")

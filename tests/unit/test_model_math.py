@@ -1,0 +1,75 @@
+"""The modality-blind data2vec math: EMA schedule, targets, loss, collapse monitor (hand computations)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
+from d2v.modalities.base import Data2VecTargets
+
+
+def test_ema_schedule_end_points_and_linearity():
+    cfg = EMAConfig(tau0=0.999, tau_end=0.9999, tau_n=1000)
+    assert ema_decay(0, cfg) == pytest.approx(0.999)
+    assert ema_decay(500, cfg) == pytest.approx((0.999 + 0.9999) / 2)
+    assert ema_decay(1000, cfg) == 0.9999
+    assert ema_decay(10**6, cfg) == 0.9999
+    assert ema_decay(0, EMAConfig(tau0=0.9998, tau_end=0.9998, tau_n=10)) == 0.9998  # constant (vision)
+
+
+def test_instance_and_layer_norm_axes():
+    x = torch.randn(2, 7, 5) * 3 + 1
+    inst = normalize(x, "instance")  # per sample and channel, over time
+    assert torch.allclose(inst.mean(1), torch.zeros(2, 5), atol=1e-5)
+    assert torch.allclose(inst.var(1, unbiased=False), torch.ones(2, 5), atol=1e-3)
+    lay = normalize(x, "layer")  # per token, over channels
+    assert torch.allclose(lay.mean(-1), torch.zeros(2, 7), atol=1e-5)
+    assert torch.equal(normalize(x, "none"), x)
+
+
+@pytest.mark.parametrize("layer_norm, final_norm", [("instance", "none"), ("layer", "none"), ("layer", "layer")])
+def test_targets_equal_hand_computed_normalised_top_k_mean(layer_norm, final_norm):
+    torch.manual_seed(0)
+    layers = [torch.randn(2, 6, 4) * (i + 1) for i in range(5)]
+    cfg = Data2VecTargets(top_k=3, layer_norm=layer_norm, final_norm=final_norm)
+    hand = []
+    for a in layers[2:]:
+        if layer_norm == "instance":
+            mu, var = a.mean(1, keepdim=True), a.var(1, unbiased=False, keepdim=True)
+        else:
+            mu, var = a.mean(-1, keepdim=True), a.var(-1, unbiased=False, keepdim=True)
+        hand.append((a - mu) / torch.sqrt(var + 1e-5))
+    y = sum(hand) / 3
+    if final_norm == "layer":
+        y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(build_targets(layers, cfg), y, atol=1e-5)
+
+
+def test_regression_loss_token_and_element_reductions():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    p, t = pred[mask], target[mask]  # [M, D], M = 4
+    l2 = regression_loss(pred, target, mask, Data2VecTargets(loss_beta=0.0))
+    assert l2 == pytest.approx(((p - t) ** 2).sum(-1).mean().item() / math.sqrt(8), rel=1e-5)
+    sl1 = regression_loss(pred, target, mask, Data2VecTargets(loss_beta=4.0, loss_scale=1.0))
+    assert sl1 == pytest.approx(F.smooth_l1_loss(p, t, beta=4.0, reduction="none").sum(-1).mean().item(), rel=1e-5)
+    el = regression_loss(pred, target, mask, Data2VecTargets(loss_beta=2.0, loss_reduction="element"))
+    assert el == pytest.approx(F.smooth_l1_loss(p, t, beta=2.0).item(), rel=1e-5)
+
+
+def test_loss_ignores_unmasked_positions():
+    pred, target = torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)
+    target[0, 1] = 100.0  # a huge error at an unmasked position must not count
+    mask = torch.tensor([[True, False, True]])
+    assert regression_loss(pred, target, mask, Data2VecTargets()) == 0
+
+
+def test_masked_std_matches_fairseq_compute_var():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4)
+    mask = torch.rand(3, 5) > 0.4
+    sel = x[mask]
+    assert masked_std(x, mask) == pytest.approx(torch.sqrt(sel.var(0) + 1e-6).mean().item(), rel=1e-5)
