@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("finetune", "evaluate"):
             p.add_argument("--budget", default=None, help="label budget: labels per class (int) or fraction")
             p.add_argument("--seed", type=int, default=None, help="fine-tuning seed (default: params seed)")
-            p.add_argument("--from-scratch", action="store_true", help="random init instead of pretrained")
+            p.add_argument(
+                "--init",
+                choices=("pretrained", "scratch"),
+                default="pretrained",
+                help="start from the pretrained encoder or from random init (the from-scratch baseline)",
+            )
     p = sub.add_parser("embed", help="mean-pooled features of raw items -> .npy")
     p.add_argument("checkpoint")
     p.add_argument("inputs", nargs="+", help="file paths (audio/images/text files) or strings (text)")
@@ -60,6 +65,8 @@ def _call(module: str, func: str) -> Callable:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "init"):
+        args.from_scratch = args.init == "scratch"
     try:
         if args.command in STAGES:
             params = load_params(args.params, args.profile)

@@ -218,6 +218,8 @@ class TrackingConfig:
     entity: str | None = None
     dir: str = "wandb"
     """Local W&B directory (offline runs live in ``<dir>/wandb/offline-run-*``)."""
+    artifacts: Literal["none", "final"] = "none"
+    """'final': log the last checkpoint of each run as a W&B artifact (offline: copied to W&B staging)."""
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +243,9 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
     profiles = raw.get("profiles") or {}
     if name not in ("default", None):
         if name not in profiles:
-            raise ConfigError(f"{path}: profile {name!r} is not defined under 'profiles:' ({sorted(profiles)})")
+            raise ConfigError(
+                f"{path}: profile {name!r} is not defined under 'profiles:' ({sorted(profiles)})"
+            )
         bad = sorted(set(profiles[name]) - set(SECTIONS) - {"profiles", "profile"})
         if bad:
             raise ConfigError(f"{path}: profiles.{name}: unknown key(s) {bad}")

@@ -22,10 +22,12 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def _modality_for(model_type: str, where: Path) -> str:
     for m in MODALITIES:
-        if get(m).HF_MODEL_TYPE == model_type:
+        if model_type == get(m).HF_MODEL_TYPE:
             return m
     known = [get(m).HF_MODEL_TYPE for m in MODALITIES]
-    raise ValueError(f"{where}: model_type {model_type!r} is not a data2vec 1.0 model; expected one of {known}")
+    raise ValueError(
+        f"{where}: model_type {model_type!r} is not a data2vec 1.0 model; expected one of {known}"
+    )
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

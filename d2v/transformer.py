@@ -28,9 +28,7 @@ _ACTIVATIONS = {
 }
 
 
-def attention_mask(
-    padding_BT: Tensor | None, bias_HTT: Tensor | None, dtype: torch.dtype
-) -> Tensor | None:
+def attention_mask(padding_BT: Tensor | None, bias_HTT: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """Combine a key padding mask (True = padding) and an additive bias into one SDPA mask.
 
     Returns None (so SDPA may pick a fused kernel), a bool mask [B, 1, 1, T] (True = attend), or a float
@@ -126,7 +124,9 @@ class Block(nn.Module):
             if self.gamma2 is not None:
                 u = self.gamma2 * u
             return h + drop_path(self.dropout(u), self.drop_path_p, self.training), u
-        h = self.norm1(x_BTD + drop_path(self.dropout(self.attn(x_BTD, mask)), self.drop_path_p, self.training))
+        h = self.norm1(
+            x_BTD + drop_path(self.dropout(self.attn(x_BTD, mask)), self.drop_path_p, self.training)
+        )
         u = self.mlp(h)
         return self.norm2(h + drop_path(self.dropout(u), self.drop_path_p, self.training)), u
 

@@ -95,9 +95,7 @@ class Encoder(nn.Module):
         """Positions + Transformer blocks (+ final norm) on embedded tokens."""
         raise NotImplementedError
 
-    def features(
-        self, inputs: Tensor, padding_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    def features(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``(hidden_BTD, padding_BT)``: the last layer's per-token output and its padding (None if none)."""
         self.check_inputs(inputs, padding_mask)
         x, pad = self.embed(inputs, padding_mask)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
 from d2v.modalities.base import Data2VecTargets
+from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
 
 
 def test_ema_schedule_end_points_and_linearity():
@@ -29,7 +29,9 @@ def test_instance_and_layer_norm_axes():
     assert torch.equal(normalize(x, "none"), x)
 
 
-@pytest.mark.parametrize("layer_norm, final_norm", [("instance", "none"), ("layer", "none"), ("layer", "layer")])
+@pytest.mark.parametrize(
+    "layer_norm, final_norm", [("instance", "none"), ("layer", "none"), ("layer", "layer")]
+)
 def test_targets_equal_hand_computed_normalised_top_k_mean(layer_norm, final_norm):
     torch.manual_seed(0)
     layers = [torch.randn(2, 6, 4) * (i + 1) for i in range(5)]
@@ -55,7 +57,9 @@ def test_regression_loss_token_and_element_reductions():
     l2 = regression_loss(pred, target, mask, Data2VecTargets(loss_beta=0.0))
     assert l2 == pytest.approx(((p - t) ** 2).sum(-1).mean().item() / math.sqrt(8), rel=1e-5)
     sl1 = regression_loss(pred, target, mask, Data2VecTargets(loss_beta=4.0, loss_scale=1.0))
-    assert sl1 == pytest.approx(F.smooth_l1_loss(p, t, beta=4.0, reduction="none").sum(-1).mean().item(), rel=1e-5)
+    assert sl1 == pytest.approx(
+        F.smooth_l1_loss(p, t, beta=4.0, reduction="none").sum(-1).mean().item(), rel=1e-5
+    )
     el = regression_loss(pred, target, mask, Data2VecTargets(loss_beta=2.0, loss_reduction="element"))
     assert el == pytest.approx(F.smooth_l1_loss(p, t, beta=2.0).item(), rel=1e-5)
 

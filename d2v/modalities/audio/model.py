@@ -1,0 +1,361 @@
+"""data2vec 1.0 speech encoder (fairseq ``data2vec_audio`` / HF ``Data2VecAudioModel``).
+
+Shape legend: B batch, N samples (16 kHz), C conv channels, T frames (50 Hz for the default stack), D width.
+
+waveform [B, N] --normalise--> conv feature extractor [B, C, T] --LN, Linear--> x_BTD   (``embed``)
+x_BTD (masked for the student) --zero padding, + pos_conv, LN, dropout--> post-LN blocks  (``contextualize``)
+([P1] §4.2; reference §2.2, §7.1, §7.4). The conv stack and projection are the local encoder the teacher
+shares; the positional convs are copied to the teacher each step ([P1] §3.3, fairseq ``ema_layers_only``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
+from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
+from d2v.model import Data2Vec, EMAConfig
+from d2v.transformer import Tap, TransformerStack, init_bert_params
+
+SAMPLE_RATE = 16_000
+BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)  # [P1] §4.2: 7 convs, total stride 320 (20 ms), field 400 (25 ms)
+BASE_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+
+# Values each preset puts under the user's keys (``model_config``). Every preset states its sizes in full.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: seconds on CPU. Full 7-layer stack (so lengths and the 400-sample field are the real ones).
+    "tiny": {
+        "transformer": {"dim": 16, "depth": 2, "heads": 2, "ffn_dim": 32, "dropout": 0.0,
+                        "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0},
+        "conv_dim": [16] * 7, "pos_conv_groups": 2, "targets": {"top_k": 2},
+    },
+    # CPU default (5.4 M parameters). The conv stack is narrowed to 128 channels (same kernels/strides, so
+    # still 20 ms frames): at 512 it dominates on CPU (2 threads, 4 x 5 s: a pre-training step took ~1 s with
+    # 128 channels, 7-15 s with 512, most of it in the conv stack).
+    "small": {
+        "transformer": {"dim": 256, "depth": 6, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
+                        "attention_dropout": 0.1, "activation_dropout": 0.0, "layerdrop": 0.05},
+        "conv_dim": [128] * 7, "pos_conv_groups": 16, "targets": {"top_k": 4},
+    },
+    # [P1] §4.2 / [FS] base_librispeech.yaml.
+    "base": {
+        "transformer": {"dim": 768, "depth": 12, "heads": 12, "ffn_dim": 3072, "dropout": 0.1,
+                        "attention_dropout": 0.1, "activation_dropout": 0.0, "layerdrop": 0.05},
+        "conv_dim": [512] * 7, "pos_conv_groups": 16, "targets": {"top_k": 8},
+    },
+    # Sizes of facebook/data2vec-audio-large (§7.1); no v1 large yaml exists in [FS], so base's recipe.
+    "large": {
+        "transformer": {"dim": 1024, "depth": 24, "heads": 16, "ffn_dim": 4096, "dropout": 0.1,
+                        "attention_dropout": 0.1, "activation_dropout": 0.0, "layerdrop": 0.05},
+        "conv_dim": [512] * 7, "pos_conv_groups": 16, "targets": {"top_k": 8},
+    },
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model.audio`` section of params.yaml (defaults = the ``small`` preset)."""
+
+    preset: Preset = "small"
+    """Size preset whose values sit under the keys given here (``model_config``); a label once built."""
+    transformer: TransformerConfig = field(
+        default_factory=lambda: TransformerConfig(dim=256, depth=6, heads=4, ffn_dim=1024, layerdrop=0.05)
+    )
+    """Block stack (post-LN, wav2vec 2.0 style: §7.4)."""
+    conv_dim: tuple[int, ...] = (128,) * 7
+    """Output channels of each feature-extractor conv (512 in the papers; narrowed on CPU presets)."""
+    conv_kernel: tuple[int, ...] = BASE_CONV_KERNEL
+    """Kernel size of each feature-extractor conv."""
+    conv_stride: tuple[int, ...] = BASE_CONV_STRIDE
+    """Stride of each feature-extractor conv (product 320 = 20 ms frames at 16 kHz)."""
+    conv_bias: bool = False
+    """Bias in the feature-extractor convs ([FS] ``conv_bias: false``)."""
+    pos_conv_layers: int = 5
+    """Stacked positional conv blocks ([FS] ``pos_conv_depth: 5``; HF ``num_conv_pos_embeddings``)."""
+    pos_conv_kernel: int = 19
+    """Kernel of each positional conv (``max(3, conv_pos 95 // 5)``; HF ``conv_pos_kernel_size``)."""
+    pos_conv_groups: int = 16
+    """Groups of the positional convs (HF ``num_conv_pos_embedding_groups``); must divide D."""
+    feat_proj_dropout: float = 0.0
+    """Dropout after the feature projection ([FS] ``dropout_input: 0``; HF ``feat_proj_dropout``).
+
+    The teacher reuses these features, so if > 0 it sees them after dropout ([FS] clones them before)."""
+    normalize_waveform: bool = True
+    """Zero-mean unit-variance per utterance inside ``embed`` ([FS] ``task.normalize: true``)."""
+    mask_prob: float = 0.65
+    """Span-start rate x mask_length: ``mask_prob * T / mask_length`` spans per row (~49 % masked)."""
+    mask_length: int = 10
+    """Frames per masked span."""
+    min_masks: int = 1
+    """At least this many spans per row."""
+    require_same_masks: bool = True
+    """Trim every row to the batch's smallest masked count (fairseq default); crop batches, don't pad."""
+    targets: Data2VecTargets = field(default_factory=lambda: Data2VecTargets(top_k=4))
+    """Target/loss settings (speech: top-K FFN taps, instance norm, L2 x 1/sqrt(D): §1.4-1.7)."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """Teacher decay 0.999 -> 0.9999 over 30k updates ([P1] §4.2)."""
+
+    def __post_init__(self) -> None:
+        t = self.transformer
+        n = len(self.conv_dim)
+        if n < 1 or len(self.conv_kernel) != n or len(self.conv_stride) != n:
+            raise ConfigError(
+                f"model.audio: conv_dim, conv_kernel and conv_stride need the same non-zero length, got "
+                f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
+            )
+        if min(self.conv_dim + self.conv_kernel + self.conv_stride) < 1:
+            raise ConfigError("model.audio: conv_dim, conv_kernel and conv_stride entries must be >= 1")
+        if self.pos_conv_layers < 1 or self.pos_conv_kernel < 1:
+            raise ConfigError("model.audio: pos_conv_layers and pos_conv_kernel must be >= 1")
+        if t.dim % self.pos_conv_groups:
+            raise ConfigError(
+                f"model.audio.pos_conv_groups={self.pos_conv_groups} must divide transformer.dim={t.dim}"
+            )
+        if not 1 <= self.targets.top_k <= t.depth:
+            raise ConfigError(
+                f"model.audio.targets.top_k={self.targets.top_k} must be in [1, transformer.depth={t.depth}]"
+            )
+        if t.layer_norm_first or t.layer_scale_init is not None:
+            raise ConfigError(
+                "model.audio.transformer: the speech encoder is post-LN without layer scale (§7.4); "
+                "set layer_norm_first: false and layer_scale_init: null"
+            )
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ConfigError(f"model.audio.mask_prob must be in [0, 1), got {self.mask_prob}")
+        if self.mask_length < 1 or self.min_masks < 0:
+            raise ConfigError("model.audio: mask_length must be >= 1 and min_masks >= 0")
+        if not 0.0 <= self.feat_proj_dropout < 1.0:
+            raise ConfigError(f"model.audio.feat_proj_dropout: expected [0, 1), got {self.feat_proj_dropout}")
+
+
+def model_config(d: dict[str, Any] | None, where: str = "model.audio") -> ModelConfig:
+    """``ModelConfig`` from a params dict: the named preset's values deep-merged under ``d`` (user wins)."""
+    d = dict(d or {})
+    preset = d.get("preset", ModelConfig.preset)
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"{where}.preset: {preset!r} is not one of {list(PRESETS)}")
+    return from_dict(ModelConfig, _deep_merge({"preset": preset, **PRESETS[preset]}, d), where)
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+
+
+def feature_lengths(n_samples: Tensor, cfg: ModelConfig) -> Tensor:
+    """Frames produced from ``n_samples`` samples: ``T = floor((N - k) / s) + 1`` per conv ([FS], [HF])."""
+    n = n_samples.long()
+    for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
+        n = torch.div(n - k, s, rounding_mode="floor") + 1
+    return n
+
+
+def receptive_field(cfg: ModelConfig) -> int:
+    """Samples seen by one frame = the shortest input giving one frame (400 for the paper's stack)."""
+    field_, jump = 1, 1
+    for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
+        field_ += (k - 1) * jump
+        jump *= s
+    return field_
+
+
+def frame_padding(padding_BN: Tensor, n_frames: int, cfg: ModelConfig) -> Tensor:
+    """Sample-rate padding (True = pad, right-padded rows) -> frame-rate padding [B, T] ([FS], [HF])."""
+    lengths_B = feature_lengths((~padding_BN).sum(-1), cfg)
+    return torch.arange(n_frames, device=padding_BN.device)[None, :] >= lengths_B[:, None]
+
+
+def normalize_waveform(wav_BN: Tensor, padding_BN: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Per-utterance zero mean / unit variance over the valid samples; padding set to 0.
+
+    fairseq ``F.layer_norm(wav, wav.shape)`` before padding (eps 1e-5); HF's feature extractor uses 1e-7.
+    """
+    x = wav_BN.float()
+    if padding_BN is None:
+        return F.layer_norm(x, x.shape[-1:], eps=eps).to(wav_BN.dtype)
+    w = (~padding_BN).to(x.dtype)
+    n = w.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (x * w).sum(-1, keepdim=True) / n
+    var = (((x - mean) * w) ** 2).sum(-1, keepdim=True) / n
+    return ((x - mean) * torch.rsqrt(var + eps) * w).to(wav_BN.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- modules
+
+
+class ConvLayer(nn.Module):
+    """Conv1d (no bias) -> LayerNorm over channels (affine) -> GELU ([FS] ``extractor_mode: layer_norm``)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride=stride, bias=bias)
+        self.layer_norm = nn.LayerNorm(c_out)  # eps 1e-5 in [FS] and [HF] whatever layer_norm_eps says
+        self.act = nn.GELU()
+
+    def forward(self, x_BCT: Tensor) -> Tensor:
+        x = self.conv(x_BCT)
+        return self.act(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+class FeatureExtractor(nn.Module):
+    """The 7-conv waveform encoder: [B, N] -> [B, C, T]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        dims = (1, *cfg.conv_dim)
+        self.conv_layers = nn.ModuleList(
+            ConvLayer(dims[i], dims[i + 1], k, s, cfg.conv_bias)
+            for i, (k, s) in enumerate(zip(cfg.conv_kernel, cfg.conv_stride))
+        )
+
+    def forward(self, wav_BN: Tensor) -> Tensor:
+        x = wav_BN[:, None]
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x
+
+
+class FeatureProjection(nn.Module):
+    """LN(C) -> Linear(C, D) -> dropout ([FS] ``layer_norm``, ``post_extract_proj``, ``dropout_input``)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.transformer.norm_eps)
+        self.projection = nn.Linear(cfg.conv_dim[-1], cfg.transformer.dim)
+        self.dropout = nn.Dropout(cfg.feat_proj_dropout)
+
+    def forward(self, x_BTC: Tensor) -> Tensor:
+        return self.dropout(self.projection(self.layer_norm(x_BTC)))
+
+
+class PosConvLayer(nn.Module):
+    """Grouped Conv1d(k, pad k//2) -> SamePad -> LayerNorm (no affine) -> GELU ([FS] ``make_conv_block``)."""
+
+    def __init__(self, dim: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        self.trim = 1 if kernel % 2 == 0 else 0  # SamePad: an even kernel yields one extra frame
+        self.layer_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.act = nn.GELU()
+
+    def forward(self, x_BDT: Tensor) -> Tensor:
+        x = self.conv(x_BDT)
+        if self.trim:
+            x = x[:, :, : -self.trim]
+        return self.act(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+class PosConv(nn.Module):
+    """Relative positions by ``pos_conv_layers`` stacked convs (§2.2): [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.transformer.dim
+        self.layers = nn.ModuleList(
+            PosConvLayer(d, cfg.pos_conv_kernel, cfg.pos_conv_groups) for _ in range(cfg.pos_conv_layers)
+        )
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        x = x_BTD.transpose(1, 2)
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(1, 2)
+
+
+class AudioEncoder(Encoder):
+    """Conv feature encoder, conv positions, post-LN Transformer; ``features`` = HF ``last_hidden_state``."""
+
+    modality = "audio"
+    local_modules = ("feature_extractor", "feature_projection")
+    shared_with_teacher = ("pos_conv",)  # [P1] §3.3: positional encoder shared ([FS] ``ema_layers_only``)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = cfg.transformer
+        self.feature_extractor = FeatureExtractor(cfg)
+        self.feature_projection = FeatureProjection(cfg)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.transformer.dim).uniform_())  # [FS] U(0, 1)
+        self.pos_conv = PosConv(cfg)
+        self.layer_norm = nn.LayerNorm(cfg.transformer.dim, eps=cfg.transformer.norm_eps)
+        self.dropout = nn.Dropout(cfg.transformer.dropout)
+        self.stack = TransformerStack(cfg.transformer)
+
+    def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
+        if inputs.dim() != 2:
+            raise ValueError(
+                f"audio inputs: expected a float waveform batch [B, N] at {SAMPLE_RATE} Hz, "
+                f"got shape {tuple(inputs.shape)}"
+            )
+        if not inputs.is_floating_point():
+            raise ValueError(f"audio inputs: expected a float waveform, got dtype {inputs.dtype}")
+        rf = receptive_field(self.config)
+        if padding_mask is not None:
+            if padding_mask.shape != inputs.shape or padding_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"audio padding_mask: expected bool of shape {tuple(inputs.shape)} (True = padding), "
+                    f"got {padding_mask.dtype} of shape {tuple(padding_mask.shape)}"
+                )
+            shortest = int((~padding_mask).sum(-1).min()) if len(inputs) else rf
+        else:
+            shortest = inputs.shape[1]
+        if shortest < rf:
+            raise ValueError(
+                f"audio inputs: every waveform needs >= {rf} samples (the conv receptive field, "
+                f"{1000 * rf / SAMPLE_RATE:g} ms at {SAMPLE_RATE} Hz), got one of {shortest}"
+            )
+
+    def embed(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(x_BTD, padding_BT)`` from a waveform [B, N] and its padding [B, N] (True = pad)."""
+        wav = normalize_waveform(inputs, padding_mask) if self.config.normalize_waveform else inputs
+        if padding_mask is not None:
+            wav = wav.masked_fill(padding_mask, 0.0)
+        x_BTC = self.feature_extractor(wav).transpose(1, 2)
+        T = x_BTC.shape[1]
+        padding_BT = None if padding_mask is None else frame_padding(padding_mask, T, self.config)
+        return self.feature_projection(x_BTC), padding_BT
+
+    def contextualize(
+        self,
+        x_BTD: Tensor,
+        padding_BT: Tensor | None,
+        tap: Tap | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EncoderOutput:
+        """Zero padding, add conv positions, LayerNorm, dropout, post-LN blocks; no final LN (§7.1, §7.4)."""
+        if padding_BT is not None:
+            x_BTD = x_BTD.masked_fill(padding_BT[..., None], 0.0)
+        x = self.dropout(self.layer_norm(x_BTD + self.pos_conv(x_BTD)))
+        out = self.stack(x, padding_BT, tap=tap, generator=generator)
+        return EncoderOutput(out.x_BTD, padding_BT, out.layers)
+
+
+# ------------------------------------------------------------------------------------------------- builders
+
+
+def build_encoder(cfg: ModelConfig) -> AudioEncoder:
+    """A freshly initialised encoder (uses the global torch RNG: seed it first).
+
+    Init as fairseq (§2.2): BERT init for Linear layers, Kaiming-normal feature convs, PyTorch default for
+    the positional convs, ``mask_emb`` U(0, 1).
+    """
+    enc = AudioEncoder(cfg)
+    enc.apply(init_bert_params)
+    for layer in enc.feature_extractor.conv_layers:
+        nn.init.kaiming_normal_(layer.conv.weight)
+    return enc
+
+
+def make_head(cfg: ModelConfig) -> nn.Module:
+    """The student's regression head: Linear(D, D) ([FS] ``final_proj``; §1.8)."""
+    head = nn.Linear(cfg.transformer.dim, cfg.transformer.dim)
+    init_bert_params(head)
+    return head
+
+
+def build_pretrain_model(cfg: ModelConfig) -> Data2Vec:
+    """Student encoder + head + EMA teacher with the audio target/loss settings."""
+    return Data2Vec(build_encoder(cfg), make_head(cfg), cfg.targets, cfg.ema)

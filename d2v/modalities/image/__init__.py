@@ -1,0 +1,26 @@
+"""Images: data2vec 1.0 vision, the BEiT-style ViT of [DV] (HF ``Data2VecVision``)."""
+
+from d2v.modalities.image.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
+from d2v.modalities.image.masking import make_mask
+from d2v.modalities.image.model import (
+    ImageEncoder,
+    ModelConfig,
+    build_encoder,
+    build_pretrain_model,
+    make_head,
+    model_config,
+)
+
+__all__ = [
+    "HF_MODEL_TYPE",
+    "ImageEncoder",
+    "ModelConfig",
+    "build_encoder",
+    "build_pretrain_model",
+    "config_from_hf",
+    "make_head",
+    "make_mask",
+    "model_config",
+    "state_dict_from_hf",
+    "to_hf",
+]

@@ -1,0 +1,28 @@
+"""Text modality: post-LN RoBERTa encoder (data2vec 1.0 text, HF ``Data2VecText``), masking, HF I/O."""
+
+from d2v.modalities.text.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
+from d2v.modalities.text.masking import make_mask
+from d2v.modalities.text.model import (
+    PRESETS,
+    ModelConfig,
+    TextEncoder,
+    build_encoder,
+    build_pretrain_model,
+    make_head,
+    model_config,
+)
+
+__all__ = [
+    "HF_MODEL_TYPE",
+    "PRESETS",
+    "ModelConfig",
+    "TextEncoder",
+    "build_encoder",
+    "build_pretrain_model",
+    "config_from_hf",
+    "make_head",
+    "make_mask",
+    "model_config",
+    "state_dict_from_hf",
+    "to_hf",
+]

@@ -1,0 +1,165 @@
+"""Parity with transformers' Data2VecAudio: import (Model and ForCTC directories), export, bad directories.
+
+Tiny random HF models (hidden 32, 2 layers, full 7-conv stack at 16 channels), eval mode, fixed seed. HF's
+model does not normalise the waveform (its feature extractor does), so HF gets ``normalize_waveform(wav)``.
+Tolerance 1e-4 in fp32 (the same ops in the same order; the residual is matmul rounding). Padded frames
+are compared too: both zero them before the positional convs and let them attend to the valid frames.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+
+import d2v.hf  # noqa: E402
+from d2v.modalities.audio import config_from_hf, state_dict_from_hf, to_hf  # noqa: E402
+from d2v.modalities.audio.model import normalize_waveform  # noqa: E402
+from d2v.modalities.base import Encoder  # noqa: E402
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _hf_config(pos_kernel: int = 19, **kw) -> transformers.Data2VecAudioConfig:
+    return transformers.Data2VecAudioConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * 7, num_conv_pos_embedding_groups=2, conv_pos_kernel_size=pos_kernel,
+        num_conv_pos_embeddings=3, layerdrop=0.0, **kw,
+    )  # fmt: skip
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = [16_000, 11_000]
+    wav = torch.randn(2, 16_000, generator=torch.Generator().manual_seed(0))
+    pad = torch.arange(16_000)[None] >= torch.tensor(lengths)[:, None]
+    return wav.masked_fill(pad, 0.0), pad
+
+
+def _hf_hidden(model, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(normalize_waveform(wav, pad), attention_mask=(~pad).long()).last_hidden_state
+
+
+def _ours(encoder: Encoder, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return encoder.features(wav, pad)[0]
+
+
+@pytest.mark.parametrize("pos_kernel", [19, 4])  # odd, and even (SamePad drops a frame)
+def test_import_matches_hf_model(tmp_path, pos_kernel):
+    torch.manual_seed(0)
+    hf = transformers.Data2VecAudioModel(_hf_config(pos_kernel)).eval()
+    hf.save_pretrained(tmp_path)
+    enc = d2v.hf.load_encoder(tmp_path)
+    assert enc.modality == "audio" and not enc.training
+    assert enc.config.pos_conv_kernel == pos_kernel and enc.config.pos_conv_layers == 3
+    wav, pad = _batch()
+    ours, ref = _ours(enc, wav, pad), _hf_hidden(hf, wav, pad)
+    assert ours.shape == ref.shape == (2, 49, 32)
+    torch.testing.assert_close(ours, ref, **TOL)
+    torch.testing.assert_close(enc.mask_emb, hf.masked_spec_embed)
+
+
+def test_import_ctc_directory(tmp_path):
+    torch.manual_seed(1)
+    ctc = transformers.Data2VecAudioForCTC(_hf_config(vocab_size=12)).eval()
+    ctc.save_pretrained(tmp_path)
+    enc = d2v.hf.load_encoder(tmp_path)
+    wav, pad = _batch()
+    torch.testing.assert_close(_ours(enc, wav, pad), _hf_hidden(ctc.data2vec_audio, wav, pad), **TOL)
+
+
+def test_export_loads_in_transformers(tmp_path):
+    torch.manual_seed(2)
+    hf = transformers.Data2VecAudioModel(_hf_config()).eval()
+    hf.save_pretrained(tmp_path / "src")
+    enc = d2v.hf.load_encoder(tmp_path / "src")
+    with torch.no_grad():  # move away from HF's init so the check is about our weights
+        for p in enc.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    d2v.hf.export_hf(enc, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "data2vec-audio" and cfg["architectures"] == ["Data2VecAudioModel"]
+    back, info = transformers.Data2VecAudioModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info  # no missing / unexpected / mismatched keys
+    wav, pad = _batch()
+    torch.testing.assert_close(_hf_hidden(back.eval(), wav, pad), _ours(enc, wav, pad), **TOL)
+    # round trip of our side: same config, same tensors
+    hf_cfg, sd = to_hf(enc)
+    cfg2 = config_from_hf(hf_cfg)
+    assert (cfg2.transformer, cfg2.conv_dim, cfg2.pos_conv_groups) == (
+        enc.config.transformer,
+        enc.config.conv_dim,
+        enc.config.pos_conv_groups,
+    )
+    sd2 = state_dict_from_hf(sd, cfg2)
+    assert sd2.keys() == enc.state_dict().keys()
+    assert all(torch.equal(sd2[k], v) for k, v in enc.state_dict().items())
+
+
+def test_missing_masked_spec_embed_keeps_an_init(tmp_path):
+    torch.manual_seed(3)
+    hf = transformers.Data2VecAudioModel(_hf_config(mask_time_prob=0.0)).eval()
+    hf.save_pretrained(tmp_path)
+    enc = d2v.hf.load_encoder(tmp_path)
+    assert ((enc.mask_emb >= 0) & (enc.mask_emb < 1)).all()  # U(0, 1) as build_encoder
+    wav, pad = _batch()
+    torch.testing.assert_close(_ours(enc, wav, pad), _hf_hidden(hf, wav, pad), **TOL)
+
+
+def test_bad_directories_raise(tmp_path, monkeypatch):
+    torch.manual_seed(4)
+    hf = transformers.Data2VecAudioModel(_hf_config())
+    hf.save_pretrained(tmp_path / "ok")
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="no weights"):
+        d2v.hf.load_encoder(tmp_path / "noweights")
+
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text(json.dumps(cfg))
+    sd = {k: v for k, v in hf.state_dict().items() if "layers.1.attention.k_proj" not in k}
+    save_file(sd, str(tmp_path / "partial" / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing"):
+        d2v.hf.load_encoder(tmp_path / "partial")
+
+    # only the audio modality is consulted, so this does not depend on the other modality packages
+    monkeypatch.setattr(d2v.hf, "MODALITIES", ("audio",))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**cfg, "model_type": "wav2vec2"}))
+    with pytest.raises(ValueError, match="model_type"):
+        d2v.hf.load_encoder(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"model_type": "data2vec-text"}, "model_type"),
+        ({"add_adapter": True}, "add_adapter"),
+        ({"feat_extract_activation": "relu"}, "feat_extract_activation"),
+        ({"hidden_act": "swish"}, "hidden_act"),
+        ({"num_conv_pos_embedding_groups": 5}, "pos_conv_groups"),
+        ({"conv_kernel": [10, 3]}, "same non-zero length"),
+    ],
+)
+def test_unsupported_config_raises(change, words):
+    d = {**_hf_config().to_dict(), **change}
+    with pytest.raises(ValueError, match=words):
+        config_from_hf(d)
+
+
+def test_hub_defaults_give_the_base_architecture():
+    """A config.json that omits keys gets transformers' defaults (what ``from_pretrained`` does): Base."""
+    # ``do_stable_layer_norm``: a leftover in large-960h's config.json that transformers ignores (§7.1)
+    cfg = config_from_hf({"model_type": "data2vec-audio", "do_stable_layer_norm": True})
+    t = cfg.transformer
+    assert (t.dim, t.depth, t.heads, t.ffn_dim, t.layer_norm_first) == (768, 12, 12, 3072, False)
+    assert (cfg.conv_dim, cfg.pos_conv_layers, cfg.pos_conv_kernel) == ((512,) * 7, 5, 19)
+    assert cfg.pos_conv_groups == 16
+    assert cfg.preset == "base" and cfg.targets.top_k == 8
