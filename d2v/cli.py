@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--init",
                 choices=("pretrained", "scratch"),
-                default="pretrained",
+                default="pretrained" if name == "finetune" else None,  # evaluate: None = every init
                 help="start from the pretrained encoder or from random init (the from-scratch baseline)",
             )
     p = sub.add_parser("embed", help="mean-pooled features of raw items -> .npy")
@@ -65,8 +65,6 @@ def _call(module: str, func: str) -> Callable:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if hasattr(args, "init"):
-        args.from_scratch = args.init == "scratch"
     try:
         if args.command in STAGES:
             params = load_params(args.params, args.profile)

@@ -60,7 +60,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
@@ -192,9 +192,13 @@ class TransformerConfig:
 
 SECTIONS = (
     "seed", "modalities", "profile", "profiles", "paths", "tracking",
-    "prepare", "shard", "model", "pretrain", "finetune", "evaluate", "report",
+    "prepare", "shard", "model", "pretrain", "sweep", "finetune", "evaluate", "report",
 )  # fmt: skip
 """Top-level keys of params.yaml; anything else is rejected."""
+
+DVC_TEMPLATED = ("paths", "modalities", "sweep")
+"""Keys dvc.yaml interpolates (stage names, paths, the finetune matrix): DVC reads them from the file, so a
+profile may not override them (the stages DVC runs would disagree with the params the code reads)."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,12 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         bad = sorted(set(profiles[name]) - set(SECTIONS) - {"profiles", "profile"})
         if bad:
             raise ConfigError(f"{path}: profiles.{name}: unknown key(s) {bad}")
+        templated = sorted(set(profiles[name]) & set(DVC_TEMPLATED))
+        if templated:
+            raise ConfigError(
+                f"{path}: profiles.{name} overrides {templated}, which dvc.yaml interpolates from the file "
+                "itself; set them at the top level instead"
+            )
         raw = _deep_merge(raw, profiles[name])
     raw["profile"] = name or "default"
     return raw

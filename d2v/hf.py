@@ -84,8 +84,11 @@ def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> En
     if (path / "config.json").exists():
         return load_hf_encoder(path, pretrained, seed)
     from d2v.checkpoint import load_encoder as load_d2v_encoder
+    from d2v.embed import attach_preprocessing
 
-    return load_d2v_encoder(path, pretrained=pretrained, seed=seed)
+    # a d2v checkpoint carries the pipeline's preprocessing (tokenizer, sample rate, image stats), so
+    # ``load_encoder(path).embed_items(items)`` reads raw items exactly as the shards were made
+    return attach_preprocessing(load_d2v_encoder(path, pretrained=pretrained, seed=seed), path)
 
 
 def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:

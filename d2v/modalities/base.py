@@ -72,6 +72,8 @@ class Encoder(nn.Module):
 
     config: Any
     transformer: TransformerConfig
+    preprocessing: Any = None
+    """Raw items -> batch (``d2v.embed.ItemPreprocessing``); set by ``d2v.load_encoder`` (d2v checkpoints)."""
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
         """Raise ValueError naming the problem and the expected form."""
@@ -111,3 +113,15 @@ class Encoder(nn.Module):
             return h.mean(1)
         keep = (~pad[:, self.num_prefix_tokens :]).to(h.dtype)[..., None]
         return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+    def embed_items(self, items: Any, batch_size: int = 32) -> Any:
+        """Mean-pooled features (numpy float32 [N, D]) of raw items: audio/image file paths, text strings...,
+        preprocessed as the pipeline does (``preprocessing``); see :func:`d2v.embed.embed`."""
+        from d2v.embed import embed
+
+        if self.preprocessing is None:
+            raise ValueError(
+                "this encoder has no item preprocessing: load it with d2v.load_encoder(<d2v checkpoint>), or "
+                "call d2v.embed.embed(encoder, items, preprocessing) with one"
+            )
+        return embed(self, items, self.preprocessing, batch_size=batch_size)

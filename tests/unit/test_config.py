@@ -64,6 +64,9 @@ def test_load_params_profiles_and_unknown_sections(tmp_path):
     assert smoke["profile"] == "smoke"
     with pytest.raises(ConfigError, match="profile 'fast' is not defined"):
         load_params(p, "fast")
+    p.write_text("profiles:\n  smoke:\n    sweep: {seeds: [0]}\n")
+    with pytest.raises(ConfigError, match="dvc.yaml interpolates"):
+        load_params(p, "smoke")
     p.write_text("seeds: 1\n")
     with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['seeds'\]"):
         load_params(p)

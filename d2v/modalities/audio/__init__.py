@@ -1,5 +1,13 @@
 """Speech: data2vec 1.0 audio encoder, span masking and Hugging Face ``Data2VecAudio`` interchange."""
 
+from d2v.modalities.audio.heads import (
+    CTC_VOCAB,
+    Data2VecAudioForCTC,
+    Data2VecAudioForSequenceClassification,
+    build_finetune_model,
+    decode_ids,
+    encode_transcript,
+)
 from d2v.modalities.audio.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
 from d2v.modalities.audio.masking import make_mask
 from d2v.modalities.audio.model import (
@@ -15,6 +23,12 @@ from d2v.modalities.audio.model import (
 )
 
 __all__ = [
+    "CTC_VOCAB",
+    "Data2VecAudioForCTC",
+    "Data2VecAudioForSequenceClassification",
+    "build_finetune_model",
+    "decode_ids",
+    "encode_transcript",
     "HF_MODEL_TYPE",
     "PRESETS",
     "AudioEncoder",

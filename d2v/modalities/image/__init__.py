@@ -1,5 +1,10 @@
 """Images: data2vec 1.0 vision, the BEiT-style ViT of [DV] (HF ``Data2VecVision``)."""
 
+from d2v.modalities.image.heads import (
+    Data2VecVisionForImageClassification,
+    build_finetune_model,
+    prepare_for_finetuning,
+)
 from d2v.modalities.image.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
 from d2v.modalities.image.masking import make_mask
 from d2v.modalities.image.model import (
@@ -12,6 +17,9 @@ from d2v.modalities.image.model import (
 )
 
 __all__ = [
+    "Data2VecVisionForImageClassification",
+    "build_finetune_model",
+    "prepare_for_finetuning",
     "HF_MODEL_TYPE",
     "ImageEncoder",
     "ModelConfig",

@@ -1,0 +1,341 @@
+"""Stream a shard split into batches for pretraining, fine-tuning or evaluation (modality-blind).
+
+One pipeline per DataLoader worker, as a chain of small generator steps::
+
+    shard list -> [seeded shard shuffle] -> split_by_node -> split_by_worker      (or: seeded resampling)
+      -> read tar (sample counts checked against the manifest) -> [label-budget filter]
+      -> [seeded shuffle buffer] -> decode -> transform (crop / augment) -> batch -> collate (+ masks)
+
+Every random choice comes from a generator seeded by ``derive_seed(seed, <purpose>, epoch[, rank, worker])``:
+the same (seed, epoch, rank, world size, workers) gives the same batches, so a run is reproducible and an
+interrupted epoch can be replayed. The shard order is the same on every rank (seed + epoch only), so
+``split_by_node`` hands each rank a disjoint set of whole shards; ``split_by_worker`` does the same across
+DataLoader workers. Without ``resampled`` an epoch sees every sample exactly once (the last batch of each
+worker may be short). ``resampled=True`` draws shards with replacement forever (per rank and worker seed) and
+``epoch_len`` batches make an epoch: the mode for multi-GPU training, where uneven shard counts per rank
+would otherwise make DDP wait on a rank that ran out of data (see mlops-stack.md, WebDataset).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from d2v.data.shards import (
+    LABELS_SUFFIX,
+    ShardError,
+    derive_seed,
+    iter_shard,
+    read_manifest,
+    split_shards,
+)
+
+Mode = Literal["pretrain", "finetune", "eval"]
+
+
+def _data(modality: str):
+    from d2v.data.stages import data_module
+
+    return data_module(modality)
+
+
+def _dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        return rank, world_size
+    if rank is not None or world_size is not None:
+        raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def budget_keys(shard_dir: Path, split: str, label_budget: int | float, seed: int) -> set[str]:
+    """Keys of a seeded, class-stratified label budget of ``split``.
+
+    ``int``: that many samples per class; ``float`` in (0, 1]: that fraction of each class (at least one).
+    ValueError when a class has fewer samples than asked, or the split has no labels.
+    """
+    path = Path(shard_dir) / f"{split}{LABELS_SUFFIX}"
+    if not path.exists():
+        raise ValueError(f"label_budget: split {split!r} has no labels ({path.name} missing in {shard_dir})")
+    labels = [int(v) for v in path.read_text().split()]
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    if isinstance(label_budget, bool) or not isinstance(label_budget, (int, float)):
+        raise ValueError(
+            f"label_budget: expected an int (per class) or a float fraction, got {label_budget!r}"
+        )
+    rng = random.Random(derive_seed(seed, "label_budget", split))
+    keep: list[int] = []
+    for c in sorted(by_class):
+        idx = by_class[c]
+        if isinstance(label_budget, int):
+            n = label_budget
+            if n < 1:
+                raise ValueError(f"label_budget: {n} labels per class; expected >= 1")
+            if n > len(idx):
+                raise ValueError(
+                    f"label_budget: {n} labels per class, but class {c} of split {split!r} has only "
+                    f"{len(idx)} samples (smallest class: {min(map(len, by_class.values()))})"
+                )
+        else:
+            if not 0.0 < label_budget <= 1.0:
+                raise ValueError(f"label_budget: fraction {label_budget} is not in (0, 1]")
+            n = max(1, round(label_budget * len(idx)))
+        keep += rng.sample(idx, n)
+    return {f"{split}-{i:07d}" for i in keep}
+
+
+class ShardStream(IterableDataset):
+    """The per-worker sample -> batch pipeline (see the module docstring). Built by :func:`build_loader`."""
+
+    def __init__(self, **spec: Any):
+        super().__init__()
+        self.spec = spec
+        self.epoch = spec["epoch"]
+
+    def _shards(self, wid: int, nw: int) -> Iterator[tuple[Path, int]]:
+        s = self.spec
+        shards = list(s["shards"])
+        if s["resampled"]:
+            rng = random.Random(derive_seed(s["seed"], "resample", self.epoch, s["rank"], wid))
+            while True:
+                yield rng.choice(shards)
+        if s["shuffle"]:
+            random.Random(derive_seed(s["seed"], "shards", self.epoch)).shuffle(shards)
+        yield from shards[s["rank"] :: s["world_size"]][wid::nw]  # split_by_node, then split_by_worker
+
+    def _samples(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
+        keys = self.spec["keys"]
+        for path, expected in self._shards(wid, nw):
+            for sample in iter_shard(path, expected):
+                if keys is None or sample["__key__"] in keys:
+                    yield sample
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        size = self.spec["shuffle_buffer"]
+        if not self.spec["shuffle"] or size <= 1:
+            yield from samples
+            return
+        buf: list[dict[str, Any]] = []
+        for s in samples:
+            if len(buf) < size:
+                buf.append(s)
+                continue
+            i = rng.randrange(size)
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decoded(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        s = self.spec
+        data = _data(s["modality"])
+        for raw in samples:
+            try:
+                x = data.decode(raw)
+            except Exception as e:  # name the shard and sample, never hang or skip silently
+                raise ShardError(
+                    f"{raw['__shard__']}: sample {raw['__key__']} cannot be decoded "
+                    f"({type(e).__name__}: {e}); "
+                    f"re-run `d2v shard {s['modality']}`"
+                ) from e
+            x = data.transform(
+                x, mode=s["mode"], max_len=s["max_len"], rng=rng, augment=s["augment"], prep=s["prep"],
+                model_cfg=s["model_cfg"], target=s["target"],
+            )  # fmt: skip
+            out = {"key": raw["__key__"], "x": x}
+            if s["mode"] != "pretrain":
+                if "cls" in raw:
+                    out["label"] = int(raw["cls"])
+                if "transcript.txt" in raw:
+                    out["transcript"] = raw["transcript.txt"].decode("utf-8")
+            yield out
+
+    def _batches(
+        self, samples: Iterator[dict[str, Any]], rng: random.Random
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Lists of ``batch_size`` samples (the last may be short). With ``length_buckets`` k > 1, pools of
+        k batches are sorted by length and cut into batches emitted in (seeded) random order."""
+        s = self.spec
+        size, k = s["batch_size"], s["length_buckets"]
+        pool_size = size * max(1, k)
+        pool: list[dict[str, Any]] = []
+        for sample in samples:
+            pool.append(sample)
+            if len(pool) == pool_size:
+                yield from self._cut(pool, rng)
+                pool = []
+        if pool:
+            yield from self._cut(pool, rng)
+
+    def _cut(self, pool: list[dict[str, Any]], rng: random.Random) -> Iterator[list[dict[str, Any]]]:
+        s = self.spec
+        size = s["batch_size"]
+        if s["length_buckets"] <= 1:
+            yield from (pool[i : i + size] for i in range(0, len(pool), size))
+            return
+        data = _data(s["modality"])
+        pool = sorted(pool, key=lambda b: data.length(b["x"]))
+        batches = [pool[i : i + size] for i in range(0, len(pool), size)]
+        if s["shuffle"]:
+            rng.shuffle(batches)
+        yield from batches
+
+    def _collate(self, data: Any, batch: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
+        s = self.spec
+        out = data.collate(
+            [b["x"] for b in batch], mode=s["mode"], model_cfg=s["model_cfg"], prep=s["prep"], generator=gen
+        )
+        if s["mode"] != "pretrain":
+            if "label" in batch[0]:
+                out["labels"] = torch.tensor([b["label"] for b in batch], dtype=torch.int64)
+            if "transcript" in batch[0]:
+                out["transcripts"] = [b["transcript"] for b in batch]
+        out["keys"] = [b["key"] for b in batch]
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        s = self.spec
+        stream = (s["seed"], self.epoch, s["rank"], wid)
+        buffer_rng = random.Random(derive_seed(*stream, "buffer"))
+        sample_rng = random.Random(derive_seed(*stream, "transform"))
+        mask_gen = torch.Generator().manual_seed(derive_seed(*stream, "mask"))
+        samples = self._shuffled(self._samples(wid, nw), buffer_rng)
+        data = _data(s["modality"])
+        for batch in self._batches(self._decoded(samples, sample_rng), buffer_rng):
+            yield self._collate(data, batch, mask_gen)
+
+
+class ShardLoader(wds.WebLoader):
+    """A ``webdataset.WebLoader`` over a :class:`ShardStream`; ``set_epoch(e)`` reseeds the next pass."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, manifest: dict[str, Any]):
+        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        self.stream = stream
+        self.manifest = manifest
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use seeds of ``epoch`` from the next ``iter()`` on (workers get a fresh copy of the stream)."""
+        self.stream.epoch = epoch
+
+
+def build_loader(
+    shard_dir: Path,
+    split: str,
+    model_cfg: Any,
+    *,
+    batch_size: int,
+    mode: Mode,
+    seed: int,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    max_len: int | None = None,
+    resampled: bool = False,
+    epoch_len: int | None = None,
+    label_budget: int | float | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    epoch: int = 0,
+    augment: bool | None = None,
+    length_buckets: int = 0,
+) -> ShardLoader:
+    """A loader of batches (dicts of tensors) from ``<shard_dir>/<split>-*.tar``.
+
+    Args:
+        shard_dir: ``<paths.shards>/<modality>`` (with ``manifest.json``; the modality is read from it).
+        split: ``pretrain``, ``train``, ``valid``, ``test`` (speech also ``ctc_train`` ...).
+        model_cfg: the modality's ``ModelConfig`` (masking parameters; checked against the shards' format).
+        batch_size: samples per batch (per rank).
+        mode: 'pretrain' -> ``inputs`` (+ ``padding_mask``), ``mask`` (+ text ``student_inputs``);
+            'finetune' / 'eval' -> ``inputs`` (+ ``padding_mask``) and ``labels`` int64 [B] or
+            ``transcripts`` list[str]. Every batch also has ``keys`` (list[str], sample ids).
+            'eval' never shuffles, crops or augments.
+        seed: seeds shard order, shuffle buffer, crops, augmentation and masks (with epoch, rank, worker).
+        num_workers: DataLoader worker processes (each reads whole shards).
+        shuffle_buffer: samples in the per-worker shuffle buffer (pretrain / finetune).
+        max_len: audio: samples (random crop in pretrain, head kept in finetune / eval for classification;
+            CTC samples are never cut); text: tokens (random window in pretrain, head otherwise; default
+            ``model_cfg.max_positions``); images: ignored.
+        resampled: draw shards with replacement forever (needs ``epoch_len``); for multi-GPU training.
+        epoch_len: batches per epoch (per rank) via ``WebLoader.with_epoch``; None: one pass over the data.
+        label_budget: labelled splits only: labels per class (int) or fraction of each class (float),
+            a seeded subset independent of the epoch.
+        rank, world_size: this process's place among data-parallel ranks (default: torch.distributed).
+        epoch: seeds this pass (``loader.set_epoch(e)`` changes it for the next ``iter``).
+        augment: images: random-resized crop + flip; None means on in 'pretrain' mode only.
+        length_buckets: k > 1 sorts pools of k batches by length before cutting batches (emitted in seeded
+            random order): less padding, and for speech rows of similar length, so ``require_same_masks``
+            does not trim every row's mask to the shortest row's (fairseq instead crops each batch to its
+            shortest clip). 0: off.
+    """
+    if mode not in get_args(Mode):
+        raise ValueError(f"mode {mode!r}: expected one of {list(get_args(Mode))}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if resampled and not epoch_len:
+        raise ValueError("resampled=True streams forever: pass epoch_len (batches per epoch)")
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    modality = manifest["modality"]
+    entry = manifest["splits"].get(split)
+    shards = split_shards(shard_dir, manifest, split)
+    if not shards:
+        raise ValueError(f"{shard_dir}: split {split!r} is empty (0 samples); check the shard params/inputs")
+    if mode != "pretrain" and "task" not in entry:
+        raise ValueError(
+            f"split {split!r} has no labels or transcripts; use mode='pretrain' or a labelled split"
+        )
+    rank, world_size = _dist(rank, world_size)
+    if world_size > 1 and not resampled and len(shards) < world_size:
+        raise ValueError(
+            f"{split}: {len(shards)} shard(s) for {world_size} ranks: some ranks would get no data. Lower "
+            f"shard.{modality}.samples_per_shard, or use resampled=True with epoch_len"
+        )
+    data = _data(modality)
+    prep = manifest["preprocessing"]
+    data.check_model(prep, model_cfg)
+    keys = None
+    if label_budget is not None:
+        keys = budget_keys(shard_dir, split, label_budget, seed)
+        kept, start = [], 0
+        for path, n in shards:  # skip shards that hold none of the kept keys
+            if any(f"{split}-{i:07d}" in keys for i in range(start, start + n)):
+                kept.append((path, n))
+            start += n
+        shards = kept
+    stream = ShardStream(
+        modality=modality,
+        shards=shards,
+        keys=keys,
+        mode=mode,
+        model_cfg=model_cfg,
+        prep=prep,
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        shuffle=mode != "eval",
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        max_len=max_len,
+        augment=(mode == "pretrain") if augment is None else (augment and mode != "eval"),
+        target=manifest["tasks"][entry["task"]]["target"] if "task" in entry else None,
+        length_buckets=length_buckets,
+    )
+    loader = ShardLoader(stream, num_workers=num_workers, manifest=manifest)
+    if epoch_len:
+        loader = loader.with_epoch(epoch_len)
+    return loader

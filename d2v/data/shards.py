@@ -1,0 +1,665 @@
+"""Write a modality's raw data as reproducible WebDataset shards plus ``manifest.json`` (modality-blind).
+
+The shard stage is one loop over splits; everything that depends on the modality comes from its
+``d2v/modalities/<m>/data.py`` through these functions (plain module functions, no registry):
+
+``scan(raw_dir, cfg) -> Scan``
+    list the raw inputs as :class:`Item` s (metadata only: name, label, transcript, speaker group)
+    in pools: ``unlabelled`` and one :class:`Task` per labelled task; inputs that are already known to
+    be bad (duplicates, unsupported files) come back as :class:`Skip` s.
+``setup(splits, cfg, work_dir, seed) -> ctx``
+    anything fitted on the split data before encoding (the text tokenizer, trained on ``pretrain``);
+    files it writes into ``work_dir`` end up beside the shards and in the manifest. ``ctx`` is picklable.
+``encode(item, ctx) -> list[Encoded]``
+    read + convert one input to the payload fields of zero or more samples (text: one per chunk);
+    raises :class:`BadInput` for an input to skip.
+``preprocessing(ctx, stats) -> dict``
+    what inference needs to reproduce the shard-time preprocessing (sample rate; image size/mean/std;
+    tokenizer file), given the summed per-split stats.
+
+Determinism: inputs are listed in sorted order, splits come from seeded RNGs derived from one seed, tar
+members carry mtime 0, fixed uid/gid/uname/mode (webdataset ``TarWriter(..., mtime=0)``), no field is
+gzip'ed, and the manifest has no wall-clock time and sorted keys, so the same inputs and params give
+byte-identical shards and manifest.
+
+Failure safety: everything is written into ``.<name>.tmp`` next to the output folder and renamed into place
+at the end (:func:`publish_dir`), so a crash never leaves a half-written shard or manifest behind.
+
+Output folder ``<paths.shards>/<m>/``:
+- ``<split>-000000.tar`` ...: samples keyed ``<split>-<index>`` (index counts written samples from 0), with the
+  modality's payload field(s) (``flac`` / ``png`` / ``ids.npy``), ``cls`` (label id, ASCII) in classification
+  splits and ``transcript.txt`` in transcript (CTC) splits;
+- ``<split>.labels.txt``: the label id of every sample of a classification split, in key order;
+- files from ``setup`` (``tokenizer.json``);
+- ``manifest.json``: ``splits.<split>`` = {inputs, samples, stats (summed per-sample stats: images / tokens /
+  seconds + hours ...), label_counts, task, shards: [{file, samples, bytes, sha256}]}; ``tasks.<task>`` =
+  {target: label | transcript, field, splits, labels (id order) | alphabet}; ``files`` (sha256 of the side
+  files); ``preprocessing`` (what inference must repeat); ``skipped`` [{input, kind, reason}] and
+  ``skipped_counts``; ``source`` (the raw folder's ``prepare.json``); ``params``; ``seed``; ``info``.
+
+Split names: ``pretrain`` (labels dropped), then per task ``<prefix>train``, ``<prefix>valid``,
+``<prefix>test``: prefix '' for classification, ``ctc_`` for speech recognition (``ctc_train`` ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import webdataset as wds
+from tqdm import tqdm
+
+from d2v.config import ConfigError, to_dict
+
+MANIFEST = "manifest.json"
+FORMAT = "d2v-shards/1"
+LABELS_SUFFIX = ".labels.txt"
+"""Per labelled split, ``<split>.labels.txt`` holds one label id per line in sample order (label budgets)."""
+
+PretrainFrom = Literal["unlabelled", "unlabelled+labelled"]
+
+
+# --------------------------------------------------------------------------------------------- data types
+
+
+class BadInput(ValueError):
+    """An input the shard stage skips (``strict: false``) or rejects (``strict: true``).
+
+    ``kind`` is a short category counted in the manifest (``unreadable``, ``unsupported_format``,
+    ``too_short``, ``silent``, ``empty``, ``not_utf8``, ``duplicate``, ``decode_error`` ...).
+    """
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Item:
+    """One raw input, as metadata; ``ref`` is the modality's handle to the payload (path, array index ...)."""
+
+    name: str
+    """Stable, human-readable source name (a path relative to the raw folder, ``file.jsonl:12`` ...)."""
+    ref: Any
+    label: str | None = None
+    transcript: str | None = None
+    group: str | None = None
+    """Splits keep groups disjoint (speakers); None: the item is its own group."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A skipped input and why (recorded in ``manifest.json``)."""
+
+    input: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class Task:
+    """A labelled pool and how it is split into ``<prefix>train``, ``<prefix>valid``, ``<prefix>test``."""
+
+    items: list[Item]
+    target: Literal["label", "transcript"]
+    prefix: str = ""
+    """Split-name prefix: '' for the classification task, 'ctc_' for speech recognition."""
+    test_items: list[Item] | None = None
+    """A fixed test set (Fashion-MNIST t10k); None: the test split is carved from ``items``."""
+    labels: list[str] | None = None
+    """Label order (id = position) when the source defines one (Fashion-MNIST); None: sorted labels."""
+
+
+@dataclass
+class Scan:
+    """What ``scan`` found in the raw folder."""
+
+    unlabelled: list[Item] = field(default_factory=list)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    """Extra manifest facts from the modality (e.g. how many duplicates were removed)."""
+
+
+class Encoded(NamedTuple):
+    """One sample's payload fields (tar member suffix -> bytes) and its stats (summed per split)."""
+
+    fields: dict[str, bytes]
+    stats: dict[str, float | list[float]]
+
+
+@dataclass(frozen=True)
+class ShardCommon:
+    """Shard params every modality has (each modality's ``ShardConfig`` adds its own fields)."""
+
+    samples_per_shard: int = 1000
+    """Samples per tar shard. Use enough shards for ranks x workers (each reads whole shards)."""
+    shard_bytes: int = 256 * 2**20
+    """Start a new shard after this many payload bytes (whichever of the two limits comes first)."""
+    valid: float = 0.1
+    """Fraction of each labelled pool (of its speaker groups, when it has groups) held out for validation."""
+    test: float = 0.2
+    """Fraction held out for testing; ignored when the source brings its own test set (Fashion-MNIST)."""
+    max_train: int | None = None
+    """Cap on the labelled train split(s) (class-balanced seeded subset; pretraining still sees the rest);
+    None keeps all."""
+    max_pretrain: int | None = None
+    """Cap on the pretrain split (seeded subset); None keeps all."""
+    pretrain_from: PretrainFrom = "unlabelled"
+    """'unlabelled': only unlabelled inputs; 'unlabelled+labelled': also the train/valid inputs of the
+    labelled tasks, labels dropped (never test)."""
+    strict: bool = False
+    """True: a bad input (corrupt, unsupported, empty, silent ...) is an error naming the file, not a skip."""
+    workers: int = 1
+    """Processes that encode inputs (decode, resample, FLAC/PNG); sample order does not depend on it."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1 or self.shard_bytes < 1:
+            raise ConfigError("shard: samples_per_shard and shard_bytes must be >= 1")
+        if not (0.0 <= self.valid < 1.0 and 0.0 <= self.test < 1.0 and self.valid + self.test < 1.0):
+            raise ConfigError(
+                f"shard: valid ({self.valid}) and test ({self.test}) must be fractions in [0, 1) "
+                "summing to < 1"
+            )
+        for name in ("max_train", "max_pretrain"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"shard.{name}: must be >= 1 or null (all), got {v}")
+        if self.workers < 1:
+            raise ConfigError(f"shard.workers: must be >= 1, got {self.workers}")
+
+
+# ------------------------------------------------------------------------------------------- determinism
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """A 63-bit seed from ``seed`` and names (stable across runs and machines, unlike ``hash``)."""
+    h = hashlib.sha256(repr((seed, *names)).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def rng_for(seed: int, *names: object) -> random.Random:
+    return random.Random(derive_seed(seed, *names))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Deterministic JSON (sorted keys, fixed indent, trailing newline)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- splitting
+
+
+def _balanced_order(items: Sequence[Item], rng: random.Random) -> list[Item]:
+    """Items shuffled within each label, then interleaved label by label (a prefix is class-balanced)."""
+    by_label: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        by_label[it.label or ""].append(it)
+    queues = []
+    for label in sorted(by_label):
+        q = list(by_label[label])
+        rng.shuffle(q)
+        queues.append(q)
+    out: list[Item] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
+def split_pool(
+    items: Sequence[Item], valid: float, test: float, rng: random.Random, stratify: bool
+) -> tuple[list[Item], list[Item], list[Item]]:
+    """``(train, valid, test)`` of a labelled pool.
+
+    With groups (speakers), whole groups go to one split: sorted groups are shuffled and the first
+    ``round(test * n_groups)`` form test, the next ``round(valid * n_groups)`` valid. Without groups and
+    with ``stratify``, each label is split in the same proportions; otherwise items are split at random.
+    """
+    if not items:
+        return [], [], []
+    if any(it.group is not None for it in items):
+        groups = sorted({it.group if it.group is not None else f"\0{it.name}" for it in items})
+        rng.shuffle(groups)
+        n_test, n_valid = round(test * len(groups)), round(valid * len(groups))
+        role = {g: "test" for g in groups[:n_test]}
+        role.update({g: "valid" for g in groups[n_test : n_test + n_valid]})
+        out: dict[str, list[Item]] = {"train": [], "valid": [], "test": []}
+        for it in items:
+            out[role.get(it.group if it.group is not None else f"\0{it.name}", "train")].append(it)
+        return out["train"], out["valid"], out["test"]
+    strata: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        strata[(it.label or "") if stratify else ""].append(it)
+    tr, va, te = [], [], []
+    for key in sorted(strata):
+        s = list(strata[key])
+        rng.shuffle(s)
+        n_test, n_valid = round(test * len(s)), round(valid * len(s))
+        te += s[:n_test]
+        va += s[n_test : n_test + n_valid]
+        tr += s[n_test + n_valid :]
+    return tr, va, te
+
+
+def plan_splits(scan: Scan, cfg: ShardCommon, seed: int) -> dict[str, list[Item]]:
+    """Seeded splits of every pool, in writing order: ``pretrain`` then each task's train/valid/test.
+
+    Each split's items are shuffled (so every shard mixes sources); labels are dropped in ``pretrain``.
+    """
+    splits: dict[str, list[Item]] = {}
+    extra_pretrain: list[Item] = []
+    for name in sorted(scan.tasks):
+        task = scan.tasks[name]
+        stratify = task.target == "label"
+        test_frac = 0.0 if task.test_items is not None else cfg.test
+        tr, va, te = split_pool(task.items, cfg.valid, test_frac, rng_for(seed, "split", name), stratify)
+        if task.test_items is not None:
+            te = list(task.test_items)
+        if cfg.pretrain_from == "unlabelled+labelled":
+            extra_pretrain += tr + va  # before the max_train cap: that cap is about labels
+        if cfg.max_train is not None and len(tr) > cfg.max_train:
+            order = _balanced_order(tr, rng_for(seed, "max_train", name)) if stratify else list(tr)
+            if not stratify:
+                rng_for(seed, "max_train", name).shuffle(order)
+            tr = order[: cfg.max_train]
+        for split, part in (("train", tr), ("valid", va), ("test", te)):
+            splits[task.prefix + split] = part
+    pretrain = [replace(it, label=None, transcript=None) for it in list(scan.unlabelled) + extra_pretrain]
+    rng_for(seed, "pretrain").shuffle(pretrain)
+    if cfg.max_pretrain is not None:
+        pretrain = pretrain[: cfg.max_pretrain]
+    out = {"pretrain": pretrain}
+    for split, part in splits.items():
+        part = list(part)
+        rng_for(seed, "order", split).shuffle(part)
+        out[split] = part
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+class SplitWriter:
+    """Rotating tar writer for one split: ``<split>-000000.tar`` ... with fixed tar metadata.
+
+    Uses webdataset's ``TarWriter(..., mtime=0)`` (fixed mtime, uname/gname 'bigdata', mode 0444, USTAR)
+    and records every closed shard's sample count, size and sha256.
+    """
+
+    def __init__(self, out_dir: Path, split: str, samples_per_shard: int, shard_bytes: int):
+        self.out_dir, self.split = out_dir, split
+        self.samples_per_shard, self.shard_bytes = samples_per_shard, shard_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = self._bytes = 0
+        self.total = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._path = self.out_dir / name
+        self._tar = wds.TarWriter(str(self._path), encoder=False, mtime=0, compress=False)
+        self._count = self._bytes = 0
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        self.shards.append(
+            {
+                "file": self._path.name,
+                "samples": self._count,
+                "bytes": self._path.stat().st_size,
+                "sha256": sha256_file(self._path),
+            }
+        )
+
+    def write(self, fields: dict[str, bytes]) -> str:
+        """Write one sample; returns its key (``<split>-<index>``, unique within the shard folder)."""
+        if self._tar is None or self._count >= self.samples_per_shard or self._bytes >= self.shard_bytes:
+            self._close()
+            self._open()
+        key = f"{self.split}-{self.total:07d}"
+        assert self._tar is not None
+        self._bytes += self._tar.write({"__key__": key, **fields})
+        self._count += 1
+        self.total += 1
+        return key
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+def _add_stats(acc: dict[str, Any], stats: dict[str, Any]) -> None:
+    for k, v in stats.items():
+        if isinstance(v, (list, tuple)):
+            cur = acc.get(k) or [0.0] * len(v)
+            acc[k] = [a + b for a, b in zip(cur, v)]
+        else:
+            acc[k] = acc.get(k, 0) + v
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(encode: Callable, ctx: Any) -> None:
+    _WORKER["encode"], _WORKER["ctx"] = encode, ctx
+
+
+def _init_process(encode: Callable, ctx: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from the processes; threads would oversubscribe the cores
+    _init_worker(encode, ctx)
+
+
+def clean_reason(reason: str, item: Item) -> str:
+    """A skip reason without machine-specific text (absolute paths, object addresses): manifests must be
+    identical wherever the raw folder lives."""
+    refs = item.ref if isinstance(item.ref, (tuple, list)) else (item.ref,)
+    for r in refs:
+        if isinstance(r, str) and len(r) > 1:
+            reason = reason.replace(r, item.name)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
+
+
+def _encode_safely(item: Item) -> list[Encoded] | Skip:
+    try:
+        return _WORKER["encode"](item, _WORKER["ctx"])
+    except BadInput as e:
+        return Skip(item.name, e.kind, clean_reason(e.reason, item))
+
+
+@contextlib.contextmanager
+def encoder_pool(
+    encode: Callable, ctx: Any, workers: int, window: int = 256
+) -> Iterator[Callable[[Sequence[Item]], Iterator[tuple[Item, list[Encoded] | Skip]]]]:
+    """A function ``items -> (item, encoded samples or Skip)`` in input order.
+
+    ``workers > 1`` encodes in a pool of *spawned* processes: forking after torch has run its OpenMP
+    thread pool can deadlock the children. Results are consumed window by window so memory stays flat in
+    the number of inputs.
+    """
+    if workers <= 1:
+        _init_worker(encode, ctx)
+        yield lambda items: ((it, _encode_safely(it)) for it in items)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, _init_process, (encode, ctx)) as pool:
+
+        def run(items: Sequence[Item]) -> Iterator[tuple[Item, list[Encoded] | Skip]]:
+            for start in range(0, len(items), window):
+                chunk = items[start : start + window]
+                yield from zip(chunk, pool.imap(_encode_safely, chunk, chunksize=4))
+
+        yield run
+
+
+def _strict_error(skip: Skip) -> ValueError:
+    return ValueError(
+        f"{skip.input}: {skip.reason} (shard.strict is true; fix or remove the file, or set strict: false "
+        "to skip such inputs and count them in manifest.json)"
+    )
+
+
+def write_splits(
+    splits: dict[str, list[Item]],
+    tasks: dict[str, Task],
+    encode: Callable,
+    ctx: Any,
+    out_dir: Path,
+    cfg: ShardCommon,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[Skip]]:
+    """Encode and write every split; returns ``(split manifest entries, label maps per task, skips)``."""
+    label_maps: dict[str, dict[str, Any]] = {}
+    split_task: dict[str, tuple[str, Task]] = {}
+    for name, task in tasks.items():
+        every = task.items + (task.test_items or [])
+        if task.target == "label":
+            labels = task.labels if task.labels is not None else sorted({it.label for it in every})
+            label_maps[name] = {"target": "label", "field": "cls", "labels": list(labels)}
+        else:
+            chars = sorted({c for it in every for c in (it.transcript or "")})
+            label_maps[name] = {"target": "transcript", "field": "transcript.txt", "alphabet": "".join(chars)}
+        label_maps[name]["splits"] = [task.prefix + s for s in ("train", "valid", "test")]
+        for s in label_maps[name]["splits"]:
+            split_task[s] = (name, task)
+
+    entries: dict[str, Any] = {}
+    skipped: list[Skip] = []
+    with encoder_pool(encode, ctx, cfg.workers) as run:
+        for split, items in splits.items():
+            entries[split] = _write_split(split, items, run, split_task, label_maps, out_dir, cfg, skipped)
+    return entries, label_maps, skipped
+
+
+def _write_split(
+    split: str,
+    items: list[Item],
+    run: Callable,
+    split_task: dict[str, tuple[str, Task]],
+    label_maps: dict[str, dict[str, Any]],
+    out_dir: Path,
+    cfg: ShardCommon,
+    skipped: list[Skip],
+) -> dict[str, Any]:
+    """Encode and write one split (appending its skips to ``skipped``); returns its manifest entry."""
+    task_name, task = split_task.get(split, (None, None))
+    label_ids = {}
+    if task is not None and task.target == "label":
+        label_ids = {lab: i for i, lab in enumerate(label_maps[task_name]["labels"])}
+    writer = SplitWriter(out_dir, split, cfg.samples_per_shard, cfg.shard_bytes)
+    stats: dict[str, Any] = {}
+    label_lines: list[str] = []
+    label_counts: Counter[str] = Counter()
+    n_inputs = 0
+    bar = tqdm(total=len(items), desc=f"shard {split}", unit="input", file=sys.stderr, mininterval=1.0)
+    for item, result in run(items):
+        bar.update(1)
+        if isinstance(result, Skip):
+            if cfg.strict:
+                bar.close()
+                raise _strict_error(result)
+            skipped.append(result)
+            continue
+        n_inputs += 1
+        for enc in result:
+            fields = dict(enc.fields)
+            if task is not None and task.target == "label":
+                assert item.label is not None, item
+                fields["cls"] = str(label_ids[item.label]).encode("ascii")
+                label_lines.append(fields["cls"].decode())
+                label_counts[item.label] += 1
+            elif task is not None:
+                fields["transcript.txt"] = (item.transcript or "").encode("utf-8")
+            writer.write(fields)
+            _add_stats(stats, enc.stats)
+    bar.close()
+    shards = writer.close()
+    entry: dict[str, Any] = {"inputs": n_inputs, "samples": writer.total, "shards": shards, "stats": stats}
+    if label_ids:
+        (out_dir / f"{split}{LABELS_SUFFIX}").write_text("".join(s + "\n" for s in label_lines))
+        entry["label_counts"] = dict(sorted(label_counts.items()))
+    if task is not None:
+        entry["task"] = task_name
+    return entry
+
+
+# ------------------------------------------------------------------------------------------- publishing
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A fresh ``.<name>.tmp`` beside ``final``; renamed onto ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, final)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames (the old folder is removed only after the swap)."""
+    old = final.parent / f".{final.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_shards(
+    data: Any, raw_dir: Path, out_dir: Path, cfg: ShardCommon, seed: int, modality: str
+) -> dict[str, Any]:
+    """The shard stage: scan ``raw_dir`` with modality module ``data``, split, encode, write, publish.
+
+    Returns the manifest (also written to ``out_dir/manifest.json``).
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"{raw_dir}: no raw data; run `d2v prepare {modality}` first")
+    scan = data.scan(raw_dir, cfg)
+    if cfg.strict and scan.skipped:
+        raise _strict_error(scan.skipped[0])
+    splits = plan_splits(scan, cfg, seed)
+    with staging_dir(out_dir) as tmp:
+        ctx = data.setup(splits, cfg, tmp, seed)
+        entries, label_maps, skipped = write_splits(splits, scan.tasks, data.encode, ctx, tmp, cfg)
+        # an input can be in two splits (pretrain + train): record each skip once
+        all_skipped = sorted(set(scan.skipped + skipped), key=lambda s: (s.input, s.kind, s.reason))
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and not p.name.endswith(".tar")
+        }
+        prepared = raw_dir / "prepare.json"
+        manifest = {
+            "format": FORMAT,
+            "modality": modality,
+            "seed": seed,
+            "params": to_dict(cfg),
+            "source": json.loads(prepared.read_text()) if prepared.exists() else None,
+            "splits": entries,
+            "tasks": label_maps,
+            "files": files,
+            "preprocessing": data.preprocessing(ctx, {s: e["stats"] for s, e in entries.items()}),
+            "skipped": [{"input": s.input, "kind": s.kind, "reason": s.reason} for s in all_skipped],
+            "skipped_counts": dict(sorted(Counter(s.kind for s in all_skipped).items())),
+            "info": scan.info,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_manifest(shard_dir: Path) -> dict[str, Any]:
+    """The manifest of a shard folder; a clear error when it is missing or of another format."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: no shards in {shard_dir}; run `d2v shard {shard_dir.name}` first"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
+            f"re-run `d2v shard {manifest.get('modality', shard_dir.name)}`"
+        )
+    return manifest
+
+
+def split_shards(shard_dir: Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
+    """``[(shard path, sample count)]`` of ``split``; ValueError listing the splits that exist."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"{shard_dir}: no split {split!r}; the manifest has {sorted(manifest['splits'])}")
+    return [(Path(shard_dir) / s["file"], s["samples"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_shards(shard_dir: Path) -> None:
+    """Check every shard and side file against the sha256 in the manifest (raises ValueError naming it)."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    expected = {s["file"]: s["sha256"] for e in manifest["splits"].values() for s in e["shards"]}
+    expected.update({name: f["sha256"] for name, f in manifest["files"].items()})
+    for name, digest in sorted(expected.items()):
+        path = shard_dir / name
+        if not path.exists():
+            raise ValueError(f"{path}: missing shard file; re-run `d2v shard {manifest['modality']}`")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path}: sha256 differs from manifest.json (corrupt or modified shard)")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read as written (corrupt, truncated, missing); the message names it."""
+
+
+def iter_shard(path: Path, expected: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard as ``{"__key__", "__shard__", <suffix>: bytes}``, in file order.
+
+    Members are grouped by key (the basename up to its first dot). Any read error, or a sample count that
+    differs from ``expected`` (a shard cut at a member boundary reads as a shorter valid tar), raises
+    :class:`ShardError` naming the shard.
+    """
+    n = 0
+    current: dict[str, Any] | None = None
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                key, dot, suffix = base.partition(".")
+                if not dot:
+                    continue
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        n += 1
+                        yield current
+                    current = {"__key__": key, "__shard__": str(path)}
+                current[suffix.lower()] = data
+                tar.members = []  # streaming: do not keep every TarInfo
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise ShardError(f"{path}: corrupt or truncated shard ({e}); re-run `d2v shard`") from e
+    if current is not None:
+        n += 1
+        yield current
+    if expected is not None and n != expected:
+        raise ShardError(
+            f"{path}: {n} samples read, manifest.json says {expected} (truncated or corrupt shard); "
+            "re-run `d2v shard`"
+        )

@@ -1,0 +1,191 @@
+"""torchrun process groups, model wrapping (DDP / FSDP2) and the few collectives the loop needs.
+
+``torchrun --nproc-per-node N -m d2v pretrain audio`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them
+everything here is a single-process no-op. Only rank 0 writes checkpoints, logs and metrics.
+
+Parallelism (``parallel`` param):
+- 'ddp': gradients all-reduced (averaged) after backward; every rank keeps a full model, optimizer and
+  teacher. NCCL on GPU, gloo on CPU.
+- 'fsdp': FSDP2 (``torch.distributed.fsdp.fully_shard``) for the large preset on GPUs: each Transformer block
+  of the student *and* of the teacher is sharded the same way, so the EMA (a foreach lerp over matching
+  shards) never gathers; checkpoints gather full state dicts on rank 0 via
+  ``torch.distributed.checkpoint.state_dict``. Needs CUDA (``gpu`` tests in test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+Parallel = Literal["ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init(device: torch.device | None = None) -> DistInfo:
+    """Join the torchrun process group if RANK/WORLD_SIZE are set (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = device or pick_device(local)
+    if world == 1:
+        return DistInfo(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user module inside a DDP wrapper (FSDP2 modifies the module in place: nothing to unwrap)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap(model: nn.Module, info: DistInfo, parallel: Parallel = "ddp") -> nn.Module:
+    """DDP- or FSDP2-wrap ``model`` for ``info.world_size > 1`` (FSDP2 also applies at world size 1)."""
+    if parallel == "fsdp":
+        return shard_fsdp(model)
+    if info.world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        # LayerDrop and the text student (input-space masking) leave parameters unused in some steps.
+        find_unused_parameters=True,
+        broadcast_buffers=False,  # no batch-norm; buffers (position indices) are constant
+    )
+
+
+def shard_fsdp(model: nn.Module) -> nn.Module:
+    """FSDP2: shard every Transformer block (student and teacher alike), then the root module."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from d2v.transformer import Block
+
+    if not torch.cuda.is_available():
+        raise ValueError("parallel: fsdp needs CUDA GPUs; use parallel: ddp on CPU")
+    if not dist.is_initialized():  # a 1-GPU run outside torchrun: a group of one, in-process store
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    # Gradients are reduced in fp32; parameters stay fp32 (autocast does the bf16 compute).
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for m in model.modules():
+        if isinstance(m, Block):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if hasattr(model, "_ema_plan"):  # fully_shard swapped the Parameters for DTensors: re-pair the EMA
+        model._ema_pairs, model._copy_pairs = model._ema_plan()
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Full, unwrapped (no ``module.``/``_orig_mod.``) state dict on CPU; gathered if FSDP-sharded."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    sd = unwrap(model).state_dict()
+    return {k.replace("_orig_mod.", ""): v.detach().cpu() for k, v in sd.items()}
+
+
+def load_model_state(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(sd)
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, opt, options=opts)
+    return opt.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict) -> None:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    opt.load_state_dict(sd)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean over ranks (the logged metrics: fairseq all-reduces target_var / pred_var, §1.9)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on the accumulation micro-steps before the last (DDP / FSDP2)."""
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def gather_objects(obj: object) -> list[object]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

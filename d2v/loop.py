@@ -1,0 +1,182 @@
+"""The one training loop (pretraining and fine-tuning): accumulate, clip, step, hook, log, checkpoint.
+
+The step does no host sync: metrics stay tensors and are summed on the device; they are read once per
+``log_every`` steps (one ``.tolist()``), which is also when the non-finite guard looks at them. Every
+optimizer step reseeds torch from ``(seed, step, rank)``, so dropout / LayerDrop draws do not depend on
+where a run was interrupted and resumed (the data position is restored by ``EpochStream``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from d2v import distributed
+
+Precision = Literal["bf16", "fp32"]
+
+
+class TrainingHalted(ValueError):
+    """The run stopped itself (non-finite loss, collapse); the message says what to try.
+
+    A ValueError so the CLI prints the message instead of a traceback.
+    """
+
+
+class LoopSettings(Protocol):
+    """What the loop reads from a stage config (PretrainConfig / FinetuneConfig)."""
+
+    steps: int
+    grad_accum: int
+    log_every: int
+    checkpoint_every: int
+    precision: Precision
+
+
+class EpochStream:
+    """Endless batches from ``make_loader(epoch)``, epoch after epoch; ``position`` restores it.
+
+    Resuming recreates the loader of the saved epoch (same seed -> same order) and skips the batches the
+    interrupted run had consumed.
+    """
+
+    def __init__(self, make_loader: Callable[[int], Any], epoch: int = 0, index: int = 0) -> None:
+        self.make_loader, self.epoch, self.index = make_loader, epoch, 0
+        self._it = iter(make_loader(epoch))
+        for _ in range(index):
+            next(self)
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def __iter__(self) -> EpochStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):
+            try:
+                batch = next(self._it)
+                self.index += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._it = iter(self.make_loader(self.epoch))
+        raise ValueError(
+            f"the loader of epoch {self.epoch} yields no batches: too few samples for one batch?"
+        )
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors moved (non-blocking); other entries (e.g. transcripts) kept as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    return len(batch["inputs"])
+
+
+def run(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterator[dict[str, Any]],
+    cfg: LoopSettings,
+    *,
+    clip_norm: float | None,
+    device: torch.device,
+    seed: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    after_step: Callable[[int], dict[str, float]] | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_save: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Train from ``start_step`` to ``cfg.steps``; returns the last logged metrics.
+
+    ``model(batch) -> (loss, metrics)``; ``after_step(step)`` runs after each optimizer step (the EMA) and
+    returns scalars to log (tau); ``on_log(step, metrics)`` may raise ``TrainingHalted``; ``on_save(step)``
+    runs every ``checkpoint_every`` steps and at the end, always right after a log (so a checkpoint is only
+    written once its metrics passed the guards).
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    amp = cfg.precision == "bf16" and device.type == "cuda"  # CPU: fp32 (bf16 autocast is slow there)
+    sums: dict[str, Tensor] = {}
+    extra: dict[str, float] = {}
+    last: dict[str, float] = {}
+    n_steps, n_samples, t0 = 0, 0, time.perf_counter()
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=rank != 0,
+        dynamic_ncols=True,
+        desc="train",
+        mininterval=1.0,
+    )
+    for step in range(start_step, cfg.steps):
+        torch.manual_seed(step_seed(seed, step, rank))
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(batches), device)
+            with (
+                distributed.grad_sync(model, micro == cfg.grad_accum - 1),
+                torch.autocast(device.type, torch.bfloat16, enabled=amp),
+            ):
+                loss, metrics = model(batch)
+                (loss / cfg.grad_accum).backward()
+            for k, v in metrics.items():
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            n_samples += batch_size(batch) * world_size
+        done = step + 1
+        logging = done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if clip_norm is not None:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+        elif logging:
+            sums["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        lr = max(g["lr"] for g in opt.param_groups)  # the LR of this step (a Python float: no sync)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            extra = after_step(done)
+        n_steps += 1
+        bar.update(1)
+        if not logging:
+            continue
+        grad_norm = sums.pop("grad_norm")
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        names = sorted(sums)
+        # one host sync per log: the metric means since the last log, then this step's gradient norm
+        means = torch.stack([sums[k] for k in names]) / (n_steps * cfg.grad_accum)
+        values = distributed.all_reduce_mean(torch.cat([means, grad_norm.float().reshape(1)])).tolist()
+        elapsed = time.perf_counter() - t0
+        last = {**dict(zip([*names, "grad_norm"], values)), **extra}
+        last["lr"] = lr
+        if not math.isfinite(last["loss"]) or not math.isfinite(last["grad_norm"]):
+            raise TrainingHalted(
+                f"non-finite loss/gradient (loss {last['loss']}, grad norm {last['grad_norm']}) "
+                f"by step {done}; "
+                f"try a lower learning rate, a longer warm-up, gradient clipping (optim.clip_norm) or "
+                f"precision: fp32"
+            )
+        sps = n_samples / max(elapsed, 1e-9)
+        if on_log is not None:
+            on_log(done, {**last, "samples_per_s": sps})
+        shown = {k: f"{v:.5g}" for k, v in extra.items()}
+        bar.set_postfix(loss=f"{last['loss']:.4g}", lr=f"{last['lr']:.2e}", **shown, samples_s=f"{sps:.1f}")
+        sums, n_steps, n_samples, t0 = {}, 0, 0, time.perf_counter()
+        if on_save is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            on_save(done)
+    bar.close()
+    return last

@@ -1,0 +1,440 @@
+"""Speech: raw audio (espeak-ng synthesis + KLettres/KTuberling recordings, or the user's folder), 16 kHz
+FLAC shard samples, decode, crop and collate with span masking.
+
+Raw layout under ``<paths.raw>/audio/`` (the default data is written in the same layout as a user's):
+- ``files/**.{wav,flac,ogg}``: audio files, any sample rate and channel count;
+- ``metadata.tsv`` (optional): tab-separated with a header row: ``path`` (relative to ``files/``) and at least
+  one of ``label`` (classification) / ``transcript`` (CTC), optionally ``speaker`` (splits keep speakers
+  disjoint). Files not listed, or listed with neither, are unlabelled (pretraining).
+Default (datasets.md, Speech): ``files/read/`` Lee-corpus sentences read by espeak-ng voices,
+``files/klettres/`` and ``files/ktuberling/`` (real voices, Debian ``klettres-data`` / ``ktuberling-data``),
+``files/digits/<voice>/`` spoken digits (label ``0``-``9``, speaker = accent + variant),
+``files/ctc/<voice>/`` digit strings with word transcripts ("three one four").
+
+Shard: each file is read with soundfile, downmixed to mono, resampled to 16 kHz with
+``torchaudio.functional.resample`` and stored as 16-bit FLAC (``flac``; lossless for 16-bit sources).
+Unreadable files, unsupported formats, clips shorter than 400 samples (the encoder's receptive field) and
+all-zero clips are skipped and counted. Splits: ``pretrain``; ``train``/``valid``/``test`` (digit
+classification, ``cls``) and ``ctc_train``/``ctc_valid``/``ctc_test`` (digit strings, ``transcript.txt``),
+both split by speaker.
+
+Batches: ``inputs`` float [B, N] (per-utterance zero mean / unit variance when the model's
+``normalize_waveform`` is on), ``padding_mask`` bool [B, N] (True = padding); pretrain adds ``mask``
+[B, T frames] from the audio ``make_mask``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from d2v.config import ConfigError
+from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for
+from d2v.data.stages import PrepareCommon, copy_source
+
+SAMPLE_RATE = 16_000
+MIN_SAMPLES = 400
+"""Shorter clips are skipped: the 7-layer conv encoder needs 400 samples (25 ms) for one frame (§2.2)."""
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ACCENTS = (
+    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
+    "en-us-nyc",
+)  # fmt: skip
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+KLETTRES_DIR = Path("/usr/share/klettres")
+KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
+
+__all__ = ["PrepareConfig", "ShardConfig", "SAMPLE_RATE", "load_audio", "inference_inputs", "digit_voices"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig(PrepareCommon):
+    """The ``prepare.audio`` section (all but ``source``/``metadata``/``workers`` size the default data)."""
+
+    metadata: str | None = None
+    """User data: a TSV with header ``path``, ``label`` and/or ``transcript``, optional ``speaker``."""
+    sentences: int = 600
+    """Lee-corpus sentences read by espeak-ng for pretraining (2,619 available; ~7 s each)."""
+    sentence_voices: tuple[str, ...] = (
+        "en-us+m3",
+        "en-gb+f2",
+        "en-gb-scotland+m5",
+        "en-029+f4",
+        "en-gb-x-rp+m1",
+    )
+    """espeak-ng voices, cycled over the sentences."""
+    klettres: int | None = None
+    """KLettres clips kept (seeded subset); None: all 1,836; 0: none."""
+    ktuberling: int | None = None
+    """KTuberling clips kept (seeded subset); None: all 1,376; 0: none."""
+    digit_voices: int = 96
+    """Synthetic voices (accent x variant, accents interleaved) for the digits and CTC tasks (max 96)."""
+    digit_rates: tuple[int, ...] = (120, 150, 180, 210)
+    """espeak-ng speaking rates (words per minute) per voice."""
+    digit_pitches: tuple[int, ...] = (35, 50, 65)
+    """espeak-ng pitches per voice; clips per voice = 10 digits x rates x pitches."""
+    ctc_strings: int = 2000
+    """Digit strings (voice, rate, pitch, digits drawn with the seed) for the CTC task."""
+    ctc_min_digits: int = 3
+    """Shortest digit string."""
+    ctc_max_digits: int = 6
+    """Longest digit string."""
+    workers: int = 2
+    """Parallel espeak-ng | sox pipelines."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.digit_voices <= len(ACCENTS) * len(VARIANTS):
+            raise ConfigError(f"prepare.audio.digit_voices: must be in [0, 96], got {self.digit_voices}")
+        if not 1 <= self.ctc_min_digits <= self.ctc_max_digits:
+            raise ConfigError("prepare.audio: need 1 <= ctc_min_digits <= ctc_max_digits")
+        if self.workers < 1:
+            raise ConfigError(f"prepare.audio.workers: must be >= 1, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ShardConfig(ShardCommon):
+    """The ``shard.audio`` section."""
+
+    samples_per_shard: int = 1000
+    """Clips per shard (~2-7 MB of FLAC)."""
+    workers: int = 2
+    """Processes decoding / resampling / FLAC-encoding clips."""
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def _need_tools() -> None:
+    missing = [t for t in ("espeak-ng", "sox") if shutil.which(t) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"the default speech data is synthesised with espeak-ng and sox; missing: {', '.join(missing)}. "
+            f"Install with `sudo apt-get install {' '.join(missing)}` (or set prepare.audio.source to your "
+            "own folder of audio files)"
+        )
+
+
+def synthesize(text: str, voice: str, rate: int, pitch: int, out: Path) -> None:
+    """``espeak-ng ... --stdout | sox`` -> 16 kHz mono 16-bit WAV (datasets.md recipe; ``gain -1`` avoids
+    clipping; ``-R -D``: repeatable, no dither, so the bytes are the same on every run)."""
+    wav = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdin", "--stdout"],
+        input=text.encode("utf-8"), capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["sox", "-V1", "-R", "-D", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", str(out),
+         "gain", "-1"],
+        input=wav, capture_output=True, check=True,
+    )  # fmt: skip
+
+
+def digit_voices(n: int) -> list[str]:
+    """The first n espeak-ng voices ``accent+variant``, accents interleaved (n = 16 covers all 8 accents)."""
+    return [f"{a}+{v}" for v in VARIANTS for a in ACCENTS][:n]
+
+
+def lee_sentences(n: int) -> list[str]:
+    """The first n sentences (>= 4 words) of gensim's Lee background corpus."""
+    try:
+        import gensim
+    except ImportError:
+        raise FileNotFoundError("the read-speech sentences come from gensim: `pip install gensim`") from None
+    path = Path(gensim.__file__).parent / "test/test_data/lee_background.cor"
+    out = []
+    for doc in path.read_text(encoding="utf-8").splitlines():
+        for s in re.split(r"(?<=[.!?])\s+", doc.strip()):
+            if len(s.split()) >= 4:
+                out.append(s)
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def _copy_recordings(src: Path, dst: Path, limit: int | None, seed: int, package: str) -> int:
+    if limit == 0:
+        return 0
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"{src} not found: `sudo apt-get install {package}` (or set prepare.audio.{dst.name}: 0)"
+        )
+    files = sorted(src.rglob("*.ogg"))
+    if limit is not None and limit < len(files):
+        files = sorted(rng_for(seed, "prepare.audio", dst.name).sample(files, limit))
+    for p in files:
+        target = dst / p.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, target)
+    return len(files)
+
+
+def _jobs(cfg: PrepareConfig, seed: int) -> tuple[list[tuple], list[dict[str, str]]]:
+    """Synthesis jobs ``(text, voice, rate, pitch, relpath)`` and the metadata rows of the labelled clips."""
+    jobs, rows = [], []
+    voices = list(cfg.sentence_voices)
+    for i, s in enumerate(lee_sentences(cfg.sentences)):
+        jobs.append((s, voices[i % len(voices)], 160, 50, f"read/{i:05d}.wav"))
+    dvoices = digit_voices(cfg.digit_voices)
+    for v in dvoices:
+        for rate in cfg.digit_rates:
+            for pitch in cfg.digit_pitches:
+                for d, word in enumerate(DIGITS):
+                    rel = f"digits/{v}/{d}-r{rate}-p{pitch}.wav"
+                    jobs.append((word, v, rate, pitch, rel))
+                    rows.append({"path": rel, "label": str(d), "transcript": "", "speaker": v})
+    rng = rng_for(seed, "prepare.audio", "ctc")
+    for i in range(cfg.ctc_strings if dvoices else 0):
+        v, rate, pitch = rng.choice(dvoices), rng.choice(cfg.digit_rates), rng.choice(cfg.digit_pitches)
+        words = " ".join(
+            DIGITS[rng.randrange(10)] for _ in range(rng.randint(cfg.ctc_min_digits, cfg.ctc_max_digits))
+        )
+        rel = f"ctc/{v}/{i:05d}.wav"
+        jobs.append((words, v, rate, pitch, rel))
+        rows.append({"path": rel, "label": "", "transcript": words, "speaker": v})
+    return jobs, rows
+
+
+def write_metadata(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["path", "label", "transcript", "speaker"], delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: r["path"]))
+
+
+def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Materialise the raw audio in ``out_dir`` (see the module docstring for the layout)."""
+    files = out_dir / "files"
+    if cfg.source != "default":
+        src = cfg.source_path("a folder of .wav/.flac/.ogg files")
+        meta = None
+        if cfg.metadata is not None:
+            meta = Path(cfg.metadata).expanduser()
+            if not meta.is_file():
+                raise ValueError(f"prepare.audio.metadata: {cfg.metadata!r} is not a file (expected a TSV)")
+            shutil.copyfile(meta, out_dir / "metadata.tsv")
+        n = copy_source(src, files, exclude=(meta,) if meta else ())
+        return {"source": cfg.source, "counts": {"files": n}}
+    _need_tools()
+    jobs, rows = _jobs(cfg, seed)
+    with (
+        ThreadPoolExecutor(cfg.workers) as pool,
+        tqdm(total=len(jobs), desc="espeak-ng", unit="clip", file=sys.stderr, mininterval=1.0) as bar,
+    ):
+        for _ in pool.map(lambda j: synthesize(j[0], j[1], j[2], j[3], files / j[4]), jobs):
+            bar.update(1)
+    write_metadata(out_dir / "metadata.tsv", rows)
+    counts = {
+        "read_sentences": sum(j[4].startswith("read/") for j in jobs),
+        "digit_clips": sum(j[4].startswith("digits/") for j in jobs),
+        "ctc_strings": sum(j[4].startswith("ctc/") for j in jobs),
+        "digit_voices": cfg.digit_voices,
+        "klettres": _copy_recordings(KLETTRES_DIR, files / "klettres", cfg.klettres, seed, "klettres-data"),
+        "ktuberling": _copy_recordings(
+            KTUBERLING_DIR, files / "ktuberling", cfg.ktuberling, seed, "ktuberling-data"
+        ),
+    }
+    return {
+        "source": "default",
+        "data": "espeak-ng synthesis (Lee sentences, digits, digit strings) + KLettres/KTuberling (GPL-2+)",
+        "counts": counts,
+    }
+
+
+# -------------------------------------------------------------------------------------------------- shard
+
+
+def read_metadata(path: Path) -> tuple[dict[str, dict[str, str]], list[Skip]]:
+    """``{relative path: {label, transcript, speaker}}`` of ``metadata.tsv``; bad rows come back as skips."""
+    rows: dict[str, dict[str, str]] = {}
+    skips = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        cols = set(reader.fieldnames or [])
+        if "path" not in cols or not cols & {"label", "transcript"}:
+            raise ValueError(
+                f"{path}: expected a tab-separated header with 'path' and 'label' and/or 'transcript' "
+                f"(optional 'speaker'), got {sorted(cols)}"
+            )
+        for i, row in enumerate(reader, start=2):
+            p = (row.get("path") or "").strip()
+            if not p:
+                skips.append(Skip(f"metadata.tsv:{i}", "bad_record", "row without a path"))
+                continue
+            rows[Path(p).as_posix()] = {
+                k: (row.get(k) or "").strip() for k in ("label", "transcript", "speaker")
+            }
+    return rows, skips
+
+
+def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
+    """Items of ``raw_dir/files``; labels/transcripts/speakers from ``metadata.tsv``."""
+    root = raw_dir / "files"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no raw audio; run `d2v prepare audio`")
+    meta, skips = read_metadata(raw_dir / "metadata.tsv") if (raw_dir / "metadata.tsv").exists() else ({}, [])
+    out = Scan(skipped=skips)
+    pools: dict[str, list[Item]] = {"classification": [], "ctc": []}
+    seen = set()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        name = f"files/{rel}"
+        seen.add(rel)
+        if path.suffix.lower() not in AUDIO_SUFFIXES:
+            out.skipped.append(
+                Skip(
+                    name,
+                    "unsupported_format",
+                    f"unsupported file type {path.suffix!r} (expected one of {' '.join(AUDIO_SUFFIXES)})",
+                )  # fmt: skip
+            )
+            continue
+        ref = str(path.resolve())
+        m = meta.get(rel, {})
+        speaker = m.get("speaker") or None
+        if m.get("label"):
+            pools["classification"].append(Item(name, ref, label=m["label"], group=speaker))
+        if m.get("transcript"):
+            pools["ctc"].append(Item(name, ref, transcript=m["transcript"], group=speaker))
+        if not m.get("label") and not m.get("transcript"):
+            out.unlabelled.append(Item(name, ref, group=speaker))
+    for rel in sorted(set(meta) - seen):
+        out.skipped.append(Skip(f"files/{rel}", "missing", "listed in metadata.tsv but not found"))
+    if pools["classification"]:
+        out.tasks["classification"] = Task(pools["classification"], "label")
+    if pools["ctc"]:
+        out.tasks["ctc"] = Task(pools["ctc"], "transcript", prefix="ctc_")
+    return out
+
+
+def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> None:
+    """Nothing to fit for audio."""
+    return None
+
+
+def load_audio(path: str | Path) -> Tensor:
+    """float32 [N] mono at 16 kHz: soundfile read, channel mean, ``torchaudio.functional.resample``."""
+    import torchaudio.functional as AF
+
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise BadInput("unreadable", f"audio cannot be read ({type(e).__name__}: {e})") from None
+    x = torch.from_numpy(wav).mean(dim=1)
+    if sr != SAMPLE_RATE and len(x):
+        x = AF.resample(x, sr, SAMPLE_RATE)
+    return x
+
+
+def to_pcm16(x: Tensor) -> np.ndarray:
+    return np.round(x.clamp(-1.0, 1.0).numpy() * 32767.0).astype(np.int16)
+
+
+def encode(item: Item, ctx: None) -> list[Encoded]:
+    """One clip as 16 kHz mono 16-bit FLAC; BadInput when unreadable, too short or all zero."""
+    pcm = to_pcm16(load_audio(item.ref))
+    if len(pcm) < MIN_SAMPLES:
+        raise BadInput("too_short", f"{len(pcm)} samples at 16 kHz (< {MIN_SAMPLES}, one encoder frame)")
+    if not pcm.any():
+        raise BadInput("silent", "all samples are zero")
+    buf = io.BytesIO()
+    sf.write(buf, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    seconds = len(pcm) / SAMPLE_RATE
+    return [Encoded({"flac": buf.getvalue()}, {"clips": 1, "seconds": seconds, "hours": seconds / 3600})]
+
+
+def preprocessing(ctx: None, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "sample_rate": SAMPLE_RATE,
+        "channels": 1,
+        "resample": "soundfile read, mean over channels, torchaudio.functional.resample (defaults)",
+        "storage": "FLAC PCM_16 (clipped to [-1, 1])",
+        "min_samples": MIN_SAMPLES,
+    }
+
+
+# --------------------------------------------------------------------------------------------------- load
+
+
+def check_model(prep: dict[str, Any], model_cfg: Any) -> None:
+    if prep["sample_rate"] != SAMPLE_RATE:
+        raise ValueError(
+            f"shards hold {prep['sample_rate']} Hz audio; the audio encoder expects {SAMPLE_RATE} Hz"
+        )
+
+
+def decode(sample: dict[str, bytes]) -> Tensor:
+    """float32 [N] waveform from the ``flac`` field."""
+    wav, sr = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
+    assert sr == SAMPLE_RATE, sr
+    return torch.from_numpy(wav)
+
+
+def transform(
+    x: Tensor,
+    *,
+    mode: str,
+    max_len: int | None,
+    rng: random.Random,
+    augment: bool,
+    prep: dict[str, Any],
+    model_cfg: Any,
+    target: str | None = None,
+) -> Tensor:
+    """Normalise the whole utterance (fairseq normalises before cropping), then fit ``max_len`` samples:
+    a random crop in pretraining ([FS] ``RawAudioDataset.crop_to_max_size``), the head in fine-tuning
+    (classification only; CTC targets would no longer match), nothing in eval."""
+    if getattr(model_cfg, "normalize_waveform", False):
+        from d2v.modalities.audio.model import normalize_waveform
+
+        x = normalize_waveform(x[None], None)[0]
+    if max_len is None or len(x) <= max_len or mode == "eval" or target == "transcript":
+        return x
+    start = rng.randrange(len(x) - max_len + 1) if mode == "pretrain" else 0
+    return x[start : start + max_len]
+
+
+def length(x: Tensor) -> int:
+    return len(x)
+
+
+def collate(
+    xs: list[Tensor], *, mode: str, model_cfg: Any, prep: dict[str, Any], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Right-padded ``inputs`` [B, N] + ``padding_mask``; pretrain: ``mask`` [B, T] (span masking)."""
+    n = torch.tensor([len(x) for x in xs], dtype=torch.int64)
+    N = int(n.max())
+    wav = torch.zeros(len(xs), N, dtype=torch.float32)
+    for i, x in enumerate(xs):
+        wav[i, : len(x)] = x
+    padding = torch.arange(N)[None, :] >= n[:, None]
+    batch = {"inputs": wav, "padding_mask": padding}
+    if mode == "pretrain":
+        from d2v.modalities import get
+
+        batch["mask"] = get("audio").make_mask(n, model_cfg, generator)
+    return batch
+
+
+def inference_inputs(paths: list[str], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
+    """Waveforms for ``embed``, preprocessed as at shard time (16 kHz mono, 16-bit); feed to ``collate``."""
+    out = []
+    for p in paths:
+        pcm = to_pcm16(load_audio(p))
+        out.append(torch.from_numpy(pcm.astype(np.float32) / 32768.0))  # soundfile's int16 scale
+    return out

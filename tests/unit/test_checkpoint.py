@@ -1,0 +1,157 @@
+"""Checkpoint layout, atomic writes, pruning, RNG state round trip and rebuilding encoders from meta.json."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from d2v import checkpoint, hf
+from d2v.config import to_dict
+from d2v.modalities import get
+
+
+def tiny(modality: str, **over):
+    mod = get(modality)
+    cfg = mod.model_config({"preset": "tiny", **over})
+    torch.manual_seed(0)
+    return cfg, mod.build_pretrain_model(cfg)
+
+
+def meta_for(modality: str, cfg) -> dict:
+    return {
+        "modality": modality,
+        "kind": "pretrain",
+        "model_config": to_dict(cfg),
+        "encoder_prefix": "student.",
+    }
+
+
+def save_tiny(run_dir, modality: str, step: int = 10, **kw):
+    cfg, model = tiny(modality)
+    return checkpoint.save(run_dir, step, model.state_dict(), meta_for(modality, cfg), **kw), cfg, model
+
+
+def test_layout_and_latest(tmp_path):
+    for step in (5, 10, 100):
+        save_tiny(tmp_path, "image", step, train_state={"step": step}, keep=5)
+    (tmp_path / ".tmp-step-00000200-123").mkdir()  # a write killed half-way
+    (tmp_path / "notes").mkdir()
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["step-00000005", "step-00000010", "step-00000100"]
+    last = checkpoint.latest(tmp_path)
+    assert checkpoint.resolve(tmp_path) == last
+    assert sorted(p.name for p in last.iterdir()) == ["meta.json", "model.safetensors", "train_state.pt"]
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["step"] == 100 and meta["modality"] == "image" and meta["kind"] == "pretrain"
+    assert checkpoint.load_train_state(tmp_path) == {"step": 100}
+    keys = checkpoint.load_weights(last).keys()
+    assert {k.split(".")[0] for k in keys} == {"student", "head", "teacher"}
+    checkpoint.clean_stale(tmp_path)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_keeps_the_last_k_and_overwrites_a_repeated_step(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_tiny(tmp_path, "image", step, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    save_tiny(tmp_path, "image", 4, keep=2, files={"extra.txt": _write(tmp_path / "x.txt", "hi")})
+    assert (checkpoint.latest(tmp_path) / "extra.txt").read_text() == "hi"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".trash"))]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_tied_tensors_are_saved(tmp_path):
+    w = torch.randn(3, 3)
+    checkpoint.save(tmp_path, 1, {"a": w, "b": w}, {"modality": "image"})
+    sd = checkpoint.load_weights(tmp_path)
+    assert torch.equal(sd["a"], w) and torch.equal(sd["b"], w)
+
+
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_load_encoder_rebuilds_the_student(tmp_path, modality):
+    step_dir, cfg, model = save_tiny(tmp_path, modality)
+    enc = checkpoint.load_encoder(tmp_path)
+    assert type(enc) is type(model.student) and not enc.training
+    sd, ref = enc.state_dict(), model.student.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+    assert to_dict(enc.config) == to_dict(cfg)
+    same = hf.load_encoder(step_dir)  # the HF entry point dispatches d2v checkpoints here
+    assert all(torch.equal(same.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_load_encoder_from_scratch_is_seeded(tmp_path):
+    save_tiny(tmp_path, "image")
+    a = checkpoint.load_encoder(tmp_path, pretrained=False, seed=1).state_dict()
+    b = checkpoint.load_encoder(tmp_path, pretrained=False, seed=1).state_dict()
+    c = checkpoint.load_encoder(tmp_path, pretrained=True).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["stack.blocks.0.attn.qkv.weight"], c["stack.blocks.0.attn.qkv.weight"])
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match=str(tmp_path / "nothing")):
+        checkpoint.load_encoder(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="no d2v checkpoint"):
+        checkpoint.resolve(tmp_path)
+
+
+def test_mismatched_checkpoint_is_rejected(tmp_path):
+    step_dir, cfg, _ = save_tiny(tmp_path, "image")
+    checkpoint.check_compatible(tmp_path, "image", cfg, "pretrain")  # the same: fine
+    with pytest.raises(ValueError, match="'image' checkpoint, not 'audio'"):
+        checkpoint.check_compatible(tmp_path, "audio", get("audio").model_config({"preset": "tiny"}))
+    with pytest.raises(ValueError, match="expected a 'finetune'"):
+        checkpoint.check_compatible(tmp_path, "image", cfg, "finetune")
+    bigger = get("image").model_config({"preset": "small"})
+    with pytest.raises(ValueError, match=r"differs in \[.*transformer"):
+        checkpoint.check_compatible(tmp_path, "image", bigger)
+    # weights that do not fit the config named in meta.json
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta["model_config"] = to_dict(bigger)
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit"):
+        checkpoint.load_encoder(step_dir)
+    meta["modality"] = "smell"
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        checkpoint.load_encoder(step_dir)
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    state = checkpoint.rng_state()
+    checkpoint.save(tmp_path, 1, {"w": torch.zeros(1)}, {"modality": "image"}, {"rng": state})
+    expected = (torch.rand(4), random.random(), np.random.rand(2))
+    checkpoint.set_rng_state(checkpoint.load_train_state(tmp_path)["rng"])  # weights_only=True inside
+    again = (torch.rand(4), random.random(), np.random.rand(2))
+    assert torch.equal(expected[0], again[0]) and expected[1] == again[1]
+    assert np.array_equal(expected[2], again[2])
+
+
+def test_prepare_run_dir_resumes_same_settings_and_starts_over_otherwise(tmp_path, capsys):
+    fp = {"config": {"lr": 1e-3, "betas": (0.9, 0.98)}, "seed": 0}
+    cfg, model = tiny("image")
+    assert checkpoint.prepare_run_dir(tmp_path, "image", "pretrain", fp) is False  # nothing there
+    checkpoint.save(tmp_path, 2, model.state_dict(), {**meta_for("image", cfg), "fingerprint": fp})
+    assert checkpoint.prepare_run_dir(tmp_path, "image", "pretrain", fp) is True  # tuples == JSON lists
+    other = {**fp, "seed": 1}
+    assert checkpoint.prepare_run_dir(tmp_path, "image", "pretrain", other, remove=False) is False
+    assert checkpoint.latest(tmp_path) is not None  # a rank other than 0 only decides
+    assert checkpoint.prepare_run_dir(tmp_path, "image", "pretrain", other) is False
+    assert "other settings (seed); starting over" in capsys.readouterr().out
+    assert checkpoint.latest(tmp_path) is None
+    checkpoint.save(tmp_path, 2, model.state_dict(), {**meta_for("image", cfg), "fingerprint": fp})
+    with pytest.raises(ValueError, match="'pretrain' checkpoint of 'image', not pretrain 'audio'"):
+        checkpoint.prepare_run_dir(tmp_path, "audio", "pretrain", fp)
+    with pytest.raises(ValueError, match="not finetune 'image'"):
+        checkpoint.prepare_run_dir(tmp_path, "image", "finetune", fp)

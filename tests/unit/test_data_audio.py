@@ -1,0 +1,208 @@
+"""Speech data: user folders with a TSV and bad files, resampling, espeak-ng synthesis, batches."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from d2v.data import build_loader, iter_shard, prepare_raw, shard
+from d2v.data.shards import Item, plan_splits
+from d2v.modalities import audio
+from d2v.modalities.audio import data as A
+from d2v.modalities.audio.data import PrepareConfig, ShardConfig
+
+TINY = audio.model_config({"preset": "tiny"})
+HAVE_ESPEAK = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+
+
+def tone(seconds: float, sr: int, freq: float, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * freq * t)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+def user_folder(root: Path) -> tuple[Path, Path]:
+    """6 speakers x 2 digit labels + 4 CTC clips + 3 unlabelled, in 3 formats / rates; 5 bad entries."""
+    formats = [("wav", 8000, 2), ("flac", 16000, 1), ("ogg", 22050, 1)]
+    rows = ["path\tlabel\ttranscript\tspeaker"]
+    for s in range(6):
+        ext, sr, ch = formats[s % 3]
+        for d in range(2):
+            rel = f"spk{s}/{d}.{ext}"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            sf.write(root / rel, tone(0.5 + 0.1 * d, sr, 200 + 50 * s + 10 * d, ch), sr)
+            rows.append(f"{rel}\t{d}\t\tspk{s}")
+    for i in range(4):
+        sf.write(root / f"ctc/{i}.wav" if (root / "ctc").exists() else _mk(root / "ctc") / f"{i}.wav",
+                 tone(1.0 + 0.25 * i, 16000, 300), 16000)  # fmt: skip
+        rows.append(f"ctc/{i}.wav\t\tone two{' three' * i}\tspk{i % 2}")
+    for i in range(3):
+        sf.write(_mk(root / "free") / f"{i}.flac", tone(2.0, 44100, 440, channels=2), 44100)
+    (root / "free" / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" * 4)
+    (root / "free" / "readme.md").write_text("# not audio")
+    sf.write(root / "free" / "silent.wav", np.zeros(16000), 16000)
+    sf.write(root / "free" / "short.wav", tone(0.01, 16000, 300), 16000)  # 160 samples
+    rows.append("gone.wav\t3\t\tspk9")
+    tsv = root.parent / "labels.tsv"
+    tsv.write_text("\n".join(rows) + "\n")
+    return root, tsv
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def run(tmp: Path, src: Path, tsv: Path, **kw) -> tuple[Path, dict]:
+    raw, out = tmp / "raw", tmp / "audio"
+    prepare_raw("audio", PrepareConfig(source=str(src), metadata=str(tsv)), raw, seed=0)
+    cfg = ShardConfig(samples_per_shard=4, valid=0.2, test=0.2, workers=1, **kw)
+    return out, shard("audio", cfg, raw, out, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audio")
+    return run(tmp, *user_folder(tmp / "src"))
+
+
+def test_user_audio_with_tsv_is_sharded_and_bad_files_counted(sharded):
+    out, m = sharded
+    assert m["skipped_counts"] == {
+        "missing": 1,
+        "silent": 1,
+        "too_short": 1,
+        "unreadable": 1,
+        "unsupported_format": 1,
+    }
+    n = {s: e["samples"] for s, e in m["splits"].items()}
+    assert n["pretrain"] == 3
+    assert n["train"] + n["valid"] + n["test"] == 12 and n["test"] >= 2  # whole speakers (2 clips each)
+    assert n["ctc_train"] + n["ctc_valid"] + n["ctc_test"] == 4
+    assert m["tasks"]["ctc"]["alphabet"] == " eehnortw".replace("ee", "e")
+    assert m["preprocessing"]["sample_rate"] == 16000
+    assert m["splits"]["pretrain"]["stats"]["seconds"] == pytest.approx(6.0)  # 3 x 2 s at any rate
+
+
+def test_clips_are_16khz_mono_with_their_duration_kept(sharded):
+    out, m = sharded
+    for split in ("train", "valid", "test"):
+        for entry in m["splits"][split]["shards"]:
+            for s in iter_shard(out / entry["file"], entry["samples"]):
+                wav, sr = sf.read(io.BytesIO(s["flac"]))
+                assert sr == 16000 and wav.ndim == 1
+                assert len(wav) in (8000, 9600)  # 0.5 s / 0.6 s at 8, 16 or 22.05 kHz, resampled exactly
+
+
+def test_splits_are_disjoint_by_speaker(tmp_path):
+    src, tsv = user_folder(tmp_path / "src")
+    prepare_raw("audio", PrepareConfig(source=str(src), metadata=str(tsv)), tmp_path / "raw", seed=0)
+    cfg = ShardConfig(valid=0.2, test=0.2)
+    splits = plan_splits(A.scan(tmp_path / "raw", cfg), cfg, seed=0)
+    speakers = [{it.group for it in splits[s]} for s in ("train", "valid", "test")]
+    assert all(speakers) and not (
+        speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2]
+    )
+
+
+def test_strict_names_the_bad_file(tmp_path):
+    src, tsv = user_folder(tmp_path / "src")
+    tsv.write_text("\n".join(tsv.read_text().splitlines()[:-1]) + "\n")  # drop the row of the missing file
+    (src / "free" / "readme.md").unlink()
+    with pytest.raises(ValueError, match=r"files/free/(corrupt|silent|short)\.wav.*strict"):
+        run(tmp_path, src, tsv, strict=True)
+
+
+def test_a_tsv_without_the_expected_columns_is_explained(tmp_path):
+    src, tsv = user_folder(tmp_path / "src")
+    tsv.write_text("file\tlabel\nx.wav\t1\n")
+    with pytest.raises(ValueError, match="'path' and 'label' and/or 'transcript'"):
+        run(tmp_path, src, tsv)
+
+
+def test_pretrain_batches_crop_normalise_and_mask(sharded):
+    out, _ = sharded
+    b = next(iter(build_loader(out, "pretrain", TINY, batch_size=3, mode="pretrain", seed=0, max_len=8000)))
+    x, pad = b["inputs"], b["padding_mask"]
+    assert x.shape == pad.shape == (3, 8000) and not bool(pad.any())  # 2 s clips cropped to 0.5 s
+    # normalised over the whole 2 s utterance before cropping: a crop of a pure tone stays ~unit variance
+    assert float(x.std(dim=1).min()) == pytest.approx(1.0, abs=0.05)
+    T = int(audio.feature_lengths(torch.tensor(8000), TINY))
+    assert b["mask"].shape == (3, T) and b["mask"].dtype == torch.bool and bool(b["mask"].any())
+
+
+def test_finetune_and_ctc_batches(sharded):
+    out, m = sharded
+    assert m["splits"]["ctc_train"]["samples"] == 4
+    b = next(iter(build_loader(out, "train", TINY, batch_size=8, mode="finetune", seed=0, max_len=8000)))
+    assert b["labels"].dtype == torch.int64 and b["inputs"].shape[1] == 8000  # 0.6 s clips cut to the head
+    lengths = (~b["padding_mask"]).sum(1)
+    assert float(b["inputs"][0, : int(lengths[0])].mean()) == pytest.approx(0.0, abs=0.05)
+    ctc = list(build_loader(out, "ctc_train", TINY, batch_size=8, mode="finetune", seed=0, max_len=4000))
+    transcripts = sorted(t for b in ctc for t in b["transcripts"])
+    assert len(transcripts) == 4  # 2 CTC speakers: round(0.2 x 2) = 0 for valid and test
+    assert transcripts[0] == "one two"
+    assert max(int((~b["padding_mask"]).sum(1).max()) for b in ctc) > 4000  # CTC clips are never cut
+
+
+def test_missing_tools_say_how_to_install_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(A.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install espeak-ng sox"):
+        prepare_raw("audio", PrepareConfig(), tmp_path / "raw", seed=0)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="needs espeak-ng and sox")
+def test_default_synthesis_small(tmp_path):
+    cfg = PrepareConfig(sentences=2, digit_voices=2, digit_rates=(150,), digit_pitches=(50,), ctc_strings=3,
+                        klettres=2, ktuberling=2)  # fmt: skip
+    info = prepare_raw("audio", cfg, tmp_path / "a", seed=0)
+    assert info["counts"] == {"read_sentences": 2, "digit_clips": 20, "ctc_strings": 3, "digit_voices": 2,
+                              "klettres": 2, "ktuberling": 2}  # fmt: skip
+    prepare_raw("audio", cfg, tmp_path / "b", seed=0)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    for rel in files:  # espeak-ng | sox -R -D is repeatable
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    m = shard("audio", ShardConfig(workers=2), tmp_path / "a", tmp_path / "audio", seed=0)
+    assert m["splits"]["pretrain"]["samples"] == 6 and not m["skipped"]
+    assert m["tasks"]["classification"]["labels"] == [str(d) for d in range(10)]
+    assert sum(m["splits"][s]["samples"] for s in ("ctc_train", "ctc_valid", "ctc_test")) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="needs espeak-ng and sox")
+def test_default_synthesis_one_voice_per_accent(tmp_path):
+    cfg = PrepareConfig(sentences=20, digit_voices=16, ctc_strings=50, klettres=50, ktuberling=50)
+    prepare_raw("audio", cfg, tmp_path / "raw", seed=0)
+    m = shard("audio", ShardConfig(), tmp_path / "raw", tmp_path / "audio", seed=0)
+    assert sum(m["splits"][s]["samples"] for s in ("train", "valid", "test")) == 16 * 12 * 10
+    assert not m["skipped"]
+
+
+def test_audio_shards_are_reproducible(sharded, tmp_path):
+    out, _ = sharded
+    again = tmp_path / "audio"
+    shard(
+        "audio",
+        ShardConfig(samples_per_shard=4, valid=0.2, test=0.2, workers=2),
+        out.parent / "raw",
+        again,
+        0,
+    )
+    for p in sorted(out.iterdir()):
+        if p.name != "manifest.json":  # the manifest records workers (1 vs 2); everything else is identical
+            assert p.read_bytes() == (again / p.name).read_bytes(), p.name
+
+
+def test_inference_preprocessing_matches_the_shards(sharded):
+    out, m = sharded
+    path = out.parent / "raw" / "files" / "spk0" / "1.wav"  # 8 kHz stereo
+    stored = A.decode(A.encode(Item("x", str(path)), None)[0].fields)
+    (again,) = A.inference_inputs([str(path)], m["preprocessing"])
+    assert torch.equal(stored, again) and len(again) == 9600

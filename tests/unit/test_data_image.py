@@ -1,0 +1,159 @@
+"""Image data: user folders with bad files, Fashion-MNIST, reproducible shards, batches."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2v.data import build_loader, prepare_raw, read_manifest, shard, verify_shards
+from d2v.modalities import image
+from d2v.modalities.image.data import FASHION_MNIST_DIR, PrepareConfig, ShardConfig
+
+TINY = image.model_config({"preset": "tiny"})  # 28 px, 7 px patches: 4 x 4 grid
+
+
+def png(path: Path, seed: int, size: tuple[int, int] = (28, 28), mode: str = "L") -> None:
+    rng = np.random.default_rng(seed)
+    shape = size[::-1] if mode == "L" else (*size[::-1], 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+
+
+def user_folder(root: Path, per_class: int = 6) -> Path:
+    """Two classes (one with RGB, non-square images), two unlabelled images and three bad files."""
+    for i in range(per_class):
+        png(root / "cats" / f"{i}.png", i)
+        png(root / "dogs" / f"{i}.jpg.png", 100 + i, size=(40, 30), mode="RGB")
+    png(root / "free0.png", 200)
+    png(root / "free1.png", 201)
+    (root / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    buf = io.BytesIO()
+    Image.new("L", (28, 28)).save(buf, format="PNG")
+    (root / "dogs" / "truncated.png").write_bytes(buf.getvalue()[:30])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def run(tmp: Path, src: Path, **shard_kw) -> tuple[Path, dict]:
+    raw, out = tmp / "raw" / "image", tmp / "shards" / "image"
+    prepare_raw("image", PrepareConfig(source=str(src)), raw, seed=0)
+    cfg = ShardConfig(samples_per_shard=4, valid=0.2, test=0.2, **shard_kw)
+    return out, shard("image", cfg, raw, out, seed=0)
+
+
+def test_user_folder_is_sharded_with_bad_files_skipped_and_counted(tmp_path):
+    out, m = run(tmp_path, user_folder(tmp_path / "src"))
+    assert m["tasks"]["classification"]["labels"] == ["cats", "dogs"]
+    n = {s: e["samples"] for s, e in m["splits"].items()}
+    # bad files are split like the others (decoding happens while writing), then skipped
+    assert n["train"] + n["valid"] + n["test"] == 12 and min(n["valid"], n["test"]) >= 1
+    assert n["pretrain"] == 2 + n["train"] + n["valid"]  # unlabelled + labelled train/valid (not test)
+    assert m["skipped_counts"] == {"decode_error": 2, "unsupported_format": 1}
+    assert {s["input"] for s in m["skipped"]} == {
+        "files/cats/broken.png", "files/dogs/truncated.png", "files/notes.txt",
+    }  # fmt: skip
+    assert m["preprocessing"]["image_size"] == 28 and len(m["preprocessing"]["mean"]) == 3
+    verify_shards(out)
+
+
+def test_strict_turns_a_skip_into_an_error_naming_the_file(tmp_path):
+    src = user_folder(tmp_path / "src")
+    (src / "notes.txt").unlink()
+    (src / "dogs" / "truncated.png").unlink()
+    with pytest.raises(ValueError, match=r"files/cats/broken\.png.*strict"):
+        run(tmp_path, src, strict=True)
+    assert not (tmp_path / "shards" / "image").exists()  # nothing half-written
+
+
+def test_same_inputs_and_params_give_byte_identical_shards(tmp_path):
+    src = user_folder(tmp_path / "src")
+    a, _ = run(tmp_path / "a", src)
+    b, _ = run(tmp_path / "b", src)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) and any(f.endswith(".tar") for f in files)
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_a_failure_mid_stage_keeps_the_previous_shards(tmp_path, monkeypatch):
+    src = user_folder(tmp_path / "src")
+    out, before = run(tmp_path, src)
+    from d2v.modalities.image import data
+
+    calls = {"n": 0}
+    real = data.encode
+
+    def flaky(item, ctx):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("disk full")
+        return real(item, ctx)
+
+    monkeypatch.setattr(data, "encode", flaky)
+    with pytest.raises(RuntimeError, match="disk full"):
+        shard("image", ShardConfig(samples_per_shard=4, valid=0.2, test=0.2), tmp_path / "raw/image", out, 0)
+    assert read_manifest(out) == before
+    verify_shards(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["image"]
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="needs Debian dataset-fashion-mnist")
+def test_fashion_mnist_default(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "shards"
+    info = prepare_raw("image", PrepareConfig(max_train=200, max_test=50), raw, seed=0)
+    assert info["counts"] == {"train": 200, "test": 50}
+    m = shard("image", ShardConfig(samples_per_shard=100, valid=0.1), raw, out, seed=0)
+    assert m["tasks"]["classification"]["labels"][0] == "T-shirt/top"  # Zalando's id order, not sorted
+    counts = {s: e["samples"] for s, e in m["splits"].items()}
+    assert counts == {"pretrain": 200, "train": 180, "valid": 20, "test": 50}
+    assert set(m["splits"]["test"]["label_counts"].values()) == {5}  # class-balanced cap
+    # pixel statistics of Fashion-MNIST (mean ~0.286, std ~0.353 on all 60k): loose bounds for 200 images
+    assert 0.25 < m["preprocessing"]["mean"][0] < 0.33 and 0.32 < m["preprocessing"]["std"][0] < 0.39
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    out, _ = run(tmp_path, user_folder(tmp_path / "src"))
+    return out
+
+
+def test_pretrain_batches(shards):
+    batch = next(iter(build_loader(shards, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)))
+    assert batch["inputs"].shape == (4, 3, 28, 28) and batch["inputs"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 16) and batch["mask"].dtype == torch.bool
+    assert "padding_mask" not in batch and "labels" not in batch
+
+
+def test_eval_batches_are_normalised_with_the_manifest_stats(shards):
+    m = read_manifest(shards)
+    batches = list(build_loader(shards, "train", TINY, batch_size=100, mode="eval", seed=0))
+    x = torch.cat([b["inputs"] for b in batches])
+    prep = m["preprocessing"]
+    raw = x * torch.tensor(prep["std"]).view(1, 3, 1, 1) + torch.tensor(prep["mean"]).view(1, 3, 1, 1)
+    # raw pixels lie in [0, 1] up to float rounding (1e-5); grey images come back as 3 equal channels
+    assert float(raw.min()) > -1e-5 and float(raw.max()) < 1 + 1e-5
+    grey = (raw[:, 0] - raw[:, 1]).abs().amax(dim=(1, 2)) < 1e-5
+    assert 0 < int(grey.sum()) < len(x)
+    assert batches[0]["labels"].dtype == torch.int64
+
+
+def test_model_image_size_must_match_the_shards(shards):
+    with pytest.raises(ValueError, match="image_size"):
+        build_loader(shards, "train", image.model_config({"preset": "tiny", "image_size": 14}), batch_size=2,
+                     mode="eval", seed=0)  # fmt: skip
+
+
+def test_inference_preprocessing_matches_the_shards(tmp_path):
+    from d2v.data.shards import Item
+    from d2v.modalities.image import data as D
+
+    png(tmp_path / "wide.png", 0, size=(40, 30), mode="RGB")
+    prep = {"image_size": 28}
+    stored = D.decode(D.encode(Item("x", ("file", str(tmp_path / "wide.png"))), D.Context(28))[0].fields)
+    (again,) = D.inference_inputs([str(tmp_path / "wide.png")], prep)
+    assert stored.shape == (3, 28, 28) and torch.equal(stored, again)

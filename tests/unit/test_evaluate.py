@@ -1,0 +1,272 @@
+"""Evaluation metrics against hand computations, and the linear probe on toy data."""
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from d2v import checkpoint
+from d2v.config import to_dict
+from d2v.data.stages import data_module, shard
+from d2v.evaluate import (
+    INITS,
+    EvaluateConfig,
+    Run,
+    accuracy,
+    cer,
+    cli_evaluate,
+    confusion_matrix,
+    ctc_greedy_decode,
+    edit_distance,
+    evaluate,
+    linear_probe,
+    load_finetune_model,
+    macro_f1,
+    planned_runs,
+    predict_split,
+    task_metrics,
+    wer,
+)
+from d2v.finetune import build_finetune_model
+from d2v.heads import HeadConfig
+from d2v.modalities import get
+
+PRED = torch.tensor([0, 0, 1, 2, 2, 2])
+TARGET = torch.tensor([0, 1, 1, 2, 2, 0])
+
+
+def test_accuracy_and_confusion_by_hand():
+    assert accuracy(PRED, TARGET) == pytest.approx(4 / 6)
+    cm = confusion_matrix(PRED, TARGET, 3)
+    # rows = actual: class 0 -> predicted 0 once, 2 once; class 1 -> 0 once, 1 once; class 2 -> 2 twice
+    assert cm.tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
+    assert cm.sum() == 6
+
+
+def test_macro_f1_by_hand_and_sklearn():
+    # class 0: tp 1, fp 1, fn 1 -> 0.5; class 1: tp 1, fp 0, fn 1 -> 2/3; class 2: tp 2, fp 1, fn 0 -> 0.8
+    assert macro_f1(PRED, TARGET, 3) == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+    sk = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    p, t = torch.randint(0, 5, (200,), generator=g), torch.randint(0, 4, (200,), generator=g)
+    assert macro_f1(p, t, 5) == pytest.approx(sk.f1_score(t.numpy(), p.numpy(), average="macro"), abs=1e-12)
+
+
+def test_metrics_reject_bad_ids():
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        confusion_matrix(torch.tensor([0, 2]), torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="shapes differ"):
+        confusion_matrix(torch.tensor([0]), torch.tensor([0, 1]), 2)
+
+
+@pytest.mark.parametrize(
+    "ref, hyp, d",
+    [("kitten", "sitting", 3), ("", "abc", 3), ("abc", "", 3), ("flaw", "lawn", 2), ("same", "same", 0)],
+)
+def test_edit_distance_classics(ref, hyp, d):
+    assert edit_distance(ref, hyp) == d
+    assert edit_distance(list(ref), list(hyp)) == d
+
+
+def test_wer_and_cer_by_hand():
+    refs = ["one two three", "nine"]
+    hyps = ["one too three four", "nine"]  # 1 substitution + 1 insertion over 4 reference words
+    assert wer(refs, hyps) == pytest.approx(2 / 4)
+    # chars: "one two three" (13) vs "one too three four": 'w'->'o' + " four" inserted = 6; "nine" 4 chars
+    assert cer(refs, hyps) == pytest.approx(6 / 17)
+    assert wer(["a b"], ["  a   b "]) == 0.0
+    with pytest.raises(ValueError, match="no words"):
+        wer([""], ["x"])
+    with pytest.raises(ValueError, match="2 references but 1"):
+        cer(["a", "b"], ["a"])
+
+
+def test_greedy_decode_is_reexported():
+    logits = torch.nn.functional.one_hot(torch.tensor([[1, 1, 0, 1]]), 3).float()
+    assert ctc_greedy_decode(logits) == [[1, 1]]
+
+
+def test_linear_probe_separates_separable_toy_set():
+    # three Gaussian blobs 8 std apart in 5-D: a linear classifier is ~100 % (failure odds per point of
+    # landing on the wrong side of a bisecting plane 4 std away: ~3e-5)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[8.0, 0, 0, 0, 0], [0, 8.0, 0, 0, 0], [0, 0, 8.0, 0, 0]])
+    y = torch.arange(3).repeat(40)
+    x = centres[y] + torch.randn(120, 5, generator=g)
+    yt = torch.arange(3).repeat(20)
+    xt = centres[yt] + torch.randn(60, 5, generator=g)
+    pred = linear_probe(x, y, xt, 3, max_iter=30)  # separable: the loss keeps falling, stop early
+    assert pred.shape == (60,) and pred.dtype == torch.int64
+    assert accuracy(pred, yt) == 1.0
+    assert torch.equal(pred, linear_probe(x, y, xt, 3, max_iter=30))  # deterministic
+
+
+def test_linear_probe_is_chance_on_noise_and_checks_shapes():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 4, generator=g), torch.randint(0, 2, (200,), generator=g)
+    xt, yt = torch.randn(400, 4, generator=g), torch.randint(0, 2, (400,), generator=g)
+    # labels independent of features: accuracy ~ Binomial(400, 0.5)/400, std 0.025; |acc - 0.5| < 0.15 fails
+    # with odds < 1e-9
+    assert abs(accuracy(linear_probe(x, y, xt, 2), yt) - 0.5) < 0.15
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        linear_probe(x, y, torch.randn(3, 5), 2)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def _save_pretrain(ck_dir, cfg, encoder, prep):
+    meta = {
+        "modality": "image",
+        "kind": "pretrain",
+        "model_config": to_dict(cfg),
+        "encoder_prefix": "student.",
+    }
+    sd = {f"student.{k}": v for k, v in encoder.state_dict().items()}
+    checkpoint.save(ck_dir, 1, sd, {**meta, "preprocessing": prep})
+
+
+def _save_finetune(run_dir, model, manifest):
+    meta = {
+        "modality": model.encoder.modality, "kind": "finetune", "model_config": to_dict(model.encoder.config),
+        "encoder_prefix": "encoder.", "task": model.task, "num_classes": model.num_classes,
+        "head": to_dict(HeadConfig()), "preprocessing": manifest["preprocessing"],
+        "task_info": manifest["tasks"]["classification"],
+    }  # fmt: skip
+    checkpoint.save(run_dir, 2, model.state_dict(), meta)
+
+
+@pytest.fixture(scope="module")
+def image_project(tmp_path_factory):
+    """Tiny image shards (3 brightness classes x 10 PNGs) + a pretrain and two fine-tuning checkpoints."""
+    root = tmp_path_factory.mktemp("proj")
+    raw = root / "raw" / "image"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["dark", "grey", "light"]):
+        d = raw / "files" / name
+        d.mkdir(parents=True)
+        for i in range(10):
+            arr = np.clip(rng.normal(60 + 70 * c, 20, (28, 28)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, mode="L").save(d / f"{i}.png")
+    manifest = shard(
+        "image", data_module("image").ShardConfig(samples_per_shard=8), raw, root / "shards" / "image", 0
+    )
+    mod = get("image")
+    cfg = mod.model_config({"preset": "tiny"})
+    torch.manual_seed(0)
+    ck = root / "checkpoints"
+    _save_pretrain(ck / "pretrain" / "image", cfg, mod.build_encoder(cfg), manifest["preprocessing"])
+    for init in INITS:
+        enc = checkpoint.load_encoder(ck / "pretrain" / "image", pretrained=init == "pretrained", seed=1)
+        model = build_finetune_model("image", enc, "classification", 3, HeadConfig())
+        _save_finetune(ck / "finetune" / "image" / f"b2-s0-{init}", model, manifest)
+    params = {
+        "seed": 0,
+        "paths": {k: str(root / k) for k in ("raw", "shards", "checkpoints", "metrics", "plots", "reports")},
+        "sweep": {"budgets": [2], "seeds": [0], "inits": ["pretrained", "scratch"]},
+        "tracking": {"mode": "disabled"},
+        "model": {"image": {"preset": "tiny"}},
+        "evaluate": {"image": {"batch_size": 4}},
+    }
+    return root, params, manifest
+
+
+def _args(**kw):
+    return SimpleNamespace(**{"modality": "image", "budget": None, "seed": None, "from_scratch": False, **kw})
+
+
+def test_evaluate_stage_writes_namespaced_metrics_and_confusion(image_project):
+    root, params, manifest = image_project
+    assert cli_evaluate(params, _args()) == 0
+    metrics = json.loads((root / "metrics" / "image.json").read_text())
+    want = {f"evaluate/{i}/b2/s0/{m}" for i in INITS for m in ("accuracy", "macro_f1")}
+    want |= {f"probe/{i}/{m}" for i in INITS for m in ("accuracy", "macro_f1")}
+    assert set(metrics) == want and all(0.0 <= v <= 1.0 for v in metrics.values())
+    # brightness classes 70 grey levels apart (3.5 noise std): mean-pooled features separate them linearly
+    assert metrics["probe/pretrained/accuracy"] == 1.0
+    with (root / "plots" / "evaluate" / "image_confusion.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    n_test = manifest["splits"]["test"]["samples"]
+    assert len(rows) == n_test and {r["actual"] for r in rows} <= {"dark", "grey", "light"}
+    # evaluation is deterministic: the same checkpoints give the same file
+    first = (root / "metrics" / "image.json").read_bytes()
+    cli_evaluate(params, _args())
+    assert (root / "metrics" / "image.json").read_bytes() == first
+
+
+def test_accuracy_matches_the_models_own_predictions(image_project):
+    root, _, _ = image_project
+    ft = root / "checkpoints" / "finetune" / "image"
+    model = load_finetune_model(ft / "b2-s0-pretrained", "image")
+    from d2v.data.loader import build_loader
+
+    shards = root / "shards" / "image"
+    batch = next(
+        iter(build_loader(shards, "test", model.encoder.config, batch_size=100, mode="eval", seed=0))
+    )
+    pred = model.predict(batch)
+    cfg = EvaluateConfig(batch_size=2, probe_inits=())  # other batching, same numbers
+    metrics, rows = evaluate("image", [Run("pretrained", 2, 0)], shards, root / "nowhere", ft, cfg)
+    assert metrics == {
+        "evaluate/pretrained/b2/s0/accuracy": pytest.approx(accuracy(pred, batch["labels"])),
+        "evaluate/pretrained/b2/s0/macro_f1": pytest.approx(macro_f1(pred, batch["labels"], 3)),
+    }
+    assert len(rows) == len(pred)
+
+
+def test_missing_runs_manifest_and_wrong_checkpoints_are_named(image_project, tmp_path):
+    root, params, _ = image_project
+    with pytest.raises(ValueError, match=r"b5-s0-pretrained"):
+        cli_evaluate({**params, "sweep": {"budgets": [2, 5], "seeds": [0]}}, _args())
+    no_shards = {**params, "paths": {**params["paths"], "shards": str(tmp_path / "nowhere")}}
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        cli_evaluate(no_shards, _args())
+    with pytest.raises(ValueError, match="'pretrain' checkpoint"):
+        load_finetune_model(root / "checkpoints" / "pretrain" / "image")
+    with pytest.raises(ValueError, match="not 'audio'"):
+        load_finetune_model(root / "checkpoints" / "finetune" / "image" / "b2-s0-scratch", "audio")
+    bigger = {**params, "model": {"image": {"preset": "tiny", "transformer": {"depth": 3}}}}
+    with pytest.raises(ValueError, match="another model.image config"):
+        cli_evaluate(bigger, _args())
+    no_probe = {**bigger, "evaluate": {"image": {"probe_inits": []}}}
+    with pytest.raises(ValueError, match=r"b2-s0-pretrained/step-\d+ was fine-tuned with another"):
+        cli_evaluate(no_probe, _args())
+    too_many = {**params, "evaluate": {"image": {"probe_budget": 50}}}
+    with pytest.raises(ValueError, match="label_budget: 50 labels per class"):
+        cli_evaluate(too_many, _args())
+
+
+def test_planned_runs_from_sweep_and_cli_filters():
+    params = {"sweep": {"budgets": [5, 0.5], "seeds": [0, 1], "inits": ["pretrained", "scratch"]}}
+    assert len(planned_runs(params, "image")) == 8
+    runs = planned_runs(params, "image", _args(budget="0.5", seed=1, init="scratch"))
+    assert runs == [Run("scratch", 0.5, 1)] and runs[0].name == "b0.5-s1-scratch"
+    assert runs[0].key("ctc", "wer") == "ctc/scratch/b0.5/s1/wer"
+    assert [r.init for r in planned_runs(params, "image", _args(init="pretrained"))] == ["pretrained"] * 4
+    with pytest.raises(ValueError, match="--init"):
+        planned_runs(params, "image", _args(init="random"))
+    default = planned_runs({"sweep": {"budgets": [3], "seeds": [2]}}, "image")
+    assert default == [Run("pretrained", 3, 2), Run("scratch", 3, 2)]
+    with pytest.raises(ValueError, match="sweep.budgets"):
+        planned_runs({"sweep": {"budgets": [0]}}, "image")
+
+
+def test_ctc_predictions_give_wer_and_cer():
+    ah = __import__("d2v.modalities.audio.heads", fromlist=["x"])
+    torch.manual_seed(0)
+    mod = get("audio")
+    model = ah.build_finetune_model(
+        mod.build_encoder(mod.model_config({"preset": "tiny"})), "ctc", None
+    ).eval()
+    pad = torch.zeros(2, 4000, dtype=torch.bool)
+    pad[1, 3000:] = True
+    loader = [{"inputs": torch.randn(2, 4000), "padding_mask": pad, "transcripts": ["one two", "three"]}]
+    preds, targets = predict_split(model, loader, torch.device("cpu"))
+    assert targets == ["one two", "three"] and len(preds) == 2 and all(isinstance(p, str) for p in preds)
+    m = task_metrics("ctc", preds, targets, None)
+    assert m == {"wer": wer(targets, preds), "cer": cer(targets, preds)}
+    assert task_metrics("ctc", targets, targets, None) == {"wer": 0.0, "cer": 0.0}

@@ -1,0 +1,47 @@
+"""The project's own params.yaml is valid in every profile, and a bad key fails before any work."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d2v.cli import main
+from d2v.config import ConfigError, load_params
+from d2v.params_check import check_all
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    "profile", ["default", *sorted(load_params(ROOT / "params.yaml").get("profiles") or {})]
+)
+def test_repo_params_are_valid(profile):
+    assert check_all(load_params(ROOT / "params.yaml", profile)) == 0
+
+
+@pytest.mark.parametrize(
+    "path, value, fragment",
+    [
+        (("pretrain", "image", "stepz"), 3, "pretrain.image: unknown key(s) ['stepz']"),
+        (
+            ("model", "text", "transformer", "depth"),
+            "six",
+            "model.text.transformer.depth: expected an integer",
+        ),
+        (("sweep", "inits"), ["random"], "sweep.inits[0]: 'random' is not one of"),
+        (("finetune", "video"), {}, "finetune: unknown modality key(s) ['video']"),
+    ],
+)
+def test_bad_key_is_named_by_check_params(tmp_path, capsys, path, value, fragment):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    node = params
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as e:
+        check_all(load_params(bad))
+    assert fragment in str(e.value)
+    assert main(["check-params", "--params", str(bad)]) == 2
+    assert fragment in capsys.readouterr().err
