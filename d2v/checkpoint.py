@@ -269,15 +269,23 @@ def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> En
     return encoder.eval()
 
 
-def load_finetune_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The fine-tuned task model of a ``kind: finetune`` checkpoint (eval mode) and its meta.json."""
+def load_finetune_model(path: str | Path, modality: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The fine-tuned task model of a ``kind: finetune`` checkpoint (eval mode) and its meta.json.
+
+    ValueError naming the checkpoint when it is missing, not from ``d2v finetune``, of another modality than
+    ``modality`` (when given), or its weights do not fit the recorded config.
+    """
     from d2v.finetune import build_finetune_model
     from d2v.heads import HeadConfig
 
     step_dir = resolve(path)
     meta = read_meta(step_dir)
     if meta.get("kind") != "finetune":
-        raise ValueError(f"{step_dir} is a {meta.get('kind')!r} checkpoint; expected a fine-tuned one")
+        raise ValueError(
+            f"{step_dir} is a {meta.get('kind')!r} checkpoint; expected a fine-tuned one (from `d2v finetune`)"
+        )
+    if modality is not None and meta.get("modality") != modality:
+        raise ValueError(f"{step_dir} is a {meta.get('modality')!r} checkpoint, not {modality!r}")
     encoder = load_encoder(step_dir, pretrained=False)
     head = from_dict(HeadConfig, meta.get("head"), f"{step_dir}/{META}:head")
     model = build_finetune_model(meta["modality"], encoder, meta["task"], meta.get("num_classes"), head)

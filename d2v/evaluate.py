@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from d2v.config import ConfigError, PathsConfig, from_dict, section, to_dict
-from d2v.heads import FinetuneModel, HeadConfig, ctc_greedy_decode
+from d2v import checkpoint
+from d2v.config import ConfigError, PathsConfig, section, to_dict
+from d2v.heads import FinetuneModel, ctc_greedy_decode
 from d2v.modalities.base import Encoder
 
 Init = Literal["pretrained", "scratch"]
@@ -43,7 +44,6 @@ __all__ = [
     "edit_distance",
     "evaluate",
     "linear_probe",
-    "load_finetune_model",
     "macro_f1",
     "wer",
 ]
@@ -242,39 +242,6 @@ def planned_runs(params: dict[str, Any], modality: str, args: Any = None) -> lis
 # --------------------------------------------------------------------------------------------- models
 
 
-def load_finetune_model(path: str | Path, modality: str | None = None) -> FinetuneModel:
-    """A fine-tuned model (encoder + head) rebuilt from its checkpoint's meta.json, in eval mode.
-
-    ValueError naming the checkpoint when it is missing, not a fine-tuning checkpoint, of another modality,
-    or its weights do not fit the recorded config.
-    """
-    from d2v import checkpoint
-    from d2v.finetune import build_finetune_model
-    from d2v.modalities import get
-
-    step = checkpoint.resolve(path)
-    meta = checkpoint.read_meta(step)
-    if meta.get("kind") != "finetune":
-        raise ValueError(
-            f"{step} is a {meta.get('kind')!r} checkpoint; evaluate needs one from `d2v finetune`"
-        )
-    if modality is not None and meta.get("modality") != modality:
-        raise ValueError(f"{step} is a {meta.get('modality')!r} checkpoint, not {modality!r}")
-    m = meta["modality"]
-    mod = get(m)
-    cfg = mod.model_config(meta["model_config"], f"{step}/meta.json:model_config")
-    torch.manual_seed(0)  # every weight is overwritten below
-    head = from_dict(HeadConfig, meta.get("head") or {}, f"{step}/meta.json:head")
-    model = build_finetune_model(m, mod.build_encoder(cfg), meta["task"], meta.get("num_classes"), head)
-    missing, unexpected = model.load_state_dict(checkpoint.load_weights(step), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{step}: weights do not fit the {m} {meta['task']} model of its meta.json: "
-            f"missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}"
-        )
-    return model.eval()
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -357,7 +324,7 @@ def preflight(
 ) -> tuple[dict[str, dict[str, Any]], Path | None]:
     """Check everything that can be wrong before any forward pass; returns (run metas, pretrain step or
     None when there is no probe). ValueError naming the checkpoint / folder / budget at fault."""
-    from d2v import checkpoint
+
     from d2v.data.loader import build_loader
     from d2v.modalities import get
 
@@ -433,7 +400,7 @@ def evaluate(
         meta = metas[run.name]
         task = meta["task"]
         entry = (manifest.get("tasks") or {}).get(task) or meta["task_info"]
-        model = load_finetune_model(finetune_dir / run.name, modality).to(device)
+        model = checkpoint.load_finetune_model(finetune_dir / run.name, modality)[0].to(device)
         loader = build_loader(
             shard_dir, split_of(entry, "test"), model.encoder.config, batch_size=cfg.batch_size,
             mode="eval", seed=seed, num_workers=cfg.num_workers,
@@ -474,7 +441,7 @@ def probe_metrics(
 ) -> dict[str, float]:
     """``probe/<init>/{accuracy,macro_f1}``: logistic regression on frozen mean-pooled features,
     train -> test, for the pretrained encoder and a fresh one of the same architecture (seed ``seed``)."""
-    from d2v import checkpoint
+
     from d2v.data.loader import build_loader
 
     entry = manifest["tasks"][_probe_task(manifest)]

@@ -66,6 +66,10 @@ class PretrainConfig:
     """Sample shuffle buffer of the shard reader."""
     max_len: int | None = None
     """Crop length of an example in the modality's raw unit (audio samples, text tokens); None: loader's."""
+    length_buckets: int = 0
+    """k > 1: batch together examples of similar length (pools of k batches sorted by length). Speech needs
+    it: every row is trimmed to the batch's smallest masked count (fairseq ``require_same_masks``), so one
+    short clip in a batch of long ones masks ~10% instead of ~49% of frames (measured; fairseq buckets too)."""
     resampled: bool = False
     """Draw shards with replacement, ``epoch_len`` batches per epoch: for many ranks and few shards."""
     epoch_len: int | None = None
@@ -308,7 +312,7 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
             p["shards"], "pretrain", model_cfg, batch_size=per_rank, mode="pretrain", seed=seed,
             num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len,
             resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
-            epoch=epoch,
+            epoch=epoch, length_buckets=cfg.length_buckets,
         )  # fmt: skip
 
     make_loader(0)  # fail now (empty split, model/shard mismatch) rather than after the model is built

@@ -261,13 +261,13 @@ def build_loader(
         mode: 'pretrain' -> ``inputs`` (+ ``padding_mask``), ``mask`` (+ text ``student_inputs``);
             'finetune' / 'eval' -> ``inputs`` (+ ``padding_mask``) and ``labels`` int64 [B] or
             ``transcripts`` list[str]. Every batch also has ``keys`` (list[str], sample ids).
-            'eval' never shuffles, crops or augments.
+            'eval' never shuffles or augments.
         seed: seeds shard order, shuffle buffer, crops, augmentation and masks (with epoch, rank, worker).
         num_workers: DataLoader worker processes (each reads whole shards).
         shuffle_buffer: samples in the per-worker shuffle buffer (pretrain / finetune).
-        max_len: audio: samples (random crop in pretrain, head kept in finetune / eval for classification;
-            CTC samples are never cut); text: tokens (random window in pretrain, head otherwise; default
-            ``model_cfg.max_positions``); images: ignored.
+        max_len: audio: samples (a seeded random crop in pretrain, the head in finetune for
+            classification; CTC clips and eval are never cut); text: tokens (a random window in pretrain,
+            the head otherwise; default ``model_cfg.max_positions``); images: ignored.
         resampled: draw shards with replacement forever (needs ``epoch_len``); for multi-GPU training.
         epoch_len: batches per epoch (per rank) via ``WebLoader.with_epoch``; None: one pass over the data.
         label_budget: labelled splits only: labels per class (int) or fraction of each class (float),

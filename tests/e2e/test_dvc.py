@@ -64,6 +64,15 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     assert stale and all("image" in name or name == "report" for name in stale), sorted(stale)
     assert "pretrain@image" in stale
 
+    # the default remote (a folder beside the clone) takes the shards and checkpoints and gives them back
+    run([*DVC, "push"], project_copy)
+    assert (project_copy.parent / "d2v-dvc-remote").is_dir()
+    shard = project_copy / "data/shards/image/manifest.json"
+    before = shard.read_bytes()
+    run(["rm", "-rf", "data/shards/image", "checkpoints/pretrain/image"], project_copy)
+    run([*DVC, "pull"], project_copy)
+    assert shard.read_bytes() == before and (project_copy / "checkpoints/pretrain/image").is_dir()
+
     # W&B offline runs: one per training/evaluating stage, with the params and the metrics
     runs = sorted((project_copy / "wandb" / "wandb").glob("offline-run-*"))
     summaries = {}

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from d2v import checkpoint
+from d2v.checkpoint import load_finetune_model
 from d2v.config import to_dict
 from d2v.data.stages import data_module, shard
 from d2v.evaluate import (
@@ -24,7 +25,6 @@ from d2v.evaluate import (
     edit_distance,
     evaluate,
     linear_probe,
-    load_finetune_model,
     macro_f1,
     planned_runs,
     predict_split,
@@ -201,7 +201,7 @@ def test_evaluate_stage_writes_namespaced_metrics_and_confusion(image_project):
 def test_accuracy_matches_the_models_own_predictions(image_project):
     root, _, _ = image_project
     ft = root / "checkpoints" / "finetune" / "image"
-    model = load_finetune_model(ft / "b2-s0-pretrained", "image")
+    model, _ = load_finetune_model(ft / "b2-s0-pretrained", "image")
     from d2v.data.loader import build_loader
 
     shards = root / "shards" / "image"

@@ -1,5 +1,6 @@
 """Speech: data2vec 1.0 audio encoder, span masking and Hugging Face ``Data2VecAudio`` interchange."""
 
+from d2v.modalities.audio.data import PrepareConfig, ShardConfig, digit_voices, inference_inputs, load_audio
 from d2v.modalities.audio.heads import (
     CTC_VOCAB,
     Data2VecAudioForCTC,
@@ -23,6 +24,11 @@ from d2v.modalities.audio.model import (
 )
 
 __all__ = [
+    "PrepareConfig",
+    "ShardConfig",
+    "digit_voices",
+    "inference_inputs",
+    "load_audio",
     "CTC_VOCAB",
     "Data2VecAudioForCTC",
     "Data2VecAudioForSequenceClassification",

@@ -46,8 +46,8 @@ from tqdm import tqdm
 from d2v.config import ConfigError
 from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for
 from d2v.data.stages import PrepareCommon, copy_source
+from d2v.modalities.audio.model import SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 MIN_SAMPLES = 400
 """Shorter clips are skipped: the 7-layer conv encoder needs 400 samples (25 ms) for one frame (§2.2)."""
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
@@ -60,7 +60,7 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f
 KLETTRES_DIR = Path("/usr/share/klettres")
 KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
 
-__all__ = ["PrepareConfig", "ShardConfig", "SAMPLE_RATE", "load_audio", "inference_inputs", "digit_voices"]
+__all__ = ["PrepareConfig", "ShardConfig", "load_audio", "inference_inputs", "digit_voices"]
 
 
 @dataclass(frozen=True)

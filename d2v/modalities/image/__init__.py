@@ -1,5 +1,6 @@
 """Images: data2vec 1.0 vision, the BEiT-style ViT of [DV] (HF ``Data2VecVision``)."""
 
+from d2v.modalities.image.data import PrepareConfig, ShardConfig, inference_inputs
 from d2v.modalities.image.heads import (
     Data2VecVisionForImageClassification,
     build_finetune_model,
@@ -17,6 +18,9 @@ from d2v.modalities.image.model import (
 )
 
 __all__ = [
+    "PrepareConfig",
+    "ShardConfig",
+    "inference_inputs",
     "Data2VecVisionForImageClassification",
     "build_finetune_model",
     "prepare_for_finetuning",

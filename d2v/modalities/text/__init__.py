@@ -1,5 +1,6 @@
 """Text modality: post-LN RoBERTa encoder (data2vec 1.0 text, HF ``Data2VecText``), masking, HF I/O."""
 
+from d2v.modalities.text.data import SPECIALS, PrepareConfig, ShardConfig, inference_inputs, load_tokenizer
 from d2v.modalities.text.heads import Data2VecTextForSequenceClassification, build_finetune_model
 from d2v.modalities.text.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
 from d2v.modalities.text.masking import make_mask
@@ -14,6 +15,11 @@ from d2v.modalities.text.model import (
 )
 
 __all__ = [
+    "SPECIALS",
+    "PrepareConfig",
+    "ShardConfig",
+    "inference_inputs",
+    "load_tokenizer",
     "Data2VecTextForSequenceClassification",
     "build_finetune_model",
     "HF_MODEL_TYPE",

@@ -1,0 +1,283 @@
+"""The document as a list of blocks (headings, paragraphs, tables, figures); ``render`` only changes the syntax."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from d2v.report.build import ModalityResult, Plot, Report
+from d2v.report.fmt import fmt_cell, fmt_diff, fmt_num
+from d2v.report.narrative import summary_sentences
+from d2v.report.stats import MIN_PRED_VAR, MIN_TARGET_VAR, RATE_METRICS, init_key
+
+
+@dataclass(frozen=True)
+class H:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class P:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Img:
+    figure: Plot
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+    lang: str = ""
+
+
+@dataclass(frozen=True)
+class Details:
+    """Collapsed in HTML; a plain sub-section in markdown."""
+
+    summary: str
+    blocks: tuple
+
+
+def _kv_table(rows: list[tuple[str, str]], header: tuple[str, str] = ("", "")) -> Table:
+    return Table(header, tuple((a, b) for a, b in rows))
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _short_mapping(d: dict, limit: int = 12) -> str:
+    items = [f"{k}: {fmt_num(v)}" for k, v in d.items()]
+    more = f", … ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def manifest_rows(manifest: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """A readable (field, value) summary of a shard manifest whatever its exact layout.
+
+    Scalars are shown as is; mappings of scalars inline (label maps truncated); nested mappings one level
+    deeper; lists by their length, with skipped inputs grouped by reason and shards noted with their sha256.
+    """
+    out: list[tuple[str, str]] = []
+    for k, v in manifest.items():
+        name = f"{prefix}{k}"
+        if _is_scalar(v):
+            out.append((name, fmt_num(v)))
+        elif isinstance(v, dict) and all(_is_scalar(x) for x in v.values()):
+            out.append((name, f"{len(v)} entries: {_short_mapping(v)}" if len(v) > 12 else _short_mapping(v)))
+        elif isinstance(v, dict) and not prefix:
+            out.extend(manifest_rows(v, prefix=f"{name}."))
+        elif isinstance(v, dict):
+            out.append((name, f"{len(v)} entries"))
+        elif isinstance(v, list):
+            out.append((name, _list_summary(k, v)))
+        else:
+            out.append((name, type(v).__name__))
+    return out
+
+
+def _list_summary(key: str, items: list) -> str:
+    if not items:
+        return "none"
+    if "skip" in key.lower():
+        reasons = Counter(
+            str(x.get("reason", "no reason given")) if isinstance(x, dict) else str(x) for x in items
+        )
+        return f"{len(items)}: " + "; ".join(f"{r} ({n})" for r, n in sorted(reasons.items()))
+    if all(isinstance(x, dict) for x in items):
+        hashed = sum(1 for x in items if "sha256" in x)
+        return f"{len(items)} entries" + (f" ({hashed} with sha256)" if hashed else "")
+    if all(_is_scalar(x) for x in items) and len(items) <= 12:
+        return ", ".join(fmt_num(x) for x in items)
+    return f"{len(items)} items"
+
+
+def results_blocks(r: ModalityResult, rep: Report) -> list:
+    blocks: list = [H(3, r.name)]
+    if not r.has_eval:
+        return [
+            *blocks,
+            P(f"No evaluation metrics: `{rep.paths.metrics}/{r.name}.json` is missing or unreadable."),
+        ]
+    for g in r.groups:
+        unit = "%" if g.is_rate else "value"
+        better = "lower is better" if g.lower_is_better else "higher is better"
+        blocks.append(P(f"**{g.label}** ({unit}, mean ± sample std over seeds, n = seeds; {better})"))
+        header = (
+            "label budget",
+            *g.inits,
+            "Δ pretrained − scratch" + (" (points)" if g.is_rate else ""),
+            "95% CI",
+            "verdict",
+        )
+        rows = []
+        for c in g.rows:
+            ci = "—" if c.ci is None else f"{fmt_diff(c.ci[0], g.is_rate)} to {fmt_diff(c.ci[1], g.is_rate)}"
+            diff = "—" if c.diff is None else fmt_diff(c.diff, g.is_rate)
+            rows.append(
+                (c.budget, *(fmt_cell(c.cells.get(i), g.is_rate) for i in g.inits), diff, ci, c.verdict)
+            )
+        blocks.append(Table(header, tuple(rows)))
+    if r.probe:
+        inits = sorted({i for by in r.probe.values() for i in by}, key=init_key)
+        rows = tuple(
+            (metric, *(fmt_cell(by.get(i), metric in RATE_METRICS) for i in inits))
+            for metric, by in r.probe.items()
+        )
+        blocks += [
+            P("**linear probe** (frozen encoder + linear classifier)"),
+            Table(("metric", *inits), rows),
+        ]
+    if r.missing_runs:
+        blocks.append(
+            P("Runs in `sweep` without metrics: " + ", ".join(f"`{x}`" for x in r.missing_runs) + ".")
+        )
+    if r.unused_keys:
+        blocks.append(
+            P(f"{len(r.unused_keys)} other key(s) in the metrics file are not shown in this table.")
+        )
+    blocks += [Img(f) for f in r.figures if f.name.startswith("budget_")]
+    return blocks
+
+
+def pretrain_blocks(rep: Report) -> list:
+    have = [r for r in rep.modalities if r.pretrain is not None]
+    blocks: list = [H(2, "Pretraining")]
+    if not have:
+        return [*blocks, P("No pretraining metrics found.")]
+    keys = sorted({k for r in have for k, v in r.pretrain.items() if _is_scalar(v)})
+    rows = tuple(
+        (k.removeprefix("pretrain/"), *(fmt_num(r.pretrain[k]) if k in r.pretrain else "—" for r in have))
+        for k in keys
+    )
+    blocks += [
+        P(
+            "Last logged values from `metrics/pretrain/<m>.json`. `target_var`/`pred_var` are the collapse "
+            f"monitors of data2vec (fairseq aborts below {MIN_TARGET_VAR:g} / {MIN_PRED_VAR:g})."
+        ),
+        Table(("metric", *(r.name for r in have)), rows),
+    ]
+    blocks += [Img(f) for r in rep.modalities for f in r.figures if f.name.startswith("pretrain_")]
+    return blocks
+
+
+def _seconds(d: dict[str, Any]) -> float | None:
+    vals = [v for k, v in d.items() if k.rsplit("/", 1)[-1] == "seconds" and isinstance(v, (int, float))]
+    return math.fsum(vals) if vals else None
+
+
+def runtime_rows(rep: Report) -> list[tuple[str, ...]]:
+    rows = []
+    for r in rep.modalities:
+        pre = r.pretrain or {}
+        ft = [s for s in (_seconds(d) for d in r.finetune.values()) if s is not None]
+        rows.append(
+            (
+                r.name,
+                fmt_num(pre.get("pretrain/steps", "—")),
+                fmt_num(pre.get("pretrain/seconds", "—")),
+                fmt_num(pre.get("pretrain/samples_per_s", "—")),
+                str(len(r.finetune)),
+                fmt_num(math.fsum(ft)) if ft else "—",
+            )
+        )
+    return rows
+
+
+def data_blocks(rep: Report) -> list:
+    blocks: list = [H(2, "Data")]
+    for r in rep.modalities:
+        src = f"{rep.paths.shards}/{r.name}/manifest.json"
+        if r.manifest is None:
+            blocks.append(P(f"**{r.name}**: no shard manifest (`{src}` is missing or unreadable)."))
+            continue
+        blocks.append(P(f"**{r.name}**: `{src}` (sha256 `{r.manifest_sha256}`)"))
+        blocks.append(_kv_table(manifest_rows(r.manifest), ("field", "value")))
+    return blocks
+
+
+def report_blocks(rep: Report) -> list:
+    """The whole document as blocks; ``render_markdown``/``render_html`` only change the syntax."""
+    commit = dict(rep.code).get("git commit", "unknown")
+    dirty = " (with uncommitted changes)" if dict(rep.code).get("dirty", "no").startswith("yes") else ""
+    names = ", ".join(r.name for r in rep.modalities) or "none"
+    sweep = ""
+    if rep.sweep:
+        sweep = "; sweep: " + ", ".join(
+            f"{k} {', '.join(str(x) for x in v) if isinstance(v, list) else v}"
+            for k, v in sorted(rep.sweep.items())
+        )
+    blocks: list = [
+        H(1, "d2v benchmark: data2vec pretraining vs training from scratch"),
+        P(f"Profile `{rep.profile}` · modalities {names} · commit {commit}{dirty}{sweep}."),
+        P(
+            "Each modality's encoder is pretrained with data2vec, then fine-tuned with a few labels per "
+            "class "
+            "(the label budget) from the pretrained weights and, as the baseline, from random init, over "
+            "several seeds. Every number below is read from the files the pipeline stages wrote (see Inputs)."
+        ),
+        H(2, "What this shows"),
+        Bullets(tuple(summary_sentences(rep))),
+        H(2, "Results"),
+        P(
+            "Δ is pretrained − scratch; its 95% CI is Welch's t over seeds (unpaired). "
+            '"one seed": no spread '
+            'estimate; "not significant": the CI contains 0; "missing": one arm has no runs.'
+        ),
+    ]
+    for r in rep.modalities:
+        blocks += results_blocks(r, rep)
+    blocks += pretrain_blocks(rep)
+    conf = [f for r in rep.modalities for f in r.figures if f.name.startswith("confusion_")]
+    if conf:
+        blocks += [H(2, "Confusion matrices"), *(Img(f) for f in conf)]
+    blocks += data_blocks(rep)
+    blocks += [
+        H(2, "Run times"),
+        P("From the stage metrics files (seconds of compute as each stage measured it)."),
+        Table(
+            (
+                "modality",
+                "pretrain steps",
+                "pretrain s",
+                "pretrain samples/s",
+                "fine-tuning runs",
+                "fine-tuning s",
+            ),
+            tuple(runtime_rows(rep)),
+        ),
+        H(2, "Provenance"),
+        P("**Code**"),
+        _kv_table(rep.code, ("", "")),
+        P("**Hardware** (the machine that rendered this report)"),
+        _kv_table(rep.machine, ("", "")),
+        Details(
+            f"DVC outputs (`dvc.lock`, {len(rep.lock_rows)} outputs)",
+            (Table(("stage", "output", "md5"), tuple(rep.lock_rows)),)
+            if rep.lock_rows
+            else (P("No dvc.lock."),),
+        ),
+        Details(f"Parameters (profile `{rep.profile}`)", (Code(rep.params_yaml, "yaml"),)),
+        H(2, "Inputs"),
+        Table(
+            ("file", "content", "status", "detail"),
+            tuple((f"`{s.path}`", s.what, s.status, s.detail) for s in rep.sources),
+        ),
+    ]
+    return blocks

@@ -1,0 +1,119 @@
+"""The "What this shows" sentences, written from the numbers only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from d2v.report.build import Report
+from d2v.report.fmt import budget_phrase, diff_unit, fmt_diff, fmt_num, fmt_value
+from d2v.report.stats import (
+    MIN_PRED_VAR,
+    MIN_TARGET_VAR,
+    RATE_METRICS,
+    Cell,
+    Comparison,
+    MetricGroup,
+    init_key,
+)
+
+
+def _seeds_phrase(p: Cell, s: Cell) -> str:
+    return "one seed per arm" if p.n == s.n == 1 else f"{p.n} vs {s.n} seeds"
+
+
+def _diff_text(c: Comparison, g: MetricGroup) -> str:
+    unit = diff_unit(g.is_rate)
+    p, s = c.cells["pretrained"], c.cells["scratch"]
+    seeds = _seeds_phrase(p, s)
+    if c.verdict == "one seed":
+        return (
+            f"at {budget_phrase(c.budget)} pretrained − scratch is {fmt_diff(c.diff, g.is_rate)}{unit} "
+            f"from {seeds}: too few seeds to tell signal from noise"
+        )
+    lo, hi = (fmt_diff(x, g.is_rate) for x in c.ci)
+    ci = f"95% CI {lo} to {hi}; {seeds}"
+    if c.verdict == "not significant":
+        return (
+            f"at {budget_phrase(c.budget)} the difference ({fmt_diff(c.diff, g.is_rate)}{unit}) is not "
+            f"significant ({ci})"
+        )
+    mag = fmt_value(abs(c.diff), g.is_rate) + unit
+    if c.verdict == "better":
+        what = f"lower {g.label} by {mag}" if g.lower_is_better else f"by +{mag}"
+        return f"pretrained beats scratch at {budget_phrase(c.budget)} {what} ({ci})"
+    what = f"higher {g.label} by {mag}" if g.lower_is_better else f"by −{mag}"
+    return f"pretrained is worse than scratch at {budget_phrase(c.budget)} {what} ({ci})"
+
+
+def group_sentence(m: str, g: MetricGroup) -> str:
+    parts = []
+    for c in g.rows:
+        if c.verdict == "missing":
+            have = ", ".join(sorted(c.cells, key=init_key)) or "no"
+            parts.append(f"at {budget_phrase(c.budget)} only {have} runs exist, nothing to compare")
+        else:
+            parts.append(_diff_text(c, g))
+    return f"**{m}** ({g.label}): " + "; ".join(parts) + "."
+
+
+def pretrain_sentence(m: str, pre: dict[str, Any]) -> str | None:
+    def num(k: str) -> float | None:
+        v = pre.get(f"pretrain/{k}")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    bits = []
+    if (steps := num("steps")) is not None:
+        bits.append(f"{fmt_num(steps)} steps")
+    if (loss := num("loss")) is not None:
+        bits.append(f"final loss {fmt_num(loss)}")
+    for key, floor in (("target_var", MIN_TARGET_VAR), ("pred_var", MIN_PRED_VAR)):
+        if (v := num(key)) is not None:
+            flag = f", below fairseq's collapse threshold {floor:g}" if v < floor else ""
+            bits.append(f"{key} {fmt_num(v)}{flag}")
+    return f"**{m}** pretraining: " + ", ".join(bits) + "." if bits else None
+
+
+def summary_sentences(rep: Report) -> list[str]:
+    """The "What this shows" bullets, generated from the numbers only."""
+    out = []
+    for r in rep.modalities:
+        if not r.has_eval:
+            out.append(
+                f"**{r.name}**: no evaluation metrics (`{rep.paths.metrics}/{r.name}.json` is missing or "
+                "unreadable), so there is no pretrained-vs-scratch result."
+            )
+        elif not r.groups:
+            out.append(
+                f"**{r.name}**: the evaluation metrics contain no `<task>/<init>/b<budget>/s<seed>/` keys."
+            )
+        else:
+            # the primary metric (else the first) of each task (classification, CTC); the other metrics
+            # are in the tables
+            by_task: dict[str, MetricGroup] = {}
+            for g in r.groups:
+                if g.task not in by_task or g.metric == rep.cfg.primary_metric:
+                    by_task[g.task] = g
+            out.extend(group_sentence(r.name, g) for g in by_task.values())
+        for metric, by_init in r.probe.items():
+            vals = ", ".join(
+                f"{i} {fmt_value(c.mean, metric in RATE_METRICS)}" + (f" (n={c.n})" if c.n > 1 else "")
+                for i, c in by_init.items()
+            )
+            out.append(
+                f"**{r.name}** linear probe ({metric}{', %' if metric in RATE_METRICS else ''}): {vals}."
+            )
+        if r.missing_runs:
+            more = ", …" if len(r.missing_runs) > 6 else ""
+            out.append(
+                f"**{r.name}**: {len(r.missing_runs)} fine-tuning run(s) that `sweep` asks for have no "
+                f"evaluate metrics ({', '.join(r.missing_runs[:6])}{more})."
+            )
+        if r.pretrain is not None and (s := pretrain_sentence(r.name, r.pretrain)):
+            out.append(s)
+    bad = [s for s in rep.sources if s.status != "ok"]
+    if bad:
+        out.append(
+            f"{len(bad)} input(s) missing or unreadable (listed under Inputs); their numbers are left out, "
+            "not estimated."
+        )
+    return out

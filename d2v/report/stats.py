@@ -1,0 +1,187 @@
+"""Evaluate-metric keys -> cells over seeds, pretrained − scratch differences, Welch CIs and verdicts."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# ------------------------------------------------------------------------------------------- metric names
+
+EVAL_KEY = re.compile(
+    r"^(?P<task>[A-Za-z0-9_]+)/(?P<init>[A-Za-z0-9_-]+)/b(?P<budget>[^/]+)/s(?P<seed>\d+)/(?P<metric>[^/]+)$"
+)
+"""``evaluate/pretrained/b5/s0/accuracy``, ``ctc/scratch/b10/s1/wer``."""
+PROBE_KEY = re.compile(r"^probe/(?P<init>[A-Za-z0-9_-]+)/(?:s(?P<seed>\d+)/)?(?P<metric>[^/]+)$")
+"""``probe/pretrained/accuracy`` (optionally ``probe/<init>/s<seed>/<metric>``)."""
+
+RATE_METRICS = frozenset({"accuracy", "macro_f1", "f1", "precision", "recall", "wer", "cer", "top1", "top5"})
+"""Fractions in [0, 1]: shown in % and their differences in percentage points."""
+LOWER_IS_BETTER = frozenset({"wer", "cer", "loss", "error", "per"})
+INIT_ORDER = ("pretrained", "scratch")
+
+# fairseq's collapse check ([FS], data2vec.md §1.9): abort when target_var < 0.1 or pred_var < 0.01
+MIN_TARGET_VAR = 0.1
+MIN_PRED_VAR = 0.01
+
+# Two-sided 95% Student-t quantiles t_{0.975}(df): no scipy dependency for one table.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+
+
+def t975(df: float) -> float:
+    """t_{0.975}(df), df rounded *down* (and to the next tabled value above 30): errs on the wide side."""
+    d = max(int(math.floor(df)), 1)
+    if d <= 30:
+        return _T975[d - 1]
+    for lo, t in ((120, 1.980), (60, 2.000), (40, 2.021)):
+        if d >= lo:
+            return t
+    return _T975[-1]
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (metric, init, budget) over seeds: the raw values, their mean and sample std (None if n < 2)."""
+
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if self.n >= 2 else None
+
+
+def make_cell(by_seed: dict[int, float]) -> Cell:
+    seeds = tuple(sorted(by_seed))
+    return Cell(seeds, tuple(by_seed[s] for s in seeds))
+
+
+def welch_ci(a: Cell, b: Cell) -> tuple[float, float] | None:
+    """95% CI of ``a.mean - b.mean`` (Welch's unequal-variance t); None when either side has one seed."""
+    if a.n < 2 or b.n < 2:
+        return None
+    va, vb = a.std**2 / a.n, b.std**2 / b.n
+    d = a.mean - b.mean
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # every seed gave the same value on both sides
+        return (d, d)
+    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
+    h = t975(df) * se
+    return (d - h, d + h)
+
+
+Verdict = Literal["better", "worse", "not significant", "one seed", "missing"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One label budget of one metric: a Cell per init, and pretrained - scratch with its 95% CI."""
+
+    budget: str
+    cells: dict[str, Cell]
+    diff: float | None
+    ci: tuple[float, float] | None
+    verdict: Verdict
+
+
+def compare(budget: str, cells: dict[str, Cell], lower_is_better: bool) -> Comparison:
+    p, s = cells.get("pretrained"), cells.get("scratch")
+    if p is None or s is None:
+        return Comparison(budget, cells, None, None, "missing")
+    diff = p.mean - s.mean
+    ci = welch_ci(p, s)
+    if ci is None:
+        verdict: Verdict = "one seed"
+    elif ci[0] > 0 or ci[1] < 0:
+        verdict = "better" if (ci[0] > 0) != lower_is_better else "worse"
+    else:
+        verdict = "not significant"
+    return Comparison(budget, cells, diff, ci, verdict)
+
+
+def budget_sort_key(b: str) -> tuple:
+    try:
+        return (0, float(b), b)
+    except ValueError:
+        return (1, 0.0, b)
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """Every value of one ``<task>/<metric>`` of one modality, by budget."""
+
+    task: str
+    metric: str
+    inits: tuple[str, ...]
+    rows: tuple[Comparison, ...]
+
+    @property
+    def label(self) -> str:
+        return self.metric if self.task == "evaluate" else f"{self.task}/{self.metric}"
+
+    @property
+    def is_rate(self) -> bool:
+        return self.metric in RATE_METRICS
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric in LOWER_IS_BETTER
+
+
+def init_key(init: str) -> tuple:
+    return (INIT_ORDER.index(init) if init in INIT_ORDER else len(INIT_ORDER), init)
+
+
+def parse_eval_metrics(
+    flat: dict[str, Any],
+) -> tuple[list[MetricGroup], dict[str, dict[str, Cell]], list[str]]:
+    """Evaluate-stage keys -> (metric groups, probe {metric: {init: Cell}}, unused keys)."""
+    grid: dict[tuple[str, str], dict[str, dict[str, dict[int, float]]]] = {}
+    probe: dict[str, dict[str, dict[int, float]]] = {}
+    unused = []
+    for key in sorted(flat):
+        v = flat[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            unused.append(key)
+            continue
+        if m := EVAL_KEY.match(key):
+            by_budget = grid.setdefault((m["task"], m["metric"]), {})
+            by_budget.setdefault(m["budget"], {}).setdefault(m["init"], {})[int(m["seed"])] = float(v)
+        elif m := PROBE_KEY.match(key):
+            seed = int(m["seed"]) if m["seed"] is not None else 0
+            probe.setdefault(m["metric"], {}).setdefault(m["init"], {})[seed] = float(v)
+        else:
+            unused.append(key)
+    groups = []
+    for (task, metric), by_budget in grid.items():
+        inits = sorted({i for cells in by_budget.values() for i in cells}, key=init_key)
+        rows = tuple(
+            compare(
+                b,
+                {i: make_cell(by_budget[b][i]) for i in inits if i in by_budget[b]},
+                metric in LOWER_IS_BETTER,
+            )
+            for b in sorted(by_budget, key=budget_sort_key)
+        )
+        groups.append(MetricGroup(task, metric, tuple(inits), rows))
+    groups.sort(key=lambda g: (g.task != "evaluate", g.task, g.metric))
+    probe_cells = {
+        metric: {i: make_cell(by_init[i]) for i in sorted(by_init, key=init_key)}
+        for metric, by_init in sorted(probe.items())
+    }
+    return groups, probe_cells, unused
