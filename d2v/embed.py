@@ -114,11 +114,11 @@ def checkpoint_preprocessing(path: str | Path, encoder: Encoder) -> ItemPreproce
 
 
 def attach_preprocessing(encoder: Encoder, path: str | Path) -> Encoder:
-    """Set ``encoder.preprocessing`` from a d2v checkpoint when it records one (for ``embed_items``)."""
+    """Set ``encoder.preprocessing`` from a d2v checkpoint when it records one (for ``Encoder.embed``)."""
     try:
         encoder.preprocessing = checkpoint_preprocessing(path, encoder)
     except ValueError:
-        encoder.preprocessing = None  # embed_items then says how to get one
+        encoder.preprocessing = None  # Encoder.embed then says how to get one
     return encoder
 
 

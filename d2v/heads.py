@@ -177,7 +177,7 @@ class FinetuneModel(nn.Module):
         inputs, pad = batch["inputs"], batch.get("padding_mask")
         if check:
             self.encoder.check_inputs(inputs, pad)
-        x_BTD, pad_BT = self.encoder.embed(inputs, pad)
+        x_BTD, pad_BT = self.encoder.local_features(inputs, pad)
         mask_BT = batch.get("mask")
         if mask_BT is not None and self.training:
             if mask_BT.shape != x_BTD.shape[:2]:

@@ -87,7 +87,7 @@ def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> En
     from d2v.embed import attach_preprocessing
 
     # a d2v checkpoint carries the pipeline's preprocessing (tokenizer, sample rate, image stats), so
-    # ``load_encoder(path).embed_items(items)`` reads raw items exactly as the shards were made
+    # ``load_encoder(path).embed(items)`` reads raw items exactly as the shards were made
     return attach_preprocessing(load_d2v_encoder(path, pretrained=pretrained, seed=seed), path)
 
 

@@ -3,7 +3,7 @@
 Shape legend: B batch, T tokens, D width, K averaged layers, M masked tokens.
 
 One step (§1.1 of the reference, [P1] §3):
-1. ``embed`` the input (local encoder, shared between student and teacher unless the modality EMA's it);
+1. ``local_features`` of the input (local encoder, shared between student and teacher unless the modality EMA's it);
 2. student: masked tokens replaced by the mask embedding, full stack, last output -> regression head;
 3. teacher (EMA copy, eval, no grad): unmasked input, top-K block taps, normalised per layer, averaged;
 4. loss at masked positions only; 5. optimizer step (in the loop), then ``ema_step``.
@@ -178,16 +178,16 @@ class Data2Vec(nn.Module):
         shared (speech, text: [P1] §3.3); a modality that EMA's it (vision, [DV]) embeds again.
         """
         if self.targets.ema_local_encoder:
-            x_BTD, padding_BT = self.teacher.embed(inputs, raw_pad)
+            x_BTD, padding_BT = self.teacher.local_features(inputs, raw_pad)
         out = self.teacher.contextualize(x_BTD.detach(), padding_BT, tap=self.targets.tap)
         p = self.student.num_prefix_tokens
         return build_targets([a[:, p:] for a in out.layers], self.targets)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         inputs, raw_pad, mask = batch["inputs"], batch.get("padding_mask"), batch["mask"]
-        x, pad = self.student.embed(inputs, raw_pad)
+        x, pad = self.student.local_features(inputs, raw_pad)
         if "student_inputs" in batch:
-            xs, _ = self.student.embed(batch["student_inputs"], raw_pad)
+            xs, _ = self.student.local_features(batch["student_inputs"], raw_pad)
         else:
             xs = self.student.apply_mask(x, mask)
         if mask.shape != x.shape[:2]:

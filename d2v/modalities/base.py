@@ -3,7 +3,7 @@
 Shape legend: B batch, N raw input length (samples / pixels / tokens), T tokens, D width, K top-K layers.
 
 The data2vec recipe is modality-blind (``d2v/model.py``); a modality supplies
-- an :class:`Encoder`: ``embed`` (local feature encoder: conv stack / patches / token embeddings),
+- an :class:`Encoder`: ``local_features`` (local feature encoder: conv stack / patches / token embeddings),
   ``apply_mask`` (how the student sees masked tokens), ``contextualize`` (positions + block stack + norms);
 - ``make_mask``: its masking strategy (span / block / token), a pure function run in the data loader;
 - ``normalize_layer`` / ``normalize_target``: its target normalisation (§1.5);
@@ -58,7 +58,7 @@ class EncoderOutput(NamedTuple):
 class Encoder(nn.Module):
     """Base class of the three modality encoders.
 
-    Subclasses set ``modality`` and implement ``embed``, ``contextualize`` and ``check_inputs``.
+    Subclasses set ``modality`` and implement ``local_features``, ``contextualize`` and ``check_inputs``.
     ``features`` is the user-facing call (and the one compared with transformers' ``last_hidden_state``).
     """
 
@@ -66,7 +66,7 @@ class Encoder(nn.Module):
     num_prefix_tokens: ClassVar[int] = 0
     """Tokens prepended by ``contextualize`` (vision's CLS); dropped before targets and the loss."""
     local_modules: ClassVar[tuple[str, ...]] = ()
-    """Parameter-name prefixes used by ``embed`` (the local encoder)."""
+    """Parameter-name prefixes used by ``local_features`` (the local encoder)."""
     shared_with_teacher: ClassVar[tuple[str, ...]] = ()
     """Parameter-name prefixes of ``contextualize`` that the teacher copies instead of averaging (§1.3)."""
 
@@ -79,7 +79,9 @@ class Encoder(nn.Module):
         """Raise ValueError naming the problem and the expected form."""
         raise NotImplementedError
 
-    def embed(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def local_features(
+        self, inputs: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Local feature encoder: raw input -> ``(x_BTD, padding_BT)`` (no positions for audio/vision)."""
         raise NotImplementedError
 
@@ -100,7 +102,7 @@ class Encoder(nn.Module):
     def features(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``(hidden_BTD, padding_BT)``: the last layer's per-token output and its padding (None if none)."""
         self.check_inputs(inputs, padding_mask)
-        x, pad = self.embed(inputs, padding_mask)
+        x, pad = self.local_features(inputs, padding_mask)
         out = self.contextualize(x, pad)
         return out.x_BTD, out.padding_BT
 
@@ -114,7 +116,7 @@ class Encoder(nn.Module):
         keep = (~pad[:, self.num_prefix_tokens :]).to(h.dtype)[..., None]
         return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
-    def embed_items(self, items: Any, batch_size: int = 32) -> Any:
+    def embed(self, items: Any, batch_size: int = 32) -> Any:
         """Mean-pooled features (numpy float32 [N, D]) of raw items: audio/image file paths, text strings...,
         preprocessed as the pipeline does (``preprocessing``); see :func:`d2v.embed.embed`."""
         from d2v.embed import embed

@@ -87,8 +87,8 @@ def test_embed_of_a_padded_row_equals_the_unpadded_row(encoder):
     """Normalisation uses valid samples only and valid frames never see padding (fp32 rounding: 1e-5)."""
     wav, pad = _wave([16_000, 9_000])
     with torch.no_grad():
-        x, _ = encoder.embed(wav, pad)
-        x_short, _ = encoder.embed(wav[1:, :9_000])
+        x, _ = encoder.local_features(wav, pad)
+        x_short, _ = encoder.local_features(wav[1:, :9_000])
     torch.testing.assert_close(x[1, :27], x_short[0], atol=1e-5, rtol=1e-5)
 
 

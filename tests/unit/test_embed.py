@@ -83,7 +83,7 @@ def test_text_items_use_the_tokenizer_that_travels_with_the_checkpoint(tmp_path)
         embed(enc, ["x"], ItemPreprocessing("text", prep, cfg, tmp_path))
 
 
-def test_cli_embed_and_load_encoder_embed_items(tmp_path):
+def test_cli_embed_and_load_encoder_embed(tmp_path):
     enc, cfg = tiny("image")
     meta = {
         "modality": "image",
@@ -100,7 +100,7 @@ def test_cli_embed_and_load_encoder_embed_items(tmp_path):
     feats = np.load(out)
     assert feats.shape == (3, 16)
     loaded = attach_preprocessing(checkpoint.load_encoder(run), run)
-    np.testing.assert_array_equal(loaded.embed_items(paths), feats)
+    np.testing.assert_array_equal(loaded.embed(paths), feats)
     with pytest.raises(ValueError, match=".npy"):
         cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(tmp_path / "f.txt")))
 
@@ -119,7 +119,7 @@ def test_checkpoint_without_preprocessing_is_named(tmp_path):
         cli_embed(SimpleNamespace(checkpoint=str(run), inputs=["x.png"], out=str(tmp_path / "f.npy")))
     bare = checkpoint.load_encoder(run)
     with pytest.raises(ValueError, match="no item preprocessing"):
-        attach_preprocessing(bare, run).embed_items(["x.png"])
+        attach_preprocessing(bare, run).embed(["x.png"])
 
 
 def test_cli_items_files_become_paths(tmp_path):

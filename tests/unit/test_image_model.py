@@ -113,7 +113,7 @@ def test_shapes_include_cls(variant):
     enc = build_encoder(cfg).eval()
     randomize_positions(enc)
     img = torch.randn(2, 3, 28, 28)
-    x, pad = enc.embed(img)
+    x, pad = enc.local_features(img)
     assert x.shape == (2, 16, 16) and pad is None  # 4x4 patches, no CLS yet
     out = enc.contextualize(x, None, tap="block")
     assert out.x_BTD.shape == (2, 17, 16) and len(out.layers) == 2
@@ -136,7 +136,7 @@ def test_positions_added_after_masking(variant):
     """[DV]: masked patches become the mask token, then CLS and positions are added, so fully masked
     tokens still differ by position (they would all be equal if positions were added before masking)."""
     enc = build_encoder(tiny(**POSITIONS[variant])).eval()
-    x, _ = enc.embed(torch.randn(1, 3, 28, 28))
+    x, _ = enc.local_features(torch.randn(1, 3, 28, 28))
     xm = enc.apply_mask(x, torch.ones(1, 16, dtype=torch.bool))
     assert torch.equal(xm[0, 0], enc.mask_emb.detach()) and torch.equal(xm[0, 0], xm[0, 5])
     h = enc.contextualize(xm, None).x_BTD[0, 1:]

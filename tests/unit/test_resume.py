@@ -133,9 +133,7 @@ def write_params(path: Path, **over) -> None:
         "shard": {"image": {"samples_per_shard": 20}},
         "model": {"image": {"preset": "tiny"}},
         "pretrain": {"image": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 2}},
-        "finetune": {
-            "image": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 2}
-        },
+        "finetune": {"image": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 2}},
         "sweep": {"budgets": [2], "seeds": [0]},
     }
     for key, value in over.items():

@@ -69,7 +69,7 @@ def test_encoder_shapes_and_taps():
     ids, pad = padded_batch(TINY, [10, 7], 10)
     h, p = enc.features(ids, pad)
     assert h.shape == (2, 10, 16) and p is pad
-    out = enc.contextualize(*enc.embed(ids, pad), tap="ffn")
+    out = enc.contextualize(*enc.local_features(ids, pad), tap="ffn")
     assert len(out.layers) == TINY.transformer.depth and out.layers[0].shape == (2, 10, 16)
     assert enc.embed_pooled(ids, pad).shape == (2, 16)
     # init_bert_params zeroes the padding rows ([FS] fairseq init)
@@ -204,10 +204,10 @@ def test_teacher_sees_embeddings_without_dropout():
     targets = []
     for train in (True, False):
         model.train(train)
-        targets.append(model.teacher_targets(ids, pad, *model.student.embed(ids, pad)))
+        targets.append(model.teacher_targets(ids, pad, *model.student.local_features(ids, pad)))
     assert torch.equal(targets[0], targets[1])  # teacher in eval: dropout only on the student's path
     model.train()
-    x, p = model.student.embed(ids, pad)
+    x, p = model.student.local_features(ids, pad)
     assert not torch.equal(model.student.contextualize(x, p).x_BTD, model.student.contextualize(x, p).x_BTD)
 
 

@@ -2,7 +2,7 @@
 
 Shape legend: B batch, N samples (16 kHz), C conv channels, T frames (50 Hz for the default stack), D width.
 
-waveform [B, N] --normalise--> conv feature extractor [B, C, T] --LN, Linear--> x_BTD   (``embed``)
+waveform [B, N] --normalise--> conv feature extractor [B, C, T] --LN, Linear--> x_BTD   (``local_features``)
 x_BTD (masked for the student) --zero padding, + pos_conv, LN, dropout--> post-LN blocks  (``contextualize``)
 ([P1] §4.2; reference §2.2, §7.1, §7.4). The conv stack and projection are the local encoder the teacher
 shares; the positional convs are copied to the teacher each step ([P1] §3.3, fairseq ``ema_layers_only``).
@@ -86,7 +86,7 @@ class ModelConfig:
 
     The teacher reuses these features, so if > 0 it sees them after dropout ([FS] clones them before)."""
     normalize_waveform: bool = True
-    """Zero-mean unit-variance per utterance inside ``embed`` ([FS] ``task.normalize: true``)."""
+    """Zero-mean unit-variance per utterance inside ``local_features`` ([FS] ``task.normalize: true``)."""
     mask_prob: float = 0.65
     """Span-start rate x mask_length: ``mask_prob * T / mask_length`` spans per row (~49 % masked)."""
     mask_length: int = 10
@@ -308,7 +308,9 @@ class AudioEncoder(Encoder):
                 f"{1000 * rf / SAMPLE_RATE:g} ms at {SAMPLE_RATE} Hz), got one of {shortest}"
             )
 
-    def embed(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def local_features(
+        self, inputs: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``(x_BTD, padding_BT)`` from a waveform [B, N] and its padding [B, N] (True = pad)."""
         wav = normalize_waveform(inputs, padding_mask) if self.config.normalize_waveform else inputs
         if padding_mask is not None:

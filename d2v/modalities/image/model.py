@@ -257,7 +257,7 @@ class ImageEncoder(Encoder):
         if H != W:
             raise ValueError(f"expected square images ({s}x{s} or another multiple of {p}), got {H}x{W}")
 
-    def embed(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, None]:
+    def local_features(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, None]:
         """Pixels [B, C, H, W] -> patch tokens ``(x_BTD, None)``; CLS and positions come after masking."""
         x = self.patch_embed(inputs.to(self.patch_embed.weight.dtype))
         return x.flatten(2).transpose(1, 2), None

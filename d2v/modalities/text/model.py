@@ -218,7 +218,7 @@ class TextEmbeddings(nn.Module):
 
 
 class TextEncoder(Encoder):
-    """post-LN RoBERTa: ``embed`` = LN(E[ids] + P[pos]); ``contextualize`` = dropout, blocks, no final LN."""
+    """post-LN RoBERTa: ``local_features`` = LN(E[ids] + P[pos]); ``contextualize`` = dropout, blocks, no final LN."""
 
     modality = "text"
     local_modules = ("embeddings",)
@@ -228,7 +228,7 @@ class TextEncoder(Encoder):
         self.config = cfg
         self.transformer = cfg.transformer
         self.embeddings = TextEmbeddings(cfg)
-        # The embedding dropout runs in ``contextualize``, not ``embed``: the teacher (eval) then sees the
+        # The embedding dropout runs in ``contextualize``, not ``local_features``: the teacher (eval) then sees the
         # shared embeddings without dropout, as fairseq's eval-mode teacher does ([FS] data2vec_text.py).
         self.dropout = nn.Dropout(cfg.transformer.dropout)
         self.encoder = TransformerStack(cfg.transformer)
@@ -267,7 +267,9 @@ class TextEncoder(Encoder):
                 f"pad id {cfg.pad_id} found outside the padding; pass padding_mask = ids == {cfg.pad_id}"
             )
 
-    def embed(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def local_features(
+        self, inputs: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """ids [B, T] int64 (+ padding [B, T], True = padding) -> (x_BTD, padding_BT)."""
         return self.embeddings(inputs, padding_mask), padding_mask
 
