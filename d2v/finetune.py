@@ -41,17 +41,17 @@ CURVE_FIELDS = ("step", "loss", "accuracy", "lr")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(loop.LoopConfig):
     """The ``finetune.<modality>`` section (per-modality values are set in params.yaml)."""
 
-    task: Literal["classification", "ctc"] = "classification"
-    """Which labelled task of the shards: 'classification' (every modality) or 'ctc' (speech, letters)."""
     steps: int = 500
     """Optimizer updates."""
     batch_size: int = 16
     """Samples per update over all ranks and accumulation micro-steps."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per update."""
+    keep_checkpoints: int = 1
+    """Keep the newest k checkpoints."""
+    task: Literal["classification", "ctc"] = "classification"
+    """Which labelled task of the shards: 'classification' (every modality) or 'ctc' (speech, letters)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup=0.1))
     """AdamW + schedule (reference §3: speech tri-stage 10/40/50 %, final 0.05; vision cosine with
     layer_decay 0.65; text 6 % warm-up)."""
@@ -59,36 +59,9 @@ class FinetuneConfig:
     """Task-head options (dropout, label smoothing, audio projector width)."""
     freeze_encoder_steps: int = 0
     """Train only the head for this many updates first (fairseq ``freeze_finetune_updates``)."""
-    precision: loop.Precision = "bf16"
-    """'bf16' autocast on CUDA; CPU always runs fp32."""
-    compile: bool = False
-    """``torch.compile`` every Transformer block."""
-    parallel: distributed.Parallel = "ddp"
-    """Multi-GPU strategy under torchrun."""
-    log_every: int = 10
-    """Read/log the metrics every this many updates."""
-    checkpoint_every: int = 500
-    """Save a checkpoint every this many updates (and at the end)."""
-    keep_checkpoints: int = 1
-    """Keep the newest k checkpoints."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
-    shuffle_buffer: int = 1000
-    """Sample shuffle buffer of the shard reader."""
-    max_len: int | None = None
-    """Crop/keep length in the modality's raw unit (audio samples, text tokens); None: the loader's."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"finetune.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if self.freeze_encoder_steps < 0:
             raise ConfigError(f"finetune.freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
 

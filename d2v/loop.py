@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from d2v import distributed
+from d2v.config import ConfigError
 
 Precision = Literal["bf16", "fp32"]
 
@@ -29,14 +31,51 @@ class TrainingHalted(ValueError):
     """
 
 
-class LoopSettings(Protocol):
-    """What the loop reads from a stage config (PretrainConfig / FinetuneConfig)."""
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the pretrain and finetune sections share: the loop, the loader, the hardware."""
 
-    steps: int
-    grad_accum: int
-    log_every: int
-    checkpoint_every: int
-    precision: Precision
+    steps: int = 1000
+    """Optimizer updates."""
+    batch_size: int = 8
+    """Samples per optimizer update over all ranks and accumulation micro-steps (split evenly)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per update (fairseq ``update_freq``)."""
+    precision: Precision = "bf16"
+    """'bf16': autocast on CUDA (EMA, targets and loss stay fp32); CPU always runs fp32."""
+    compile: bool = False
+    """``torch.compile`` every Transformer block (student and teacher) before training."""
+    parallel: distributed.Parallel = "ddp"
+    """Multi-GPU strategy under torchrun: 'ddp', or 'fsdp' (FSDP2 ``fully_shard``, for the large preset)."""
+    log_every: int = 10
+    """Read the metrics (one host sync), log them and run the guards every this many updates."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many updates (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest k checkpoints."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    shuffle_buffer: int = 1000
+    """Sample shuffle buffer of the shard reader."""
+    max_len: int | None = None
+    """Crop length of an example in the modality's raw unit (audio samples, text tokens); None: loader's."""
+
+    def __post_init__(self) -> None:
+        where = type(self).__name__.removesuffix("Config").lower()
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"{where}.batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
+            )
 
 
 class EpochStream:
@@ -90,7 +129,7 @@ def run(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterator[dict[str, Any]],
-    cfg: LoopSettings,
+    cfg: LoopConfig,
     *,
     clip_norm: float | None,
     device: torch.device,

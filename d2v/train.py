@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from d2v import checkpoint, distributed, loop, tracking
-from d2v.config import ConfigError, PathsConfig, section, to_dict
+from d2v.config import PathsConfig, section, to_dict
 from d2v.model import Data2Vec, ema_decay
 from d2v.optim import OptimConfig, build_optimizer, build_scheduler
 from d2v.transformer import Block
@@ -31,41 +31,17 @@ RESUME_NEUTRAL = ("log_every", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(loop.LoopConfig):
     """The ``pretrain.<modality>`` section (per-modality defaults are set in params.yaml)."""
 
-    steps: int = 1000
-    """Optimizer updates (speech 400k, text 1M in the papers)."""
-    batch_size: int = 8
-    """Samples per optimizer update over all ranks and accumulation micro-steps (split evenly)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per update (fairseq ``update_freq``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW + LR schedule + clipping (reference §2.2-2.5)."""
-    precision: loop.Precision = "bf16"
-    """'bf16': autocast on CUDA (EMA, targets and loss stay fp32); CPU always runs fp32."""
-    compile: bool = False
-    """``torch.compile`` every Transformer block (student and teacher) before training."""
-    parallel: distributed.Parallel = "ddp"
-    """Multi-GPU strategy under torchrun: 'ddp', or 'fsdp' (FSDP2 ``fully_shard``, for the large preset)."""
-    log_every: int = 10
-    """Read the metrics (one host sync), log them and run the guards every this many updates."""
-    checkpoint_every: int = 500
-    """Save a checkpoint every this many updates (and at the end)."""
-    keep_checkpoints: int = 2
-    """Keep the newest k checkpoints."""
     guard_after: int = 5000
     """Collapse guards start after this many updates ([FS] 5,000)."""
     min_target_var: float = 0.1
     """Stop if the teacher targets' std falls below this ([FS] ``min_target_var``, reference §1.9)."""
     min_pred_var: float = 0.01
     """Stop if the student predictions' std falls below this ([FS] ``min_pred_var``)."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
-    shuffle_buffer: int = 1000
-    """Sample shuffle buffer of the shard reader."""
-    max_len: int | None = None
-    """Crop length of an example in the modality's raw unit (audio samples, text tokens); None: loader's."""
     length_buckets: int = 0
     """k > 1: batch together examples of similar length (pools of k batches sorted by length). Speech needs
     it: every row is trimmed to the batch's smallest masked count (fairseq ``require_same_masks``), so one
@@ -74,23 +50,6 @@ class PretrainConfig:
     """Draw shards with replacement, ``epoch_len`` batches per epoch: for many ranks and few shards."""
     epoch_len: int | None = None
     """Batches per epoch and rank (needed with ``resampled``); None: one pass over the shards."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"pretrain.batch_size ({self.batch_size}) must be a multiple of "
-                f"grad_accum ({self.grad_accum})"
-            )
 
 
 # ------------------------------------------------------------------------------------------- pieces
