@@ -32,7 +32,7 @@ from d2v.train import (
     preprocessing_files,
     resume,
     resume_relevant,
-    train_state,
+    saver,
     write_outputs,
 )  # fmt: skip
 
@@ -167,18 +167,11 @@ def finetune(
         history.append({"step": done, **{k: m[k] for k in CURVE_FIELDS[1:] if k in m}})
         tracker.log({f"finetune/{k}": v for k, v in m.items()}, step=done)
 
-    def on_save(done: int) -> None:
-        sd = distributed.model_state(wrapped)
-        st = train_state(wrapped, opt, sched, stream, done, history)
-        if info.is_main:
-            checkpoint.save(run_dir, done, sd, meta, st, keep=cfg.keep_checkpoints, files=files)
-        distributed.barrier()
-
     with halt_note(run_dir):
         loop.run(
             wrapped, opt, sched, stream, cfg, clip_norm=cfg.optim.clip_norm, device=info.device, seed=seed,
             start_step=step, rank=info.rank, world_size=info.world_size, after_step=unfreeze, on_log=on_log,
-            on_save=on_save,
+            on_save=saver(wrapped, opt, sched, stream, history, run_dir, meta, cfg, info, files),
         )  # fmt: skip
     return history
 

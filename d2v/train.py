@@ -88,6 +88,22 @@ def train_state(model: nn.Module, opt, sched, stream: loop.EpochStream, step: in
     }
 
 
+def saver(
+    wrapped: nn.Module, opt, sched, stream: loop.EpochStream, history: list, run_dir: Path, meta: dict,
+    cfg: loop.LoopConfig, info: distributed.DistInfo, files: dict | None,
+) -> Callable[[int], None]:  # fmt: skip
+    """The loop's ``on_save``: weights + train state, written by rank 0 only, atomically."""
+
+    def on_save(done: int) -> None:
+        sd = distributed.model_state(wrapped)  # a collective under FSDP: every rank calls it
+        st = train_state(wrapped, opt, sched, stream, done, history)
+        if info.is_main:
+            checkpoint.save(run_dir, done, sd, meta, st, keep=cfg.keep_checkpoints, files=files)
+        distributed.barrier()
+
+    return on_save
+
+
 def data_position(state: dict[str, Any], info: distributed.DistInfo) -> dict[str, int]:
     """This rank's saved data position (rank 0's if the world size changed; epoch 0 for a new run)."""
     saved = state.get("data") or [{}]
@@ -178,18 +194,11 @@ def pretrain(
         if problem:
             raise loop.TrainingHalted(problem)
 
-    def on_save(done: int) -> None:
-        sd = distributed.model_state(wrapped)  # a collective under FSDP: every rank calls it
-        st = train_state(wrapped, opt, sched, stream, done, history)
-        if info.is_main:
-            checkpoint.save(run_dir, done, sd, meta, st, keep=cfg.keep_checkpoints, files=files)
-        distributed.barrier()
-
     with halt_note(run_dir):
         loop.run(
             wrapped, opt, sched, stream, cfg, clip_norm=cfg.optim.clip_norm, device=info.device, seed=seed,
             start_step=step, rank=info.rank, world_size=info.world_size, after_step=ema, on_log=on_log,
-            on_save=on_save,
+            on_save=saver(wrapped, opt, sched, stream, history, run_dir, meta, cfg, info, files),
         )  # fmt: skip
     return history
 
