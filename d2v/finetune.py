@@ -22,7 +22,7 @@ import torch
 
 from d2v import checkpoint, distributed, loop, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
-from d2v.heads import FinetuneModel, HeadConfig
+from d2v.heads import FinetuneMask, FinetuneModel, HeadConfig
 from d2v.optim import OptimConfig, build_optimizer, build_scheduler
 from d2v.train import (
     compile_blocks,
@@ -59,6 +59,8 @@ class FinetuneConfig(loop.LoopConfig):
     """Task-head options (dropout, label smoothing, audio projector width)."""
     freeze_encoder_steps: int = 0
     """Train only the head for this many updates first (fairseq ``freeze_finetune_updates``)."""
+    mask: FinetuneMask | None = None
+    """Mask the input while fine-tuning (speech only: wav2vec 2.0 fine-tuning, kept by data2vec); None: off."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -243,6 +245,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
             shard_dir, split, model_cfg, batch_size=per_rank, mode="finetune", seed=seed,
             num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len,
             label_budget=budget, rank=info.rank, world_size=info.world_size, epoch=epoch,
+            finetune_mask=cfg.mask,
         )  # fmt: skip
 
     make_loader(0)  # budget larger than a class, empty split, ...: fail before training

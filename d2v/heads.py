@@ -48,6 +48,35 @@ class HeadConfig:
             raise ConfigError(f"head.proj_dim: must be >= 1, got {self.proj_dim}")
 
 
+@dataclass(frozen=True)
+class FinetuneMask:
+    """Masking while fine-tuning, a speech recipe: wav2vec 2.0 fine-tuning, which data2vec keeps ([P1] §4.2,
+    reference §3.1; [FS] ``Wav2Vec2AsrConfig`` ``apply_mask: true``). The reference values are those of
+    fairseq's ``base_10m`` / ``base_1h`` (few labels): time 0.65 x 10 frames, channels 0.25 x 64 (of 768)."""
+
+    prob: float = 0.65
+    """Time masks: ``prob * T / length`` spans per row replaced by ``mask_emb`` ([FS] ``mask_prob``)."""
+    length: int = 10
+    """Frames per time span ([FS] ``mask_length``)."""
+    min_masks: int = 2
+    """At least this many time spans per row ([FS] ``apply_mask``: ``min_masks=2``)."""
+    channel_prob: float = 0.25
+    """Channel masks: ``channel_prob * D / channel_length`` spans of feature channels zeroed over all
+    frames ([FS] ``mask_channel_prob``; 0.5 for 10 h and more labels)."""
+    channel_length: int = 64
+    """Channels per span ([FS] ``mask_channel_length``, for D = 768; scale it with the width)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prob", "channel_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"mask.{name}: must be in [0, 1), got {getattr(self, name)}")
+        for name in ("length", "channel_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mask.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.min_masks < 0:
+            raise ConfigError(f"mask.min_masks: must be >= 0, got {self.min_masks}")
+
+
 def check_task(modality: str, task: str, num_classes: int | None, supported: tuple[str, ...]) -> None:
     """ValueError for a task the modality has no head for, or a classification without classes."""
     if task not in supported:
@@ -183,6 +212,9 @@ class FinetuneModel(nn.Module):
             if mask_BT.shape != x_BTD.shape[:2]:
                 raise ValueError(f"mask has shape {tuple(mask_BT.shape)}, expected {tuple(x_BTD.shape[:2])}")
             x_BTD = self.encoder.apply_mask(x_BTD, mask_BT)
+        channel_BD = batch.get("channel_mask")
+        if channel_BD is not None and self.training:  # fine-tuning channel masks (FinetuneMask), after time
+            x_BTD = x_BTD.masked_fill(channel_BD[:, None, :], 0.0)
         out = self.encoder.contextualize(x_BTD, pad_BT)
         return out.x_BTD, out.padding_BT
 

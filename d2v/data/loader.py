@@ -205,8 +205,14 @@ class ShardStream(IterableDataset):
 
     def _collate(self, data: Any, batch: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         s = self.spec
+        extra = {"finetune_mask": s["finetune_mask"]} if s["finetune_mask"] is not None else {}
         out = data.collate(
-            [b["x"] for b in batch], mode=s["mode"], model_cfg=s["model_cfg"], prep=s["prep"], generator=gen
+            [b["x"] for b in batch],
+            mode=s["mode"],
+            model_cfg=s["model_cfg"],
+            prep=s["prep"],
+            generator=gen,
+            **extra,
         )
         if s["mode"] != "pretrain":
             if "label" in batch[0]:
@@ -262,6 +268,7 @@ def build_loader(
     epoch: int = 0,
     augment: bool | None = None,
     length_buckets: int = 0,
+    finetune_mask: Any = None,
 ) -> ShardLoader:
     """A loader of batches (dicts of tensors) from ``<shard_dir>/<split>-*.tar``.
 
@@ -291,6 +298,8 @@ def build_loader(
             random order): less padding, and for speech rows of similar length, so ``require_same_masks``
             does not trim every row's mask to the shortest row's (fairseq instead crops each batch to its
             shortest clip). 0: off.
+        finetune_mask: 'finetune' mode: a :class:`d2v.heads.FinetuneMask` -> ``mask`` [B, T] and
+            ``channel_mask`` [B, D] per batch, for modalities whose ``collate`` takes one (speech).
     """
     if mode not in get_args(Mode):
         raise ValueError(f"mode {mode!r}: expected one of {list(get_args(Mode))}")
@@ -316,6 +325,13 @@ def build_loader(
             f"shard.{modality}.samples_per_shard, or use resampled=True with epoch_len"
         )
     data = _data(modality)
+    if finetune_mask is not None and (mode != "finetune" or not getattr(data, "FINETUNE_MASK", False)):
+        raise ValueError(
+            f"{modality}: masking while fine-tuning is a speech recipe (wav2vec 2.0 fine-tuning); "
+            f"{modality} fine-tunes without it (drop finetune.{modality}.mask)"
+            if mode == "finetune"
+            else f"finetune_mask needs mode='finetune', got {mode!r}"
+        )
     prep = manifest["preprocessing"]
     data.check_model(prep, model_cfg)
     keys = None
@@ -348,6 +364,7 @@ def build_loader(
         augment=(mode == "pretrain") if augment is None else (augment and mode != "eval"),
         target=manifest["tasks"][entry["task"]]["target"] if "task" in entry else None,
         length_buckets=length_buckets,
+        finetune_mask=finetune_mask,
     )
     loader = ShardLoader(stream, num_workers=num_workers, manifest=manifest)
     if epoch_len:

@@ -152,6 +152,39 @@ def test_min_masks_on_a_short_row():
         assert 10 <= int(m.sum()) <= 12
 
 
+def test_finetune_masks_time_spans_and_channel_spans():
+    """wav2vec 2.0 fine-tuning masks: time spans of ``length`` (>= min_masks per row, padding never
+    masked, same count per row) and channel spans over [B, D], seeded by the generator only."""
+    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio.masking import finetune_masks
+
+    spec = FinetuneMask(prob=0.65, length=10, channel_prob=0.25, channel_length=4)  # D = 16
+    n = torch.tensor([32_000, 24_000, 16_000, 32_000])
+    t1, c1 = finetune_masks(n, TINY, spec, torch.Generator().manual_seed(0))
+    lengths = A.feature_lengths(n, TINY)
+    D = TINY.transformer.dim
+    assert t1.shape == (4, int(lengths.max())) and c1.shape == (4, D)
+    assert not (t1 & (torch.arange(t1.shape[1])[None] >= lengths[:, None])).any()
+    counts = t1.sum(1)
+    assert (counts == counts[0]).all() and counts[0] >= 10  # require_same_masks; >= 1 whole span
+    assert (c1.sum(1) == c1.sum(1)[0]).all() and 4 <= int(c1.sum(1)[0]) <= 8  # 1 or 2 spans of 4
+    t2, c2 = finetune_masks(n, TINY, spec, torch.Generator().manual_seed(0))
+    assert torch.equal(t1, t2) and torch.equal(c1, c2)
+    off = FinetuneMask(prob=0.65, length=10, channel_prob=0.0)
+    assert not finetune_masks(n, TINY, off, torch.Generator().manual_seed(0))[1].any()
+
+
+def test_finetune_mask_min_masks_on_a_short_row():
+    """A 12-frame row: int(0.65 * 12 / 10 + U) is 0 or 1 spans, min_masks=2 asks for 2 (overlaps allowed)."""
+    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio.masking import finetune_masks
+
+    spec = FinetuneMask(prob=0.65, length=10, min_masks=2, channel_prob=0.0)
+    for seed in range(10):
+        t, _ = finetune_masks(torch.tensor([4_000]), TINY, spec, torch.Generator().manual_seed(seed))
+        assert int(t.sum()) >= 10
+
+
 # ---------------------------------------------------------------------------------------- data2vec step
 
 

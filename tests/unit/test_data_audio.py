@@ -151,6 +151,23 @@ def test_finetune_and_ctc_batches(sharded):
     assert max(int((~b["padding_mask"]).sum(1).max()) for b in ctc) > 4000  # CTC clips are never cut
 
 
+def test_finetune_batches_carry_the_finetune_masks(sharded):
+    from d2v.heads import FinetuneMask
+
+    out, _ = sharded
+    spec = FinetuneMask(channel_length=4)  # tiny: D = 16, 1 or 2 spans
+    b = next(
+        iter(build_loader(out, "train", TINY, batch_size=4, mode="finetune", seed=0, finetune_mask=spec))
+    )
+    T = int(audio.feature_lengths(torch.tensor(b["inputs"].shape[1]), TINY))
+    assert b["mask"].shape == (4, T) and bool(b["mask"].any())
+    assert b["channel_mask"].shape == (4, TINY.transformer.dim) and bool(b["channel_mask"].any())
+    plain = next(iter(build_loader(out, "train", TINY, batch_size=4, mode="finetune", seed=0)))
+    assert "mask" not in plain and "channel_mask" not in plain
+    with pytest.raises(ValueError, match="mode='finetune'"):
+        build_loader(out, "test", TINY, batch_size=4, mode="eval", seed=0, finetune_mask=spec)
+
+
 def test_missing_tools_say_how_to_install_them(tmp_path, monkeypatch):
     monkeypatch.setattr(A.shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="apt-get install espeak-ng sox"):

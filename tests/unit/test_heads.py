@@ -217,3 +217,41 @@ def test_head_config_validation():
         HeadConfig(dropout=1.5)
     with pytest.raises(ValueError, match="proj_dim"):
         HeadConfig(proj_dim=0)
+
+
+def test_finetune_masks_act_in_training_only():
+    """``mask`` (-> mask_emb) and ``channel_mask`` (-> zeros) change the training forward, never eval."""
+    model = heads("audio").build_finetune_model(tiny_encoder("audio"), "classification", 4, HeadConfig())
+    batch = tiny_batch("audio")
+    model.eval()
+    plain = model.logits(batch)
+    h, _ = model.encode(batch)
+    T, D = h.shape[1], h.shape[2]
+    masked = {
+        **batch,
+        "mask": torch.ones(3, T, dtype=torch.bool),
+        "channel_mask": torch.ones(3, D, dtype=torch.bool),
+    }
+    assert torch.equal(model.logits(masked), plain)
+    model.train()
+    torch.manual_seed(0)
+    ref = model.logits(batch)
+    torch.manual_seed(0)
+    only_channels = model.logits({**batch, "channel_mask": torch.ones(3, D, dtype=torch.bool)})
+    assert not torch.allclose(ref, only_channels)
+    # every channel zeroed and every frame masked: the inputs no longer matter
+    x2 = {**masked, "inputs": torch.randn_like(batch["inputs"])}
+    torch.manual_seed(0)
+    a = model.logits(masked)
+    torch.manual_seed(0)
+    assert torch.allclose(a, model.logits(x2), atol=1e-6)
+
+
+def test_finetune_mask_config_validation():
+    from d2v.config import ConfigError, from_dict
+    from d2v.heads import FinetuneMask
+
+    assert from_dict(FinetuneMask, {"prob": 0.5}).prob == 0.5
+    for bad in ({"prob": 1.0}, {"channel_length": 0}, {"min_masks": -1}, {"typo": 1}):
+        with pytest.raises(ConfigError):
+            from_dict(FinetuneMask, bad)

@@ -413,10 +413,21 @@ def length(x: Tensor) -> int:
     return len(x)
 
 
+FINETUNE_MASK = True
+"""``collate`` takes a ``finetune_mask`` (wav2vec 2.0 fine-tuning masks, kept by data2vec for speech)."""
+
+
 def collate(
-    xs: list[Tensor], *, mode: str, model_cfg: Any, prep: dict[str, Any], generator: torch.Generator
+    xs: list[Tensor],
+    *,
+    mode: str,
+    model_cfg: Any,
+    prep: dict[str, Any],
+    generator: torch.Generator,
+    finetune_mask: Any = None,
 ) -> dict[str, Tensor]:
-    """Right-padded ``inputs`` [B, N] + ``padding_mask``; pretrain: ``mask`` [B, T] (span masking)."""
+    """Right-padded ``inputs`` [B, N] + ``padding_mask``; pretrain: ``mask`` [B, T] (span masking);
+    finetune with a ``FinetuneMask``: ``mask`` [B, T] and ``channel_mask`` [B, D] (``finetune_masks``)."""
     n = torch.tensor([len(x) for x in xs], dtype=torch.int64)
     N = int(n.max())
     wav = torch.zeros(len(xs), N, dtype=torch.float32)
@@ -428,6 +439,10 @@ def collate(
         from d2v.modalities import get
 
         batch["mask"] = get("audio").make_mask(n, model_cfg, generator)
+    elif mode == "finetune" and finetune_mask is not None:
+        from d2v.modalities.audio.masking import finetune_masks
+
+        batch["mask"], batch["channel_mask"] = finetune_masks(n, model_cfg, finetune_mask, generator)
     return batch
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from d2v.heads import FinetuneMask
 from d2v.modalities.audio.model import ModelConfig, feature_lengths
 
 
@@ -33,33 +34,75 @@ def span_starts(n_frames: int, num_spans: int, span: int, generator: torch.Gener
     return torch.randperm(n_starts, generator=generator)[:num_spans]
 
 
-def make_mask(
-    n_samples_B: Tensor,
-    cfg: ModelConfig,
-    generator: torch.Generator,
-    padded_len: int | None = None,
+def span_mask(
+    lengths: list[int], T: int, prob: float, span: int, min_masks: int, same: bool, generator: torch.Generator
 ) -> Tensor:
-    """Bool mask [B, T] (True = masked) for waveforms of ``n_samples_B`` samples.
+    """Bool [B, T] (True = masked): fairseq ``compute_mask_indices`` for rows of ``lengths`` valid positions.
 
-    T is the frame count of the longest waveform, or of ``padded_len`` samples when the batch is padded
-    further. Only ``generator`` is drawn from, so the same generator state gives the same mask.
+    ``max(min_masks, int(prob * n / span + U(0, 1)))`` spans of ``span`` positions per row of ``n``;
+    ``same`` trims every row to the batch's smallest count (``require_same_masks``). Positions are frames
+    (time masks) or feature channels (fine-tuning channel masks, every row of length D).
     """
-    lengths = feature_lengths(n_samples_B.detach().cpu().long(), cfg).clamp_min(0).tolist()
-    n_max = int(n_samples_B.max()) if padded_len is None else padded_len
-    T = int(feature_lengths(torch.tensor(n_max), cfg).clamp_min(0))
-    if max(lengths, default=0) > T:
-        raise ValueError(f"padded_len={padded_len} is shorter than the longest waveform ({n_max} samples)")
     rows = []
     for n in lengths:
         u = float(torch.rand((), generator=generator))
-        num = max(cfg.min_masks, int(cfg.mask_prob * n / cfg.mask_length + u))
-        starts = span_starts(n, num, cfg.mask_length, generator)
-        idx = (starts[:, None] + torch.arange(cfg.mask_length)).flatten()
+        num = max(min_masks, int(prob * n / span + u))
+        if num == 0 or n == 0:
+            rows.append(torch.zeros(0, dtype=torch.long))
+            continue
+        starts = span_starts(n, num, span, generator)
+        idx = (starts[:, None] + torch.arange(span)).flatten()
         rows.append(torch.unique(idx[idx < n]))
-    if cfg.require_same_masks and rows:
+    if same and rows:
         k = min(len(r) for r in rows)
         rows = [r if len(r) == k else r[torch.randperm(len(r), generator=generator)[:k]] for r in rows]
     mask_BT = torch.zeros(len(lengths), T, dtype=torch.bool)
     for i, r in enumerate(rows):
         mask_BT[i, r] = True
     return mask_BT
+
+
+def frame_counts(
+    n_samples_B: Tensor, cfg: ModelConfig, padded_len: int | None = None
+) -> tuple[list[int], int]:
+    """Valid frames per row and T (frames of the longest waveform, or of ``padded_len`` samples)."""
+    lengths = feature_lengths(n_samples_B.detach().cpu().long(), cfg).clamp_min(0).tolist()
+    n_max = int(n_samples_B.max()) if padded_len is None else padded_len
+    T = int(feature_lengths(torch.tensor(n_max), cfg).clamp_min(0))
+    if max(lengths, default=0) > T:
+        raise ValueError(f"padded_len={padded_len} is shorter than the longest waveform ({n_max} samples)")
+    return lengths, T
+
+
+def make_mask(
+    n_samples_B: Tensor,
+    cfg: ModelConfig,
+    generator: torch.Generator,
+    padded_len: int | None = None,
+) -> Tensor:
+    """Pretraining bool mask [B, T] (True = masked) for waveforms of ``n_samples_B`` samples.
+
+    T is the frame count of the longest waveform, or of ``padded_len`` samples when the batch is padded
+    further. Only ``generator`` is drawn from, so the same generator state gives the same mask.
+    """
+    lengths, T = frame_counts(n_samples_B, cfg, padded_len)
+    return span_mask(
+        lengths, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, cfg.require_same_masks, generator
+    )
+
+
+def finetune_masks(
+    n_samples_B: Tensor, cfg: ModelConfig, spec: FinetuneMask, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Fine-tuning masks (wav2vec 2.0 fine-tuning, kept by data2vec: reference §3.1): time [B, T] and
+    channel [B, D] bools, True = masked.
+
+    [FS] ``Wav2Vec2AsrConfig`` + ``apply_mask``: time spans replaced by ``mask_emb`` (``min_masks`` 2,
+    ``require_same_masks`` as in pretraining), then channel spans of the projected features zeroed over
+    every frame (``mask_channel_before: false``; per-row counts, ``min_masks`` 0, made the same per batch).
+    """
+    lengths, T = frame_counts(n_samples_B, cfg)
+    time_BT = span_mask(lengths, T, spec.prob, spec.length, spec.min_masks, cfg.require_same_masks, generator)
+    D = cfg.transformer.dim
+    channel_BD = span_mask([D] * len(lengths), D, spec.channel_prob, spec.channel_length, 0, True, generator)
+    return time_BT, channel_BD
