@@ -46,8 +46,10 @@ from tqdm import tqdm
 from d2v.config import ConfigError
 from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for
 from d2v.data.stages import PrepareCommon, copy_source
-from d2v.modalities.audio.model import SAMPLE_RATE
 
+SAMPLE_RATE = 16_000
+"""Every clip is resampled to 16 kHz at shard time: the rate the conv feature encoder is built for ([P1]
+§4.2: 20 ms frames = stride 320). Defined here, with the shards, so the data stages never import the model."""
 MIN_SAMPLES = 400
 """Shorter clips are skipped: the 7-layer conv encoder needs 400 samples (25 ms) for one frame (§2.2)."""
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga")

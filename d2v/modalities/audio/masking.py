@@ -19,11 +19,15 @@ with ``pad: false``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from d2v.heads import FinetuneMask
 from d2v.modalities.audio.model import ModelConfig, feature_lengths
+
+if TYPE_CHECKING:  # the data loader imports this module; the heads (and their imports) stay out of it
+    from d2v.heads import FinetuneMask
 
 
 def span_starts(n_frames: int, num_spans: int, span: int, generator: torch.Generator) -> Tensor:

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
+from d2v.modalities.audio.data import SAMPLE_RATE
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
 from d2v.transformer import Tap, TransformerStack, init_bert_params
 
-SAMPLE_RATE = 16_000
 BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)  # [P1] §4.2: 7 convs, total stride 320 (20 ms), field 400 (25 ms)
 BASE_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
 
