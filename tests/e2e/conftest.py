@@ -80,6 +80,8 @@ def project_copy(tmp_path: Path, isolated_env: dict[str, str], monkeypatch: pyte
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     _git(dst, "init", "-q")
+    _git(dst, "config", "user.name", "d2v-tests")  # `dvc exp run` commits the experiment
+    _git(dst, "config", "user.email", "tests@d2v.invalid")
     _git(dst, "add", "-A")
     _git(dst, "commit", "-q", "-m", "e2e copy")
 

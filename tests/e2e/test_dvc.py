@@ -7,6 +7,7 @@ stages, the offline W&B runs hold the config and metrics, and the report was ren
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,11 +59,31 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     assert "Running stage" not in again
 
     # one modality's param invalidates only that modality's stages (and the report)
-    params["pretrain"]["image"]["log_every"] = 3
+    log_every = params["pretrain"]["image"]["log_every"]
+    params["pretrain"]["image"]["log_every"] = log_every + 1
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = status(project_copy)
     assert stale and all("image" in name or name == "report" for name in stale), sorted(stale)
     assert "pretrain@image" in stale
+    params["pretrain"]["image"]["log_every"] = log_every
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert status(project_copy) == {}
+
+    # `dvc exp run -S` sets a param from the command line and reruns only the stages that read it
+    out = run([*DVC, "exp", "run", "-S", "finetune.text.optim.lr=2e-4"], project_copy)
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran and all(n.startswith(("finetune@text-", "evaluate@text")) or n == "report" for n in ran), ran
+    assert "evaluate@text" in ran
+    assert "finetune.text.optim.lr" in run([*DVC, "params", "diff"], project_copy)
+    assert "metrics/text.json" in run([*DVC, "metrics", "show"], project_copy)
+    shown = json.dumps(json.loads(run([*DVC, "exp", "show", "--json"], project_copy)))
+    assert "2e-4" in shown or "0.0002" in shown, "dvc exp show does not list the experiment's param"
+    run([*DVC, "metrics", "diff"], project_copy)
+
+    # `dvc plots show` renders offline: the vega scripts are inlined by dvc_plots/template.html
+    run([*DVC, "plots", "show", "-o", "plots_html"], project_copy)
+    page = (project_copy / "plots_html" / "index.html").read_text()
+    assert "vegaEmbed" in page and not re.search(r"<script[^>]*\bsrc=", page)  # nothing fetched
 
     # the default remote (a folder beside the clone) takes the shards and checkpoints and gives them back
     run([*DVC, "push"], project_copy)
