@@ -102,7 +102,9 @@ def test_finetune_masks_are_speech_only(shards):
     from d2v.heads import FinetuneMask
 
     with pytest.raises(ValueError, match=r"speech recipe.*finetune.image.mask"):
-        build_loader(shards, "train", TINY, batch_size=4, mode="finetune", seed=0, finetune_mask=FinetuneMask())
+        build_loader(
+            shards, "train", TINY, batch_size=4, mode="finetune", seed=0, finetune_mask=FinetuneMask()
+        )
 
 
 def test_corrupt_shard_raises_an_error_naming_it_not_a_hang(shards, tmp_path):
