@@ -141,8 +141,12 @@ def finetune(
     info: distributed.DistInfo | None = None,
     tracker: tracking.NullTracker | None = None,
     files: dict[str, Path] | None = None,
+    clock: loop.Stopwatch | None = None,
 ) -> list[dict[str, float]]:
-    """Fine-tune ``model`` to ``cfg.steps`` updates, resuming from ``run_dir``; returns the logged history."""
+    """Fine-tune ``model`` to ``cfg.steps`` updates, resuming from ``run_dir``; returns the logged history.
+
+    ``clock`` ends up holding the run's training seconds (resumes included).
+    """
     info = info or distributed.DistInfo()
     tracker = tracker or tracking.NullTracker()
     run_dir = Path(run_dir)
@@ -158,6 +162,8 @@ def finetune(
     state = resume(wrapped, opt, sched, run_dir) or {}
     step, history = state.get("step", 0), state.get("history", [])
     stream = loop.EpochStream(make_loader, **data_position(state, info))
+    clock = clock or loop.Stopwatch()
+    clock.restart(state.get("seconds", 0.0))
     model.set_encoder_trainable(step >= cfg.freeze_encoder_steps)
 
     def unfreeze(done: int) -> dict[str, float]:
@@ -173,7 +179,7 @@ def finetune(
         loop.run(
             wrapped, opt, sched, stream, cfg, clip_norm=cfg.optim.clip_norm, device=info.device, seed=seed,
             start_step=step, rank=info.rank, world_size=info.world_size, after_step=unfreeze, on_log=on_log,
-            on_save=saver(wrapped, opt, sched, stream, history, run_dir, meta, cfg, info, files),
+            on_save=saver(wrapped, opt, sched, stream, history, run_dir, meta, cfg, info, files, clock),
         )  # fmt: skip
     return history
 
@@ -261,14 +267,16 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     run_config = {"model": to_dict(model_cfg), "finetune": to_dict(cfg), "seed": seed, "budget": budget,
                   "init": init, "profile": params.get("profile")}  # fmt: skip
     tracker = tracking.start(params, "finetune", m, config=run_config, name=name, rank=info.rank)
+    clock = loop.Stopwatch()
     try:
         history = finetune(model, cfg, make_loader, run_dir, meta, seed=seed, info=info, tracker=tracker,
-                           files=preprocessing_files(manifest, shard_dir))  # fmt: skip
+                           files=preprocessing_files(manifest, shard_dir), clock=clock)  # fmt: skip
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     if info.is_main:
-        metrics = write_outputs(history, metrics_file, curve_file, "finetune", CURVE_FIELDS)
+        metrics = write_outputs(history, metrics_file, curve_file, "finetune", CURVE_FIELDS,
+                                seconds=clock.seconds(), batch_size=cfg.batch_size)  # fmt: skip
         tracker.summary(metrics)
         if tracker.log_checkpoints:
             tracker.artifact(checkpoint.latest(run_dir), f"finetune-{m}-{name}", "model")

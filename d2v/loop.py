@@ -111,6 +111,20 @@ class EpochStream:
         )
 
 
+class Stopwatch:
+    """Wall seconds a run has trained, carried across resumes in the train state (``<stage>/seconds``)."""
+
+    def __init__(self, before: float = 0.0) -> None:
+        self.restart(before)
+
+    def restart(self, before: float) -> None:
+        """Count on from ``before`` seconds (what the checkpoint a run resumes from had measured)."""
+        self.before, self.started = before, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 

@@ -76,10 +76,13 @@ def collapse_check(step: int, metrics: dict[str, float], cfg: PretrainConfig) ->
     return None
 
 
-def train_state(model: nn.Module, opt, sched, stream: loop.EpochStream, step: int, history: list) -> dict:
+def train_state(
+    model: nn.Module, opt, sched, stream: loop.EpochStream, step: int, history: list, seconds: float
+) -> dict:
     """What a resume needs besides the weights; the data position of every rank (a collective)."""
     return {
         "step": step,
+        "seconds": seconds,
         "optimizer": distributed.optimizer_state(model, opt),
         "scheduler": sched.state_dict(),
         "rng": checkpoint.rng_state(),
@@ -90,13 +93,13 @@ def train_state(model: nn.Module, opt, sched, stream: loop.EpochStream, step: in
 
 def saver(
     wrapped: nn.Module, opt, sched, stream: loop.EpochStream, history: list, run_dir: Path, meta: dict,
-    cfg: loop.LoopConfig, info: distributed.DistInfo, files: dict | None,
+    cfg: loop.LoopConfig, info: distributed.DistInfo, files: dict | None, clock: loop.Stopwatch,
 ) -> Callable[[int], None]:  # fmt: skip
     """The loop's ``on_save``: weights + train state, written by rank 0 only, atomically."""
 
     def on_save(done: int) -> None:
         sd = distributed.model_state(wrapped)  # a collective under FSDP: every rank calls it
-        st = train_state(wrapped, opt, sched, stream, done, history)
+        st = train_state(wrapped, opt, sched, stream, done, history, clock.seconds())
         if info.is_main:
             checkpoint.save(run_dir, done, sd, meta, st, keep=cfg.keep_checkpoints, files=files)
         distributed.barrier()
@@ -124,12 +127,19 @@ def resume(model: nn.Module, opt, sched, run_dir: Path) -> dict[str, Any] | None
 
 
 def write_outputs(
-    history: list[dict[str, float]], metrics_file: Path, curve_file: Path, prefix: str, fields=CURVE_FIELDS
-) -> dict:
-    """Flat ``<prefix>/*`` metrics JSON (last logged values) and the loss-curve CSV for DVC plots."""
+    history: list[dict[str, float]], metrics_file: Path, curve_file: Path, prefix: str, fields=CURVE_FIELDS,
+    *, seconds: float, batch_size: int,
+) -> dict:  # fmt: skip
+    """Flat ``<prefix>/*`` metrics JSON and the loss-curve CSV for DVC plots.
+
+    The metrics are the last logged values, the steps, and the run's wall seconds of training (summed over
+    resumes; setup and data preparation excluded) with the samples/s they imply (``batch_size`` per step).
+    """
     last = history[-1] if history else {}
     metrics = {f"{prefix}/{k}": v for k, v in last.items() if k != "step"}
-    metrics[f"{prefix}/steps"] = int(last.get("step", 0))
+    steps = metrics[f"{prefix}/steps"] = int(last.get("step", 0))
+    metrics[f"{prefix}/seconds"] = round(seconds, 3)
+    metrics[f"{prefix}/samples_per_s"] = round(steps * batch_size / seconds, 3) if seconds > 0 else 0.0
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     curve_file.parent.mkdir(parents=True, exist_ok=True)
@@ -156,12 +166,13 @@ def pretrain(
     tracker: tracking.NullTracker | None = None,
     files: dict[str, Path] | None = None,
     after_step: Callable[[int], None] | None = None,
+    clock: loop.Stopwatch | None = None,
 ) -> list[dict[str, float]]:
     """Pretrain ``model`` to ``cfg.steps`` updates, resuming from ``run_dir``; returns the logged history.
 
     ``make_loader(epoch)`` yields this rank's batches of one epoch (deterministic per epoch). ``meta`` goes
     into every checkpoint's meta.json and ``files`` are copied next to the weights. ``after_step`` is a test
-    hook run after each update.
+    hook run after each update. ``clock`` ends up holding the run's training seconds (resumes included).
     """
     info = info or distributed.DistInfo()
     tracker = tracker or tracking.NullTracker()
@@ -177,6 +188,8 @@ def pretrain(
     state = resume(wrapped, opt, sched, run_dir) or {}
     step, history = state.get("step", 0), state.get("history", [])
     stream = loop.EpochStream(make_loader, **data_position(state, info))
+    clock = clock or loop.Stopwatch()
+    clock.restart(state.get("seconds", 0.0))
     d2v_model = distributed.unwrap(wrapped)
 
     def ema(done: int) -> dict[str, float]:
@@ -198,7 +211,7 @@ def pretrain(
         loop.run(
             wrapped, opt, sched, stream, cfg, clip_norm=cfg.optim.clip_norm, device=info.device, seed=seed,
             start_step=step, rank=info.rank, world_size=info.world_size, after_step=ema, on_log=on_log,
-            on_save=saver(wrapped, opt, sched, stream, history, run_dir, meta, cfg, info, files),
+            on_save=saver(wrapped, opt, sched, stream, history, run_dir, meta, cfg, info, files, clock),
         )  # fmt: skip
     return history
 
@@ -294,14 +307,17 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     run_config = {"model": to_dict(model_cfg), "pretrain": to_dict(cfg), "seed": seed,
                   "profile": params.get("profile")}  # fmt: skip
     tracker = tracking.start(params, "pretrain", m, config=run_config, rank=info.rank)
+    clock = loop.Stopwatch()
     try:
         history = pretrain(model, cfg, make_loader, p["run_dir"], meta, seed=seed, info=info, tracker=tracker,
-                           files=preprocessing_files(manifest, p["shards"]))  # fmt: skip
+                           files=preprocessing_files(manifest, p["shards"]), clock=clock)  # fmt: skip
     except BaseException:
         tracker.finish(exit_code=1)
         raise
     if info.is_main:
-        metrics = write_outputs(history, p["metrics"], p["curve"], "pretrain")
+        metrics = write_outputs(
+            history, p["metrics"], p["curve"], "pretrain", seconds=clock.seconds(), batch_size=cfg.batch_size
+        )
         tracker.summary(metrics)
         if tracker.log_checkpoints:
             tracker.artifact(checkpoint.latest(p["run_dir"]), f"pretrain-{m}", "model")

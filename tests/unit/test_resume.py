@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from d2v import checkpoint
@@ -153,7 +154,11 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     assert meta["kind"] == "pretrain" and meta["step"] == 4 and meta["encoder_prefix"] == "student."
     assert meta["preprocessing"]["image_size"] == 28 and meta["config"]["steps"] == 4
     metrics = json.loads((tmp_path / "metrics" / "pretrain" / "image.json").read_text())
-    assert set(metrics) == {f"pretrain/{k}" for k in ("loss", "target_var", "pred_var", "lr", "tau", "steps")}
+    logged = ("loss", "target_var", "pred_var", "lr", "tau", "steps", "seconds", "samples_per_s")
+    assert set(metrics) == {f"pretrain/{k}" for k in logged}
+    # the report's run-time table: wall seconds of training, and the samples/s they imply (batch 8, 4 steps)
+    assert metrics["pretrain/seconds"] > 0
+    assert metrics["pretrain/samples_per_s"] == pytest.approx(32 / metrics["pretrain/seconds"], rel=1e-3)
     curve = (tmp_path / "plots" / "pretrain" / "image.csv").read_text().splitlines()
     assert curve[0] == "step,loss,target_var,pred_var,lr,tau" and len(curve) == 3
 
@@ -162,6 +167,9 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     write_params(tmp_path / "params.yaml", pretrain={"log_every": 1, "keep_checkpoints": 1})
     assert main(["pretrain", "image"]) == 0
     assert all(torch.equal(weights[k], v) for k, v in checkpoint.load_weights(run).items())
+    again = json.loads((tmp_path / "metrics" / "pretrain" / "image.json").read_text())
+    saved = checkpoint.load_train_state(run)["seconds"]  # what the final checkpoint had measured
+    assert 0 < saved <= again["pretrain/seconds"] < saved + 5  # counted on from it, not from zero
 
     # other params (dvc exp run -S ... with the persisted folder): the old checkpoints go, the run starts over
     capsys.readouterr()
