@@ -48,8 +48,11 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
         assert any(k.startswith("evaluate/pretrained/") for k in metrics)
         assert any(k.startswith("evaluate/scratch/") for k in metrics)
         pre = json.loads((project_copy / "metrics/pretrain" / f"{m}.json").read_text())
-        assert pre["pretrain/steps"] == 4 and pre["pretrain/loss"] > 0
+        assert pre["pretrain/steps"] == 4 and pre["pretrain/loss"] > 0 and pre["pretrain/seconds"] > 0
     md = (project_copy / "reports/benchmark.md").read_text()
+    # the run-time table is filled from the stage metrics (pretrain s, samples/s, fine-tuning s)
+    times = md.split("## Run times", 1)[1].split("\n## ", 1)[0]
+    assert [r for r in times.splitlines() if r.startswith("| audio")] and "—" not in times, times
     html = (project_copy / "reports/benchmark.html").read_text()
     assert "## Results" in md and "<img" in html and 'src="http' not in html
 
