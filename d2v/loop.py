@@ -114,8 +114,8 @@ class EpochStream:
 class Stopwatch:
     """Wall seconds a run has trained, carried across resumes in the train state (``<stage>/seconds``)."""
 
-    def __init__(self, before: float = 0.0) -> None:
-        self.restart(before)
+    def __init__(self) -> None:
+        self.restart(0.0)
 
     def restart(self, before: float) -> None:
         """Count on from ``before`` seconds (what the checkpoint a run resumes from had measured)."""
