@@ -138,8 +138,8 @@ def write_outputs(
     last = history[-1] if history else {}
     metrics = {f"{prefix}/{k}": v for k, v in last.items() if k != "step"}
     steps = metrics[f"{prefix}/steps"] = int(last.get("step", 0))
-    metrics[f"{prefix}/seconds"] = round(seconds, 3)
-    metrics[f"{prefix}/samples_per_s"] = round(steps * batch_size / seconds, 3) if seconds > 0 else 0.0
+    metrics[f"{prefix}/seconds"] = seconds
+    metrics[f"{prefix}/samples_per_s"] = steps * batch_size / seconds if seconds > 0 else 0.0
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     curve_file.parent.mkdir(parents=True, exist_ok=True)
