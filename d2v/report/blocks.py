@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from d2v.report.build import ModalityResult, Plot, Report
-from d2v.report.fmt import fmt_cell, fmt_diff, fmt_num
+from d2v.report.fmt import budget_phrase, fmt_cell, fmt_diff, fmt_num
 from d2v.report.narrative import summary_sentences
 from d2v.report.stats import MIN_PRED_VAR, MIN_TARGET_VAR, RATE_METRICS, init_key
 
@@ -131,7 +131,13 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
             ci = "—" if c.ci is None else f"{fmt_diff(c.ci[0], g.is_rate)} to {fmt_diff(c.ci[1], g.is_rate)}"
             diff = "—" if c.diff is None else fmt_diff(c.diff, g.is_rate)
             rows.append(
-                (c.budget, *(fmt_cell(c.cells.get(i), g.is_rate) for i in g.inits), diff, ci, c.verdict)
+                (
+                    budget_phrase(c.budget),
+                    *(fmt_cell(c.cells.get(i), g.is_rate) for i in g.inits),
+                    diff,
+                    ci,
+                    c.verdict,
+                )  # fmt: skip
             )
         blocks.append(Table(header, tuple(rows)))
     if r.probe:

@@ -12,6 +12,7 @@ import yaml
 from d2v.config import ConfigError, PathsConfig, section
 from d2v.report import plots
 from d2v.report.config import ReportConfig
+from d2v.report.fmt import budget_phrase
 from d2v.report.inputs import (
     Inputs,
     Source,
@@ -95,7 +96,7 @@ def _missing_runs(groups: list[MetricGroup], expected: list[tuple[str, str, int]
 def _budget_panels(groups: list[MetricGroup]) -> list:
     panels = []
     for g in groups:
-        budgets = [r.budget for r in g.rows]
+        budgets = [budget_phrase(r.budget) for r in g.rows]
         by_init = {
             i: [
                 (r.cells[i].mean, r.cells[i].std or 0.0, r.cells[i].n) if i in r.cells else None

@@ -115,10 +115,13 @@ def compare(budget: str, cells: dict[str, Cell], lower_is_better: bool) -> Compa
 
 
 def budget_sort_key(b: str) -> tuple:
+    """Labels per class (``5``, ``50``) ascending, then fractions of the labels (``0.1``, ``1.0``)."""
+    if b.isdigit():
+        return (0, int(b), b)
     try:
-        return (0, float(b), b)
+        return (1, float(b), b)
     except ValueError:
-        return (1, 0.0, b)
+        return (2, 0.0, b)
 
 
 @dataclass(frozen=True)

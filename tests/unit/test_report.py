@@ -13,6 +13,7 @@ import pytest
 
 from d2v import report
 from d2v.report import Cell, compare, make_cell, welch_ci
+from d2v.report.fmt import budget_phrase
 
 SEEDS = (0, 1, 2)
 # accuracy per (init, budget, seed); audio b50/scratch/s2 is deliberately absent (a missing run)
@@ -117,7 +118,7 @@ def test_results_table_has_mean_std_n_and_difference_from_the_fixture(fixture_ro
     md, _, _ = render(fixture_root)
     audio = md.split("### audio", 1)[1]
     for budget in ("5", "50"):
-        row = table_row(audio, "accuracy", budget)
+        row = table_row(audio, "accuracy", budget_phrase(budget))
         means = {}
         for col, init in ((1, "pretrained"), (2, "scratch")):
             vals = [v for (i, b, _), v in AUDIO_ACC.items() if i == init and b == budget]
@@ -126,13 +127,13 @@ def test_results_table_has_mean_std_n_and_difference_from_the_fixture(fixture_ro
             assert row[col] == want
         assert row[3] == f"{100 * (means['pretrained'] - means['scratch']):+.1f}"
     # b5: a gap of ~38 points with stds of ~3 is far outside the 95% CI; b50: ~1.5 points within noise
-    assert table_row(audio, "accuracy", "5")[-1] == "better"
-    assert table_row(audio, "accuracy", "50")[-1] == "not significant"
+    assert table_row(audio, "accuracy", "5 labels/class")[-1] == "better"
+    assert table_row(audio, "accuracy", "50 labels/class")[-1] == "not significant"
     # the missing run is named, not filled in
     assert "`scratch/b50/s2`" in audio
     assert "pretrained beats scratch at 5 labels/class by +" in md
     # lower-is-better metric with one seed per arm: the difference is shown, no verdict claimed
-    ctc = table_row(audio, "ctc/wer", "5")
+    ctc = table_row(audio, "ctc/wer", "5 labels/class")
     assert ctc[1:3] == ["30.0 (n=1)", "71.0 (n=1)"] and ctc[-1] == "one seed"
 
 
