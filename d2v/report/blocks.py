@@ -137,7 +137,7 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
                     diff,
                     ci,
                     c.verdict,
-                )  # fmt: skip
+                )
             )
         blocks.append(Table(header, tuple(rows)))
     if r.probe:
