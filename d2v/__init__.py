@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def load_encoder(path, pretrained: bool = True, seed: int = 0):
-    """Load a d2v encoder from a Hugging Face data2vec directory or a d2v checkpoint (see ``d2v.hf``)."""
-    from d2v.hf import load_encoder as _load
+    """Load a d2v encoder from a Hugging Face data2vec directory or a d2v checkpoint (see ``d2v.load``)."""
+    from d2v.load import load_encoder as _load
 
     return _load(path, pretrained=pretrained, seed=seed)
 

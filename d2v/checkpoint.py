@@ -1,4 +1,7 @@
-"""Checkpoints: one directory per saved step, written atomically, the last k kept.
+"""Checkpoints on disk: one directory per saved step, written atomically, the last k kept.
+
+This module is about files only (layout, atomic writes, meta, RNG states, compatibility checks); building
+models from a checkpoint is ``d2v.load``.
 
 Layout (other code relies on it)::
 
@@ -25,11 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from d2v.config import from_dict, to_dict
-from d2v.modalities import get
-from d2v.modalities.base import Encoder
+from d2v.config import to_dict
 
 Kind = Literal["pretrain", "finetune"]
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "train_state.pt"
@@ -234,64 +235,3 @@ def prepare_run_dir(
         for ckpt in list_checkpoints(run_dir):
             _trash(ckpt)
     return False
-
-
-# ------------------------------------------------------------------------------------------ encoders
-
-
-def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
-    """The encoder of a d2v checkpoint (step dir, or run dir -> latest), rebuilt from its meta.json.
-
-    ``pretrained=False``: the same architecture, freshly initialised from ``seed``.
-    """
-    step_dir = resolve(path)
-    meta = read_meta(step_dir)
-    modality = meta.get("modality")
-    try:
-        mod = get(modality)
-    except ValueError as e:
-        raise ValueError(f"{step_dir}/{META}: {e}") from None
-    cfg = mod.model_config(meta["model_config"], f"{step_dir}/{META}:model_config")
-    torch.manual_seed(seed)
-    encoder = mod.build_encoder(cfg)
-    if pretrained:
-        prefix = meta.get("encoder_prefix", "student.")
-        sd = {k[len(prefix) :]: v for k, v in load_weights(step_dir).items() if k.startswith(prefix)}
-        ref = encoder.state_dict()
-        missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-        wrong = sorted(k for k in set(ref) & set(sd) if ref[k].shape != sd[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{step_dir}: weights under {prefix!r} do not fit a {modality} encoder of its meta.json "
-                f"config: missing {missing[:4]}, unexpected {unexpected[:4]}, other shape {wrong[:4]}"
-            )
-        encoder.load_state_dict(sd)
-    return encoder.eval()
-
-
-def load_finetune_model(path: str | Path, modality: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The fine-tuned task model of a ``kind: finetune`` checkpoint (eval mode) and its meta.json.
-
-    ValueError naming the checkpoint when it is missing, not from ``d2v finetune``, of another modality than
-    ``modality`` (when given), or its weights do not fit the recorded config.
-    """
-    from d2v.finetune import build_finetune_model
-    from d2v.heads import HeadConfig
-
-    step_dir = resolve(path)
-    meta = read_meta(step_dir)
-    if meta.get("kind") != "finetune":
-        raise ValueError(
-            f"{step_dir} is a {meta.get('kind')!r} checkpoint; expected a fine-tuned one (from `d2v finetune`)"
-        )
-    if modality is not None and meta.get("modality") != modality:
-        raise ValueError(f"{step_dir} is a {meta.get('modality')!r} checkpoint, not {modality!r}")
-    encoder = load_encoder(step_dir, pretrained=False)
-    head = from_dict(HeadConfig, meta.get("head"), f"{step_dir}/{META}:head")
-    model = build_finetune_model(meta["modality"], encoder, meta["task"], meta.get("num_classes"), head)
-    sd = load_weights(step_dir)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"{step_dir}: weights do not fit the model its meta.json describes: {e}") from None
-    return model.eval(), meta

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from d2v.config import ConfigError, load_params
 from d2v.modalities import MODALITIES
+from d2v.sweep import INITS, PRETRAINED
 
 # stage name -> (module, function); each function takes (params: dict, args: argparse.Namespace)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=None, help="fine-tuning seed (default: params seed)")
             p.add_argument(
                 "--init",
-                choices=("pretrained", "scratch"),
-                default="pretrained" if name == "finetune" else None,  # evaluate: None = every init
+                choices=INITS,
+                default=PRETRAINED if name == "finetune" else None,  # evaluate: None = every init
                 help="start from the pretrained encoder or from random init (the from-scratch baseline)",
             )
     p = sub.add_parser("embed", help="mean-pooled features of raw items -> .npy")
@@ -63,6 +64,17 @@ def _call(module: str, func: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+def export_hf(checkpoint: str, out_dir: str) -> int:
+    """``d2v export-hf CHECKPOINT OUT_DIR``: a folder transformers' ``from_pretrained`` loads."""
+    from d2v.hf import export_hf
+    from d2v.load import load_encoder
+
+    encoder = load_encoder(checkpoint)
+    out = export_hf(encoder, out_dir)
+    print(f"wrote {out}/config.json and model.safetensors ({encoder.modality})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "embed":
             return _call("d2v.embed", "cli_embed")(args) or 0
         if args.command == "export-hf":
-            return _call("d2v.hf", "cli_export_hf")(args) or 0
+            return export_hf(args.checkpoint, args.out_dir)
         if args.command == "check-params":
             return _call("d2v.params_check", "check_all")(load_params(args.params, args.profile)) or 0
     except (ConfigError, ValueError, FileNotFoundError) as e:

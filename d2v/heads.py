@@ -28,7 +28,8 @@ class HeadConfig:
     """Options of the task head (the ``cfg`` of ``build_finetune_model``); None picks the modality default.
 
     It is small on purpose: the optimiser, schedule and masking during fine-tuning belong to the finetune
-    section; this holds only what changes the head's shape or its loss.
+    section; this holds only what changes the head's shape or its loss. A modality with more head options
+    subclasses it (audio: ``AudioHeadConfig``) and exports the class as ``HeadConfig``.
     """
 
     dropout: float | None = None
@@ -36,45 +37,12 @@ class HeadConfig:
     RoBERTa head [FS]; audio 0.0, fairseq ``final_dropout``; image 0.0, no head dropout in [DV])."""
     label_smoothing: float | None = None
     """Cross-entropy label smoothing for classification. None: image 0.1 ([DV] ``--smoothing``), else 0."""
-    proj_dim: int = 256
-    """Audio classification: width of the projector before mean pooling (HF ``classifier_proj_size``)."""
 
     def __post_init__(self) -> None:
         for name in ("dropout", "label_smoothing"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v < 1.0:
                 raise ConfigError(f"head.{name}: must be in [0, 1), got {v}")
-        if self.proj_dim < 1:
-            raise ConfigError(f"head.proj_dim: must be >= 1, got {self.proj_dim}")
-
-
-@dataclass(frozen=True)
-class FinetuneMask:
-    """Masking while fine-tuning, a speech recipe: wav2vec 2.0 fine-tuning, which data2vec keeps ([P1] §4.2,
-    reference §3.1; [FS] ``Wav2Vec2AsrConfig`` ``apply_mask: true``). The reference values are those of
-    fairseq's ``base_10m`` / ``base_1h`` (few labels): time 0.65 x 10 frames, channels 0.25 x 64 (of 768)."""
-
-    prob: float = 0.65
-    """Time masks: ``prob * T / length`` spans per row replaced by ``mask_emb`` ([FS] ``mask_prob``)."""
-    length: int = 10
-    """Frames per time span ([FS] ``mask_length``)."""
-    min_masks: int = 2
-    """At least this many time spans per row ([FS] ``apply_mask``: ``min_masks=2``)."""
-    channel_prob: float = 0.25
-    """Channel masks: ``channel_prob * D / channel_length`` spans of feature channels zeroed over all
-    frames ([FS] ``mask_channel_prob``; 0.5 for 10 h and more labels)."""
-    channel_length: int = 64
-    """Channels per span ([FS] ``mask_channel_length``, for D = 768; scale it with the width)."""
-
-    def __post_init__(self) -> None:
-        for name in ("prob", "channel_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"mask.{name}: must be in [0, 1), got {getattr(self, name)}")
-        for name in ("length", "channel_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"mask.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.min_masks < 0:
-            raise ConfigError(f"mask.min_masks: must be >= 0, got {self.min_masks}")
 
 
 def check_task(modality: str, task: str, num_classes: int | None, supported: tuple[str, ...]) -> None:
@@ -213,7 +181,7 @@ class FinetuneModel(nn.Module):
                 raise ValueError(f"mask has shape {tuple(mask_BT.shape)}, expected {tuple(x_BTD.shape[:2])}")
             x_BTD = self.encoder.apply_mask(x_BTD, mask_BT)
         channel_BD = batch.get("channel_mask")
-        if channel_BD is not None and self.training:  # fine-tuning channel masks (FinetuneMask), after time
+        if channel_BD is not None and self.training:  # fine-tuning channel masks (speech), after time
             x_BTD = x_BTD.masked_fill(channel_BD[:, None, :], 0.0)
         out = self.encoder.contextualize(x_BTD, pad_BT)
         return out.x_BTD, out.padding_BT

@@ -1,8 +1,8 @@
 """Hugging Face data2vec checkpoints in and out (data2vec 1.0 only: transformers has no 2.0 models).
 
-``load_encoder(path)`` takes a directory with ``config.json`` plus ``model.safetensors`` or
+``load_hf_encoder(path)`` takes a directory with ``config.json`` plus ``model.safetensors`` or
 ``pytorch_model.bin`` of ``Data2Vec{Audio,Text,Vision}Model`` or one of their ``For<Task>`` models (the
-backbone is taken), or a d2v checkpoint, and returns a d2v encoder. The per-modality key maps live in
+backbone is taken) and returns a d2v encoder (``d2v.load_encoder`` dispatches here for such folders). The per-modality key maps live in
 ``d2v/modalities/<m>/hf.py``; this file only dispatches on ``model_type`` and does the file I/O.
 """
 
@@ -72,25 +72,6 @@ def load_hf_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) ->
     return encoder.eval()
 
 
-def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
-    """A d2v encoder from an HF data2vec directory or a d2v checkpoint.
-
-    ``pretrained=False`` builds the same architecture freshly initialised with ``seed``: the from-scratch
-    baseline that benchmarks compare against.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
-    if (path / "config.json").exists():
-        return load_hf_encoder(path, pretrained, seed)
-    from d2v.checkpoint import load_encoder as load_d2v_encoder
-    from d2v.embed import attach_preprocessing
-
-    # a d2v checkpoint carries the pipeline's preprocessing (tokenizer, sample rate, image stats), so
-    # ``load_encoder(path).embed(items)`` reads raw items exactly as the shards were made
-    return attach_preprocessing(load_d2v_encoder(path, pretrained=pretrained, seed=seed), path)
-
-
 def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
     out = Path(out_dir)
@@ -101,10 +82,3 @@ def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:
     tmp.replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def cli_export_hf(args) -> int:
-    encoder = load_encoder(args.checkpoint)
-    out = export_hf(encoder, args.out_dir)
-    print(f"wrote {out}/config.json and model.safetensors ({encoder.modality})")
-    return 0

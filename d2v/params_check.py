@@ -12,8 +12,9 @@ from d2v.modalities import MODALITIES, get
 def check_all(params: dict[str, Any]) -> int:
     """Build every config dataclass the stages would build; raise ConfigError naming the first bad key."""
     from d2v.evaluate import EvaluateConfig
-    from d2v.finetune import FinetuneConfig, SweepConfig
+    from d2v.finetune import FinetuneConfig, modality_options
     from d2v.report import ReportConfig
+    from d2v.sweep import SweepConfig
     from d2v.train import PretrainConfig
 
     section(params, "paths", PathsConfig)
@@ -36,7 +37,7 @@ def check_all(params: dict[str, Any]) -> int:
         section(params, "shard", data.ShardConfig, m)
         mod.model_config((params.get("model") or {}).get(m), f"model.{m}")
         section(params, "pretrain", PretrainConfig, m)
-        section(params, "finetune", FinetuneConfig, m)
+        modality_options(section(params, "finetune", FinetuneConfig, m), m)
         section(params, "evaluate", EvaluateConfig, m)
     print(f"params OK (profile {params.get('profile', 'default')})")
     return 0

@@ -32,20 +32,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from d2v.config import PathsConfig, load_params, section
 from d2v.modalities import MODALITIES
+from d2v.sweep import FINETUNE_STAGE, Init
 
 Modality = Literal["audio", "image", "text"]
 assert get_args(Modality) == MODALITIES, "keep Modality in step with d2v.modalities.MODALITIES"
 Runner = Literal["dvc", "direct"]
-Init = Literal["pretrained", "scratch"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 """The clone these flows live in: every command runs here, whatever the worker's directory."""
 
 DVC_PARAMS = "params.yaml"
 """The params file dvc.yaml reads; ``runner="dvc"`` only works with this one."""
-
-FINETUNE_STAGE = "finetune@{modality}-{budget}-{seed}-{init}"
-"""dvc.yaml's name of one fine-tuning run (a ``matrix`` over modality x budget x seed x init)."""
 
 REPORT_ARTIFACT_KEY = "d2v-benchmark"
 """Artifact key of reports/benchmark.md (keys: lowercase letters, digits, dashes)."""

@@ -12,9 +12,12 @@ The data2vec recipe is modality-blind (``d2v/model.py``); a modality supplies
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -73,7 +76,7 @@ class Encoder(nn.Module):
     config: Any
     transformer: TransformerConfig
     preprocessing: Any = None
-    """Raw items -> batch (``d2v.embed.ItemPreprocessing``); set by ``d2v.load_encoder`` (d2v checkpoints)."""
+    """Raw items -> batch (``d2v.preprocessing.ItemPreprocessing``); set by ``d2v.load_encoder``."""
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
         """Raise ValueError naming the problem and the expected form."""
@@ -116,14 +119,43 @@ class Encoder(nn.Module):
         keep = (~pad[:, self.num_prefix_tokens :]).to(h.dtype)[..., None]
         return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
-    def embed(self, items: Any, batch_size: int = 32) -> Any:
-        """Mean-pooled features (numpy float32 [N, D]) of raw items: audio/image file paths, text strings...,
-        preprocessed as the pipeline does (``preprocessing``); see :func:`d2v.embed.embed`."""
-        from d2v.embed import embed
+    def embed(
+        self,
+        items: Sequence[Any],
+        *,
+        batch_size: int = 32,
+        preprocessing: Callable[[Sequence[Any]], dict[str, Any]] | None = None,
+        device: str | torch.device | None = None,
+    ) -> np.ndarray:
+        """Mean-pooled last-layer features (prefix tokens and padding excluded) of raw items: float32
+        [N, D], in item order, ``batch_size`` items at a time in eval mode under ``no_grad``.
 
-        if self.preprocessing is None:
+        ``preprocessing`` turns a list of raw items into a batch ``{"inputs", "padding_mask"?}``; by default
+        the one ``d2v.load_encoder`` attached (``d2v.preprocessing``: the pipeline's own reading of files).
+        """
+        prep = preprocessing or self.preprocessing
+        if prep is None:
             raise ValueError(
                 "this encoder has no item preprocessing: load it with d2v.load_encoder(<d2v checkpoint>), or "
-                "call d2v.embed.embed(encoder, items, preprocessing) with one"
+                "pass preprocessing=..."
             )
-        return embed(self, items, self.preprocessing, batch_size=batch_size)
+        if isinstance(items, (str, Path)):
+            raise ValueError("embed: pass a list of items (file paths, strings, arrays), not a single item")
+        if batch_size < 1:
+            raise ValueError(f"embed: batch_size must be >= 1, got {batch_size}")
+        items = list(items)
+        dev = torch.device(device) if device is not None else next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for i in range(0, len(items), batch_size):
+                batch = prep(items[i : i + batch_size])
+                pad = batch.get("padding_mask")
+                pooled = self.embed_pooled(batch["inputs"].to(dev), None if pad is None else pad.to(dev))
+                out.append(pooled.float().cpu())
+        finally:
+            self.train(was_training)
+        if not out:
+            return np.zeros((0, self.transformer.dim), dtype=np.float32)
+        return torch.cat(out).numpy()

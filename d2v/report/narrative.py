@@ -15,6 +15,7 @@ from d2v.report.stats import (
     MetricGroup,
     init_key,
 )
+from d2v.sweep import PRETRAINED, SCRATCH
 
 
 def _seeds_phrase(p: Cell, s: Cell) -> str:
@@ -23,7 +24,7 @@ def _seeds_phrase(p: Cell, s: Cell) -> str:
 
 def _diff_text(c: Comparison, g: MetricGroup) -> str:
     unit = diff_unit(g.is_rate)
-    p, s = c.cells["pretrained"], c.cells["scratch"]
+    p, s = c.cells[PRETRAINED], c.cells[SCRATCH]
     seeds = _seeds_phrase(p, s)
     if c.verdict == "one seed":
         return (

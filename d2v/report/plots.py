@@ -14,7 +14,9 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-INIT_COLORS = {"pretrained": "C0", "scratch": "C1"}
+from d2v.sweep import PRETRAINED, SCRATCH
+
+INIT_COLORS = {PRETRAINED: "C0", SCRATCH: "C1"}
 """One colour per initialisation in every figure (other init names fall back to the cycle)."""
 
 _RC = {

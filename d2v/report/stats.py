@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from d2v.sweep import EVAL_KEY, INITS, PRETRAINED, PROBE_KEY, SCRATCH
+
 # ------------------------------------------------------------------------------------------- metric names
 
-EVAL_KEY = re.compile(
-    r"^(?P<task>[A-Za-z0-9_]+)/(?P<init>[A-Za-z0-9_-]+)/b(?P<budget>[^/]+)/s(?P<seed>\d+)/(?P<metric>[^/]+)$"
-)
-"""``evaluate/pretrained/b5/s0/accuracy``, ``ctc/scratch/b10/s1/wer``."""
-PROBE_KEY = re.compile(r"^probe/(?P<init>[A-Za-z0-9_-]+)/(?:s(?P<seed>\d+)/)?(?P<metric>[^/]+)$")
-"""``probe/pretrained/accuracy`` (optionally ``probe/<init>/s<seed>/<metric>``)."""
 
 RATE_METRICS = frozenset({"accuracy", "macro_f1", "f1", "precision", "recall", "wer", "cer", "top1", "top5"})
 """Fractions in [0, 1]: shown in % and their differences in percentage points."""
 LOWER_IS_BETTER = frozenset({"wer", "cer", "loss", "error", "per"})
-INIT_ORDER = ("pretrained", "scratch")
+INIT_ORDER = INITS
 
 # fairseq's collapse check ([FS], data2vec.md §1.9): abort when target_var < 0.1 or pred_var < 0.01
 MIN_TARGET_VAR = 0.1
@@ -100,7 +95,7 @@ class Comparison:
 
 
 def compare(budget: str, cells: dict[str, Cell], lower_is_better: bool) -> Comparison:
-    p, s = cells.get("pretrained"), cells.get("scratch")
+    p, s = cells.get(PRETRAINED), cells.get(SCRATCH)
     if p is None or s is None:
         return Comparison(budget, cells, None, None, "missing")
     diff = p.mean - s.mean

@@ -7,7 +7,7 @@ import torch
 
 from d2v.config import ConfigError
 from d2v.modalities import audio as A
-from d2v.modalities.audio.model import normalize_waveform
+from d2v.modalities.audio.frames import normalize_waveform
 
 TINY = A.model_config({"preset": "tiny"})
 
@@ -155,7 +155,7 @@ def test_min_masks_on_a_short_row():
 def test_finetune_masks_time_spans_and_channel_spans():
     """wav2vec 2.0 fine-tuning masks: time spans of ``length`` (>= min_masks per row, padding never
     masked, same count per row) and channel spans over [B, D], seeded by the generator only."""
-    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio import FinetuneMask
     from d2v.modalities.audio.masking import finetune_masks
 
     spec = FinetuneMask(prob=0.65, length=10, channel_prob=0.25, channel_length=4)  # D = 16
@@ -176,7 +176,7 @@ def test_finetune_masks_time_spans_and_channel_spans():
 
 def test_finetune_mask_min_masks_on_a_short_row():
     """A 12-frame row: int(0.65 * 12 / 10 + U) is 0 or 1 spans, min_masks=2 asks for 2 (overlaps allowed)."""
-    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio import FinetuneMask
     from d2v.modalities.audio.masking import finetune_masks
 
     spec = FinetuneMask(prob=0.65, length=10, min_masks=2, channel_prob=0.0)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from d2v import checkpoint, hf
+import d2v
+from d2v import checkpoint
 from d2v.config import to_dict
+from d2v.load import load_checkpoint_encoder
 from d2v.modalities import get
 
 
@@ -78,27 +80,27 @@ def test_tied_tensors_are_saved(tmp_path):
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_load_encoder_rebuilds_the_student(tmp_path, modality):
     step_dir, cfg, model = save_tiny(tmp_path, modality)
-    enc = checkpoint.load_encoder(tmp_path)
+    enc = load_checkpoint_encoder(tmp_path)
     assert type(enc) is type(model.student) and not enc.training
     sd, ref = enc.state_dict(), model.student.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
     assert to_dict(enc.config) == to_dict(cfg)
-    same = hf.load_encoder(step_dir)  # the HF entry point dispatches d2v checkpoints here
+    same = d2v.load_encoder(step_dir)  # the library entry point dispatches d2v checkpoints here
     assert all(torch.equal(same.state_dict()[k], ref[k]) for k in ref)
 
 
 def test_load_encoder_from_scratch_is_seeded(tmp_path):
     save_tiny(tmp_path, "image")
-    a = checkpoint.load_encoder(tmp_path, pretrained=False, seed=1).state_dict()
-    b = checkpoint.load_encoder(tmp_path, pretrained=False, seed=1).state_dict()
-    c = checkpoint.load_encoder(tmp_path, pretrained=True).state_dict()
+    a = load_checkpoint_encoder(tmp_path, pretrained=False, seed=1).state_dict()
+    b = load_checkpoint_encoder(tmp_path, pretrained=False, seed=1).state_dict()
+    c = load_checkpoint_encoder(tmp_path, pretrained=True).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["stack.blocks.0.attn.qkv.weight"], c["stack.blocks.0.attn.qkv.weight"])
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path / "nothing")):
-        checkpoint.load_encoder(tmp_path / "nothing")
+        load_checkpoint_encoder(tmp_path / "nothing")
     with pytest.raises(ValueError, match="no d2v checkpoint"):
         checkpoint.resolve(tmp_path)
 
@@ -118,11 +120,11 @@ def test_mismatched_checkpoint_is_rejected(tmp_path):
     meta["model_config"] = to_dict(bigger)
     (step_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="do not fit"):
-        checkpoint.load_encoder(step_dir)
+        load_checkpoint_encoder(step_dir)
     meta["modality"] = "smell"
     (step_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unknown modality 'smell'"):
-        checkpoint.load_encoder(step_dir)
+        load_checkpoint_encoder(step_dir)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

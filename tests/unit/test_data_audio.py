@@ -152,7 +152,7 @@ def test_finetune_and_ctc_batches(sharded):
 
 
 def test_finetune_batches_carry_the_finetune_masks(sharded):
-    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio import FinetuneMask
 
     out, _ = sharded
     spec = FinetuneMask(channel_length=4)  # tiny: D = 16, 1 or 2 spans

@@ -99,7 +99,7 @@ def test_label_budget(shards):
 
 
 def test_finetune_masks_are_speech_only(shards):
-    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio import FinetuneMask
 
     with pytest.raises(ValueError, match=r"speech recipe.*finetune.image.mask"):
         build_loader(

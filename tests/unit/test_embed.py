@@ -10,8 +10,10 @@ from PIL import Image
 from d2v import checkpoint
 from d2v.config import to_dict
 from d2v.data.shards import sha256_file
-from d2v.embed import ItemPreprocessing, attach_preprocessing, cli_embed, cli_items, embed
+from d2v.embed import cli_embed, cli_items
+from d2v.load import load_checkpoint_encoder
 from d2v.modalities import get
+from d2v.preprocessing import ItemPreprocessing, attach_preprocessing
 
 
 def tiny(modality: str, **over):
@@ -33,16 +35,16 @@ def test_embed_batches_in_order_and_restores_mode():
             ids[i, : len(s)] = torch.tensor(s)
         return {"inputs": ids, "padding_mask": ids == 1}
 
-    feats = embed(enc, seqs, stand_in, batch_size=2)
+    feats = enc.embed(seqs, preprocessing=stand_in, batch_size=2)
     assert feats.shape == (5, 16) and feats.dtype == np.float32
     assert enc.training  # put back as it was
     enc.eval()
     alone = np.concatenate([enc.embed_pooled(**_ids(stand_in([s]))).numpy() for s in seqs])
     # padding must not change a row's features: fp32 attention over masked keys, expect ~1e-7 differences
     np.testing.assert_allclose(feats, alone, atol=1e-5)
-    assert embed(enc, [], stand_in).shape == (0, 16)
+    assert enc.embed([], preprocessing=stand_in).shape == (0, 16)
     with pytest.raises(ValueError, match="list of items"):
-        embed(enc, "one string", stand_in)
+        enc.embed("one string", preprocessing=stand_in)
 
 
 def _ids(batch):
@@ -60,7 +62,7 @@ IMAGE_PREP = {"image_size": 28, "channels": 3, "mean": [0.3, 0.3, 0.3], "std": [
 def test_image_items_preprocessed_like_the_pipeline(tmp_path):
     enc, cfg = tiny("image")
     paths = [_png(tmp_path / "a.png", 30), _png(tmp_path / "b.png", 200)]
-    feats = embed(enc, paths, ItemPreprocessing("image", IMAGE_PREP, cfg, tmp_path))
+    feats = enc.embed(paths, preprocessing=ItemPreprocessing("image", IMAGE_PREP, cfg, tmp_path))
     # by hand: grey / 255, repeated to 3 channels, (x - mean) / std
     x = torch.tensor([30.0, 200.0]).view(2, 1, 1, 1).expand(2, 3, 28, 28) / 255.0
     want = enc.eval().embed_pooled((x - 0.3) / 0.2).numpy()
@@ -74,13 +76,13 @@ def test_text_items_use_the_tokenizer_that_travels_with_the_checkpoint(tmp_path)
     tok.save(str(tmp_path / "tokenizer.json"))
     prep = {"tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tmp_path / "tokenizer.json")}
     enc, cfg = tiny("text", vocab_size=300)
-    feats = embed(enc, ["the cat sat", "a dog"], ItemPreprocessing("text", prep, cfg, tmp_path))
+    feats = enc.embed(["the cat sat", "a dog"], preprocessing=ItemPreprocessing("text", prep, cfg, tmp_path))
     ids = torch.tensor(tok.encode("the cat sat").ids)[None]
     assert ids[0, 0] == 0 and ids[0, -1] == 2  # <s> ... </s>, as in the shards
     np.testing.assert_allclose(feats[0], enc.eval().embed_pooled(ids)[0].numpy(), atol=1e-5)
     (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text() + " ")
     with pytest.raises(ValueError, match="sha256"):
-        embed(enc, ["x"], ItemPreprocessing("text", prep, cfg, tmp_path))
+        enc.embed(["x"], preprocessing=ItemPreprocessing("text", prep, cfg, tmp_path))
 
 
 def test_cli_embed_and_load_encoder_embed(tmp_path):
@@ -99,7 +101,7 @@ def test_cli_embed_and_load_encoder_embed(tmp_path):
     assert cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(out))) == 0
     feats = np.load(out)
     assert feats.shape == (3, 16)
-    loaded = attach_preprocessing(checkpoint.load_encoder(run), run)
+    loaded = attach_preprocessing(load_checkpoint_encoder(run), run)
     np.testing.assert_array_equal(loaded.embed(paths), feats)
     with pytest.raises(ValueError, match=".npy"):
         cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(tmp_path / "f.txt")))
@@ -117,7 +119,7 @@ def test_checkpoint_without_preprocessing_is_named(tmp_path):
     checkpoint.save(run, 1, {f"student.{k}": v for k, v in enc.state_dict().items()}, meta)
     with pytest.raises(ValueError, match="records no preprocessing"):
         cli_embed(SimpleNamespace(checkpoint=str(run), inputs=["x.png"], out=str(tmp_path / "f.npy")))
-    bare = checkpoint.load_encoder(run)
+    bare = load_checkpoint_encoder(run)
     with pytest.raises(ValueError, match="no item preprocessing"):
         attach_preprocessing(bare, run).embed(["x.png"])
 
@@ -137,9 +139,9 @@ def test_audio_files_any_rate_and_channels(tmp_path):
     sf.write(tmp_path / "mono.flac", 0.1 * g.standard_normal(4000), 16000)
     prep = {"sample_rate": 16000, "channels": 1}
     items = [tmp_path / "stereo.wav", tmp_path / "mono.flac"]
-    feats = embed(enc, items, ItemPreprocessing("audio", prep, cfg, tmp_path), batch_size=1)
+    feats = enc.embed(items, preprocessing=ItemPreprocessing("audio", prep, cfg, tmp_path), batch_size=1)
     assert feats.shape == (2, 16) and np.isfinite(feats).all()
-    both = embed(enc, items, ItemPreprocessing("audio", prep, cfg, tmp_path), batch_size=2)
+    both = enc.embed(items, preprocessing=ItemPreprocessing("audio", prep, cfg, tmp_path), batch_size=2)
     # the padded batch gives the mono clip the same features only up to the conv positional encoder's
     # view of the zero padding (wav2vec 2.0 / HF behave alike); the first (longest) clip has no padding
     np.testing.assert_allclose(both[0], feats[0], atol=1e-5)

@@ -10,30 +10,23 @@ import torch
 from PIL import Image
 
 from d2v import checkpoint
-from d2v.checkpoint import load_finetune_model
 from d2v.config import to_dict
 from d2v.data.stages import data_module, shard
-from d2v.evaluate import (
-    INITS,
-    EvaluateConfig,
-    Run,
+from d2v.evaluate import EvaluateConfig, cli_evaluate, evaluate, predict_split
+from d2v.heads import HeadConfig, ctc_greedy_decode
+from d2v.load import build_finetune_model, load_checkpoint_encoder, load_finetune_model
+from d2v.metrics import (
     accuracy,
     cer,
-    cli_evaluate,
     confusion_matrix,
-    ctc_greedy_decode,
     edit_distance,
-    evaluate,
     linear_probe,
     macro_f1,
-    planned_runs,
-    predict_split,
     task_metrics,
     wer,
 )
-from d2v.finetune import build_finetune_model
-from d2v.heads import HeadConfig
 from d2v.modalities import get
+from d2v.sweep import INITS, Run
 
 PRED = torch.tensor([0, 0, 1, 2, 2, 2])
 TARGET = torch.tensor([0, 1, 1, 2, 2, 0])
@@ -161,7 +154,7 @@ def image_project(tmp_path_factory):
     ck = root / "checkpoints"
     _save_pretrain(ck / "pretrain" / "image", cfg, mod.build_encoder(cfg), manifest["preprocessing"])
     for init in INITS:
-        enc = checkpoint.load_encoder(ck / "pretrain" / "image", pretrained=init == "pretrained", seed=1)
+        enc = load_checkpoint_encoder(ck / "pretrain" / "image", pretrained=init == "pretrained", seed=1)
         model = build_finetune_model("image", enc, "classification", 3, HeadConfig())
         _save_finetune(ck / "finetune" / "image" / f"b2-s0-{init}", model, manifest)
     params = {
@@ -176,7 +169,7 @@ def image_project(tmp_path_factory):
 
 
 def _args(**kw):
-    return SimpleNamespace(**{"modality": "image", "budget": None, "seed": None, "from_scratch": False, **kw})
+    return SimpleNamespace(**{"modality": "image", "budget": None, "seed": None, "init": None, **kw})
 
 
 def test_evaluate_stage_writes_namespaced_metrics_and_confusion(image_project):
@@ -238,21 +231,6 @@ def test_missing_runs_manifest_and_wrong_checkpoints_are_named(image_project, tm
     too_many = {**params, "evaluate": {"image": {"probe_budget": 50}}}
     with pytest.raises(ValueError, match="label_budget: 50 labels per class"):
         cli_evaluate(too_many, _args())
-
-
-def test_planned_runs_from_sweep_and_cli_filters():
-    params = {"sweep": {"budgets": [5, 0.5], "seeds": [0, 1], "inits": ["pretrained", "scratch"]}}
-    assert len(planned_runs(params, "image")) == 8
-    runs = planned_runs(params, "image", _args(budget="0.5", seed=1, init="scratch"))
-    assert runs == [Run("scratch", 0.5, 1)] and runs[0].name == "b0.5-s1-scratch"
-    assert runs[0].key("ctc", "wer") == "ctc/scratch/b0.5/s1/wer"
-    assert [r.init for r in planned_runs(params, "image", _args(init="pretrained"))] == ["pretrained"] * 4
-    with pytest.raises(ValueError, match="--init"):
-        planned_runs(params, "image", _args(init="random"))
-    default = planned_runs({"sweep": {"budgets": [3], "seeds": [2]}}, "image")
-    assert default == [Run("pretrained", 3, 2), Run("scratch", 3, 2)]
-    with pytest.raises(ValueError, match="sweep.budgets"):
-        planned_runs({"sweep": {"budgets": [0]}}, "image")
 
 
 def test_ctc_predictions_give_wer_and_cer():

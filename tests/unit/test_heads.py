@@ -42,7 +42,9 @@ def tiny_batch(modality: str, B: int = 3) -> dict:
 
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_classification_forward_backward_predict(modality):
-    model = heads(modality).build_finetune_model(tiny_encoder(modality), "classification", 4, HeadConfig())
+    model = heads(modality).build_finetune_model(
+        tiny_encoder(modality), "classification", 4, get(modality).HeadConfig()
+    )
     assert isinstance(model, FinetuneModel) and model.encoder.modality == modality
     batch = {**tiny_batch(modality), "labels": torch.tensor([0, 3, 1])}
     loss, metrics = model(batch)
@@ -216,12 +218,14 @@ def test_head_config_validation():
     with pytest.raises(ValueError, match="head.dropout"):
         HeadConfig(dropout=1.5)
     with pytest.raises(ValueError, match="proj_dim"):
-        HeadConfig(proj_dim=0)
+        get("audio").HeadConfig(proj_dim=0)
 
 
 def test_finetune_masks_act_in_training_only():
     """``mask`` (-> mask_emb) and ``channel_mask`` (-> zeros) change the training forward, never eval."""
-    model = heads("audio").build_finetune_model(tiny_encoder("audio"), "classification", 4, HeadConfig())
+    model = heads("audio").build_finetune_model(
+        tiny_encoder("audio"), "classification", 4, get("audio").HeadConfig()
+    )
     batch = tiny_batch("audio")
     model.eval()
     plain = model.logits(batch)
@@ -249,7 +253,7 @@ def test_finetune_masks_act_in_training_only():
 
 def test_finetune_mask_config_validation():
     from d2v.config import ConfigError, from_dict
-    from d2v.heads import FinetuneMask
+    from d2v.modalities.audio import FinetuneMask
 
     assert from_dict(FinetuneMask, {"prob": 0.5}).prob == 0.5
     for bad in ({"prob": 1.0}, {"channel_length": 0}, {"min_masks": -1}, {"typo": 1}):

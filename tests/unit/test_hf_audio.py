@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 import d2v.hf  # noqa: E402
+import d2v.load  # noqa: E402
 from d2v.modalities.audio import config_from_hf, state_dict_from_hf, to_hf  # noqa: E402
-from d2v.modalities.audio.model import normalize_waveform  # noqa: E402
+from d2v.modalities.audio.frames import normalize_waveform  # noqa: E402
 from d2v.modalities.base import Encoder  # noqa: E402
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -54,7 +55,7 @@ def test_import_matches_hf_model(tmp_path, pos_kernel):
     torch.manual_seed(0)
     hf = transformers.Data2VecAudioModel(_hf_config(pos_kernel)).eval()
     hf.save_pretrained(tmp_path)
-    enc = d2v.hf.load_encoder(tmp_path)
+    enc = d2v.load.load_encoder(tmp_path)
     assert enc.modality == "audio" and not enc.training
     assert enc.config.pos_conv_kernel == pos_kernel and enc.config.pos_conv_layers == 3
     wav, pad = _batch()
@@ -68,7 +69,7 @@ def test_import_ctc_directory(tmp_path):
     torch.manual_seed(1)
     ctc = transformers.Data2VecAudioForCTC(_hf_config(vocab_size=12)).eval()
     ctc.save_pretrained(tmp_path)
-    enc = d2v.hf.load_encoder(tmp_path)
+    enc = d2v.load.load_encoder(tmp_path)
     wav, pad = _batch()
     torch.testing.assert_close(_ours(enc, wav, pad), _hf_hidden(ctc.data2vec_audio, wav, pad), **TOL)
 
@@ -77,7 +78,7 @@ def test_export_loads_in_transformers(tmp_path):
     torch.manual_seed(2)
     hf = transformers.Data2VecAudioModel(_hf_config()).eval()
     hf.save_pretrained(tmp_path / "src")
-    enc = d2v.hf.load_encoder(tmp_path / "src")
+    enc = d2v.load.load_encoder(tmp_path / "src")
     with torch.no_grad():  # move away from HF's init so the check is about our weights
         for p in enc.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -105,7 +106,7 @@ def test_missing_masked_spec_embed_keeps_an_init(tmp_path):
     torch.manual_seed(3)
     hf = transformers.Data2VecAudioModel(_hf_config(mask_time_prob=0.0)).eval()
     hf.save_pretrained(tmp_path)
-    enc = d2v.hf.load_encoder(tmp_path)
+    enc = d2v.load.load_encoder(tmp_path)
     assert ((enc.mask_emb >= 0) & (enc.mask_emb < 1)).all()  # U(0, 1) as build_encoder
     wav, pad = _batch()
     torch.testing.assert_close(_ours(enc, wav, pad), _hf_hidden(hf, wav, pad), **TOL)
@@ -120,21 +121,21 @@ def test_bad_directories_raise(tmp_path, monkeypatch):
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no weights"):
-        d2v.hf.load_encoder(tmp_path / "noweights")
+        d2v.load.load_encoder(tmp_path / "noweights")
 
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "config.json").write_text(json.dumps(cfg))
     sd = {k: v for k, v in hf.state_dict().items() if "layers.1.attention.k_proj" not in k}
     save_file(sd, str(tmp_path / "partial" / "model.safetensors"))
     with pytest.raises(ValueError, match="missing"):
-        d2v.hf.load_encoder(tmp_path / "partial")
+        d2v.load.load_encoder(tmp_path / "partial")
 
     # only the audio modality is consulted, so this does not depend on the other modality packages
     monkeypatch.setattr(d2v.hf, "MODALITIES", ("audio",))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({**cfg, "model_type": "wav2vec2"}))
     with pytest.raises(ValueError, match="model_type"):
-        d2v.hf.load_encoder(tmp_path / "other")
+        d2v.load.load_encoder(tmp_path / "other")
 
 
 @pytest.mark.parametrize(

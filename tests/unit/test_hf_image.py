@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from d2v.hf import export_hf, load_encoder  # noqa: E402
+from d2v.hf import export_hf  # noqa: E402
+from d2v.load import load_encoder  # noqa: E402
 from d2v.modalities.image import build_encoder, config_from_hf, model_config  # noqa: E402
 
 ATOL = 1e-4

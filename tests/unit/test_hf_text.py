@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Data2VecTextConfig, Data2VecTextForSequenceClassification, Data2VecTextModel
 
 import d2v.hf
+import d2v.load
 from d2v.modalities import text
 
 # fp32 on CPU; the two sides differ only in summation order (fused qkv matmul, SDPA kernels):
@@ -54,7 +55,7 @@ def test_import_matches_transformers(tmp_path, over):
     hf = Data2VecTextModel(hf_config(**over)).eval()
     perturb_(hf)
     hf.save_pretrained(tmp_path)
-    enc = d2v.hf.load_encoder(tmp_path)
+    enc = d2v.load.load_encoder(tmp_path)
     assert enc.config.max_positions == 32 and enc.config.vocab_size == 100
     ids, pad = padded_ids()
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_import_sequence_classification_backbone(tmp_path):
     hf.save_pretrained(tmp_path)
     ids, pad = padded_ids()
     with torch.no_grad():
-        ours, _ = d2v.hf.load_encoder(tmp_path).features(ids, pad)
+        ours, _ = d2v.load.load_encoder(tmp_path).features(ids, pad)
     torch.testing.assert_close(ours, hf_hidden(hf.data2vec_text, ids, pad), rtol=0, atol=ATOL)
 
 
@@ -86,7 +87,7 @@ def test_export_loads_in_transformers(tmp_path):
     with torch.no_grad():
         ours, _ = enc.features(ids, pad)
     torch.testing.assert_close(hf_hidden(hf.eval(), ids, pad), ours, rtol=0, atol=ATOL)
-    back = d2v.hf.load_encoder(tmp_path)  # d2v -> HF -> d2v is exact (token-type row exported as zeros)
+    back = d2v.load.load_encoder(tmp_path)  # d2v -> HF -> d2v is exact (token-type row exported as zeros)
     assert back.config == enc.config
     for k, v in enc.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
@@ -131,7 +132,7 @@ def test_bad_weights_raise(tmp_path, edit, match):
     Data2VecTextModel(hf_config()).save_pretrained(tmp_path)
     _edit_weights(tmp_path, edit)
     with pytest.raises(ValueError, match=match):
-        d2v.hf.load_encoder(tmp_path)
+        d2v.load.load_encoder(tmp_path)
 
 
 def test_wrong_model_type_raises(tmp_path):
@@ -139,4 +140,4 @@ def test_wrong_model_type_raises(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "roberta"}))
     with pytest.raises(ValueError, match="model_type"):
-        d2v.hf.load_encoder(tmp_path)
+        d2v.load.load_encoder(tmp_path)

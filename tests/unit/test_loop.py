@@ -11,6 +11,7 @@ from torch import nn
 
 from d2v import checkpoint, loop
 from d2v.config import to_dict
+from d2v.load import load_finetune_model
 from d2v.modalities import get
 from d2v.model import ema_decay
 from d2v.optim import OptimConfig, build_optimizer, build_scheduler
@@ -235,7 +236,8 @@ def test_epoch_stream_position_restores_the_sequence():
 
 
 def test_finetune_freezes_then_trains_the_encoder_and_checkpoints_the_task_model(tmp_path):
-    from d2v.finetune import FinetuneConfig, build_finetune_model, finetune
+    from d2v.finetune import FinetuneConfig, finetune
+    from d2v.load import build_finetune_model
 
     mod = get("image")
     cfg = mod.model_config({"preset": "tiny"})
@@ -266,31 +268,12 @@ def test_finetune_freezes_then_trains_the_encoder_and_checkpoints_the_task_model
         enc0["stack.blocks.0.attn.qkv.weight"], model.encoder.stack.blocks[0].attn.qkv.weight
     )
 
-    again, meta_back = checkpoint.load_finetune_model(tmp_path)
+    again, meta_back = load_finetune_model(tmp_path)
     assert meta_back["step"] == 4 and not again.training
     x = {"inputs": torch.randn(2, 3, 28, 28)}
     model.eval()
     assert torch.equal(again.predict(x), model.predict(x))
     torch.testing.assert_close(again.logits(x), model.logits(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(("text", "expected"), [("10", 10), ("0.25", 0.25), ("1.0", 1.0), (None, 5)])
-def test_budget_parsing_and_run_names(text, expected):
-    from d2v.finetune import parse_budget, run_name
-
-    assert parse_budget(text, 5) == expected and type(parse_budget(text, 5)) is type(expected)
-    assert (
-        run_name(10, 0, "pretrained") == "b10-s0-pretrained"
-        and run_name(0.1, 2, "scratch") == "b0.1-s2-scratch"
-    )
-
-
-@pytest.mark.parametrize("bad", ["0", "1.5", "ten", "-3"])
-def test_bad_budget_is_rejected(bad):
-    from d2v.finetune import parse_budget
-
-    with pytest.raises(ValueError, match="budget"):
-        parse_budget(bad, 10)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from d2v import checkpoint
+from d2v.load import load_finetune_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,8 +169,9 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     assert main(["pretrain", "image"]) == 0
     assert all(torch.equal(weights[k], v) for k, v in checkpoint.load_weights(run).items())
     again = json.loads((tmp_path / "metrics" / "pretrain" / "image.json").read_text())
-    saved = checkpoint.load_train_state(run)["seconds"]  # what the final checkpoint had measured
+    saved = metrics["pretrain/seconds"]  # what the first run measured, kept in its metrics file
     assert 0 < saved <= again["pretrain/seconds"] < saved + 5  # counted on from it, not from zero
+    assert "seconds" not in checkpoint.load_train_state(run)  # timings never enter a checkpoint
 
     # other params (dvc exp run -S ... with the persisted folder): the old checkpoints go, the run starts over
     capsys.readouterr()
@@ -185,7 +187,7 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     assert main(["finetune", "image", "--init", "scratch", "--budget", "0.5", "--seed", "1"]) == 0
     names = sorted(p.name for p in (tmp_path / "metrics" / "finetune" / "image").iterdir())
     assert names == ["b0.5-s1-scratch.json", "b2-s0-pretrained.json"]
-    model, meta = checkpoint.load_finetune_model(
+    model, meta = load_finetune_model(
         tmp_path / "ckpt" / "finetune" / "image" / "b2-s0-pretrained"
     )
     assert meta["init"] == "pretrained" and meta["num_classes"] == 10 and meta["budget"] == 2

@@ -46,10 +46,8 @@ from tqdm import tqdm
 from d2v.config import ConfigError
 from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for
 from d2v.data.stages import PrepareCommon, copy_source
+from d2v.modalities.audio.frames import SAMPLE_RATE, normalize_waveform
 
-SAMPLE_RATE = 16_000
-"""Every clip is resampled to 16 kHz at shard time: the rate the conv feature encoder is built for ([P1]
-§4.2: 20 ms frames = stride 320). Defined here, with the shards, so the data stages never import the model."""
 MIN_SAMPLES = 400
 """Shorter clips are skipped: the 7-layer conv encoder needs 400 samples (25 ms) for one frame (§2.2)."""
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga")
@@ -402,8 +400,6 @@ def transform(
     a random crop in pretraining ([FS] ``RawAudioDataset.crop_to_max_size``), the head in fine-tuning
     (classification only; CTC targets would no longer match), nothing in eval."""
     if getattr(model_cfg, "normalize_waveform", False):
-        from d2v.modalities.audio.model import normalize_waveform
-
         x = normalize_waveform(x[None], None)[0]
     if max_len is None or len(x) <= max_len or mode == "eval" or target == "transcript":
         return x
@@ -437,13 +433,12 @@ def collate(
         wav[i, : len(x)] = x
     padding = torch.arange(N)[None, :] >= n[:, None]
     batch = {"inputs": wav, "padding_mask": padding}
+    if mode in ("pretrain", "finetune"):  # training only: the data stages never load the masking code
+        from d2v.modalities.audio.masking import finetune_masks, make_mask
+
     if mode == "pretrain":
-        from d2v.modalities import get
-
-        batch["mask"] = get("audio").make_mask(n, model_cfg, generator)
+        batch["mask"] = make_mask(n, model_cfg, generator)
     elif mode == "finetune" and finetune_mask is not None:
-        from d2v.modalities.audio.masking import finetune_masks
-
         batch["mask"], batch["channel_mask"] = finetune_masks(n, model_cfg, finetune_mask, generator)
     return batch
 

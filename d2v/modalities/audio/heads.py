@@ -13,12 +13,14 @@ HF names: ``projector`` / ``classifier`` (classification), ``lm_head`` (CTC).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from d2v.config import ConfigError
 from d2v.heads import (
     FinetuneModel,
     HeadConfig,
@@ -41,6 +43,21 @@ WORD_BOUNDARY = 1
 _INDEX = {c: i for i, c in enumerate(CTC_VOCAB)}
 FROZEN = ("encoder.feature_extractor.",)
 """The conv feature encoder ([FS] ``feature_grad_mult: 0``)."""
+
+
+
+
+@dataclass(frozen=True)
+class AudioHeadConfig(HeadConfig):
+    """``finetune.audio.head``: the shared head options plus the classification projector's width."""
+
+    proj_dim: int = 256
+    """Width of the projector before mean pooling (HF ``classifier_proj_size``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.proj_dim < 1:
+            raise ConfigError(f"head.proj_dim: must be >= 1, got {self.proj_dim}")
 
 
 # --------------------------------------------------------------------------------------------- letters
@@ -103,7 +120,7 @@ class Data2VecAudioForSequenceClassification(SequenceClassifier):
 
     always_frozen = FROZEN
 
-    def __init__(self, encoder: AudioEncoder, num_classes: int, cfg: HeadConfig) -> None:
+    def __init__(self, encoder: AudioEncoder, num_classes: int, cfg: AudioHeadConfig) -> None:
         super().__init__(encoder, num_classes, cfg.label_smoothing or 0.0)
         d = encoder.transformer.dim
         self.dropout = nn.Dropout(0.0 if cfg.dropout is None else cfg.dropout)
@@ -149,7 +166,7 @@ class Data2VecAudioForCTC(FinetuneModel):
 
 
 def build_finetune_model(
-    encoder: Encoder, task: Task, num_classes: int | None, cfg: HeadConfig | None = None
+    encoder: Encoder, task: Task, num_classes: int | None, cfg: AudioHeadConfig | None = None
 ) -> FinetuneModel:
     """The audio fine-tuning model for ``task`` ('classification' or 'ctc'); ``cfg``: head options.
 
@@ -159,7 +176,7 @@ def build_finetune_model(
     check_task("audio", task, num_classes, TASKS)
     if not isinstance(encoder, AudioEncoder):
         raise ValueError(f"audio heads need an audio encoder, got a {encoder.modality} encoder")
-    cfg = cfg or HeadConfig()
+    cfg = cfg or AudioHeadConfig()
     if task == "ctc":
         if num_classes not in (None, len(CTC_VOCAB)):
             raise ValueError(

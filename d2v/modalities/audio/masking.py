@@ -19,15 +19,46 @@ with ``pad: false``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from d2v.modalities.audio.model import ModelConfig, feature_lengths
+from d2v.config import ConfigError
+from d2v.modalities.audio.frames import feature_lengths
 
-if TYPE_CHECKING:  # the data loader imports this module; the heads (and their imports) stay out of it
-    from d2v.heads import FinetuneMask
+if TYPE_CHECKING:  # the type only: the data loader imports this module, never the encoder
+    from d2v.modalities.audio.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class FinetuneMask:
+    """Masking while fine-tuning, a speech recipe: wav2vec 2.0 fine-tuning, which data2vec keeps ([P1] §4.2,
+    reference §3.1; [FS] ``Wav2Vec2AsrConfig`` ``apply_mask: true``). The reference values are those of
+    fairseq's ``base_10m`` / ``base_1h`` (few labels): time 0.65 x 10 frames, channels 0.25 x 64 (of 768)."""
+
+    prob: float = 0.65
+    """Time masks: ``prob * T / length`` spans per row replaced by ``mask_emb`` ([FS] ``mask_prob``)."""
+    length: int = 10
+    """Frames per time span ([FS] ``mask_length``)."""
+    min_masks: int = 2
+    """At least this many time spans per row ([FS] ``apply_mask``: ``min_masks=2``)."""
+    channel_prob: float = 0.25
+    """Channel masks: ``channel_prob * D / channel_length`` spans of feature channels zeroed over all
+    frames ([FS] ``mask_channel_prob``; 0.5 for 10 h and more labels)."""
+    channel_length: int = 64
+    """Channels per span ([FS] ``mask_channel_length``, for D = 768; scale it with the width)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prob", "channel_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"mask.{name}: must be in [0, 1), got {getattr(self, name)}")
+        for name in ("length", "channel_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"mask.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.min_masks < 0:
+            raise ConfigError(f"mask.min_masks: must be >= 0, got {self.min_masks}")
 
 
 def span_starts(n_frames: int, num_spans: int, span: int, generator: torch.Generator) -> Tensor:

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
-from d2v.modalities.audio.data import SAMPLE_RATE
+from d2v.modalities.audio.frames import SAMPLE_RATE, frame_padding, normalize_waveform, receptive_field
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
 from d2v.transformer import Tap, TransformerStack, init_bert_params
@@ -140,47 +139,6 @@ def model_config(d: dict[str, Any] | None, where: str = "model.audio") -> ModelC
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"{where}.preset: {preset!r} is not one of {list(PRESETS)}")
     return from_dict(ModelConfig, _deep_merge({"preset": preset, **PRESETS[preset]}, d), where)
-
-
-# ------------------------------------------------------------------------------------------ pure functions
-
-
-def feature_lengths(n_samples: Tensor, cfg: ModelConfig) -> Tensor:
-    """Frames produced from ``n_samples`` samples: ``T = floor((N - k) / s) + 1`` per conv ([FS], [HF])."""
-    n = n_samples.long()
-    for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
-        n = torch.div(n - k, s, rounding_mode="floor") + 1
-    return n
-
-
-def receptive_field(cfg: ModelConfig) -> int:
-    """Samples seen by one frame = the shortest input giving one frame (400 for the paper's stack)."""
-    field_, jump = 1, 1
-    for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
-        field_ += (k - 1) * jump
-        jump *= s
-    return field_
-
-
-def frame_padding(padding_BN: Tensor, n_frames: int, cfg: ModelConfig) -> Tensor:
-    """Sample-rate padding (True = pad, right-padded rows) -> frame-rate padding [B, T] ([FS], [HF])."""
-    lengths_B = feature_lengths((~padding_BN).sum(-1), cfg)
-    return torch.arange(n_frames, device=padding_BN.device)[None, :] >= lengths_B[:, None]
-
-
-def normalize_waveform(wav_BN: Tensor, padding_BN: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """Per-utterance zero mean / unit variance over the valid samples; padding set to 0.
-
-    fairseq ``F.layer_norm(wav, wav.shape)`` before padding (eps 1e-5); HF's feature extractor uses 1e-7.
-    """
-    x = wav_BN.float()
-    if padding_BN is None:
-        return F.layer_norm(x, x.shape[-1:], eps=eps).to(wav_BN.dtype)
-    w = (~padding_BN).to(x.dtype)
-    n = w.sum(-1, keepdim=True).clamp_min(1.0)
-    mean = (x * w).sum(-1, keepdim=True) / n
-    var = (((x - mean) * w) ** 2).sum(-1, keepdim=True) / n
-    return ((x - mean) * torch.rsqrt(var + eps) * w).to(wav_BN.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- modules

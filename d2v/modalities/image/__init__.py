@@ -1,7 +1,9 @@
 """Images: data2vec 1.0 vision, the BEiT-style ViT of [DV] (HF ``Data2VecVision``)."""
 
+from d2v.heads import HeadConfig
 from d2v.modalities.image.data import PrepareConfig, ShardConfig, inference_inputs
 from d2v.modalities.image.heads import (
+    TASKS,
     Data2VecVisionForImageClassification,
     build_finetune_model,
     prepare_for_finetuning,
@@ -17,7 +19,13 @@ from d2v.modalities.image.model import (
     model_config,
 )
 
+FinetuneMask = None
+"""Fine-tuning masks are a speech recipe (wav2vec 2.0 fine-tuning): images have none."""
+
 __all__ = [
+    "FinetuneMask",
+    "HeadConfig",
+    "TASKS",
     "PrepareConfig",
     "ShardConfig",
     "inference_inputs",

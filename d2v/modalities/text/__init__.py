@@ -1,7 +1,8 @@
 """Text modality: post-LN RoBERTa encoder (data2vec 1.0 text, HF ``Data2VecText``), masking, HF I/O."""
 
+from d2v.heads import HeadConfig
 from d2v.modalities.text.data import SPECIALS, PrepareConfig, ShardConfig, inference_inputs, load_tokenizer
-from d2v.modalities.text.heads import Data2VecTextForSequenceClassification, build_finetune_model
+from d2v.modalities.text.heads import TASKS, Data2VecTextForSequenceClassification, build_finetune_model
 from d2v.modalities.text.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
 from d2v.modalities.text.masking import make_mask
 from d2v.modalities.text.model import (
@@ -14,7 +15,13 @@ from d2v.modalities.text.model import (
     model_config,
 )
 
+FinetuneMask = None
+"""Fine-tuning masks are a speech recipe (wav2vec 2.0 fine-tuning): text has none."""
+
 __all__ = [
+    "FinetuneMask",
+    "HeadConfig",
+    "TASKS",
     "SPECIALS",
     "PrepareConfig",
     "ShardConfig",

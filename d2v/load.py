@@ -1,0 +1,105 @@
+"""Models from files: encoders and fine-tuned task models from d2v checkpoints or Hugging Face folders.
+
+``load_encoder(path)`` is the library's entry point (``d2v.load_encoder``): a d2v checkpoint (a step
+directory, or a run directory -> its latest step) or an HF data2vec directory (``d2v.hf``). A d2v
+checkpoint carries the pipeline's preprocessing, so ``load_encoder(path).embed(items)`` reads raw items
+exactly as the shards were made. ``d2v.checkpoint`` reads the files; this module builds the modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from d2v import checkpoint
+from d2v.config import from_dict
+from d2v.heads import FinetuneModel, HeadConfig
+from d2v.hf import load_hf_encoder
+from d2v.modalities import get
+from d2v.modalities.base import Encoder
+from d2v.preprocessing import attach_preprocessing
+
+
+def head_config(modality: str, d: dict[str, Any] | HeadConfig | None, where: str) -> HeadConfig:
+    """The modality's head options (its ``HeadConfig`` class, e.g. audio's with ``proj_dim``) from a dict."""
+    cls = get(modality).HeadConfig
+    return d if isinstance(d, cls) else from_dict(cls, d if isinstance(d, dict) else {}, where)
+
+
+def build_finetune_model(
+    modality: str, encoder: Encoder, task: str, num_classes: int | None, head: HeadConfig | None = None
+) -> FinetuneModel:
+    """The modality's ``For<Task>`` model around ``encoder`` (seed the torch RNG first: heads are random);
+    ``head`` None: the modality's default head options."""
+    return get(modality).build_finetune_model(encoder, task, num_classes, head)
+
+
+def load_checkpoint_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
+    """The encoder of a d2v checkpoint (step dir, or run dir -> latest), rebuilt from its meta.json.
+
+    ``pretrained=False``: the same architecture, freshly initialised from ``seed``.
+    """
+    step_dir = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(step_dir)
+    modality = meta.get("modality")
+    try:
+        mod = get(modality)
+    except ValueError as e:
+        raise ValueError(f"{step_dir}/{checkpoint.META}: {e}") from None
+    cfg = mod.model_config(meta["model_config"], f"{step_dir}/{checkpoint.META}:model_config")
+    torch.manual_seed(seed)
+    encoder = mod.build_encoder(cfg)
+    if pretrained:
+        prefix = meta.get("encoder_prefix", "student.")
+        sd = {k[len(prefix) :]: v for k, v in checkpoint.load_weights(step_dir).items() if k.startswith(prefix)}
+        ref = encoder.state_dict()
+        missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+        wrong = sorted(k for k in set(ref) & set(sd) if ref[k].shape != sd[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{step_dir}: weights under {prefix!r} do not fit a {modality} encoder of its meta.json "
+                f"config: missing {missing[:4]}, unexpected {unexpected[:4]}, other shape {wrong[:4]}"
+            )
+        encoder.load_state_dict(sd)
+    return encoder.eval()
+
+
+def load_finetune_model(path: str | Path, modality: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The fine-tuned task model of a ``kind: finetune`` checkpoint (eval mode) and its meta.json.
+
+    ValueError naming the checkpoint when it is missing, not from ``d2v finetune``, of another modality than
+    ``modality`` (when given), or its weights do not fit the recorded config.
+    """
+    step_dir = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(step_dir)
+    if meta.get("kind") != "finetune":
+        raise ValueError(
+            f"{step_dir} is a {meta.get('kind')!r} checkpoint; expected a fine-tuned one (from `d2v finetune`)"
+        )
+    if modality is not None and meta.get("modality") != modality:
+        raise ValueError(f"{step_dir} is a {meta.get('modality')!r} checkpoint, not {modality!r}")
+    encoder = load_checkpoint_encoder(step_dir, pretrained=False)
+    head = head_config(meta["modality"], meta.get("head"), f"{step_dir}/{checkpoint.META}:head")
+    model = build_finetune_model(meta["modality"], encoder, meta["task"], meta.get("num_classes"), head)
+    try:
+        model.load_state_dict(checkpoint.load_weights(step_dir))
+    except RuntimeError as e:
+        raise ValueError(f"{step_dir}: weights do not fit the model its meta.json describes: {e}") from None
+    return model.eval(), meta
+
+
+def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
+    """A d2v encoder from an HF data2vec directory or a d2v checkpoint.
+
+    ``pretrained=False`` builds the same architecture freshly initialised with ``seed``: the from-scratch
+    baseline that benchmarks compare against.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    if (path / "config.json").exists():
+        return load_hf_encoder(path, pretrained, seed)
+    return attach_preprocessing(load_checkpoint_encoder(path, pretrained=pretrained, seed=seed), path)

@@ -1,0 +1,163 @@
+"""Evaluation metrics (pure functions, each unit-tested against hand computations) and the linear probe.
+
+Shape legend: N / M examples, C classes, D feature width.
+
+Classification: accuracy, macro-F1, confusion matrix. Speech CTC: word and character error rates of
+greedy transcripts. The linear probe: logistic regression on frozen features (``split_features``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from d2v.modalities.base import Encoder
+
+# ------------------------------------------------------------------------------------- classification
+
+
+def accuracy(pred_N: Tensor, target_N: Tensor) -> float:
+    """Fraction of ``pred_N == target_N`` (int class ids [N] each)."""
+    if pred_N.shape != target_N.shape or pred_N.numel() == 0:
+        raise ValueError(
+            f"accuracy needs two non-empty [N] tensors, got {tuple(pred_N.shape)}, {tuple(target_N.shape)}"
+        )
+    return (pred_N == target_N).float().mean().item()
+
+
+def confusion_matrix(pred_N: Tensor, target_N: Tensor, num_classes: int) -> Tensor:
+    """Counts [C, C] (int64): row = actual class, column = predicted class."""
+    if pred_N.shape != target_N.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred_N.shape)} vs {tuple(target_N.shape)}")
+    for name, t in (("pred", pred_N), ("target", target_N)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{name} has class ids outside [0, {num_classes})")
+    flat = target_N.long().cpu() * num_classes + pred_N.long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def macro_f1(pred_N: Tensor, target_N: Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN).
+
+    Over the classes that occur in the targets or the predictions (scikit-learn's ``f1_score(average=
+    "macro")`` with its default labels): a class absent from both says nothing about the model.
+    """
+    cm = confusion_matrix(pred_N, target_N, num_classes).double()
+    tp = cm.diag()
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    if not bool(present.any()):
+        raise ValueError("macro_f1 of an empty set")
+    f1 = 2 * tp / (support + predicted).clamp_min(1)
+    return f1[present].mean().item()
+
+
+# ------------------------------------------------------------------------------------------ sequences
+
+
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions; unit costs) between two sequences."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i]
+        for j, h in enumerate(hyp, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
+        prev = cur
+    return prev[-1]
+
+
+def _error_rate(refs: Sequence[Sequence], hyps: Sequence[Sequence], unit: str) -> float:
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    total = sum(len(r) for r in refs)
+    if total == 0:
+        raise ValueError(f"the references contain no {unit}s: the error rate is undefined")
+    return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / total
+
+
+def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Word error rate over a corpus: total word edits / total reference words (whitespace-split)."""
+    return _error_rate([r.split() for r in refs], [h.split() for h in hyps], "word")
+
+
+def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """Character error rate: total character edits / total reference characters (single spaces count)."""
+    return _error_rate([" ".join(r.split()) for r in refs], [" ".join(h.split()) for h in hyps], "character")
+
+
+def task_metrics(task: str, preds: list, targets: list, num_classes: int | None) -> dict[str, float]:
+    """accuracy + macro_f1 (classification) or wer + cer (CTC)."""
+    if task == "ctc":
+        return {"wer": wer(targets, preds), "cer": cer(targets, preds)}
+    assert num_classes is not None
+    p, t = torch.tensor(preds), torch.tensor(targets)
+    return {"accuracy": accuracy(p, t), "macro_f1": macro_f1(p, t, num_classes)}
+
+
+# ------------------------------------------------------------------------------------------- probing
+
+
+def linear_probe(
+    train_x_ND: Tensor,
+    train_y_N: Tensor,
+    test_x_MD: Tensor,
+    num_classes: int,
+    *,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+) -> Tensor:
+    """Multinomial logistic regression on frozen features; returns the test predictions [M] (int64).
+
+    Features are standardised with the training mean/std; the weights start at zero and full-batch L-BFGS
+    minimises ``CE + l2/2 * |W|^2`` (a strictly convex problem: no RNG is involved, so the result depends
+    only on the data; same inputs -> same predictions on CPU).
+    """
+    if train_x_ND.dim() != 2 or test_x_MD.dim() != 2 or train_x_ND.shape[1] != test_x_MD.shape[1]:
+        raise ValueError(
+            "linear_probe needs [N, D] and [M, D] features, "
+            f"got {tuple(train_x_ND.shape)}, {tuple(test_x_MD.shape)}"
+        )
+    if train_y_N.shape != train_x_ND.shape[:1]:
+        raise ValueError(f"{train_x_ND.shape[0]} training features but {train_y_N.shape[0]} labels")
+    x = train_x_ND.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    x = (x - mean) / std
+    y = train_y_N.long()
+    D = x.shape[1]
+    W = torch.zeros(D, num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y) + 0.5 * l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        z = (test_x_MD.double() - mean) / std
+        return (z @ W + b).argmax(-1)
+
+
+@torch.no_grad()
+def split_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean-pooled features [N, D] (fp32, CPU) and labels [N] of a labelled split."""
+    encoder.to(device).eval()
+    xs, ys = [], []
+    for batch in loader:
+        pad = batch.get("padding_mask")
+        xs.append(
+            encoder.embed_pooled(batch["inputs"].to(device), None if pad is None else pad.to(device))
+            .float()
+            .cpu()
+        )
+        ys.append(batch["labels"])
+    if not xs:
+        raise ValueError("the split yielded no samples")
+    return torch.cat(xs), torch.cat(ys)

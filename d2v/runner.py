@@ -1,0 +1,299 @@
+"""The one stage runner of pretraining and fine-tuning: resume, train, guard, checkpoint, time, write, track.
+
+``pretrain`` (``d2v.train``) and ``finetune`` (``d2v.finetune``) build a model, a loader and a :class:`Job`
+saying only what differs between them (the optimizer's parameter groups, what runs after each update, the
+guards, the logged curve); :func:`train` runs it and :func:`run_stage` wraps it as a CLI stage. A killed
+run resumes bit-exactly from its last checkpoint: weights, optimizer, scheduler, RNG states, the data
+position of every rank and the loss history are restored (``d2v.loop`` reseeds every update).
+
+Timings never enter a checkpoint (the same params give byte-identical checkpoints, so DVC keeps everything
+downstream): a run's wall seconds live in its stage metrics file, rewritten at every checkpoint, and a
+resumed run counts on from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from d2v import checkpoint, distributed, loop, tracking
+from d2v.config import to_dict
+from d2v.optim import build_optimizer, build_scheduler
+from d2v.transformer import Block
+
+Kind = Literal["pretrain", "finetune"]
+RESUME_NEUTRAL = ("log_every", "checkpoint_every", "keep_checkpoints")
+"""Stage-config fields that do not change the trained weights: a change keeps the run resumable."""
+
+
+@dataclass
+class Job:
+    """One training run: everything that differs between pretraining and fine-tuning.
+
+    ``make_loader(epoch)`` yields this rank's batches of one epoch (deterministic per epoch). ``meta`` goes
+    into every checkpoint's meta.json and ``files`` are copied next to the weights.
+    """
+
+    kind: Kind
+    """The stage: metric prefix (``pretrain/loss``), checkpoint kind, W&B job type."""
+    model: nn.Module
+    cfg: Any
+    """The stage section (``PretrainConfig`` / ``FinetuneConfig``: a ``LoopConfig`` with ``optim``)."""
+    make_loader: Callable[[int], Iterable[dict[str, Any]]]
+    run_dir: Path
+    meta: dict[str, Any]
+    curve_fields: tuple[str, ...]
+    """The logged metrics kept in the loss history (and the plots CSV), ``step`` first."""
+    files: dict[str, Path] | None = None
+    layer_ids: Callable[[], dict[str, int]] | None = None
+    """Parameter name -> layer id for layer-wise LR decay (fine-tuning); None: no layer decay."""
+    on_start: Callable[[int], None] = lambda step: None
+    """Runs once the model is built and resumed, with the step the run continues from."""
+    after_step: Callable[[int], dict[str, float]] = lambda step: {}
+    """Runs after every optimizer update (the EMA teacher); returns scalars to log (tau)."""
+    check: Callable[[int, dict[str, float]], str | None] = lambda step, metrics: None
+    """At every log: what went wrong (collapse), which halts the run before it saves, or None."""
+
+
+@dataclass
+class Outputs:
+    """Where a CLI stage writes its flat metrics JSON and its curve CSV (DVC ``metrics`` / ``plots``)."""
+
+    metrics: Path
+    curve: Path
+    batch_size: int = 1
+    """Samples per update over all ranks: ``samples_per_s`` = steps x batch / seconds."""
+    seconds_before: float = field(default=0.0, init=False)
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each Transformer block in place (state-dict names unchanged)."""
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.compile()
+
+
+def train_state(
+    model: nn.Module, opt, sched, stream: loop.EpochStream, step: int, history: list
+) -> dict[str, Any]:
+    """What a resume needs besides the weights; the data position of every rank (a collective)."""
+    return {
+        "step": step,
+        "optimizer": distributed.optimizer_state(model, opt),
+        "scheduler": sched.state_dict(),
+        "rng": checkpoint.rng_state(),
+        "data": distributed.gather_objects(stream.position()),
+        "history": history,
+    }
+
+
+def data_position(state: dict[str, Any], info: distributed.DistInfo) -> dict[str, int]:
+    """This rank's saved data position (rank 0's if the world size changed; epoch 0 for a new run)."""
+    saved = state.get("data") or [{}]
+    return saved[info.rank] if len(saved) == info.world_size else saved[0]
+
+
+def resume(model: nn.Module, opt, sched, run_dir: Path) -> dict[str, Any] | None:
+    """Load the latest checkpoint of ``run_dir`` into model/optimizer/scheduler; its train state or None."""
+    last = checkpoint.latest(run_dir)
+    if last is None:
+        return None
+    distributed.load_model_state(model, checkpoint.load_weights(last))
+    state = checkpoint.load_train_state(last)
+    distributed.load_optimizer_state(model, opt, state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+    return state
+
+
+def write_outputs(history: list[dict[str, float]], prefix: str, out: Outputs, seconds: float) -> dict:
+    """Flat ``<prefix>/*`` metrics JSON and the curve CSV for DVC plots.
+
+    The metrics are the last logged values, the steps, and the run's wall seconds of training (summed over
+    resumes; setup and data preparation excluded) with the samples/s they imply.
+    """
+    last = history[-1] if history else {}
+    metrics = {f"{prefix}/{k}": v for k, v in last.items() if k != "step"}
+    steps = metrics[f"{prefix}/steps"] = int(last.get("step", 0))
+    metrics[f"{prefix}/seconds"] = seconds
+    metrics[f"{prefix}/samples_per_s"] = steps * out.batch_size / seconds if seconds > 0 else 0.0
+    out.metrics.parent.mkdir(parents=True, exist_ok=True)
+    out.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    out.curve.parent.mkdir(parents=True, exist_ok=True)
+    with out.curve.open("w", newline="") as f:
+        fields = list(history[0]) if history else ["step"]
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(history)
+    return metrics
+
+
+def seconds_so_far(out: Outputs | None, prefix: str, step: int) -> float:
+    """The training seconds the metrics file recorded at ``step`` (the checkpoint a run resumes from)."""
+    if out is None or step == 0 or not out.metrics.is_file():
+        return 0.0
+    try:
+        m = json.loads(out.metrics.read_text())
+    except ValueError:
+        return 0.0  # a metrics file from an interrupted write: the time is lost, never the run
+    return float(m.get(f"{prefix}/seconds", 0.0)) if m.get(f"{prefix}/steps") == step else 0.0
+
+
+@contextlib.contextmanager
+def halt_note(run_dir: Path) -> Iterator[None]:
+    """Add the last good checkpoint (never one written after the problem) to a ``TrainingHalted``."""
+    try:
+        yield
+    except loop.TrainingHalted as e:
+        last = checkpoint.latest(run_dir)
+        where = (
+            f"the last good checkpoint is {last}; rerunning the stage resumes from it"
+            if last
+            else "no checkpoint was written yet"
+        )
+        raise loop.TrainingHalted(f"{e}. Stopped: {where}.") from None
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def train(
+    job: Job,
+    *,
+    seed: int = 0,
+    info: distributed.DistInfo | None = None,
+    tracker: tracking.NullTracker | None = None,
+    outputs: Outputs | None = None,
+    clock: loop.Stopwatch | None = None,
+) -> list[dict[str, float]]:
+    """Train ``job.model`` to ``cfg.steps`` updates, resuming from ``job.run_dir``; the logged history.
+
+    ``outputs``: the metrics / curve files, rewritten at every checkpoint (rank 0). ``clock`` ends up
+    holding the run's training seconds (resumes included).
+    """
+    info = info or distributed.DistInfo()
+    tracker = tracker or tracking.NullTracker()
+    cfg, run_dir = job.cfg, Path(job.run_dir)
+    if info.is_main:
+        checkpoint.clean_stale(run_dir)
+    job.model.to(info.device)
+    if cfg.compile:
+        compile_blocks(job.model)
+    wrapped = distributed.wrap(job.model, info, cfg.parallel)
+    model = distributed.unwrap(wrapped)
+    depth = model.encoder.transformer.depth if job.layer_ids is not None else 0
+    layer_ids = job.layer_ids() if job.layer_ids is not None else None
+    opt = build_optimizer(model, cfg.optim, layer_ids, depth)
+    sched = build_scheduler(opt, cfg.optim, cfg.steps)
+    state = resume(wrapped, opt, sched, run_dir) or {}
+    step, history = state.get("step", 0), state.get("history", [])
+    stream = loop.EpochStream(job.make_loader, **data_position(state, info))
+    clock = clock or loop.Stopwatch()
+    clock.restart(seconds_so_far(outputs, job.kind, step))
+    job.on_start(step)
+
+    def on_log(done: int, m: dict[str, float]) -> None:
+        history.append({"step": done, **{k: m[k] for k in job.curve_fields[1:] if k in m}})
+        tracker.log({f"{job.kind}/{k}": v for k, v in m.items()}, step=done)
+        problem = job.check(done, m)
+        if problem:
+            raise loop.TrainingHalted(problem)
+
+    def on_save(done: int) -> None:
+        sd = distributed.model_state(wrapped)  # a collective under FSDP: every rank calls it
+        st = train_state(wrapped, opt, sched, stream, done, history)
+        if info.is_main:
+            checkpoint.save(run_dir, done, sd, job.meta, st, keep=cfg.keep_checkpoints, files=job.files)
+            if outputs is not None:  # the time so far, for a run that is killed and resumed
+                write_outputs(history, job.kind, outputs, clock.seconds())
+        distributed.barrier()
+
+    with halt_note(run_dir):
+        loop.run(
+            wrapped, opt, sched, stream, cfg, clip_norm=cfg.optim.clip_norm, device=info.device, seed=seed,
+            start_step=step, rank=info.rank, world_size=info.world_size, after_step=job.after_step,
+            on_log=on_log, on_save=on_save,
+        )  # fmt: skip
+    return history
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def preprocessing_files(manifest: dict[str, Any], shard_dir: Path) -> dict[str, Path]:
+    """Files the manifest's preprocessing section names (e.g. the tokenizer): copied into each checkpoint."""
+    prep = manifest.get("preprocessing") or {}
+    return {
+        Path(v).name: shard_dir / v for v in prep.values() if isinstance(v, str) and (shard_dir / v).is_file()
+    }
+
+
+def resume_relevant(cfg: Any) -> dict[str, Any]:
+    """The stage config without the fields that leave the weights unchanged (``RESUME_NEUTRAL``)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_NEUTRAL}
+
+
+def per_rank_batch(batch_size: int, grad_accum: int, info: distributed.DistInfo, where: str) -> int:
+    n = grad_accum * info.world_size
+    if batch_size % n:
+        raise ValueError(
+            f"{where}.batch_size={batch_size} does not split into {info.world_size} rank(s) x {grad_accum} "
+            f"micro-step(s); use a multiple of {n}"
+        )
+    return batch_size // n
+
+
+def run_stage(
+    job: Job,
+    *,
+    params: dict[str, Any],
+    modality: str,
+    fingerprint: dict[str, Any],
+    outputs: Outputs,
+    run_config: dict[str, Any],
+    seed: int,
+    info: distributed.DistInfo,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """A training stage from the CLI: decide resume or restart, train, write the outputs, track, report.
+
+    ``fingerprint`` is everything that determines the result; a checkpoint folder made with another one
+    starts over (``checkpoint.prepare_run_dir``). The caller has checked its inputs (``make_loader(0)``)
+    before any model was trained. Returns the stage metrics (rank 0; {} elsewhere).
+    """
+    checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)
+    distributed.barrier()
+    job.meta = {**job.meta, "fingerprint": fingerprint}
+    config = {**run_config, "seed": seed, "profile": params.get("profile")}
+    tracker = tracking.start(params, job.kind, modality, config=config, name=name, rank=info.rank)
+    clock = loop.Stopwatch()
+    try:
+        history = train(job, seed=seed, info=info, tracker=tracker, outputs=outputs, clock=clock)
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    metrics: dict[str, Any] = {}
+    if info.is_main:
+        metrics = write_outputs(history, job.kind, outputs, clock.seconds())
+        tracker.summary(metrics)
+        if tracker.log_checkpoints:
+            label = f"{job.kind}-{modality}" + (f"-{name}" if name else "")
+            tracker.artifact(checkpoint.latest(job.run_dir), label, "model")
+        loss = metrics.get(f"{job.kind}/loss", float("nan"))
+        print(
+            f"{job.kind} {modality}{' ' + name if name else ''}: {metrics[f'{job.kind}/steps']} steps, "
+            f"loss {loss:.4f}; checkpoints in {job.run_dir}, metrics in {outputs.metrics}"
+        )
+    tracker.finish()
+    distributed.cleanup()
+    return metrics

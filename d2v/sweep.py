@@ -1,0 +1,122 @@
+"""The label-budget sweep's vocabulary: budgets, seeds, inits, run names, stage names and metric keys.
+
+One fine-tuning run is ``(init, budget, seed)``. Everything that names it is derived here and only here:
+- its folder / metrics file / W&B name ``b<budget>-s<seed>-<init>`` (:attr:`Run.name`);
+- its DVC stage ``finetune@<m>-<budget>-<seed>-<init>`` (:data:`FINETUNE_STAGE`, dvc.yaml's ``matrix``);
+- its evaluate metrics ``<task prefix>/<init>/b<budget>/s<seed>/<metric>`` (:meth:`Run.key`, parsed back by
+  :data:`EVAL_KEY`) and the linear probe's ``probe/<init>/<metric>`` (:func:`probe_key`, :data:`PROBE_KEY`).
+Used by the finetune, evaluate and report stages, the CLI and the Prefect flows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from d2v.config import ConfigError
+
+Init = Literal["pretrained", "scratch"]
+"""'pretrained': start from the pretrain stage's encoder; 'scratch': the same architecture, random init."""
+PRETRAINED, SCRATCH = get_args(Init)
+INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH)
+Budget = int | float
+"""Labels per class (an int >= 1) or a fraction of each class's training labels (a float in (0, 1])."""
+
+FINETUNE_STAGE = "finetune@{modality}-{budget}-{seed}-{init}"
+"""dvc.yaml's name of one fine-tuning run (a ``matrix`` over modality x budget x seed x init)."""
+
+TASK_PREFIX = {"classification": "evaluate", "ctc": "ctc"}
+"""Metric-key prefix per fine-tuning task: ``evaluate/<init>/b<budget>/s<seed>/accuracy``, ``ctc/.../wer``."""
+
+EVAL_KEY = re.compile(
+    r"^(?P<task>[A-Za-z0-9_]+)/(?P<init>[A-Za-z0-9_-]+)/b(?P<budget>[^/]+)/s(?P<seed>\d+)/(?P<metric>[^/]+)$"
+)
+"""``evaluate/pretrained/b5/s0/accuracy``, ``ctc/scratch/b10/s1/wer`` (:meth:`Run.key`)."""
+PROBE_KEY = re.compile(r"^probe/(?P<init>[A-Za-z0-9_-]+)/(?:s(?P<seed>\d+)/)?(?P<metric>[^/]+)$")
+"""``probe/pretrained/accuracy`` (optionally ``probe/<init>/s<seed>/<metric>``; :func:`probe_key`)."""
+
+
+def check_budget(b: Budget, where: str) -> None:
+    """ConfigError naming ``where`` unless ``b`` is an int >= 1 or a float in (0, 1]."""
+    if isinstance(b, bool) or (isinstance(b, int) and b < 1) or (isinstance(b, float) and not 0.0 < b <= 1.0):
+        raise ConfigError(
+            f"{where}: {b!r} is not a label budget (an int >= 1 per class, or a fraction in (0, 1])"
+        )
+
+
+def parse_budget(text: str | None, default: Budget) -> Budget:
+    """``--budget``: '10' -> 10 labels per class, '0.1' -> 10 % of each class, None -> ``default``."""
+    if text is None:
+        return default
+    try:
+        b: Budget = int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise ValueError(
+            f"--budget {text!r}: expected labels per class (e.g. 10) or a fraction (e.g. 0.1)"
+        ) from None
+    check_budget(b, "--budget")
+    return b
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The ``sweep`` section: the ``finetune@<m>-<budget>-<seed>-<init>`` matrix of dvc.yaml.
+
+    One list for every modality (labels per class compare across them); ``evaluate@<m>`` scores exactly
+    these runs, so a run removed from the sweep is never read even if its folder is still there.
+    """
+
+    budgets: tuple[Budget, ...] = (5, 50)
+    """Label budgets: an int is labels per class, a float in (0, 1] a fraction of the train split."""
+    seeds: tuple[int, ...] = (0,)
+    """Fine-tuning seeds (head init, data order, dropout)."""
+    inits: tuple[Init, ...] = INITS
+    """Which encoders to fine-tune: the pretrained one and/or the from-scratch baseline."""
+
+    def __post_init__(self) -> None:
+        if not self.budgets or not self.seeds or not self.inits:
+            raise ConfigError("sweep: budgets, seeds and inits need at least one entry each")
+        for b in self.budgets:
+            check_budget(b, "sweep.budgets")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the sweep."""
+
+    init: Init
+    budget: Budget
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """``b10-s0-pretrained``, ``b0.1-s2-scratch``: the folder / metrics / W&B name of the run."""
+        return f"b{self.budget}-s{self.seed}-{self.init}"
+
+    def stage(self, modality: str) -> str:
+        """The run's DVC stage name."""
+        return FINETUNE_STAGE.format(modality=modality, budget=self.budget, seed=self.seed, init=self.init)
+
+    def key(self, task: str, metric: str) -> str:
+        """The evaluate metric key of this run (parsed back by :data:`EVAL_KEY`)."""
+        return f"{TASK_PREFIX[task]}/{self.init}/b{self.budget}/s{self.seed}/{metric}"
+
+
+def probe_key(init: Init, metric: str) -> str:
+    """``probe/<init>/<metric>``: the linear probe of frozen features (parsed back by :data:`PROBE_KEY`)."""
+    return f"probe/{init}/{metric}"
+
+
+def planned_runs(
+    sweep: SweepConfig, budget: str | None = None, seed: int | None = None, init: Init | None = None
+) -> list[Run]:
+    """Every run the sweep lists (budgets x seeds x inits), narrowed by ``--budget`` / ``--seed`` /
+    ``--init`` when given."""
+    budgets = [parse_budget(budget, sweep.budgets[0])] if budget is not None else list(sweep.budgets)
+    seeds = [int(seed)] if seed is not None else list(sweep.seeds)
+    inits = [init] if init is not None else list(sweep.inits)
+    bad = [i for i in inits if i not in INITS]
+    if bad:
+        raise ConfigError(f"sweep.inits / --init: {bad} not in {list(INITS)}")
+    return [Run(i, b, s) for i in inits for b in budgets for s in seeds]
