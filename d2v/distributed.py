@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from d2v.transformer import Block
+
 Parallel = Literal["ddp", "fsdp"]
 
 
@@ -94,8 +96,6 @@ def wrap(model: nn.Module, info: DistInfo, parallel: Parallel = "ddp") -> nn.Mod
 def shard_fsdp(model: nn.Module) -> nn.Module:
     """FSDP2: shard every Transformer block (student and teacher alike), then the root module."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from d2v.transformer import Block
 
     if not dist.is_initialized():  # a 1-device run outside torchrun: a group of one, in-process store
         backend = "nccl" if torch.cuda.is_available() else "gloo"

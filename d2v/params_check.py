@@ -6,17 +6,16 @@ import importlib
 from typing import Any
 
 from d2v.config import ConfigError, PathsConfig, TrackingConfig, section
+from d2v.evaluate import EvaluateConfig
+from d2v.finetune import FinetuneConfig, modality_options
 from d2v.modalities import MODALITIES, get
+from d2v.report import ReportConfig
+from d2v.sweep import SweepConfig
+from d2v.train import PretrainConfig
 
 
 def check_all(params: dict[str, Any]) -> int:
     """Build every config dataclass the stages would build; raise ConfigError naming the first bad key."""
-    from d2v.evaluate import EvaluateConfig
-    from d2v.finetune import FinetuneConfig, modality_options
-    from d2v.report import ReportConfig
-    from d2v.sweep import SweepConfig
-    from d2v.train import PretrainConfig
-
     section(params, "paths", PathsConfig)
     section(params, "tracking", TrackingConfig)
     section(params, "sweep", SweepConfig)

@@ -27,6 +27,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from d2v.data.stages import data_module
 from d2v.data.shards import (
     LABELS_SUFFIX,
     ShardError,
@@ -40,8 +41,6 @@ Mode = Literal["pretrain", "finetune", "eval"]
 
 
 def _data(modality: str):
-    from d2v.data.stages import data_module
-
     return data_module(modality)
 
 

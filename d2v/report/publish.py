@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from d2v import tracking
 from d2v.config import TrackingConfig, section
 from d2v.report.build import Report
 from d2v.report.narrative import summary_sentences
@@ -91,8 +92,6 @@ def log_to_wandb(params: dict[str, Any], rep: Report, files: ReportFiles) -> lis
     tcfg = section(params, "tracking", TrackingConfig)
     if tcfg.mode == "disabled":
         return ["W&B: tracking.mode is disabled, nothing logged"]
-    from d2v import tracking
-
     tracker = tracking.start(
         params, "report", "", config={"profile": rep.profile, "report": rep.cfg.__dict__}
     )

@@ -347,10 +347,10 @@ def collate(
     mean = torch.tensor(prep["mean"], dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(prep["std"], dtype=x.dtype).view(1, 3, 1, 1)
     batch = {"inputs": (x - mean) / std}
-    if mode == "pretrain":
-        from d2v.modalities import get
+    if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
+        from d2v.modalities.image.masking import make_mask
 
-        batch["mask"] = get("image").make_mask(len(xs), model_cfg, generator)
+        batch["mask"] = make_mask(len(xs), model_cfg, generator)
     return batch
 
 

@@ -448,10 +448,10 @@ def collate(
         ids[i, : len(x)] = x
     padding = torch.arange(T)[None, :] >= torch.tensor([len(x) for x in xs])[:, None]
     batch = {"inputs": ids, "padding_mask": padding}
-    if mode == "pretrain":
-        from d2v.modalities import get
+    if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
+        from d2v.modalities.text.masking import make_mask
 
-        batch["student_inputs"], batch["mask"] = get("text").make_mask(ids, padding, model_cfg, generator)
+        batch["student_inputs"], batch["mask"] = make_mask(ids, padding, model_cfg, generator)
     return batch
 
 
