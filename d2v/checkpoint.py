@@ -190,6 +190,12 @@ def check_compatible(path: str | Path, modality: str, model_config: Any, kind: K
     diff = sorted(
         k for k in set(want) | set(meta["model_config"]) if want.get(k) != meta["model_config"].get(k)
     )
+    if "algorithm" in diff:
+        made, want_alg = meta["model_config"].get("algorithm", "data2vec"), want.get("algorithm")
+        raise ValueError(
+            f"{where} was pretrained by {made}, but model.{modality}.algorithm is {want_alg}: set "
+            f"model.{modality}.algorithm: {made} to use it, or pretrain again with {want_alg}"
+        )
     if diff:
         raise ValueError(
             f"{where} was trained with another model.{modality} config (differs in {diff}); "

@@ -142,7 +142,8 @@ class Data2Vec(nn.Module):
     def _ema_plan(self) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
         """Which teacher tensors are averaged and which are copied from the student (§1.3)."""
         local = tuple(self.student.local_modules)
-        shared = tuple(self.student.shared_with_teacher)
+        shared = self.targets.ema_shared
+        shared = tuple(self.student.shared_with_teacher if shared is None else shared)
         s_params = dict(self.student.named_parameters())
         ema_pairs, copy_pairs = [], []
         for name, t in self.teacher.named_parameters():

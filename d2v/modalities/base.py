@@ -47,6 +47,9 @@ class Data2VecTargets:
     """'token': sum over D, mean over masked tokens (fairseq); 'element': mean over tokens x D ([DV])."""
     ema_local_encoder: bool = False
     """True: the teacher has its own EMA copy of the local encoder ([DV] vision); else it is shared."""
+    ema_shared: tuple[str, ...] | None = None
+    """Parameter-name prefixes the teacher copies from the student instead of averaging (spec §1.3, §5.5);
+    None: the encoder's ``shared_with_teacher`` (data2vec 1.0: speech copies its positional convs)."""
 
 
 class EncoderOutput(NamedTuple):
@@ -61,8 +64,11 @@ class EncoderOutput(NamedTuple):
 class Encoder(nn.Module):
     """Base class of the three modality encoders.
 
-    Subclasses set ``modality`` and implement ``local_features``, ``contextualize`` and ``check_inputs``.
-    ``features`` is the user-facing call (and the one compared with transformers' ``last_hidden_state``).
+    Subclasses set ``modality`` and implement ``local_features``, ``add_positions``, ``encode_tokens`` and
+    ``check_inputs``. ``contextualize`` = ``encode_tokens(add_positions(x))``; the split lets data2vec 2.0
+    (and anything else that runs the encoder on a subset of tokens) add positions on the whole sequence,
+    keep some tokens, and run the blocks on those only. ``features`` is the user-facing call (and the one
+    compared with transformers' ``last_hidden_state``).
     """
 
     modality: ClassVar[str]
@@ -92,6 +98,26 @@ class Encoder(nn.Module):
         """The student's view: masked tokens replaced by the learned mask embedding (v1)."""
         return torch.where(mask_BT[..., None], self.mask_emb.to(x_BTD.dtype), x_BTD)
 
+    def add_positions(self, x_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:
+        """Positions that need the whole sequence, added to local features: [B, T, D] -> [B, T, D].
+
+        Speech: zero the padding, add the convolutional positions; vision: add the fixed or learned patch
+        positions; text: nothing (its embeddings carry positions). Token-wise afterwards, so keeping a subset
+        of the result keeps each token's position.
+        """
+        return x_BTD
+
+    def encode_tokens(
+        self,
+        x_BKD: Tensor,
+        padding_BK: Tensor | None,
+        tap: Tap | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EncoderOutput:
+        """Prefix tokens + Transformer blocks (+ final norm) on K positioned tokens (all T, or a subset in
+        the original order): [B, K, D] -> ``EncoderOutput`` of [B, P + K, D] (P prefix tokens)."""
+        raise NotImplementedError
+
     def contextualize(
         self,
         x_BTD: Tensor,
@@ -99,8 +125,8 @@ class Encoder(nn.Module):
         tap: Tap | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
-        """Positions + Transformer blocks (+ final norm) on embedded tokens."""
-        raise NotImplementedError
+        """Positions + Transformer blocks (+ final norm) on embedded tokens: every token."""
+        return self.encode_tokens(self.add_positions(x_BTD, padding_BT), padding_BT, tap, generator)
 
     def features(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``(hidden_BTD, padding_BT)``: the last layer's per-token output and its padding (None if none)."""

@@ -435,9 +435,12 @@ def collate(
     batch = {"inputs": wav, "padding_mask": padding}
     if mode in ("pretrain", "finetune"):  # training only: the data stages never load the masking code
         from d2v.modalities.audio.masking import finetune_masks, make_mask
+        from d2v.model2 import keep_indices
 
     if mode == "pretrain":
         batch["mask"] = make_mask(n, model_cfg, generator)
+        if model_cfg.algorithm == "data2vec2":  # the kept frames' indices, read here on the CPU
+            batch["keep"] = keep_indices(batch["mask"])
     elif mode == "finetune" and finetune_mask is not None:
         batch["mask"], batch["channel_mask"] = finetune_masks(n, model_cfg, finetune_mask, generator)
     return batch

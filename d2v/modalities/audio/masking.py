@@ -61,16 +61,26 @@ class FinetuneMask:
             raise ConfigError(f"mask.min_masks: must be >= 0, got {self.min_masks}")
 
 
-def span_starts(n_frames: int, num_spans: int, span: int, generator: torch.Generator) -> Tensor:
-    """``num_spans`` distinct start frames for spans of ``span`` frames in a row of ``n_frames``."""
-    n_starts = n_frames - span
+def span_starts(
+    n_frames: int, num_spans: int, span: int, generator: torch.Generator, anywhere: bool = False
+) -> Tensor:
+    """``num_spans`` distinct start frames for spans of ``span`` frames in a row of ``n_frames``; with
+    ``anywhere`` (data2vec 2.0's fairseq) among all frames, spans then cut at the row end."""
+    n_starts = n_frames if anywhere else n_frames - span
     if n_starts <= num_spans:  # [FS]: ``min_len = sz - num_mask - 1``
         n_starts = num_spans + 1
     return torch.randperm(n_starts, generator=generator)[:num_spans]
 
 
 def span_mask(
-    lengths: list[int], T: int, prob: float, span: int, min_masks: int, same: bool, generator: torch.Generator
+    lengths: list[int],
+    T: int,
+    prob: float,
+    span: int,
+    min_masks: int,
+    same: bool,
+    generator: torch.Generator,
+    anywhere: bool = False,
 ) -> Tensor:
     """Bool [B, T] (True = masked): fairseq ``compute_mask_indices`` for rows of ``lengths`` valid positions.
 
@@ -85,7 +95,7 @@ def span_mask(
         if num == 0 or n == 0:
             rows.append(torch.zeros(0, dtype=torch.long))
             continue
-        starts = span_starts(n, num, span, generator)
+        starts = span_starts(n, num, span, generator, anywhere)
         idx = (starts[:, None] + torch.arange(span)).flatten()
         rows.append(torch.unique(idx[idx < n]))
     if same and rows:
@@ -115,14 +125,18 @@ def make_mask(
     generator: torch.Generator,
     padded_len: int | None = None,
 ) -> Tensor:
-    """Pretraining bool mask [B, T] (True = masked) for waveforms of ``n_samples_B`` samples.
+    """Pretraining bool mask [B, T] (True = masked) for waveforms of ``n_samples_B`` samples; data2vec 2.0:
+    [B * M, T], rows b*M .. b*M+M-1 for clip b (M = ``v2.clones``).
 
     T is the frame count of the longest waveform, or of ``padded_len`` samples when the batch is padded
     further. Only ``generator`` is drawn from, so the same generator state gives the same mask.
     """
     lengths, T = frame_counts(n_samples_B, cfg, padded_len)
+    v2 = cfg.algorithm == "data2vec2"
+    if v2:  # ``v2.clones`` masks per clip, every row of the clone batch masking the same count (spec §5.4)
+        lengths = [n for n in lengths for _ in range(cfg.v2.clones)]
     return span_mask(
-        lengths, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, cfg.require_same_masks, generator
+        lengths, T, cfg.mask_prob, cfg.mask_length, cfg.min_masks, cfg.require_same_masks or v2, generator, v2
     )
 
 

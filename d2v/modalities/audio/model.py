@@ -17,9 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
+from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.audio.frames import SAMPLE_RATE, frame_padding, normalize_waveform, receptive_field
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
+from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.transformer import Tap, TransformerStack, init_bert_params
 
 BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)  # [P1] §4.2: 7 convs, total stride 320 (20 ms), field 400 (25 ms)
@@ -62,6 +64,9 @@ class ModelConfig:
 
     preset: Preset = "small"
     """Size preset whose values sit under the keys given here (``model_config``); a label once built."""
+    algorithm: Algorithm = "data2vec"
+    """'data2vec' ([P1]) or 'data2vec2' (spec §5): the latter's recipe (spans of 5 at 0.5, decoder,
+    8 clones, the teacher's own positional convs) is put under the user's keys by ``model_config``."""
     transformer: TransformerConfig = field(
         default_factory=lambda: TransformerConfig(dim=256, depth=6, heads=4, ffn_dim=1024, layerdrop=0.05)
     )
@@ -98,6 +103,13 @@ class ModelConfig:
     """Target/loss settings (speech: top-K FFN taps, instance norm, L2 x 1/sqrt(D): §1.4-1.7)."""
     ema: EMAConfig = field(default_factory=EMAConfig)
     """Teacher decay 0.999 -> 0.9999 over 30k updates ([P1] §4.2)."""
+    v2: Data2Vec2Config = field(
+        default_factory=lambda: Data2Vec2Config(
+            clones=8, decoder=DecoderConfig(layers=4, kernel=7, dim=128, groups=16, input_dropout=0.1)
+        )
+    )
+    """data2vec 2.0 only: 8 clones, a 1-D decoder of 4 convs (kernel 7; [FS] base: 384 channels for
+    D 768, half the width) (spec §5.3-5.4)."""
 
     def __post_init__(self) -> None:
         t = self.transformer
@@ -132,13 +144,34 @@ class ModelConfig:
             raise ConfigError(f"model.audio.feat_proj_dropout: expected [0, 1), got {self.feat_proj_dropout}")
 
 
+# data2vec 2.0 (spec §5.2-5.5, [FS] config/v2/base_audio_only_task.yaml): span masks of 5 frames at 0.5
+# (starts anywhere, cut at the end), the teacher runs its own EMA positional convs on the student's conv
+# features (``ema_shared: []``), tau 0.999 -> 0.99999 over 75k. Departure: [FS] adds ALiBi attention
+# biases on top of the conv positions; d2v keeps the conv positions only (the v1 encoder, unchanged).
+_V2: dict[str, Any] = {
+    "mask_prob": 0.5, "mask_length": 5,
+    "targets": {"ema_shared": []}, "ema": {"tau0": 0.999, "tau_end": 0.99999, "tau_n": 75_000},
+}
+_V2_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"v2": {"clones": 2, "decoder": {"layers": 2, "dim": 16, "groups": 4}}},
+    "small": {},
+    "base": {"v2": {"decoder": {"dim": 384}}},
+    "large": {"v2": {"clones": 12, "decoder": {"dim": 768}}, "mask_prob": 0.55,
+              "targets": {"top_k": 16}, "transformer": {"layerdrop": 0.0}},
+}  # fmt: skip
+
+
 def model_config(d: dict[str, Any] | None, where: str = "model.audio") -> ModelConfig:
-    """``ModelConfig`` from a params dict: the named preset's values deep-merged under ``d`` (user wins)."""
+    """``ModelConfig`` from a params dict: the named preset's values (and, for ``algorithm: data2vec2``,
+    that recipe's) deep-merged under ``d`` (user wins)."""
     d = dict(d or {})
     preset = d.get("preset", ModelConfig.preset)
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"{where}.preset: {preset!r} is not one of {list(PRESETS)}")
-    return from_dict(ModelConfig, _deep_merge({"preset": preset, **PRESETS[preset]}, d), where)
+    merged = {"preset": preset, **PRESETS[preset]}
+    if d.get("algorithm") == "data2vec2":
+        merged = _deep_merge(_deep_merge(merged, _V2), _V2_PRESETS[preset])
+    return from_dict(ModelConfig, _deep_merge(merged, d), where)
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -278,19 +311,23 @@ class AudioEncoder(Encoder):
         padding_BT = None if padding_mask is None else frame_padding(padding_mask, T, self.config)
         return self.feature_projection(x_BTC), padding_BT
 
-    def contextualize(
+    def add_positions(self, x_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:
+        """Zero the padding, add the conv positions (§7.1). data2vec 2.0 zeroes the masked frames first, so
+        the positions of the kept frames never see the masked content (spec §5.4)."""
+        if padding_BT is not None:
+            x_BTD = x_BTD.masked_fill(padding_BT[..., None], 0.0)
+        return x_BTD + self.pos_conv(x_BTD)
+
+    def encode_tokens(
         self,
-        x_BTD: Tensor,
-        padding_BT: Tensor | None,
+        x_BKD: Tensor,
+        padding_BK: Tensor | None,
         tap: Tap | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
-        """Zero padding, add conv positions, LayerNorm, dropout, post-LN blocks; no final LN (§7.1, §7.4)."""
-        if padding_BT is not None:
-            x_BTD = x_BTD.masked_fill(padding_BT[..., None], 0.0)
-        x = self.dropout(self.layer_norm(x_BTD + self.pos_conv(x_BTD)))
-        out = self.stack(x, padding_BT, tap=tap, generator=generator)
-        return EncoderOutput(out.x_BTD, padding_BT, out.layers)
+        """LayerNorm, dropout, post-LN blocks; no final LN (§7.1, §7.4)."""
+        out = self.stack(self.dropout(self.layer_norm(x_BKD)), padding_BK, tap=tap, generator=generator)
+        return EncoderOutput(out.x_BTD, padding_BK, out.layers)
 
 
 # ------------------------------------------------------------------------------------------------- builders
@@ -316,6 +353,13 @@ def make_head(cfg: ModelConfig) -> nn.Module:
     return head
 
 
+def make_decoder(cfg: ModelConfig) -> ConvDecoder:
+    """data2vec 2.0's 1-D conv decoder over the frames (spec §5.3), PyTorch default init ([FS])."""
+    return ConvDecoder(cfg.v2.decoder, cfg.transformer.dim)
+
+
 def build_pretrain_model(cfg: ModelConfig) -> Data2Vec:
-    """Student encoder + head + EMA teacher with the audio target/loss settings."""
+    """data2vec: student + head + EMA teacher; data2vec2: student + 1-D conv decoder + EMA teacher."""
+    if cfg.algorithm == "data2vec2":
+        return Data2Vec2(build_encoder(cfg), make_decoder(cfg), cfg.targets, cfg.ema, cfg.v2)
     return Data2Vec(build_encoder(cfg), make_head(cfg), cfg.targets, cfg.ema)

@@ -349,8 +349,11 @@ def collate(
     batch = {"inputs": (x - mean) / std}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
         from d2v.modalities.image.masking import make_mask
+        from d2v.model2 import keep_indices
 
         batch["mask"] = make_mask(len(xs), model_cfg, generator)
+        if model_cfg.algorithm == "data2vec2":  # the kept patches' indices, read here on the CPU
+            batch["keep"] = keep_indices(batch["mask"])
     return batch
 
 

@@ -56,12 +56,53 @@ def _block_mask(
     return [v for row in mask for v in row]
 
 
-def make_mask(batch_size: int, cfg: ModelConfig, generator: torch.Generator) -> Tensor:
-    """Block-wise masks ``mask_BT`` (bool, True = masked, T = grid h*w, row-major) for one batch.
+def inverse_block_mask(
+    n: int, grid: tuple[int, int], mask_ratio: float, adjust: float, block: int, generator: torch.Generator
+) -> Tensor:
+    """data2vec 2.0's inverse block masks [n, h*w] (True = masked), every row with exactly
+    ``h*w - int(h*w * (1 - mask_ratio))`` masked patches ([FS] ``compute_block_mask_2d``, ``inverse_mask``;
+    spec §5.4).
 
-    All randomness comes from ``generator`` (one draw seeds a ``random.Random`` for the batch), so the
-    same generator state gives the same masks.
+    Choose what to *keep*: ``int(T * (1 - mask_ratio + adjust) / block**2)`` random centres, each keeps the
+    ``block x block`` square around it (clamped at the borders; ``adjust`` makes up for overlaps); then
+    random single patches are dropped from or added to the kept set until it holds exactly the target
+    count; the mask is the rest. Only ``generator`` is drawn from.
     """
+    h, w = grid
+    T = h * w
+    keep_target = int(T * (1.0 - mask_ratio))
+    n_centres = int(T * ((1.0 - mask_ratio + adjust) / block**2))
+    kept = torch.zeros(n, h, w, dtype=torch.bool)
+    if n_centres > 0:
+        centres = torch.randint(0, T, (n, n_centres), generator=generator)
+        rows = torch.arange(n)[:, None, None].expand(-1, n_centres, block * block)
+        off = torch.arange(block) - block // 2
+        di, dj = torch.meshgrid(off, off, indexing="ij")
+        ci = (centres // w)[..., None] + di.flatten()
+        cj = (centres % w)[..., None] + dj.flatten()
+        kept[rows, ci.clamp(0, h - 1), cj.clamp(0, w - 1)] = True
+    kept = kept.view(n, T)
+    for i in range(n):  # exactly keep_target kept patches per row (fairseq ``require_same_masks``)
+        have = int(kept[i].sum())
+        if have > keep_target:
+            drop = torch.multinomial(kept[i].float(), have - keep_target, generator=generator)
+            kept[i, drop] = False
+        elif have < keep_target:
+            add = torch.multinomial((~kept[i]).float(), keep_target - have, generator=generator)
+            kept[i, add] = True
+    return ~kept
+
+
+def make_mask(batch_size: int, cfg: ModelConfig, generator: torch.Generator) -> Tensor:
+    """Pretraining masks ``mask_BT`` (bool, True = masked, T = grid h*w, row-major) for one batch.
+
+    data2vec: BEiT block-wise masks, one per image. data2vec 2.0: inverse block masks, ``v2.clones`` per
+    image (rows b*M .. b*M+M-1 belong to image b). All randomness comes from ``generator``, so the same
+    generator state gives the same masks.
+    """
+    if cfg.algorithm == "data2vec2":
+        n = batch_size * cfg.v2.clones
+        return inverse_block_mask(n, cfg.grid, cfg.mask_ratio, cfg.mask_adjust, cfg.mask_block, generator)
     h, w = cfg.grid
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     rng = random.Random(seed)

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict, to_dict
+from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
+from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.transformer import Tap, TransformerStack
 
 Position = Literal["relative", "sincos", "absolute"]
@@ -51,6 +53,9 @@ class ModelConfig:
 
     preset: Preset = "small"
     """Named size: tiny (tests), small (CPU), base / large ([DV] ViT-B/16, ViT-L/16)."""
+    algorithm: Algorithm = "data2vec"
+    """'data2vec' ([DV]) or 'data2vec2' (spec §5): the latter's recipe (post-LN, sin-cos positions, inverse
+    block masks, decoder, 16 clones) is put under the user's keys by ``model_config``."""
     transformer: TransformerConfig = field(default_factory=_small_transformer)
     """Block stack; vision is pre-LN with layer-scale and drop path (reference §2.4, §7.4)."""
     image_size: int = 28
@@ -67,6 +72,8 @@ class ModelConfig:
     """With 'relative': one table per block (HF fine-tuned checkpoints) instead of one shared table."""
     final_norm: bool = True
     """LayerNorm after the last block ([DV] ``norm``, HF ``layernorm``); false for HF mean-pooling models."""
+    embed_norm: bool = False
+    """LayerNorm on the tokens before the first block: data2vec 2.0's post-LN context encoder (spec §5.2)."""
     mask_ratio: float = 0.6
     """Target fraction of masked patches ([P1] §4.1: 60 %; [DV] 120/196)."""
     min_block_patches: int | None = None
@@ -74,6 +81,16 @@ class ModelConfig:
     round(16 * T / 196), at least 1 (7x7 grid: 4; 4x4 grid: 1)."""
     mask_min_aspect: float = 0.3
     """Block aspect ratio is log-uniform in [min_aspect, 1/min_aspect] (BEiT)."""
+    mask_adjust: float = 0.07
+    """data2vec 2.0: extra kept-block centres making up for overlaps ([FS] ``mask_prob_adjust``)."""
+    mask_block: int = 3
+    """data2vec 2.0: side of the kept squares, in patches ([FS] ``mask_length``)."""
+    v2: Data2Vec2Config = field(
+        default_factory=lambda: Data2Vec2Config(
+            clones=16, cls_loss=0.01, decoder=DecoderConfig(layers=6, kernel=3, dim=256, groups=16)
+        )
+    )
+    """data2vec 2.0 only: clones, decoder (6 x 3x3 over the patch grid), CLS loss 0.01 (spec §5.3-5.6)."""
     targets: Data2VecTargets = field(default_factory=lambda: _vision_targets(top_k=3))
     """Target/loss settings; vision defaults of [DV] (top-K of the preset)."""
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(tau0=0.9998, tau_end=0.9998, tau_n=0))
@@ -122,6 +139,18 @@ class ModelConfig:
             )
         if not 0.0 < self.mask_min_aspect <= 1.0:
             raise ConfigError(f"{w}.mask_min_aspect must be in (0, 1], got {self.mask_min_aspect}")
+        if self.algorithm == "data2vec2":
+            if self.position == "relative":
+                raise ConfigError(
+                    f"{w}: data2vec2 drops the masked patches, so relative positions (which need every "
+                    f"patch) cannot work; set {w}.position: sincos (as [FS] data2vec 2.0) or absolute"
+                )
+            keep = int(self.num_patches * (1.0 - self.mask_ratio))
+            if not 1 <= keep < self.num_patches or self.mask_block < 1:
+                raise ConfigError(
+                    f"{w}: mask_ratio {self.mask_ratio} keeps {keep} of {self.num_patches} patches; "
+                    f"data2vec2 needs at least one kept and one masked patch (and mask_block >= 1)"
+                )
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -143,13 +172,41 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# data2vec 2.0 (spec §5.2-5.5, [FS] config/v2/base_images_only_task.yaml): post-LN blocks after a LayerNorm,
+# fixed sin-cos positions, no final norm, no dropout; inverse block masks keeping 20 % (3x3 blocks);
+# targets: FFN outputs, instance norm per layer, layer norm after averaging, L2 x 1/sqrt(D); the teacher
+# EMA's everything (its own patch embedding). Put under the size preset, then the user's keys.
+_V2: dict[str, Any] = {
+    "transformer": {"layer_norm_first": False, "layer_scale_init": None, "dropout": 0.0,
+                    "attention_dropout": 0.0, "drop_path": 0.0},
+    "position": "sincos", "final_norm": False, "embed_norm": True, "mask_ratio": 0.8, "mask_adjust": 0.07,
+    "mask_block": 3,
+    "targets": {"tap": "ffn", "layer_norm": "instance", "final_norm": "layer", "loss_beta": 0.0,
+                "loss_scale": None, "loss_reduction": "token", "ema_local_encoder": True},
+    "ema": {"tau0": 0.9998, "tau_end": 0.99999, "tau_n": 100_000},
+}
+_V2_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"targets": {"top_k": 2}, "v2": {"clones": 4, "decoder": {"layers": 2, "dim": 16, "groups": 4}}},
+    "small": {"targets": {"top_k": 5}, "v2": {"decoder": {"dim": 256}}},
+    # ViT-B: 12 blocks, targets from the top 10 ([FS] has 2 prenet + 10 main blocks, targets from the main)
+    "base": {"targets": {"top_k": 10}, "v2": {"decoder": {"dim": 768}}},
+    "large": {"targets": {"top_k": 18}, "mask_ratio": 0.75, "mask_adjust": 0.10,
+              "v2": {"decoder": {"layers": 3, "kernel": 5, "dim": 1024}},
+              "ema": {"tau_n": 150_000}},
+}  # fmt: skip
+
+
 def model_config(d: dict[str, Any] | None, where: str = "model.image") -> ModelConfig:
-    """``ModelConfig`` from a params dict: the named preset's values under the user's keys (user wins)."""
+    """``ModelConfig`` from a params dict: the named preset's values (and, for ``algorithm: data2vec2``,
+    that recipe's) under the user's keys (user wins)."""
     d = dict(d or {})
     name = d.get("preset", "small")
     if name not in _PRESETS:
         raise ConfigError(f"{where}.preset: {name!r} is not one of {sorted(_PRESETS)}")
-    merged = _deep_merge(_deep_merge(to_dict(ModelConfig()), _PRESETS[name]), d)
+    merged = _deep_merge(to_dict(ModelConfig()), _PRESETS[name])
+    if d.get("algorithm") == "data2vec2":
+        merged = _deep_merge(_deep_merge(merged, _V2), _V2_PRESETS[name])
+    merged = _deep_merge(merged, d)
     merged["preset"] = name
     return from_dict(ModelConfig, merged, where)
 
@@ -235,6 +292,7 @@ class ImageEncoder(Encoder):
         sincos = sincos_2d(t.dim, *cfg.grid)[None] if cfg.position == "sincos" else None
         self.register_buffer("sincos", sincos, persistent=False)  # fixed: never trained or saved
         self.pos_drop = nn.Dropout(t.dropout)  # [DV] pos_drop / HF embeddings dropout
+        self.embed_norm = nn.LayerNorm(t.dim, eps=t.norm_eps) if cfg.embed_norm else nn.Identity()
         self.stack = TransformerStack(t)
         self.norm = nn.LayerNorm(t.dim, eps=t.norm_eps) if cfg.final_norm else nn.Identity()
 
@@ -279,24 +337,34 @@ class ImageEncoder(Encoder):
             return sincos_2d(self.transformer.dim, *grid)[None].to(self.cls_token.device)
         return None
 
-    def contextualize(
+    def add_positions(self, x_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:
+        """Patch tokens + their 'absolute' / 'sincos' positions (CLS gets its row in ``encode_tokens``).
+
+        data2vec 2.0 adds them before dropping the masked patches (spec §5.2); 'relative' positions act in
+        the attention instead, so they need every patch (``encode_tokens``)."""
+        assert padding_BT is None, "images have no padding"
+        pos = self.positions(self._grid(x_BTD.shape[1]))
+        return x_BTD if pos is None else x_BTD + pos[:, 1:].to(x_BTD.dtype)
+
+    def encode_tokens(
         self,
-        x_BTD: Tensor,
-        padding_BT: Tensor | None,
+        x_BKD: Tensor,
+        padding_BK: Tensor | None,
         tap: Tap | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
-        """[CLS] + patch tokens -> positions -> blocks (relative bias) -> final LN; outputs keep CLS."""
-        assert padding_BT is None, "images have no padding"
-        B, T, D = x_BTD.shape
-        grid = self._grid(T)
-        x = torch.cat([self.cls_token.to(x_BTD.dtype).expand(B, 1, D), x_BTD], dim=1)
-        pos = self.positions(grid)
-        if pos is not None:
-            x = x + pos.to(x.dtype)
-        x = self.pos_drop(x)
-        biases = [rp(grid) for rp in self.rel_pos]  # [NH, T+1, T+1] each: none, one shared, or one per block
-        bias = biases if len(biases) > 1 else next(iter(biases), None)
+        """[CLS] + patch tokens -> blocks (relative bias over the full grid) -> final LN; outputs keep CLS."""
+        assert padding_BK is None, "images have no padding"
+        B, K, D = x_BKD.shape
+        cls = self.cls_token.to(x_BKD.dtype).expand(B, 1, D)
+        pos = self.positions(self.config.grid)
+        if pos is not None:  # the CLS row (zero for sincos)
+            cls = cls + pos[:, :1].to(x_BKD.dtype)
+        x = self.embed_norm(self.pos_drop(torch.cat([cls, x_BKD], dim=1)))
+        bias = None
+        if self.rel_pos:  # every patch of a grid (model_config refuses 'relative' for data2vec 2.0)
+            biases = [rp(self._grid(K)) for rp in self.rel_pos]  # [NH, K+1, K+1]: one shared or per block
+            bias = biases if len(biases) > 1 else biases[0]
         out = self.stack(x, None, bias=bias, tap=tap, generator=generator)
         return EncoderOutput(self.norm(out.x_BTD), None, out.layers)
 
@@ -347,6 +415,14 @@ def make_head(cfg: ModelConfig) -> nn.Module:
     return head
 
 
+def make_decoder(cfg: ModelConfig) -> ConvDecoder:
+    """data2vec 2.0's 2-D conv decoder over the patch grid (spec §5.3), PyTorch default init ([FS])."""
+    return ConvDecoder(cfg.v2.decoder, cfg.transformer.dim, grid=cfg.grid)
+
+
 def build_pretrain_model(cfg: ModelConfig) -> Data2Vec:
-    """Student encoder + regression head + EMA teacher of the whole encoder ([DV] ModelEmaV2)."""
+    """data2vec: student + regression head + EMA teacher of the whole encoder ([DV] ModelEmaV2).
+    data2vec2: student + 2-D conv decoder + EMA teacher of the whole encoder (spec §5.5)."""
+    if cfg.algorithm == "data2vec2":
+        return Data2Vec2(build_encoder(cfg), make_decoder(cfg), cfg.targets, cfg.ema, cfg.v2)
     return Data2Vec(build_encoder(cfg), make_head(cfg), cfg.targets, cfg.ema)

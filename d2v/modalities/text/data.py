@@ -450,8 +450,13 @@ def collate(
     batch = {"inputs": ids, "padding_mask": padding}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
         from d2v.modalities.text.masking import make_mask
+        from d2v.model2 import keep_indices
 
-        batch["student_inputs"], batch["mask"] = make_mask(ids, padding, model_cfg, generator)
+        student, batch["mask"] = make_mask(ids, padding, model_cfg, generator)
+        if model_cfg.algorithm == "data2vec2":  # masked tokens are dropped, not replaced by <mask>
+            batch["keep"] = keep_indices(batch["mask"])
+        else:
+            batch["student_inputs"] = student
     return batch
 
 

@@ -52,17 +52,39 @@ def spans_from_starts(starts_BT: Tensor, length: int) -> Tensor:
     return out_BT
 
 
+def random_mask(
+    ids_BT: Tensor, padding_BT: Tensor | None, cfg: ModelConfig, clones: int, generator: torch.Generator
+) -> Tensor:
+    """data2vec 2.0: ``clones`` masks per row, [B * clones, T] bool (rows b*M .. b*M+M-1 for row b).
+
+    ``floor(mask_prob * n)`` of a row's n maskable tokens, uniformly without replacement; every row then
+    masks the batch's smallest count (the student keeps the same number of tokens in every row; fairseq
+    ``require_same_masks``). Padding and <s> / </s> are never masked.
+    """
+    ok_BT = maskable(ids_BT, padding_BT, cfg).repeat_interleave(clones, 0)
+    k = int(torch.floor(cfg.resolved_mask_prob * ok_BT.sum(1)).min()) if len(ok_BT) else 0
+    return choose(ok_BT, torch.full((len(ok_BT),), k), generator)
+
+
 def make_mask(
     ids_BT: Tensor, padding_BT: Tensor | None, cfg: ModelConfig, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """Corrupt ids for the student: ``(student_ids_BT int64, mask_BT bool)``; mask_BT = loss positions."""
+    """Corrupt ids for the student: ``(student_ids_BT int64, mask_BT bool)``; mask_BT = loss positions.
+
+    data2vec 2.0 drops the masked tokens instead of corrupting them: ``(ids_BT unchanged, mask [B*M, T])``
+    (:func:`random_mask`)."""
     if ids_BT.dtype != torch.int64 or ids_BT.dim() != 2:
         raise ValueError(f"make_mask expects int64 ids [B, T]; got {ids_BT.dtype} {tuple(ids_BT.shape)}")
     if bool(ids_BT.eq(cfg.mask_id).any()):
         raise ValueError(f"ids already contain <mask> (id {cfg.mask_id}); the data must be uncorrupted text")
+    if cfg.algorithm == "data2vec2":
+        return ids_BT, random_mask(ids_BT, padding_BT, cfg, cfg.v2.clones, generator)
     ok_BT = maskable(ids_BT, padding_BT, cfg)
     n_B = ok_BT.sum(1)
     p, shape = cfg.resolved_mask_prob, ids_BT.shape
+    if cfg.mask_strategy == "random":
+        mask_BT = choose(ok_BT, torch.floor(p * n_B).long(), generator)
+        return ids_BT.masked_fill(mask_BT, cfg.mask_id), mask_BT
     if cfg.mask_strategy == "bert":
         selected_BT = choose(ok_BT, torch.floor(p * n_B + 0.5).long(), generator)
         u_BT = torch.rand(shape, generator=generator, device=ids_BT.device)

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
+from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
+from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.transformer import Tap, TransformerStack, init_bert_params
 
 # ----------------------------------------------------------------------------------------------- config
@@ -88,7 +90,7 @@ for _p in PRESETS.values():  # every preset: post-LN RoBERTa block, dropout 0.1 
     _p["targets"] = {**_TEXT_TARGETS, **_p["targets"]}
     _p["ema"] = dict(_TEXT_EMA)
 
-MASK_DEFAULTS: dict[str, tuple[float, int]] = {"bert": (0.15, 1), "span": (0.35, 4)}
+MASK_DEFAULTS: dict[str, tuple[float, int]] = {"bert": (0.15, 1), "span": (0.35, 4), "random": (0.48, 1)}
 """Per-strategy (mask_prob, mask_length) when the config leaves them None."""
 
 
@@ -98,6 +100,9 @@ class ModelConfig:
 
     preset: Preset = "small"
     """Size preset whose values ``model_config`` puts under the user's keys (tiny / small / base / large)."""
+    algorithm: Algorithm = "data2vec"
+    """'data2vec' ([P1]) or 'data2vec2' (spec §5): the latter's recipe (48 % random tokens dropped, not
+    replaced; decoder; 8 clones; loss scale 1) is put under the user's keys by ``model_config``."""
     transformer: TransformerConfig = field(
         default_factory=lambda: from_dict(TransformerConfig, PRESETS["small"]["transformer"])
     )
@@ -116,10 +121,11 @@ class ModelConfig:
     """``</s>`` id (never masked)."""
     num_special: int = 5
     """Ids [0, num_special) (<s>, <pad>, </s>, <unk>, <mask>) are never drawn as random replacements."""
-    mask_strategy: Literal["bert", "span"] = "span"
+    mask_strategy: Literal["bert", "span", "random"] = "span"
     """'span': [FS] base.yaml (the released config; [P1] Table 4 "+ wav2vec 2.0 masking", GLUE 82.9):
     spans of mask_length, all <mask>. 'bert': [P1] §4.3, 15 % of tokens, 80 % <mask> / 10 % random /
-    10 % kept. See ``masking.py`` for which positions carry the loss."""
+    10 % kept. 'random': exactly floor(mask_prob x maskable) single tokens (data2vec 2.0, spec §5.4).
+    See ``masking.py`` for which positions carry the loss."""
     mask_prob: float | None = None
     """None: 0.15 for 'bert' (fraction of tokens), 0.35 for 'span' (span starts x length / tokens)."""
     mask_length: int | None = None
@@ -131,6 +137,16 @@ class ModelConfig:
     base/large 10 = [P1] §4.3)."""
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(**_TEXT_EMA))
     """Teacher decay 0.999 -> 0.9999 over 100k updates ([P1] §4.3; [FS] base.yaml: 300k)."""
+    v2: Data2Vec2Config = field(
+        default_factory=lambda: Data2Vec2Config(
+            clones=8,
+            decoder=DecoderConfig(
+                layers=5, kernel=9, dim=256, groups=1, residual=False, projection="mlp", input_dropout=0.1
+            ),
+        )
+    )
+    """data2vec 2.0 only: 8 clones, a 1-D decoder of 5 convs (kernel 9, no groups, no residual) and a
+    2-layer projection (spec §5.3)."""
 
     def __post_init__(self) -> None:
         t, w = self.transformer, "model.text"
@@ -156,9 +172,9 @@ class ModelConfig:
             raise ConfigError(f"{w}.mask_prob: must be in (0, 1) or null, got {self.mask_prob}")
         if self.mask_length is not None and self.mask_length < 1:
             raise ConfigError(f"{w}.mask_length: must be >= 1 or null, got {self.mask_length}")
-        if self.mask_strategy == "bert" and self.mask_length not in (None, 1):
+        if self.mask_strategy in ("bert", "random") and self.mask_length not in (None, 1):
             raise ConfigError(
-                f"{w}.mask_length: 'bert' masks single tokens; use null, or mask_strategy: span"
+                f"{w}.mask_length: {self.mask_strategy!r} masks single tokens; use null, or mask_strategy: span"
             )
         if not 1 <= self.targets.top_k <= t.depth:
             raise ConfigError(f"{w}.targets.top_k: must be in [1, depth={t.depth}], got {self.targets.top_k}")
@@ -177,13 +193,34 @@ class ModelConfig:
         return self.max_positions + self.pad_id + 1
 
 
+# data2vec 2.0 (spec §5.2-5.5, [FS] config/v2/base_text_only_task.yaml): 48 % random tokens, dropped from
+# the student (no <mask> ids); every block averaged, instance norm per layer, L2 with scale 1; the teacher
+# is the blocks only, on the student's embeddings (``ema_encoder_only``); tau 0.9999 -> 0.99999 over 100k.
+_V2: dict[str, Any] = {
+    "mask_strategy": "random", "mask_prob": 0.48, "mask_length": 1, "transformer": {"layerdrop": 0.0},
+    "targets": {"layer_norm": "instance", "final_norm": "none", "loss_beta": 0.0, "loss_scale": 1.0},
+    "ema": {"tau0": 0.9999, "tau_end": 0.99999, "tau_n": 100_000},
+}
+_V2_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"targets": {"top_k": 2}, "v2": {"clones": 2, "decoder": {"layers": 2, "dim": 16}}},
+    "small": {"targets": {"top_k": 6}},
+    "base": {"targets": {"top_k": 12}, "v2": {"decoder": {"dim": 768}}},
+    "large": {"targets": {"top_k": 24, "layer_norm": "layer", "final_norm": "instance"}, "mask_prob": 0.5,
+              "v2": {"decoder": {"dim": 1024}}},
+}  # fmt: skip
+
+
 def model_config(d: dict[str, Any] | None, where: str = "model.text") -> ModelConfig:
-    """``ModelConfig`` from a params section: the preset's values under the user's keys (user wins)."""
+    """``ModelConfig`` from a params section: the preset's values (and, for ``algorithm: data2vec2``, that
+    recipe's) under the user's keys (user wins)."""
     d = dict(d or {})
     preset = d.get("preset", ModelConfig.preset)
     if preset not in PRESETS:
         raise ConfigError(f"{where}.preset: {preset!r} is not one of {list(PRESETS)}")
-    return from_dict(ModelConfig, _deep_merge(PRESETS[preset], d), where)
+    merged = PRESETS[preset]
+    if d.get("algorithm") == "data2vec2":
+        merged = _deep_merge(_deep_merge(merged, _V2), _V2_PRESETS[preset])
+    return from_dict(ModelConfig, _deep_merge(merged, d), where)
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -280,15 +317,16 @@ class TextEncoder(Encoder):
             "text masks ids, not embeddings: the batch needs 'student_inputs' (see masking.make_mask)"
         )
 
-    def contextualize(
+    def encode_tokens(
         self,
-        x_BTD: Tensor,
-        padding_BT: Tensor | None,
+        x_BKD: Tensor,
+        padding_BK: Tensor | None,
         tap: Tap | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
-        out = self.encoder(self.dropout(x_BTD), padding_BT, tap=tap, generator=generator)
-        return EncoderOutput(out.x_BTD, padding_BT, out.layers)  # post-LN: no final LayerNorm (§7.4)
+        """Dropout, post-LN blocks, no final LayerNorm (§7.4); the embeddings already carry positions."""
+        out = self.encoder(self.dropout(x_BKD), padding_BK, tap=tap, generator=generator)
+        return EncoderOutput(out.x_BTD, padding_BK, out.layers)
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -309,6 +347,14 @@ def make_head(cfg: ModelConfig) -> nn.Module:
     return head
 
 
+def make_decoder(cfg: ModelConfig) -> ConvDecoder:
+    """data2vec 2.0's 1-D conv decoder over the tokens (spec §5.3), PyTorch default init ([FS])."""
+    return ConvDecoder(cfg.v2.decoder, cfg.transformer.dim)
+
+
 def build_pretrain_model(cfg: ModelConfig) -> Data2Vec:
-    """Student encoder + regression head + EMA teacher with the text targets/loss/EMA settings."""
+    """data2vec: student + regression head + EMA teacher of the blocks (text targets/loss/EMA settings).
+    data2vec2: student + 1-D conv decoder + EMA teacher of the blocks on the student's embeddings."""
+    if cfg.algorithm == "data2vec2":
+        return Data2Vec2(build_encoder(cfg), make_decoder(cfg), cfg.targets, cfg.ema, cfg.v2)
     return Data2Vec(build_encoder(cfg), make_head(cfg), cfg.targets, cfg.ema)

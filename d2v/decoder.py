@@ -1,0 +1,96 @@
+"""data2vec 2.0's light convolutional decoder (spec §5.3; [FS] ``modalities/modules.py`` ``Decoder1d`` /
+``Decoder2d``): it sees the student's outputs at the kept positions and noise at the masked ones, in the
+original order, and predicts the teacher's targets at every position.
+
+Shape legend: B batch (clones included), T tokens, D encoder width, C decoder width, h/w patch grid.
+
+``layers`` blocks of [conv (kernel k, padding k//2, ``groups``) -> LayerNorm over channels (no affine) ->
+GELU], a residual between consecutive blocks whose shapes match (``residual``), then a projection back to
+D: one Linear, or Linear(C, 2C) -> GELU -> Linear(2C, D) for text. The input dropout acts first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2v.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The decoder of data2vec 2.0 (spec §5.3); each modality's ``data2vec2`` preset sets the paper's."""
+
+    layers: int = 4
+    """Conv blocks (vision base 6, audio 4, text 5)."""
+    kernel: int = 7
+    """Conv kernel: 1-D (audio 7, text 9) or k x k over the patch grid (vision 3)."""
+    dim: int = 384
+    """Conv channels C (audio base 384; vision and text: the encoder width)."""
+    groups: int = 16
+    """Conv groups (16; text 1)."""
+    residual: bool = True
+    """Residual connection between blocks of equal shape (text: none)."""
+    projection: Literal["linear", "mlp"] = "linear"
+    """Back to D: 'linear', or 'mlp' Linear(C, 2C) -> GELU -> Linear(2C, D) (text)."""
+    input_dropout: float = 0.0
+    """Dropout on the decoder input (audio, text 0.1; vision 0)."""
+
+    def __post_init__(self) -> None:
+        if self.layers < 1 or self.kernel < 1 or self.dim < 1 or self.groups < 1:
+            raise ConfigError(
+                f"decoder: layers, kernel, dim and groups must be >= 1, got {self.layers}, {self.kernel}, "
+                f"{self.dim}, {self.groups}"
+            )
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"decoder.kernel must be odd (same-length padding k // 2), got {self.kernel}")
+        if self.dim % self.groups:
+            raise ConfigError(f"decoder.groups={self.groups} must divide decoder.dim={self.dim}")
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ConfigError(f"decoder.input_dropout must be in [0, 1), got {self.input_dropout}")
+
+
+class _ChannelNorm(nn.Module):
+    """LayerNorm over the channel axis 1 of [B, C, ...] without affine parameters ([FS] ``TransposeLast``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1)
+
+
+class ConvDecoder(nn.Module):
+    """``Decoder1d`` ([B, T, D] as a sequence) or, with ``grid``, ``Decoder2d`` (T = h * w patch tokens)."""
+
+    def __init__(self, cfg: DecoderConfig, dim: int, grid: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.cfg, self.grid = cfg, grid
+        conv = nn.Conv1d if grid is None else nn.Conv2d
+        widths = [dim] + [cfg.dim] * cfg.layers
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                conv(widths[i], cfg.dim, cfg.kernel, padding=cfg.kernel // 2, groups=cfg.groups),
+                _ChannelNorm(),
+                nn.GELU(),
+            )
+            for i in range(cfg.layers)
+        )
+        self.residual = [cfg.residual and widths[i] == cfg.dim for i in range(cfg.layers)]
+        self.dropout = nn.Dropout(cfg.input_dropout)
+        if cfg.projection == "linear":
+            self.proj: nn.Module = nn.Linear(cfg.dim, dim)
+        else:
+            self.proj = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.GELU(), nn.Linear(2 * cfg.dim, dim))
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        """[B, T, D] (in the original token order; T = h * w for 2-D) -> predictions [B, T, D]."""
+        B, T, D = x_BTD.shape
+        x = self.dropout(x_BTD).transpose(1, 2)  # [B, D, T]
+        if self.grid is not None:
+            assert self.grid[0] * self.grid[1] == T, f"{T} tokens do not fill the grid {self.grid}"
+            x = x.reshape(B, D, *self.grid)
+        for blk, res in zip(self.blocks, self.residual):
+            y = blk(x)
+            x = x + y if res else y
+        return self.proj(x.flatten(2).transpose(1, 2))
