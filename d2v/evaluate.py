@@ -236,25 +236,39 @@ def probe_metrics(
     """``probe/<init>/{accuracy,macro_f1}``: logistic regression on frozen mean-pooled features,
     train -> test, for the pretrained encoder and a fresh one of the same architecture (seed ``seed``)."""
 
-    entry = manifest["tasks"][_probe_task(manifest)]
     out: dict[str, float] = {}
     for init in cfg.probe_inits:
         encoder = load_checkpoint_encoder(pretrain_step, pretrained=init == PRETRAINED, seed=seed)
-
-        def loader(split: str, budget: int | float | None, enc: Encoder = encoder) -> Any:
-            return build_loader(
-                shard_dir, split, enc.config, batch_size=cfg.batch_size, mode="eval", seed=seed,
-                num_workers=cfg.num_workers, label_budget=budget,
-            )  # fmt: skip
-
-        x_tr, y_tr = split_features(encoder, loader(split_of(entry, "train"), cfg.probe_budget), device)
-        x_te, y_te = split_features(encoder, loader(split_of(entry, "test"), None), device)
-        pred = linear_probe(
-            x_tr, y_tr, x_te, len(entry["labels"]), l2=cfg.probe_l2, max_iter=cfg.probe_max_iter
-        )
-        out[probe_key(init, "accuracy")] = accuracy(pred, y_te)
-        out[probe_key(init, "macro_f1")] = macro_f1(pred, y_te, len(entry["labels"]))
+        for metric, value in probe(encoder, manifest, shard_dir, cfg, seed, device).items():
+            out[probe_key(init, metric)] = value
     return out
+
+
+def probe(
+    encoder: Encoder,
+    manifest: dict[str, Any],
+    shard_dir: Path,
+    cfg: EvaluateConfig,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """``{accuracy, macro_f1}`` of logistic regression on ``encoder``'s frozen mean-pooled features:
+    trained on ``cfg.probe_budget`` labels of the train split, scored on the test split."""
+    entry = manifest["tasks"][_probe_task(manifest)]
+
+    def loader(split: str, budget: int | float | None) -> Any:
+        return build_loader(
+            shard_dir, split, encoder.config, batch_size=cfg.batch_size, mode="eval", seed=seed,
+            num_workers=cfg.num_workers, label_budget=budget,
+        )  # fmt: skip
+
+    was_training = encoder.training
+    x_tr, y_tr = split_features(encoder, loader(split_of(entry, "train"), cfg.probe_budget), device)
+    x_te, y_te = split_features(encoder, loader(split_of(entry, "test"), None), device)
+    encoder.train(was_training)
+    n = len(entry["labels"])
+    pred = linear_probe(x_tr, y_tr, x_te, n, l2=cfg.probe_l2, max_iter=cfg.probe_max_iter)
+    return {"accuracy": accuracy(pred, y_te), "macro_f1": macro_f1(pred, y_te, n)}
 
 
 def write_outputs(

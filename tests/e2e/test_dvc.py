@@ -117,3 +117,30 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
         assert "model" in s["config"] and s["config"]["git_commit"]
         assert s["summary"]["pretrain/loss"] > 0
     assert any(name.startswith("finetune-") for name in summaries)
+
+
+def test_data2vec2_pretrains_and_finetunes_every_modality_through_dvc(project_copy: Path):
+    """``model.<m>.algorithm: data2vec2`` through the real stages (smoke profile): pretrain, a fine-tune
+    from its checkpoint, and ``d2v embed`` of the checkpoint (the encoder sees every token)."""
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sets = [a for m in MODALITIES for a in ("-S", f"model.{m}.algorithm=data2vec2")]
+    targets = [f"finetune@{m}-5-0-pretrained" for m in MODALITIES]  # and their stale upstream stages
+    out = run([*DVC, "exp", "run", *sets, *targets], project_copy)
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert {f"pretrain@{m}" for m in MODALITIES} <= ran, ran
+    for m in MODALITIES:
+        step = sorted((project_copy / "checkpoints/pretrain" / m).glob("step-*"))[-1]
+        assert json.loads((step / "meta.json").read_text())["model_config"]["algorithm"] == "data2vec2"
+        ft = json.loads((project_copy / "metrics/finetune" / m / "b5-s0-pretrained.json").read_text())
+        assert ft["finetune/steps"] == 3 and ft["finetune/loss"] > 0
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.load(project_copy / "data/raw/image/fashion-mnist/test-images.npy")[:2]
+    files = [project_copy / f"item{i}.png" for i in range(2)]
+    for f, p in zip(files, pixels):
+        Image.fromarray(p).save(f)
+    run(["d2v", "embed", "checkpoints/pretrain/image", *map(str, files), "--out", "f.npy"], project_copy)
+    assert np.load(project_copy / "f.npy").shape == (2, 16)  # the tiny preset's width
