@@ -381,7 +381,9 @@ def clean_reason(reason: str, item: Item) -> str:
     identical wherever the raw folder lives."""
     refs = item.ref if isinstance(item.ref, (tuple, list)) else (item.ref,)
     for r in refs:
-        if isinstance(r, str) and len(r) > 1:
+        # only absolute paths are machine-specific; a ref's other strings are tags ("file", "jsonl") that
+        # also occur as ordinary words in reasons ("cannot identify image file ...")
+        if isinstance(r, str) and os.path.isabs(r):
             reason = reason.replace(r, item.name)
     return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
 
