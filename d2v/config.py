@@ -11,6 +11,7 @@ holds the modality-blind pieces and the loader.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -115,6 +116,32 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    except ConfigError as e:  # from __post_init__, which does not know where its section sits
+        raise ConfigError(key_path(where, str(e), cls)) from None
+
+
+_KEY = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def key_path(where: str, message: str, cls: type) -> str:
+    """A ``cls.__post_init__`` error message placed at ``where``: the message names keys relative to its
+    class (``lr must be > 0, got -0.001``), the result by their full path
+    (``pretrain.image.optim.lr must be > 0, got -0.001``).
+
+    A message that leads with a guessed path of its own (``optim.lr ...``, ``finetune: ...``) has it
+    replaced, up to the first field of ``cls`` it names, so validators written that way read the same."""
+    if not where:
+        return message
+    m = _KEY.match(message)
+    if m:
+        names = {f.name for f in fields(cls)}
+        parts = m.group().split(".")
+        for i, part in enumerate(parts):
+            if part in names:
+                return ".".join([where, *parts[i:]]) + message[m.end() :]
+        if message[m.end() : m.end() + 1] == ":":  # a section label ('optim: ...'): use the real one
+            return where + message[m.end() :]
+    return f"{where}: {message}"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -178,14 +205,17 @@ class TransformerConfig:
     activation: Literal["gelu", "gelu_new", "relu"] = "gelu"
 
     def __post_init__(self) -> None:
+        # messages name keys relative to this section; from_dict puts the section's path in front
+        if self.heads < 1:
+            raise ConfigError(f"heads must be >= 1, got {self.heads}")
         if self.dim % self.heads:
-            raise ConfigError(f"transformer: dim {self.dim} is not divisible by heads {self.heads}")
+            raise ConfigError(f"dim must be divisible by heads ({self.heads}), got {self.dim}")
         if self.depth < 1:
-            raise ConfigError(f"transformer: depth must be >= 1, got {self.depth}")
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
         for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "drop_path"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"transformer.{name}: must be in [0, 1), got {v}")
+                raise ConfigError(f"{name} must be in [0, 1), got {v}")
 
 
 # ----------------------------------------------------------------------------------- params.yaml loading

@@ -46,7 +46,7 @@ def test_from_dict_rejects_bad_input_with_the_key_path(data, fragment):
 
 
 def test_transformer_config_validates():
-    with pytest.raises(ConfigError, match="not divisible"):
+    with pytest.raises(ConfigError, match="dim must be divisible by heads"):
         TransformerConfig(dim=10, heads=3)
     with pytest.raises(ConfigError, match="dropout"):
         from_dict(TransformerConfig, {"dropout": 1.5})
@@ -78,3 +78,39 @@ def test_section_reads_one_modality():
     assert section(params, "model", _Inner, "text") == _Inner()
     with pytest.raises(ConfigError, match="model.image: unknown key"):
         section({"model": {"image": {"zz": 1}}}, "model", _Inner, "image")
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """Validators as they are written: relative to the class, or with a guessed prefix of their own."""
+
+    rate: float = 0.5
+    size: int = 1
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=16, heads=2))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate < 1:
+            raise ConfigError(f"rate must be in [0, 1), got {self.rate}")
+        if self.size == 2:
+            raise ConfigError(f"head.size: must not be 2, got {self.size}")  # a guessed prefix
+        if self.size == 3:
+            raise ConfigError("head: size and rate disagree")  # a section label
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"rate": -0.001}, "finetune.audio.head.rate must be in [0, 1), got -0.001"),
+        ({"size": 2}, "finetune.audio.head.size: must not be 2, got 2"),
+        ({"size": 3}, "finetune.audio.head: size and rate disagree"),
+        ({"transformer": {"depth": 0}}, "finetune.audio.head.transformer.depth must be >= 1, got 0"),
+        (
+            {"transformer": {"dim": 10}},
+            "finetune.audio.head.transformer.dim must be divisible by heads (12), got 10",
+        ),
+    ],
+)
+def test_validator_errors_name_the_full_key_path_and_value(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_Checked, data, "finetune.audio.head")
+    assert str(e.value) == message

@@ -104,11 +104,13 @@ class PrepareConfig(PrepareCommon):
 
     def __post_init__(self) -> None:
         if not 0 <= self.digit_voices <= len(ACCENTS) * len(VARIANTS):
-            raise ConfigError(f"prepare.audio.digit_voices: must be in [0, 96], got {self.digit_voices}")
+            raise ConfigError(f"digit_voices must be in [0, 96], got {self.digit_voices}")
         if not 1 <= self.ctc_min_digits <= self.ctc_max_digits:
-            raise ConfigError("prepare.audio: need 1 <= ctc_min_digits <= ctc_max_digits")
+            raise ConfigError(
+                f"ctc_min_digits must be in [1, ctc_max_digits = {self.ctc_max_digits}], got {self.ctc_min_digits}"
+            )
         if self.workers < 1:
-            raise ConfigError(f"prepare.audio.workers: must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
 
 @dataclass(frozen=True)

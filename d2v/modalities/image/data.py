@@ -82,7 +82,7 @@ class ShardConfig(ShardCommon):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_size < 1:
-            raise ConfigError(f"shard.image.image_size: must be >= 1, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= 1, got {self.image_size}")
 
 
 # ------------------------------------------------------------------------------------------------ prepare

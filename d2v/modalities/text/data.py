@@ -85,11 +85,11 @@ class ShardConfig(ShardCommon):
         super().__post_init__()
         if self.vocab_size < 256 + len(SPECIALS):
             raise ConfigError(
-                f"shard.text.vocab_size: {self.vocab_size} is below the 261 symbols of a byte-level BPE "
-                "(256 bytes + 5 specials)"
+                f"vocab_size must be >= 261, the symbols of a byte-level BPE (256 bytes + 5 specials), got "
+                f"{self.vocab_size}"
             )
         if self.max_tokens < 3:
-            raise ConfigError(f"shard.text.max_tokens: must be >= 3, got {self.max_tokens}")
+            raise ConfigError(f"max_tokens must be >= 3 (<s>, a token, </s>), got {self.max_tokens}")
 
 
 # ------------------------------------------------------------------------------------------------ prepare
