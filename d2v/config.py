@@ -27,6 +27,11 @@ class ConfigError(ValueError):
     """A params.yaml / override problem; the message names the key path and what is expected."""
 
 
+FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][-+]?\d+)?")
+"""A decimal number with a dot or an exponent. YAML 1.1 (PyYAML) reads ``1e-3`` and ``-1e-3`` (no dot) as
+strings, so a float key accepts such a string; plain integers and words stay errors."""
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -84,6 +89,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -114,3 +114,25 @@ def test_validator_errors_name_the_full_key_path_and_value(data, message):
     with pytest.raises(ConfigError) as e:
         from_dict(_Checked, data, "finetune.audio.head")
     assert str(e.value) == message
+
+
+def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
+    from d2v.train import PretrainConfig
+
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  image:\n    optim: {lr: 1e-3, eps: 5E-9, weight_decay: .05}\n")
+    assert load_params(p)["pretrain"]["image"]["optim"]["lr"] == "1e-3"  # what PyYAML hands over
+    optim = section(load_params(p), "pretrain", PretrainConfig, "image").optim
+    assert (optim.lr, optim.eps, optim.weight_decay) == (1e-3, 5e-9, 0.05)
+    for value, message in [
+        ("-1e-3", "pretrain.image.optim.lr must be > 0, got -0.001"),
+        ("fast", "pretrain.image.optim.lr: expected a number, got 'fast'"),
+        ("1e", "pretrain.image.optim.lr: expected a number, got '1e'"),
+    ]:
+        p.write_text(f"pretrain:\n  image:\n    optim: {{lr: {value}}}\n")
+        with pytest.raises(ConfigError) as e:
+            section(load_params(p), "pretrain", PretrainConfig, "image")
+        assert str(e.value) == message
+    p.write_text("pretrain:\n  image: {steps: 1e3}\n")  # an integer key takes no exponent string
+    with pytest.raises(ConfigError, match=r"pretrain\.image\.steps: expected an integer, got '1e3'"):
+        section(load_params(p), "pretrain", PretrainConfig, "image")
