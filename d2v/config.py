@@ -270,11 +270,24 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
+class Params(dict):
+    """params.yaml as ``load_params`` returns it: the effective values (the profile applied), plus ``own``.
+
+    ``own`` holds the file's own sections as written (no profile applied) when a profile replaced some of
+    them, else None. It is an attribute, not a key, so the stages, the report and W&B see only the effective
+    values; ``check_all`` validates it too, so a bad value that the profile hides fails now, not once the
+    profile changes. A copy (``dict(params)``) is a plain dict without it.
+    """
+
+    own: dict[str, Any] | None = None
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     """Read params.yaml, reject unknown top-level keys, apply the selected profile's overrides.
 
     ``profile`` (or the file's ``profile:`` key) names an entry of ``profiles:`` whose nested keys replace
-    the defaults (``profile: smoke`` is the seconds-per-stage profile of the e2e tests and CI).
+    the defaults (``profile: smoke`` is the seconds-per-stage profile of the e2e tests and CI). The file's
+    own sections stay available as ``.own`` (see :class:`Params`).
     """
     raw = load_yaml(path)
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -282,6 +295,7 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; valid keys are {list(SECTIONS)}")
     name = profile if profile is not None else raw.get("profile", "default")
     profiles = raw.get("profiles") or {}
+    own = None
     if name not in ("default", None):
         if name not in profiles:
             raise ConfigError(
@@ -296,9 +310,11 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
                 f"{path}: profiles.{name} overrides {templated}, which dvc.yaml interpolates from the file "
                 "itself; set them at the top level instead"
             )
+        own = raw
         raw = _deep_merge(raw, profiles[name])
-    raw["profile"] = name or "default"
-    return raw
+    out = Params(raw, profile=name or "default")
+    out.own = own
+    return out
 
 
 def section(params: dict[str, Any], name: str, cls: type[T], modality: str | None = None) -> T:

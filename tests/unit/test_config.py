@@ -136,3 +136,13 @@ def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
     p.write_text("pretrain:\n  image: {steps: 1e3}\n")  # an integer key takes no exponent string
     with pytest.raises(ConfigError, match=r"pretrain\.image\.steps: expected an integer, got '1e3'"):
         section(load_params(p), "pretrain", PretrainConfig, "image")
+
+
+def test_load_params_keeps_the_file_own_sections_beside_the_profile(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(
+        "seed: 1\nprofiles:\n  smoke:\n    pretrain: {image: {steps: 3}}\npretrain: {image: {steps: 100}}\n"
+    )
+    smoke = load_params(p, "smoke")
+    assert smoke["pretrain"]["image"]["steps"] == 3 and smoke.own["pretrain"]["image"]["steps"] == 100
+    assert "own" not in smoke and load_params(p).own is None  # an attribute, not a key; no profile: None
