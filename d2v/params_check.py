@@ -22,8 +22,8 @@ def check_all(params: dict[str, Any], quiet: bool = False) -> int:
             _check_sections(own)
         except ConfigError as e:
             raise ConfigError(
-                f"{e} (in the file's own sections: profile {params.get('profile')!r} overrides this value, so "
-                "it fails only without the profile; fix it there)"
+                f"{e} (in the file's own sections: profile {params.get('profile')!r} overrides this value, "
+                "so it fails only without the profile; fix it there)"
             ) from None
     if not quiet:
         print(f"params OK (profile {params.get('profile', 'default')})")

@@ -107,7 +107,8 @@ class PrepareConfig(PrepareCommon):
             raise ConfigError(f"digit_voices must be in [0, 96], got {self.digit_voices}")
         if not 1 <= self.ctc_min_digits <= self.ctc_max_digits:
             raise ConfigError(
-                f"ctc_min_digits must be in [1, ctc_max_digits = {self.ctc_max_digits}], got {self.ctc_min_digits}"
+                f"ctc_min_digits must be in [1, ctc_max_digits = {self.ctc_max_digits}], got "
+                f"{self.ctc_min_digits}"
             )
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
