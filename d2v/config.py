@@ -11,6 +11,7 @@ holds the modality-blind pieces and the loader.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -24,6 +25,11 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A params.yaml / override problem; the message names the key path and what is expected."""
+
+
+FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+(?=[eE]))([eE][-+]?\d+)?")
+"""A decimal number with a dot or an exponent. YAML 1.1 (PyYAML) reads ``1e-3`` and ``-1e-3`` (no dot) as
+strings, so a float key accepts such a string; plain integers and words stay errors."""
 
 
 def _type_name(tp: Any) -> str:
@@ -83,6 +89,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -115,6 +123,32 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    except ConfigError as e:  # from __post_init__, which does not know where its section sits
+        raise ConfigError(key_path(where, str(e), cls)) from None
+
+
+_KEY = re.compile(r"[A-Za-z_][\w.]*")
+
+
+def key_path(where: str, message: str, cls: type) -> str:
+    """A ``cls.__post_init__`` error message placed at ``where``: the message names keys relative to its
+    class (``lr must be > 0, got -0.001``), the result by their full path
+    (``pretrain.image.optim.lr must be > 0, got -0.001``).
+
+    A message that leads with a guessed path of its own (``optim.lr ...``, ``finetune: ...``) has it
+    replaced, up to the first field of ``cls`` it names, so validators written that way read the same."""
+    if not where:
+        return message
+    m = _KEY.match(message)
+    if m:
+        names = {f.name for f in fields(cls)}
+        parts = m.group().split(".")
+        for i, part in enumerate(parts):
+            if part in names:
+                return ".".join([where, *parts[i:]]) + message[m.end() :]
+        if message[m.end() : m.end() + 1] == ":":  # a section label ('optim: ...'): use the real one
+            return where + message[m.end() :]
+    return f"{where}: {message}"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -178,14 +212,17 @@ class TransformerConfig:
     activation: Literal["gelu", "gelu_new", "relu"] = "gelu"
 
     def __post_init__(self) -> None:
+        # messages name keys relative to this section; from_dict puts the section's path in front
+        if self.heads < 1:
+            raise ConfigError(f"heads must be >= 1, got {self.heads}")
         if self.dim % self.heads:
-            raise ConfigError(f"transformer: dim {self.dim} is not divisible by heads {self.heads}")
+            raise ConfigError(f"dim must be divisible by heads ({self.heads}), got {self.dim}")
         if self.depth < 1:
-            raise ConfigError(f"transformer: depth must be >= 1, got {self.depth}")
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
         for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "drop_path"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ConfigError(f"transformer.{name}: must be in [0, 1), got {v}")
+                raise ConfigError(f"{name} must be in [0, 1), got {v}")
 
 
 # ----------------------------------------------------------------------------------- params.yaml loading
@@ -233,11 +270,24 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> dict[str, Any]:
+class Params(dict):
+    """params.yaml as ``load_params`` returns it: the effective values (the profile applied), plus ``own``.
+
+    ``own`` holds the file's own sections as written (no profile applied) when a profile replaced some of
+    them, else None. It is an attribute, not a key, so the stages, the report and W&B see only the effective
+    values; ``check_all`` validates it too, so a bad value that the profile hides fails now, not once the
+    profile changes. A copy (``dict(params)``) is a plain dict without it.
+    """
+
+    own: dict[str, Any] | None = None
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None) -> Params:
     """Read params.yaml, reject unknown top-level keys, apply the selected profile's overrides.
 
     ``profile`` (or the file's ``profile:`` key) names an entry of ``profiles:`` whose nested keys replace
-    the defaults (``profile: smoke`` is the seconds-per-stage profile of the e2e tests and CI).
+    the defaults (``profile: smoke`` is the seconds-per-stage profile of the e2e tests and CI). The file's
+    own sections stay available as ``.own`` (see :class:`Params`).
     """
     raw = load_yaml(path)
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -245,6 +295,7 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
         raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; valid keys are {list(SECTIONS)}")
     name = profile if profile is not None else raw.get("profile", "default")
     profiles = raw.get("profiles") or {}
+    own = None
     if name not in ("default", None):
         if name not in profiles:
             raise ConfigError(
@@ -259,9 +310,11 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
                 f"{path}: profiles.{name} overrides {templated}, which dvc.yaml interpolates from the file "
                 "itself; set them at the top level instead"
             )
+        own = raw
         raw = _deep_merge(raw, profiles[name])
-    raw["profile"] = name or "default"
-    return raw
+    out = Params(raw, profile=name or "default")
+    out.own = own
+    return out
 
 
 def section(params: dict[str, Any], name: str, cls: type[T], modality: str | None = None) -> T:

@@ -61,7 +61,7 @@ class LoopConfig:
     """Crop length of an example in the modality's raw unit (audio samples, text tokens); None: loader's."""
 
     def __post_init__(self) -> None:
-        where = type(self).__name__.removesuffix("Config").lower()
+        # messages name keys relative to this section; from_dict puts the section's path in front
         for name in (
             "steps",
             "batch_size",
@@ -71,10 +71,10 @@ class LoopConfig:
             "keep_checkpoints",
         ):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
-                f"{where}.batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
+                f"batch_size must be a multiple of grad_accum ({self.grad_accum}), got {self.batch_size}"
             )
 
 

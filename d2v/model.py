@@ -38,10 +38,11 @@ class EMAConfig:
     tau_n: int = 30_000
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.tau0 <= 1.0 and 0.0 <= self.tau_end <= 1.0):
-            raise ConfigError(f"ema: tau0 and tau_end must be in [0, 1], got {self.tau0}, {self.tau_end}")
+        for name in ("tau0", "tau_end"):  # messages relative to the section (from_dict adds its path)
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.tau_n < 0:
-            raise ConfigError(f"ema.tau_n must be >= 0, got {self.tau_n}")
+            raise ConfigError(f"tau_n must be >= 0, got {self.tau_n}")
 
 
 # --------------------------------------------------------------------------------------------- pure math

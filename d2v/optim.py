@@ -52,23 +52,31 @@ class OptimConfig:
     """Layer-wise LR decay for fine-tuning (BEiT/[DV] 0.65 for images): block i gets decay^(L+1-i)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
-            raise ConfigError("optim: lr and eps must be > 0 and weight_decay >= 0")
+        # messages name keys relative to this section; from_dict puts the section's path in front
+        for name in ("lr", "eps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optim.betas must be in [0, 1), got {list(self.betas)}")
-        if not (0.0 <= self.warmup <= 1.0 and 0.0 <= self.hold <= 1.0):
-            raise ConfigError("optim: warmup and hold are fractions of the steps in [0, 1]")
+            raise ConfigError(f"betas must be in [0, 1), got {list(self.betas)}")
+        for name in ("warmup", "hold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(
+                    f"{name} must be a fraction of the steps in [0, 1], got {getattr(self, name)}"
+                )
         if self.schedule == "tri_stage" and self.warmup + self.hold > 1.0:
             raise ConfigError(
-                f"optim: tri_stage warmup ({self.warmup}) + hold ({self.hold}) must be at most 1 "
-                f"(the rest of the steps decays)"
+                f"warmup ({self.warmup}) + hold ({self.hold}) must be at most 1 with schedule: tri_stage "
+                "(the rest of the steps decays)"
             )
-        if not (0.0 < self.init_lr_scale <= 1.0 and 0.0 < self.final_lr_scale <= 1.0):
-            raise ConfigError("optim: init_lr_scale and final_lr_scale must be in (0, 1]")
+        for name in ("init_lr_scale", "final_lr_scale"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ConfigError(f"optim.clip_norm must be > 0 or null, got {self.clip_norm}")
+            raise ConfigError(f"clip_norm must be > 0 or null, got {self.clip_norm}")
         if not 0.0 < self.layer_decay <= 1.0:
-            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
 
 
 # ------------------------------------------------------------------------------------------- schedules

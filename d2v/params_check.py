@@ -14,8 +14,28 @@ from d2v.sweep import SweepConfig
 from d2v.train import PretrainConfig
 
 
-def check_all(params: dict[str, Any]) -> int:
-    """Build every config dataclass the stages would build; raise ConfigError naming the first bad key."""
+def check_all(params: dict[str, Any], quiet: bool = False) -> int:
+    """Build every config dataclass the stages would build; raise ConfigError naming the first bad key.
+
+    Checks the effective params and, when a profile was applied, the file's own sections as well
+    (``params.own``, kept by ``load_params``): a bad value the profile overrides fails now, not on the first
+    run without the profile. ``quiet``: no "params OK" line (for stages that check before they run)."""
+    _check_sections(params)
+    own = getattr(params, "own", None)
+    if own is not None:
+        try:
+            _check_sections(own)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e} (in the file's own sections: profile {params.get('profile')!r} overrides this value, "
+                "so it fails only without the profile; fix it there)"
+            ) from None
+    if not quiet:
+        print(f"params OK (profile {params.get('profile', 'default')})")
+    return 0
+
+
+def _check_sections(params: dict[str, Any]) -> None:
     section(params, "paths", PathsConfig)
     section(params, "tracking", TrackingConfig)
     section(params, "sweep", SweepConfig)
@@ -38,5 +58,3 @@ def check_all(params: dict[str, Any]) -> int:
         section(params, "pretrain", PretrainConfig, m)
         modality_options(section(params, "finetune", FinetuneConfig, m), m)
         section(params, "evaluate", EvaluateConfig, m)
-    print(f"params OK (profile {params.get('profile', 'default')})")
-    return 0

@@ -168,19 +168,18 @@ class ShardCommon:
     """Processes that encode inputs (decode, resample, FLAC/PNG); sample order does not depend on it."""
 
     def __post_init__(self) -> None:
-        if self.samples_per_shard < 1 or self.shard_bytes < 1:
-            raise ConfigError("shard: samples_per_shard and shard_bytes must be >= 1")
+        # messages name keys relative to this section; from_dict puts the section's path in front
+        for name in ("samples_per_shard", "shard_bytes", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (0.0 <= self.valid < 1.0 and 0.0 <= self.test < 1.0 and self.valid + self.test < 1.0):
             raise ConfigError(
-                f"shard: valid ({self.valid}) and test ({self.test}) must be fractions in [0, 1) "
-                "summing to < 1"
+                f"valid ({self.valid}) and test ({self.test}) must be fractions in [0, 1) summing to < 1"
             )
         for name in ("max_train", "max_pretrain"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ConfigError(f"shard.{name}: must be >= 1 or null (all), got {v}")
-        if self.workers < 1:
-            raise ConfigError(f"shard.workers: must be >= 1, got {self.workers}")
+                raise ConfigError(f"{name} must be >= 1 or null (all), got {v}")
 
 
 # ------------------------------------------------------------------------------------------- determinism
@@ -381,7 +380,9 @@ def clean_reason(reason: str, item: Item) -> str:
     identical wherever the raw folder lives."""
     refs = item.ref if isinstance(item.ref, (tuple, list)) else (item.ref,)
     for r in refs:
-        if isinstance(r, str) and len(r) > 1:
+        # only absolute paths are machine-specific; a ref's other strings are tags ("file", "jsonl") that
+        # also occur as ordinary words in reasons ("cannot identify image file ...")
+        if isinstance(r, str) and os.path.isabs(r):
             reason = reason.replace(r, item.name)
     return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
 

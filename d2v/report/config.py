@@ -23,8 +23,6 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         if not 30 <= self.dpi <= 600:
-            raise ConfigError(f"report.dpi: expected an integer in [30, 600], got {self.dpi}")
+            raise ConfigError(f"dpi must be an integer in [30, 600], got {self.dpi}")
         if self.publish_timeout_s <= 0:
-            raise ConfigError(
-                f"report.publish_timeout_s: expected a positive number, got {self.publish_timeout_s}"
-            )
+            raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")

@@ -46,7 +46,7 @@ def test_from_dict_rejects_bad_input_with_the_key_path(data, fragment):
 
 
 def test_transformer_config_validates():
-    with pytest.raises(ConfigError, match="not divisible"):
+    with pytest.raises(ConfigError, match="dim must be divisible by heads"):
         TransformerConfig(dim=10, heads=3)
     with pytest.raises(ConfigError, match="dropout"):
         from_dict(TransformerConfig, {"dropout": 1.5})
@@ -78,3 +78,71 @@ def test_section_reads_one_modality():
     assert section(params, "model", _Inner, "text") == _Inner()
     with pytest.raises(ConfigError, match="model.image: unknown key"):
         section({"model": {"image": {"zz": 1}}}, "model", _Inner, "image")
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """Validators as they are written: relative to the class, or with a guessed prefix of their own."""
+
+    rate: float = 0.5
+    size: int = 1
+    transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=16, heads=2))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rate < 1:
+            raise ConfigError(f"rate must be in [0, 1), got {self.rate}")
+        if self.size == 2:
+            raise ConfigError(f"head.size: must not be 2, got {self.size}")  # a guessed prefix
+        if self.size == 3:
+            raise ConfigError("head: size and rate disagree")  # a section label
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"rate": -0.001}, "finetune.audio.head.rate must be in [0, 1), got -0.001"),
+        ({"size": 2}, "finetune.audio.head.size: must not be 2, got 2"),
+        ({"size": 3}, "finetune.audio.head: size and rate disagree"),
+        ({"transformer": {"depth": 0}}, "finetune.audio.head.transformer.depth must be >= 1, got 0"),
+        (
+            {"transformer": {"dim": 10}},
+            "finetune.audio.head.transformer.dim must be divisible by heads (12), got 10",
+        ),
+    ],
+)
+def test_validator_errors_name_the_full_key_path_and_value(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_Checked, data, "finetune.audio.head")
+    assert str(e.value) == message
+
+
+def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
+    from d2v.train import PretrainConfig
+
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  image:\n    optim: {lr: 1e-3, eps: 5E-9, weight_decay: .05}\n")
+    assert load_params(p)["pretrain"]["image"]["optim"]["lr"] == "1e-3"  # what PyYAML hands over
+    optim = section(load_params(p), "pretrain", PretrainConfig, "image").optim
+    assert (optim.lr, optim.eps, optim.weight_decay) == (1e-3, 5e-9, 0.05)
+    for value, message in [
+        ("-1e-3", "pretrain.image.optim.lr must be > 0, got -0.001"),
+        ("fast", "pretrain.image.optim.lr: expected a number, got 'fast'"),
+        ("1e", "pretrain.image.optim.lr: expected a number, got '1e'"),
+    ]:
+        p.write_text(f"pretrain:\n  image:\n    optim: {{lr: {value}}}\n")
+        with pytest.raises(ConfigError) as e:
+            section(load_params(p), "pretrain", PretrainConfig, "image")
+        assert str(e.value) == message
+    p.write_text("pretrain:\n  image: {steps: 1e3}\n")  # an integer key takes no exponent string
+    with pytest.raises(ConfigError, match=r"pretrain\.image\.steps: expected an integer, got '1e3'"):
+        section(load_params(p), "pretrain", PretrainConfig, "image")
+
+
+def test_load_params_keeps_the_file_own_sections_beside_the_profile(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(
+        "seed: 1\nprofiles:\n  smoke:\n    pretrain: {image: {steps: 3}}\npretrain: {image: {steps: 100}}\n"
+    )
+    smoke = load_params(p, "smoke")
+    assert smoke["pretrain"]["image"]["steps"] == 3 and smoke.own["pretrain"]["image"]["steps"] == 100
+    assert "own" not in smoke and load_params(p).own is None  # an attribute, not a key; no profile: None

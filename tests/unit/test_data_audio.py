@@ -126,6 +126,65 @@ def test_a_tsv_without_the_expected_columns_is_explained(tmp_path):
         run(tmp_path, src, tsv)
 
 
+@pytest.mark.parametrize(
+    "row, fields",
+    [("spk0/0.wav\t0\t\tspk0\tloud", 5), ("spk0/0.wav\t0", 2)],  # a field too many / two too few
+)
+def test_a_tsv_row_with_extra_or_missing_fields_is_named_by_line(tmp_path, row, fields):
+    src, tsv = user_folder(tmp_path / "src")
+    lines = tsv.read_text().splitlines()
+    tsv.write_text("\n".join([*lines[:3], row, *lines[3:]]) + "\n")
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, src, tsv)
+    assert f"metadata.tsv:4: {fields} tab-separated fields, the header has 4" in str(e.value)
+
+
+def test_a_tsv_that_is_not_utf8_is_named(tmp_path):
+    src, tsv = user_folder(tmp_path / "src")
+    tsv.write_bytes(tsv.read_bytes().replace(b"one two\t", "un deux trois café\t".encode("latin-1"), 1))
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, src, tsv)
+    assert str(tmp_path / "raw" / "metadata.tsv") in str(e.value)
+    assert "not UTF-8 (byte 0xe9" in str(e.value) and "as UTF-8" in str(e.value)
+
+
+def cut_wav_folder(root: Path) -> Path:
+    """Three good clips and one WAV cut short of the data size its header declares."""
+    for i in range(3):
+        sf.write(_mk(root) / f"{i}.wav", tone(0.5, 16000, 300 + 50 * i), 16000)
+    whole = (root / "0.wav").read_bytes()
+    (root / "cut.wav").write_bytes(whole[: len(whole) // 2])  # 0.25 s of the 0.5 s the header declares
+    return root
+
+
+def test_a_truncated_wav_is_skipped_as_truncated_or_an_error_when_strict(tmp_path):
+    src = cut_wav_folder(tmp_path / "src")
+    raw = tmp_path / "raw"
+    prepare_raw("audio", PrepareConfig(source=str(src)), raw, seed=0)
+    m = shard("audio", ShardConfig(samples_per_shard=4), raw, tmp_path / "audio", seed=0)
+    assert m["skipped_counts"] == {"truncated": 1} and m["splits"]["pretrain"]["inputs"] == 3
+    (skip,) = m["skipped"]
+    assert skip["input"] == "files/cut.wav"
+    assert skip["reason"].startswith("truncated: the WAV header declares"), skip
+    with pytest.raises(ValueError, match=r"files/cut\.wav: truncated.*strict"):
+        shard("audio", ShardConfig(strict=True), raw, tmp_path / "strict", seed=0)
+
+
+def test_wav_missing_bytes_reads_the_header_not_libsndfile(tmp_path):
+    buf = io.BytesIO()
+    sf.write(buf, tone(0.1, 16000, 300), 16000, format="WAV", subtype="PCM_16")
+    whole = buf.getvalue()
+    assert whole[36:40] == b"data"  # soundfile's 44-byte header: the data size is at bytes 40-43
+
+    def missing(data: bytes) -> int:
+        (tmp_path / "x.wav").write_bytes(data)
+        return A.wav_missing_bytes(tmp_path / "x.wav")
+
+    assert missing(whole) == 0 and missing(whole[:-100]) == 100
+    assert missing(whole[:40] + b"\xff\xff\xff\xff" + whole[44:-100]) == 0  # a streaming writer's "unknown"
+    assert sf.info(tmp_path / "x.wav").frames == (len(whole) - 144) // 2  # libsndfile: what is there
+
+
 def test_pretrain_batches_crop_normalise_and_mask(sharded):
     out, _ = sharded
     b = next(iter(build_loader(out, "pretrain", TINY, batch_size=3, mode="pretrain", seed=0, max_len=8000)))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,50 @@ def test_inference_preprocessing_matches_the_shards(tmp_path):
     stored = D.decode(D.encode(Item("x", ("file", str(tmp_path / "wide.png"))), D.Context(28))[0].fields)
     (again,) = D.inference_inputs([str(tmp_path / "wide.png")], prep)
     assert stored.shape == (3, 28, 28) and torch.equal(stored, again)
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grey [H, W] or RGB [H, W, 3]) written by hand: PIL cannot write 16-bit colour."""
+    h, w = pixels.shape[:2]
+    colour_type = 0 if pixels.ndim == 2 else 2
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = pixels.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_16_bit_png_gradient_is_scaled_not_clipped(tmp_path, colour):
+    from d2v.modalities.image import data as D
+
+    ramp = np.linspace(0, 65535, 28).round().astype(np.uint16)  # 28 levels over the full 16-bit range
+    pixels = np.tile(ramp, (28, 1))
+    if colour:
+        pixels = np.stack([pixels, pixels, pixels], axis=-1)
+    png16(tmp_path / "ramp.png", pixels)
+    (x,) = D.inference_inputs([str(tmp_path / "ramp.png")], {"image_size": 28})  # what shard stores, too
+    row = x[0, 0].tolist()
+    assert x.shape[0] == (3 if colour else 1)
+    assert row == sorted(row) and len(set(row)) == 28  # monotonic, every level distinct (none saturate)
+    assert row[0] == 0 and row[-1] == 255
+    assert row == (ramp >> 8).tolist()  # the high byte, as PIL reads 16-bit colour
+
+
+def test_16_bit_grey_modes_keep_the_high_byte():
+    from d2v.data.shards import BadInput
+    from d2v.modalities.image.data import to_8bit
+
+    ramp = np.array([[0, 255, 256, 40000, 65535]], dtype=np.uint16)
+    for im in (
+        Image.frombuffer("I;16B", (5, 1), ramp.astype(">u2").tobytes(), "raw", "I;16B", 0, 1),
+        Image.fromarray(ramp.astype(np.int32)),  # mode 'I'
+    ):
+        out = to_8bit(im)
+        assert out.mode == "L" and np.asarray(out).tolist() == [[0, 0, 1, 156, 255]]
+    with pytest.raises(BadInput, match="beyond 16 bits"):
+        to_8bit(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))

@@ -17,6 +17,7 @@ from d2v.data.shards import (
     ShardError,
     SplitWriter,
     Task,
+    clean_reason,
     iter_shard,
     plan_splits,
     read_manifest,
@@ -141,3 +142,16 @@ def test_label_budget_per_class_and_fraction(tmp_path):
         budget_keys(tmp_path, "train", 11, seed=0)
     with pytest.raises(ValueError, match="no labels"):
         budget_keys(tmp_path, "pretrain", 1, seed=0)
+
+
+def test_skip_reason_replaces_only_the_absolute_path(tmp_path):
+    path = str(tmp_path / "files" / "shoe.png")
+    item = Item("files/shoe.png", ("file", path))
+    reason = f"image failed to decode (UnidentifiedImageError: cannot identify image file '{path}')"
+    assert clean_reason(reason, item) == (
+        "image failed to decode (UnidentifiedImageError: cannot identify image file 'files/shoe.png')"
+    )
+    text = Item("files/a.jsonl:3", ("jsonl", "/data/files/a.jsonl", 120))
+    assert clean_reason("bad jsonl record in file /data/files/a.jsonl", text) == (
+        "bad jsonl record in file files/a.jsonl:3"
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +165,61 @@ def test_inference_tokenization_matches_the_shards(sharded):
     assert torch.equal(text.data.inference_inputs(["the cat sat on a mat."], with_json)[0], ids)
     with pytest.raises(ValueError, match="sha256"):
         text.data.inference_inputs(["x"], {**prep, "tokenizer_json": "{}"})
+
+
+def tricky_text(n: int, seed: int = 0) -> str:
+    """Words joined by the separators GPT-2's pre-tokenizer treats differently (runs of spaces, tabs,
+    newlines, punctuation, contractions, digits, non-ASCII)."""
+    rng = np.random.default_rng(seed)
+    seps = [" ", "  ", "   ", "\n", " \t ", ", ", "'s ", " 42 ", " é", ". \n\n", "-"]
+    return "".join(WORDS[rng.integers(len(WORDS))] + seps[rng.integers(len(seps))] for _ in range(n))
+
+
+def test_tokenising_in_pieces_gives_the_ids_and_tokenizer_of_the_whole_text(sharded):
+    from d2v.modalities.text.data import text_pieces, token_ids, train_tokenizer
+
+    out, _ = sharded
+    tok = load_tokenizer(out / "tokenizer.json")
+    doc = tricky_text(400)
+    for size in (8, 16, 64):  # >= the longest pre-token (" éhills", 7 characters)
+        pieces = list(text_pieces(doc, size))
+        assert "".join(pieces) == doc and max(len(p) for p in pieces) <= size
+        assert token_ids(tok, doc, size).tolist() == tok.encode(doc, add_special_tokens=False).ids
+    assert list(text_pieces("x" * 10, 4)) == ["xxxx", "xxxx", "xx"]  # no space to cut at: cut at the size
+    whole = train_tokenizer([doc], 300, 1)
+    pieced = train_tokenizer(text_pieces(doc, 16), 300, 1)
+    assert pieced.to_str() == whole.to_str()
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from d2v.data.shards import Item
+from d2v.modalities.text import data as T
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+tmp = Path(sys.argv[1])
+item = Item("big.txt", ("file", str(tmp / "big.txt")))
+T.read_text(item.ref)  # the text itself (a few MB) is not what is measured
+before = peak_mb()
+ctx = T.setup({"pretrain": [item]}, T.ShardConfig(vocab_size=300, min_frequency=1), tmp, 0)
+samples = T.encode(item, ctx)
+print(peak_mb() - before, sum(s.stats["tokens"] for s in samples))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
+def test_a_huge_single_line_document_is_sharded_in_bounded_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    words = np.array(WORDS + [w + w[::-1] for w in WORDS])
+    (tmp_path / "big.txt").write_text(" ".join(words[rng.integers(len(words), size=500_000)]))  # 3.3 MB
+    # a fresh process: ru_maxrss is the process's peak, which earlier tests would already have raised
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    growth_mb, tokens = res.stdout.split()
+    assert int(tokens) > 500_000  # every word became at least one token (plus <s> </s> per chunk)
+    # tokenised whole, this 3.3 MB line raised the peak by ~450 MB; in pieces, by less than the text itself
+    assert float(growth_mb) < 200, res.stdout

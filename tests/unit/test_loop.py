@@ -290,3 +290,26 @@ def test_compiled_blocks_train_like_eager(tmp_path):
     assert a.keys() == b.keys()
     # inductor fuses and reorders fp32 arithmetic: agreement to ~1e-5 relative, not bitwise
     assert [r["loss"] for r in runs[True]] == pytest.approx([r["loss"] for r in runs[False]], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("pretrain", {"batch_size": 0}, "pretrain.image.batch_size must be >= 1, got 0"),
+        (
+            "finetune",
+            {"batch_size": 8, "grad_accum": 3},
+            "finetune.text.batch_size must be a multiple of grad_accum (3), got 8",
+        ),
+        ("finetune", {"freeze_encoder_steps": -1}, "finetune.text.freeze_encoder_steps must be >= 0, got -1"),
+    ],
+)
+def test_loop_config_errors_name_the_modality(name, data, message):
+    from d2v.config import ConfigError, section
+    from d2v.finetune import FinetuneConfig
+
+    cls = PretrainConfig if name == "pretrain" else FinetuneConfig
+    modality = "image" if name == "pretrain" else "text"
+    with pytest.raises(ConfigError) as e:
+        section({name: {modality: data}}, name, cls, modality)
+    assert str(e.value) == message

@@ -133,3 +133,22 @@ def test_params_sections_parse_to_the_given_values():
     assert pre.optim.betas == (0.9, 0.999) and pre.optim.eps == 1e-8
     ft = section(params, "finetune", FinetuneConfig, "image")
     assert ft.optim.layer_decay == 0.65
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"lr": -0.001}, "pretrain.image.optim.lr must be > 0, got -0.001"),
+        ({"eps": 0}, "pretrain.image.optim.eps must be > 0, got 0.0"),
+        ({"weight_decay": -0.1}, "pretrain.image.optim.weight_decay must be >= 0, got -0.1"),
+        ({"hold": 1.5}, "pretrain.image.optim.hold must be a fraction of the steps in [0, 1], got 1.5"),
+        ({"final_lr_scale": 0}, "pretrain.image.optim.final_lr_scale must be in (0, 1], got 0.0"),
+    ],
+)
+def test_bad_optim_value_is_named_by_its_full_key_and_value(bad, message):
+    from d2v.config import section
+    from d2v.train import PretrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        section({"pretrain": {"image": {"optim": bad}}}, "pretrain", PretrainConfig, "image")
+    assert str(e.value) == message

@@ -45,3 +45,24 @@ def test_bad_key_is_named_by_check_params(tmp_path, capsys, path, value, fragmen
     assert fragment in str(e.value)
     assert main(["check-params", "--params", str(bad)]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_a_bad_value_hidden_by_the_profile_is_still_an_error(tmp_path, capsys):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert "steps" in params["profiles"]["smoke"]["pretrain"]["audio"]  # smoke replaces the bad value
+    params["pretrain"]["audio"]["steps"] = -5
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError) as e:
+        check_all(load_params(bad, "smoke"))
+    assert str(e.value).startswith(
+        "pretrain.audio.steps must be >= 1, got -5 (in the file's own sections: profile 'smoke' overrides"
+    )
+    assert main(["check-params", "--params", str(bad), "--profile", "smoke"]) == 2
+    assert "pretrain.audio.steps must be >= 1, got -5" in capsys.readouterr().err
+
+
+def test_check_all_can_be_quiet(capsys):
+    params = load_params(ROOT / "params.yaml", "smoke")
+    assert check_all(params, quiet=True) == 0 and capsys.readouterr().out == ""
+    assert check_all(params) == 0 and capsys.readouterr().out == "params OK (profile smoke)\n"

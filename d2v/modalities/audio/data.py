@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -100,11 +102,14 @@ class PrepareConfig(PrepareCommon):
 
     def __post_init__(self) -> None:
         if not 0 <= self.digit_voices <= len(ACCENTS) * len(VARIANTS):
-            raise ConfigError(f"prepare.audio.digit_voices: must be in [0, 96], got {self.digit_voices}")
+            raise ConfigError(f"digit_voices must be in [0, 96], got {self.digit_voices}")
         if not 1 <= self.ctc_min_digits <= self.ctc_max_digits:
-            raise ConfigError("prepare.audio: need 1 <= ctc_min_digits <= ctc_max_digits")
+            raise ConfigError(
+                f"ctc_min_digits must be in [1, ctc_max_digits = {self.ctc_max_digits}], got "
+                f"{self.ctc_min_digits}"
+            )
         if self.workers < 1:
-            raise ConfigError(f"prepare.audio.workers: must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -260,25 +265,44 @@ def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
 
 
 def read_metadata(path: Path) -> tuple[dict[str, dict[str, str]], list[Skip]]:
-    """``{relative path: {label, transcript, speaker}}`` of ``metadata.tsv``; bad rows come back as skips."""
+    """``{relative path: {label, transcript, speaker}}`` of ``metadata.tsv``; rows without a path come back
+    as skips. A row with more or fewer fields than the header, or a file that is not UTF-8, is an error (a
+    shifted column would silently move labels into the wrong field)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return _metadata_rows(csv.reader(f, delimiter="\t"), path)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); save the metadata TSV "
+            "(prepare.audio.metadata) as UTF-8 and re-run `d2v prepare audio`"
+        ) from None
+
+
+def _metadata_rows(reader: Any, path: Path) -> tuple[dict[str, dict[str, str]], list[Skip]]:
+    header = next(reader, [])
+    cols = set(header)
+    if "path" not in cols or not cols & {"label", "transcript"}:
+        raise ValueError(
+            f"{path}: expected a tab-separated header with 'path' and 'label' and/or 'transcript' "
+            f"(optional 'speaker'), got {sorted(cols)}"
+        )
     rows: dict[str, dict[str, str]] = {}
     skips = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        cols = set(reader.fieldnames or [])
-        if "path" not in cols or not cols & {"label", "transcript"}:
+    for fields in reader:
+        if not fields:  # a blank line
+            continue
+        if len(fields) != len(header):
             raise ValueError(
-                f"{path}: expected a tab-separated header with 'path' and 'label' and/or 'transcript' "
-                f"(optional 'speaker'), got {sorted(cols)}"
+                f"{path}:{reader.line_num}: {len(fields)} tab-separated fields, the header has {len(header)} "
+                f"({', '.join(header)}); fix the row in the metadata TSV (prepare.audio.metadata; leave a "
+                "field empty rather than out) and re-run `d2v prepare audio`"
             )
-        for i, row in enumerate(reader, start=2):
-            p = (row.get("path") or "").strip()
-            if not p:
-                skips.append(Skip(f"metadata.tsv:{i}", "bad_record", "row without a path"))
-                continue
-            rows[Path(p).as_posix()] = {
-                k: (row.get(k) or "").strip() for k in ("label", "transcript", "speaker")
-            }
+        row = dict(zip(header, fields))
+        p = row["path"].strip()
+        if not p:
+            skips.append(Skip(f"metadata.tsv:{reader.line_num}", "bad_record", "row without a path"))
+            continue
+        rows[Path(p).as_posix()] = {k: row.get(k, "").strip() for k in ("label", "transcript", "speaker")}
     return rows, skips
 
 
@@ -332,13 +356,46 @@ def load_audio(path: str | Path) -> Tensor:
     import torchaudio.functional as AF
 
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            declared, sr = f.frames, f.samplerate
+            wav = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         raise BadInput("unreadable", f"audio cannot be read ({type(e).__name__}: {e})") from None
+    if len(wav) < declared:
+        raise BadInput(
+            "truncated", f"truncated: {len(wav)} of the {declared} frames the header declares could be read"
+        )
+    missing = wav_missing_bytes(path)
+    if missing:
+        raise BadInput(
+            "truncated",
+            f"truncated: the WAV header declares {missing} more bytes of audio than the file holds "
+            f"({len(wav)} frames could be read); re-export or re-copy the file",
+        )
     x = torch.from_numpy(wav).mean(dim=1)
     if sr != SAMPLE_RATE and len(x):
         x = AF.resample(x, sr, SAMPLE_RATE)
     return x
+
+
+def wav_missing_bytes(path: str | Path) -> int:
+    """Bytes of a RIFF/WAVE file's ``data`` chunk that its header declares but the file lacks; 0 when
+    complete, not a RIFF/WAVE file, or the size is a streaming placeholder (0 or 0xFFFFFFFF).
+
+    libsndfile clamps the frame count of a cut WAV to what is there, so the cut is only visible here."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk, n = struct.unpack("<4sI", f.read(8))
+            if chunk == b"data":
+                return 0 if n in (0, 0xFFFFFFFF) else max(0, n - (size - pos - 8))
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    return 0
 
 
 def to_pcm16(x: Tensor) -> np.ndarray:

@@ -116,32 +116,34 @@ class ModelConfig:
         n = len(self.conv_dim)
         if n < 1 or len(self.conv_kernel) != n or len(self.conv_stride) != n:
             raise ConfigError(
-                f"model.audio: conv_dim, conv_kernel and conv_stride need the same non-zero length, got "
+                f"conv_dim, conv_kernel and conv_stride need the same non-zero length, got "
                 f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
             )
-        if min(self.conv_dim + self.conv_kernel + self.conv_stride) < 1:
-            raise ConfigError("model.audio: conv_dim, conv_kernel and conv_stride entries must be >= 1")
-        if self.pos_conv_layers < 1 or self.pos_conv_kernel < 1:
-            raise ConfigError("model.audio: pos_conv_layers and pos_conv_kernel must be >= 1")
-        if t.dim % self.pos_conv_groups:
+        for name in ("conv_dim", "conv_kernel", "conv_stride"):
+            if min(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} entries must be >= 1, got {list(getattr(self, name))}")
+        for name in ("pos_conv_layers", "pos_conv_kernel", "mask_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pos_conv_groups < 1 or t.dim % self.pos_conv_groups:
             raise ConfigError(
-                f"model.audio.pos_conv_groups={self.pos_conv_groups} must divide transformer.dim={t.dim}"
+                f"pos_conv_groups must divide transformer.dim ({t.dim}), got {self.pos_conv_groups}"
             )
         if not 1 <= self.targets.top_k <= t.depth:
             raise ConfigError(
-                f"model.audio.targets.top_k={self.targets.top_k} must be in [1, transformer.depth={t.depth}]"
+                f"targets.top_k must be in [1, transformer.depth={t.depth}], got {self.targets.top_k}"
             )
         if t.layer_norm_first or t.layer_scale_init is not None:
             raise ConfigError(
-                "model.audio.transformer: the speech encoder is post-LN without layer scale (§7.4); "
+                "transformer: the speech encoder is post-LN without layer scale (§7.4); "
                 "set layer_norm_first: false and layer_scale_init: null"
             )
         if not 0.0 <= self.mask_prob < 1.0:
-            raise ConfigError(f"model.audio.mask_prob must be in [0, 1), got {self.mask_prob}")
-        if self.mask_length < 1 or self.min_masks < 0:
-            raise ConfigError("model.audio: mask_length must be >= 1 and min_masks >= 0")
+            raise ConfigError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
+        if self.min_masks < 0:
+            raise ConfigError(f"min_masks must be >= 0, got {self.min_masks}")
         if not 0.0 <= self.feat_proj_dropout < 1.0:
-            raise ConfigError(f"model.audio.feat_proj_dropout: expected [0, 1), got {self.feat_proj_dropout}")
+            raise ConfigError(f"feat_proj_dropout must be in [0, 1), got {self.feat_proj_dropout}")
 
 
 # data2vec 2.0 (spec §5.2-5.5, [FS] config/v2/base_audio_only_task.yaml): span masks of 5 frames at 0.5

@@ -82,7 +82,7 @@ class ShardConfig(ShardCommon):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_size < 1:
-            raise ConfigError(f"shard.image.image_size: must be >= 1, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= 1, got {self.image_size}")
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -211,7 +211,8 @@ _ARRAYS: dict[str, np.ndarray] = {}
 
 
 def load_image(ref: tuple) -> Image.Image:
-    """The image behind an item ref: ``("array", npy path, index)`` or ``("file", path)``."""
+    """The image behind an item ref, ``("array", npy path, index)`` or ``("file", path)``, at 8 bits per
+    channel (16-bit files are scaled by ``to_8bit``)."""
     kind, path, *index = ref
     if kind == "array":
         if path not in _ARRAYS:  # memory-mapped once per process
@@ -220,9 +221,29 @@ def load_image(ref: tuple) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy()
+            im = im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadInput("decode_error", f"image failed to decode ({type(e).__name__}: {e})") from None
+    return to_8bit(im)
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Grey 'L' from 16-bit grey (``I;16``, ``I;16B`` ...) or integer ``I`` pixels in 0..65535; other modes
+    unchanged.
+
+    ``convert("L")`` clips such pixels at 255 (a 16-bit gradient comes out 96 % white). The high byte is kept
+    instead, as libpng's ``strip_16`` does and as PIL itself reads 16-bit RGB(A) PNGs (as 8-bit 'RGB(A)'),
+    so grey and colour 16-bit files are scaled alike."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    x = np.asarray(im).astype(np.int64)
+    if x.size and (x.min() < 0 or x.max() > 65535):  # a 32-bit 'I' image: no safe scale to guess
+        raise BadInput(
+            "unsupported_format",
+            f"32-bit integer pixels in [{x.min()}, {x.max()}], beyond 16 bits; save the image with 8 or 16 "
+            "bits per channel",
+        )
+    return Image.fromarray((x >> 8).astype(np.uint8))
 
 
 def resize_image(im: Image.Image, size: int) -> Image.Image:

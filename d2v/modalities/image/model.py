@@ -117,39 +117,42 @@ class ModelConfig:
         return max(1, round(16 * self.num_patches / 196))
 
     def __post_init__(self) -> None:
-        w = "model.image"
+        # messages name keys relative to this section; from_dict puts the section's path in front
         if self.image_size % self.patch_size:
             raise ConfigError(
-                f"{w}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"image_size must be a multiple of patch_size ({self.patch_size}), got {self.image_size}"
             )
         if self.targets.top_k > self.transformer.depth:
             raise ConfigError(
-                f"{w}.targets.top_k={self.targets.top_k} exceeds depth {self.transformer.depth}"
+                f"targets.top_k exceeds depth: must be <= transformer.depth ({self.transformer.depth}), got "
+                f"{self.targets.top_k}"
             )
         if self.relative_per_layer and self.position != "relative":
-            raise ConfigError(f"{w}.relative_per_layer needs position: relative (got {self.position!r})")
+            raise ConfigError(f"relative_per_layer needs position: relative (got {self.position!r})")
         if self.position == "sincos" and self.transformer.dim % 4:
-            raise ConfigError(f"{w}: position sincos needs transformer.dim divisible by 4")
+            raise ConfigError(
+                f"position: sincos needs transformer.dim divisible by 4, got {self.transformer.dim}"
+            )
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"{w}.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 1 <= self.min_block <= self.num_masked:
             raise ConfigError(
-                f"{w}.min_block_patches={self.min_block} must be in [1, {self.num_masked}] "
-                f"(mask_ratio x {self.num_patches} patches)"
+                f"min_block_patches must be in [1, {self.num_masked}] (mask_ratio x {self.num_patches} "
+                f"patches), got {self.min_block}"
             )
         if not 0.0 < self.mask_min_aspect <= 1.0:
-            raise ConfigError(f"{w}.mask_min_aspect must be in (0, 1], got {self.mask_min_aspect}")
+            raise ConfigError(f"mask_min_aspect must be in (0, 1], got {self.mask_min_aspect}")
         if self.algorithm == "data2vec2":
             if self.position == "relative":
                 raise ConfigError(
-                    f"{w}: data2vec2 drops the masked patches, so relative positions (which need every "
-                    f"patch) cannot work; set {w}.position: sincos (as [FS] data2vec 2.0) or absolute"
+                    "position: data2vec2 drops the masked patches, so relative positions (which need every "
+                    "patch) cannot work; set position: sincos (as [FS] data2vec 2.0) or absolute, got relative"
                 )
             keep = int(self.num_patches * (1.0 - self.mask_ratio))
             if not 1 <= keep < self.num_patches or self.mask_block < 1:
                 raise ConfigError(
-                    f"{w}: mask_ratio {self.mask_ratio} keeps {keep} of {self.num_patches} patches; "
-                    f"data2vec2 needs at least one kept and one masked patch (and mask_block >= 1)"
+                    f"mask_ratio: data2vec2 needs at least one kept and one masked patch (and mask_block "
+                    f">= 1); {self.mask_ratio} keeps {keep} of {self.num_patches} patches"
                 )
 
 

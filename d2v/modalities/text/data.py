@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS, PAD, EOS, UNK, MASK = range(5)
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_SUFFIXES = (".txt", ".jsonl")
+PIECE_CHARS = 1 << 16
+"""Documents are tokenised (and the tokenizer trained) in pieces of at most this many characters: the
+tokenizers library holds ~100 bytes per character of one input (alignments, offsets, token strings) in each
+of training and encoding, so a 5 MB single-line file peaked at 1.3-1.9 GB when tokenised whole."""
 
 __all__ = ["PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "inference_inputs"]
 
@@ -80,11 +85,11 @@ class ShardConfig(ShardCommon):
         super().__post_init__()
         if self.vocab_size < 256 + len(SPECIALS):
             raise ConfigError(
-                f"shard.text.vocab_size: {self.vocab_size} is below the 261 symbols of a byte-level BPE "
-                "(256 bytes + 5 specials)"
+                f"vocab_size must be >= 261, the symbols of a byte-level BPE (256 bytes + 5 specials), got "
+                f"{self.vocab_size}"
             )
         if self.max_tokens < 3:
-            raise ConfigError(f"shard.text.max_tokens: must be >= 3, got {self.max_tokens}")
+            raise ConfigError(f"max_tokens must be >= 3 (<s>, a token, </s>), got {self.max_tokens}")
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -279,6 +284,40 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
     return out
 
 
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` as consecutive pieces of at most ``size`` characters (joined, they give ``text`` back).
+
+    Cuts go where the byte-level pre-tokenizer (GPT-2's regex, no lookbehind) ends a pre-token anyway, so
+    the pieces give the same pre-tokens, hence the same BPE ids and merges, as the whole text: after the
+    last letter of a word, or before the last whitespace character of a run followed by a word (a word takes
+    at most one leading space, and a whole run at the end of a piece would become one token). A stretch of
+    ``size`` characters with neither (one giant pre-token) is cut where it ends."""
+    start, n = 0, len(text)
+    while n - start > size:
+        cut = _last_cut(text, start, start + size)
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _last_cut(text: str, lo: int, hi: int) -> int:
+    """The last i in (lo, hi] where a pre-token ends (see ``text_pieces``), else hi."""
+    for i in range(hi, lo, -1):
+        before, after = text[i - 1], text[i]
+        if before.isalpha() and not after.isalpha():
+            return i
+        if after in " \t\n\r\f\v" and i + 1 < len(text) and not text[i + 1].isspace():
+            return i
+    return hi
+
+
+def token_ids(tok: Any, text: str, size: int = PIECE_CHARS) -> np.ndarray:
+    """int64 ids of ``text`` without specials, tokenised piece by piece (``text_pieces``: bounded memory)."""
+    pieces = text_pieces(text, size)
+    parts = [np.asarray(tok.encode(p, add_special_tokens=False).ids, dtype=np.int64) for p in pieces]
+    return np.concatenate(parts)
+
+
 def train_tokenizer(texts, vocab_size: int, min_frequency: int):
     """A byte-level BPE (GPT-2 / RoBERTa scheme) with the specials at ids 0..4; deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -322,7 +361,7 @@ def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed:
     def texts():
         for it in splits["pretrain"]:
             try:
-                yield read_text(it.ref)
+                yield from text_pieces(read_text(it.ref))
             except BadInput:
                 continue
 
@@ -350,7 +389,7 @@ def _tokenizer(ctx: Context):
     return _TOKENIZERS[key]
 
 
-def _ids_bytes(ids: list[int], vocab_size: int) -> bytes:
+def _ids_bytes(ids: Any, vocab_size: int) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(ids, dtype=np.uint16 if vocab_size <= 2**16 else np.int32))
     return buf.getvalue()
@@ -358,18 +397,17 @@ def _ids_bytes(ids: list[int], vocab_size: int) -> bytes:
 
 def encode(item: Item, ctx: Context) -> list[Encoded]:
     """Token ids of one document: whole when labelled, else chunks of at most ``max_tokens``."""
-    text = read_text(item.ref)
-    ids = _tokenizer(ctx).encode(text, add_special_tokens=False).ids
-    if not ids:
+    ids = token_ids(_tokenizer(ctx), read_text(item.ref))
+    if not len(ids):
         raise BadInput("empty", "no tokens")
     if item.label is not None or item.transcript is not None:
         chunks = [ids]
     else:
         n = ctx.max_tokens - 2
-        chunks = [ids[i : i + n] for i in range(0, len(ids), n)]
+        chunks = [ids[i : i + n] for i in range(0, len(ids), n)]  # numpy views, not copies
     out = []
     for j, c in enumerate(chunks):
-        full = [BOS, *c, EOS]
+        full = np.concatenate(([BOS], c, [EOS]))
         out.append(
             Encoded(
                 {"ids.npy": _ids_bytes(full, ctx.vocab_size)}, {"documents": int(j == 0), "tokens": len(full)}

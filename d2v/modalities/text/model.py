@@ -149,35 +149,39 @@ class ModelConfig:
     2-layer projection (spec §5.3)."""
 
     def __post_init__(self) -> None:
-        t, w = self.transformer, "model.text"
+        # messages name keys relative to this section; from_dict puts the section's path in front
+        t = self.transformer
         if t.layer_norm_first or t.layer_scale_init is not None:
             raise ConfigError(
-                f"{w}.transformer: text is a post-LN RoBERTa stack; set layer_norm_first: false, "
+                "transformer: text is a post-LN RoBERTa stack; set layer_norm_first: false, "
                 "layer_scale_init: null"
             )
         if self.max_positions < 1:
-            raise ConfigError(f"{w}.max_positions: must be >= 1, got {self.max_positions}")
+            raise ConfigError(f"max_positions must be >= 1, got {self.max_positions}")
         if not 1 <= self.num_special < self.vocab_size:
             raise ConfigError(
-                f"{w}: need 1 <= num_special ({self.num_special}) < vocab_size ({self.vocab_size})"
+                f"num_special must be in [1, vocab_size = {self.vocab_size}), got {self.num_special}"
             )
         ids = {"pad_id": self.pad_id, "mask_id": self.mask_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         if len(set(ids.values())) != len(ids) or not all(0 <= v < self.vocab_size for v in ids.values()):
             raise ConfigError(
-                f"{w}: special ids {ids} must be distinct and in [0, vocab_size={self.vocab_size})"
+                f"special ids must be distinct and in [0, vocab_size = {self.vocab_size}), got {ids}"
             )
         if max(self.pad_id, self.bos_id, self.eos_id) >= self.num_special:
-            raise ConfigError(f"{w}: pad/bos/eos ids must be < num_special ({self.num_special}), got {ids}")
+            raise ConfigError(f"pad/bos/eos ids must be < num_special ({self.num_special}), got {ids}")
         if self.mask_prob is not None and not 0.0 < self.mask_prob < 1.0:
-            raise ConfigError(f"{w}.mask_prob: must be in (0, 1) or null, got {self.mask_prob}")
+            raise ConfigError(f"mask_prob must be in (0, 1) or null, got {self.mask_prob}")
         if self.mask_length is not None and self.mask_length < 1:
-            raise ConfigError(f"{w}.mask_length: must be >= 1 or null, got {self.mask_length}")
+            raise ConfigError(f"mask_length must be >= 1 or null, got {self.mask_length}")
         if self.mask_strategy in ("bert", "random") and self.mask_length not in (None, 1):
             raise ConfigError(
-                f"{w}.mask_length: {self.mask_strategy!r} masks single tokens; use null, or mask_strategy: span"
+                f"mask_length must be 1 or null with mask_strategy: {self.mask_strategy} (single tokens; or "
+                f"use span), got {self.mask_length}"
             )
         if not 1 <= self.targets.top_k <= t.depth:
-            raise ConfigError(f"{w}.targets.top_k: must be in [1, depth={t.depth}], got {self.targets.top_k}")
+            raise ConfigError(
+                f"targets.top_k must be in [1, transformer.depth={t.depth}], got {self.targets.top_k}"
+            )
 
     @property
     def resolved_mask_prob(self) -> float:
