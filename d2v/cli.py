@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             params = load_params(args.params, args.profile)
+            # the whole file, as `d2v check-params` does: a typo in another section or modality
+            # (pretrain.imgae) fails every stage, not only the one that would read it
+            _call("d2v.params_check", "check_all")(params, quiet=True)
             module, func, _ = STAGES[args.command]
             return _call(module, func)(params, args) or 0
         if args.command == "embed":

@@ -66,3 +66,19 @@ def test_check_all_can_be_quiet(capsys):
     params = load_params(ROOT / "params.yaml", "smoke")
     assert check_all(params, quiet=True) == 0 and capsys.readouterr().out == ""
     assert check_all(params) == 0 and capsys.readouterr().out == "params OK (profile smoke)\n"
+
+
+def test_every_stage_validates_the_whole_file(tmp_path, monkeypatch, capsys):
+    """A typo in another modality's section fails a stage before any work (not only `check-params`)."""
+    import yaml
+
+    from d2v.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    params["pretrain"]["imgae"] = {"steps": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["prepare", "text"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain: unknown modality key(s) ['imgae']" in err
+    assert not (tmp_path / "data").exists()  # nothing was prepared
