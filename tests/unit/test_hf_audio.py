@@ -1,7 +1,8 @@
 """Parity with transformers' Data2VecAudio: import (Model and ForCTC directories), export, bad directories.
 
 Tiny random HF models (hidden 32, 2 layers, full 7-conv stack at 16 channels), eval mode, fixed seed. HF's
-model does not normalise the waveform (its feature extractor does), so HF gets ``normalize_waveform(wav)``.
+model does not normalise the waveform (its feature extractor does, eps 1e-7), so HF gets
+``normalize_waveform(wav, pad, 1e-7)``; the imported d2v encoder normalises itself with that epsilon.
 Tolerance 1e-4 in fp32 (the same ops in the same order; the residual is matmul rounding). Padded frames
 are compared too: both zero them before the positional convs and let them attend to the valid frames.
 """
@@ -42,7 +43,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _hf_hidden(model, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(normalize_waveform(wav, pad), attention_mask=(~pad).long()).last_hidden_state
+        return model(normalize_waveform(wav, pad, 1e-7), attention_mask=(~pad).long()).last_hidden_state
 
 
 def _ours(encoder: Encoder, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

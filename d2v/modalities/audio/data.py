@@ -400,7 +400,7 @@ def transform(
     a random crop in pretraining ([FS] ``RawAudioDataset.crop_to_max_size``), the head in fine-tuning
     (classification only; CTC targets would no longer match), nothing in eval."""
     if getattr(model_cfg, "normalize_waveform", False):
-        x = normalize_waveform(x[None], None)[0]
+        x = normalize_waveform(x[None], None, model_cfg.normalize_eps)[0]
     if max_len is None or len(x) <= max_len or mode == "eval" or target == "transcript":
         return x
     start = rng.randrange(len(x) - max_len + 1) if mode == "pretrain" else 0

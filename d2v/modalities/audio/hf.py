@@ -37,6 +37,8 @@ _BLOCK_KEYS = {
     "norm2": "final_layer_norm",
 }
 _ACTIVATIONS = ("gelu", "gelu_new", "relu")
+FEATURE_EXTRACTOR_EPS = 1e-7
+"""``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``'s epsilon (a constant there)."""
 
 
 def _get(d: dict[str, Any], key: str) -> Any:
@@ -47,8 +49,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """``ModelConfig`` of a ``Data2VecAudioConfig`` dict (config.json); ValueError for variants we lack.
 
     Architecture values come from ``d``; pre-training-only settings (masking, targets, EMA) are not stored
-    by transformers and keep the d2v defaults (HF's ``mask_time_*`` is fine-tuning SpecAugment). ``preset``
-    is the preset of the same Transformer size, else "base" (a label only).
+    by transformers and keep the d2v defaults (HF's ``mask_time_*`` is fine-tuning SpecAugment). The
+    waveform normalisation that transformers leaves to the feature extractor is the encoder's own, with the
+    extractor's epsilon. ``preset`` is the preset of the same Transformer size, else "base" (a label only).
     """
     if d.get("model_type") != HF_MODEL_TYPE:
         raise ValueError(f"config.json: model_type {d.get('model_type')!r} is not {HF_MODEL_TYPE!r}")
@@ -96,6 +99,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
             pos_conv_kernel=_get(d, "conv_pos_kernel_size"),
             pos_conv_groups=_get(d, "num_conv_pos_embedding_groups"),
             feat_proj_dropout=float(_get(d, "feat_proj_dropout")),
+            # the model normalises as transformers' Wav2Vec2FeatureExtractor does (it is not in config.json)
+            normalize_waveform=True,
+            normalize_eps=FEATURE_EXTRACTOR_EPS,
             targets={**vars(base.targets), "top_k": min(8, transformer.depth)},  # [P1] K=8 of 12
         )
     except ConfigError as e:
