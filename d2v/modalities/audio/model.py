@@ -275,8 +275,9 @@ class AudioEncoder(Encoder):
         self, inputs: Tensor, padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """``(x_BTD, padding_BT)`` from a waveform [B, N] and its padding [B, N] (True = pad)."""
-        cfg = self.config
-        wav = normalize_waveform(inputs, padding_mask, cfg.normalize_eps) if cfg.normalize_waveform else inputs
+        wav = inputs
+        if self.config.normalize_waveform:
+            wav = normalize_waveform(inputs, padding_mask, self.config.normalize_eps)
         if padding_mask is not None:
             wav = wav.masked_fill(padding_mask, 0.0)
         x_BTC = self.feature_extractor(wav).transpose(1, 2)
