@@ -2,11 +2,18 @@
 
 File I/O and dispatch live in ``d2v/hf.py``; the ``data2vec_audio.`` prefix of ``For<Task>`` models is
 stripped there. HF keeps q/k/v separate; we fuse them into one ``qkv`` projection (rows q, k, v).
+
+``processor_from_hf`` reads the folder's ``preprocessor_config.json`` (a ``Wav2Vec2FeatureExtractor``) for
+``embed``.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,3 +208,58 @@ def to_hf(encoder: AudioEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     }
     sd = {k: v.detach().float() for k, v in encoder.state_dict().items()}
     return hf_cfg, state_dict_to_hf(sd, cfg)
+
+
+# ---------------------------------------------------------------------------------- feature extractor
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """transformers' ``Wav2Vec2FeatureExtractor`` as ``embed`` preprocessing: items as float32 waveforms at
+    its sampling rate, right-padded, with a padding mask.
+
+    Its per-utterance normalisation (zero mean, unit variance over the valid samples, eps 1e-7) is the
+    encoder's own (``normalize_waveform`` / ``normalize_eps``, set by ``config_from_hf``), so it is not
+    repeated here. Padding is always masked: with ``return_attention_mask: false`` transformers would feed
+    a batch's padding to the model as signal, so each row equals transformers on that item alone.
+    """
+
+    sample_rate: int
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        from d2v.modalities.audio.data import collate, to_waveform
+
+        xs = [to_waveform(item, self.sample_rate) for item in items]
+        return collate(xs, mode="eval", model_cfg=None, prep={}, generator=torch.Generator())
+
+
+def processor_from_hf(folder: Path, cfg: ModelConfig) -> FeatureExtractor:
+    """The ``embed`` preprocessing of an HF Data2VecAudio folder: its ``preprocessor_config.json``
+    (``Wav2Vec2FeatureExtractor``); ValueError naming the file and what to do when it is missing or asks for
+    something this encoder does not do."""
+    f = Path(folder) / PROCESSOR_FILE
+    if not f.is_file():
+        raise ValueError(
+            f"{folder}: no {PROCESSOR_FILE}; embed needs the feature extractor of a Data2VecAudio model "
+            "(Wav2Vec2FeatureExtractor: sampling rate, normalisation). Save it into the folder, e.g. "
+            "transformers.Wav2Vec2FeatureExtractor.from_pretrained('facebook/data2vec-audio-base-960h')"
+            f".save_pretrained('{folder}'), or pass preprocessing= to embed"
+        )
+    d = json.loads(f.read_text(encoding="utf-8"))
+    kind = d.get("feature_extractor_type")
+    if kind not in (None, "Wav2Vec2FeatureExtractor"):
+        raise ValueError(f"{f}: a {kind}; d2v reads the Wav2Vec2FeatureExtractor of Data2VecAudio models")
+    if d.get("feature_size", 1) != 1:
+        raise ValueError(f"{f}: feature_size {d['feature_size']}; a waveform feature extractor has 1")
+    # transformers' default is true, and every data2vec-audio checkpoint normalises
+    if not d.get("do_normalize", True):
+        raise ValueError(
+            f"{f}: do_normalize is false, but the d2v audio encoder normalises every utterance itself "
+            "(data2vec's recipe): set do_normalize to true, or pass preprocessing= to embed"
+        )
+    rate = d.get("sampling_rate", 16_000)
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+        raise ValueError(f"{f}: sampling_rate must be a positive integer (Hz), got {rate!r}")
+    return FeatureExtractor(rate)
