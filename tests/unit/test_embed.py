@@ -1,5 +1,6 @@
 """``d2v embed``: mean-pooled features of raw items with the pipeline's preprocessing."""
 
+import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,13 +99,13 @@ def test_cli_embed_and_load_encoder_embed(tmp_path):
     checkpoint.save(run, 3, sd, {**meta, "preprocessing": IMAGE_PREP})
     paths = [str(_png(tmp_path / f"{i}.png", 40 * i)) for i in range(3)]
     out = tmp_path / "f.npy"
-    assert cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(out))) == 0
+    assert cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, text=[], out=str(out))) == 0
     feats = np.load(out)
     assert feats.shape == (3, 16)
     loaded = attach_preprocessing(load_checkpoint_encoder(run), run)
     np.testing.assert_array_equal(loaded.embed(paths), feats)
     with pytest.raises(ValueError, match=".npy"):
-        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(tmp_path / "f.txt")))
+        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, text=[], out=str(tmp_path / "f.txt")))
 
 
 def test_checkpoint_without_preprocessing_is_named(tmp_path):
@@ -117,17 +118,21 @@ def test_checkpoint_without_preprocessing_is_named(tmp_path):
     }
     run = tmp_path / "old"
     checkpoint.save(run, 1, {f"student.{k}": v for k, v in enc.state_dict().items()}, meta)
+    png = str(_png(tmp_path / "x.png", 9))
     with pytest.raises(ValueError, match="records no preprocessing"):
-        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=["x.png"], out=str(tmp_path / "f.npy")))
+        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=[png], text=[], out=str(tmp_path / "f.npy")))
     bare = load_checkpoint_encoder(run)
-    with pytest.raises(ValueError, match="no item preprocessing"):
-        attach_preprocessing(bare, run).embed(["x.png"])
+    with pytest.raises(ValueError, match="no item preprocessing: .* records no preprocessing"):
+        attach_preprocessing(bare, run).embed([png])
 
 
-def test_cli_items_files_become_paths(tmp_path):
+def test_cli_items_files_become_paths_and_strings_need_a_flag(tmp_path):
     f = tmp_path / "doc.txt"
     f.write_text("hello")
-    assert cli_items([str(f), "just a sentence"]) == [f, "just a sentence"]
+    assert cli_items([str(f)], ["just a sentence"]) == [f, "just a sentence"]
+    with pytest.raises(FileNotFoundError, match="just a sentence: no such file"):
+        cli_items([str(f), "just a sentence"])
+    assert cli_items(["-"], ["x"], stdin=io.StringIO("one\n\ntwo\n")) == ["one", "", "two", "x"]
 
 
 def test_audio_files_any_rate_and_channels(tmp_path):
