@@ -53,8 +53,8 @@ def cli_embed(args: Any) -> int:
     literal = bool(texts) or list(args.inputs) == [STDIN]
     if literal and not data_module(encoder.modality).STRING_ITEMS:
         raise ValueError(
-            f"--text and '-' give literal strings, but {args.checkpoint} is a {encoder.modality} encoder: pass "
-            f"{encoder.modality} files"
+            f"--text and '-' give literal strings, which only text models embed; {args.checkpoint} is a "
+            f"{encoder.modality!r} model: pass its files"
         )
     feats = encoder.embed(items, preprocessing=item_preprocessing(args.checkpoint, encoder))
     out.parent.mkdir(parents=True, exist_ok=True)

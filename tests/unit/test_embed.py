@@ -257,3 +257,79 @@ def test_text_path_is_a_file_and_str_is_text(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
         enc.embed([tmp_path / "latin1.txt"], preprocessing=ItemPreprocessing("text", prep, cfg, tmp_path))
+
+
+# ---------------------------------------------------------------------------- the command line (issue 9)
+
+
+def _checkpoint(tmp_path, modality: str, prep: dict, files: dict | None = None, **over):
+    enc, cfg = tiny(modality, **over)
+    meta = {"modality": modality, "kind": "pretrain", "model_config": to_dict(cfg), "preprocessing": prep}
+    sd = {f"student.{k}": v for k, v in enc.state_dict().items()}
+    return checkpoint.save(
+        tmp_path / f"ckpt-{modality}", 1, sd, {**meta, "encoder_prefix": "student."}, files=files
+    )
+
+
+def _text_checkpoint(tmp_path):
+    from d2v.modalities.text import data
+
+    tok = data.train_tokenizer(["the cat sat on the mat"] * 20 + ["a dog ran"] * 20, 300, 2)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    prep = {"tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tmp_path / "tokenizer.json")}
+    return _checkpoint(
+        tmp_path, "text", prep, {"tokenizer.json": tmp_path / "tokenizer.json"}, vocab_size=300
+    )
+
+
+def _main(capsys, *argv) -> tuple[int, str]:
+    from d2v.cli import main
+
+    rc = main(["embed", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_text_files_strings_and_stdin(tmp_path, capsys, monkeypatch):
+    ckpt = _text_checkpoint(tmp_path)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the cat sat\n", encoding="utf-8")  # an existing .txt file is read, not its path embedded
+    out = tmp_path / "f.npy"
+    assert _main(capsys, ckpt, doc, "--text", "the cat sat", "--text", "a dog", "--out", out) == (0, "")
+    feats = np.load(out)
+    assert feats.shape == (3, 16)
+    np.testing.assert_allclose(feats[0], feats[1], atol=1e-6)  # the file = its content as --text
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\na dog\n"))
+    assert _main(capsys, ckpt, "-", "--out", out) == (0, "")
+    np.testing.assert_allclose(np.load(out), feats[1:], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/nope.txt"], "{tmp}/nope.txt: no such file"),
+        (["{tmp}"], "{tmp}: not a file (a directory)"),
+        (["some words"], "some words: no such file"),  # a literal string needs --text
+        (["-", "{tmp}/doc.txt"], "'-' (texts from stdin, one per line) must be the only input"),
+        ([], "nothing to embed"),
+    ],
+)
+def test_cli_text_inputs_that_are_not_files_exit_2(tmp_path, capsys, argv, message):
+    ckpt = _text_checkpoint(tmp_path)
+    (tmp_path / "doc.txt").write_text("x", encoding="utf-8")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    rc, err = _main(capsys, ckpt, *argv, "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"d2v embed: error: {message.format(tmp=tmp_path)}" in err
+    assert not (tmp_path / "f.npy").exists()
+
+
+@pytest.mark.parametrize("modality", ["audio", "image"])
+def test_cli_missing_audio_image_paths_and_strings_exit_2(tmp_path, capsys, modality):
+    prep = IMAGE_PREP if modality == "image" else {"sample_rate": 16000, "channels": 1}
+    ckpt = _checkpoint(tmp_path, modality, prep)
+    rc, err = _main(capsys, ckpt, tmp_path / "missing.x", "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"error: {tmp_path}/missing.x: no such file" in err
+    rc, err = _main(capsys, ckpt, "--text", "hello", "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"only text models embed; {ckpt} is a {modality!r} model" in err
+    (tmp_path / "doc.txt").write_text("not an image or a sound", encoding="utf-8")
+    rc, err = _main(capsys, ckpt, tmp_path / "doc.txt", "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"error: {tmp_path}/doc.txt: " in err  # the reader's reason, naming the file

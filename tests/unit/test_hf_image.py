@@ -224,3 +224,17 @@ def test_embed_without_processor_file_says_what_is_missing(tmp_path):
     )
     with pytest.raises(ValueError, match="CLIPImageProcessor"):
         load_encoder(tmp_path).embed(_pil_images())
+
+
+def test_cli_embed_with_an_hf_folder(tmp_path, capsys):
+    from d2v.cli import main
+
+    folder, out = tmp_path / "hf", tmp_path / "f.npy"
+    _save_hf(folder, "pretrained")
+    png = tmp_path / "a.png"
+    _pil_images()[0].save(png)
+    assert main(["embed", str(folder), str(png), "--out", str(out)]) == 2
+    assert f"d2v embed: error: {folder}: no preprocessor_config.json" in capsys.readouterr().err
+    transformers.BeitImageProcessor(**PROCESSORS["crop"]).save_pretrained(folder)
+    assert main(["embed", str(folder), str(png), "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), load_encoder(folder).embed([png]))
