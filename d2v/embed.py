@@ -1,6 +1,6 @@
 """``d2v embed``: mean-pooled encoder features [N, D] of raw items, preprocessed as the model's folder says
-(``Encoder.embed`` with ``d2v.preprocessing``: a d2v checkpoint's pipeline preprocessing, or an HF folder's
-processor files), written to a ``.npy`` file.
+(``Encoder.embed`` with the preprocessing ``d2v.load_encoder`` attaches: a d2v checkpoint's pipeline
+preprocessing, or an HF folder's processor files), written to a ``.npy`` file.
 
 On the command line every input is a file (text files are read whole as UTF-8); a missing path or a
 directory is an error naming it, never embedded as text. Literal strings come only from ``--text`` or,
@@ -19,7 +19,7 @@ import numpy as np
 from d2v.data.shards import item_file
 from d2v.data.stages import data_module
 from d2v.load import load_encoder
-from d2v.preprocessing import item_preprocessing
+from d2v.preprocessing import Unavailable
 
 STDIN = "-"
 
@@ -35,7 +35,10 @@ def cli_items(inputs: Sequence[str], texts: Sequence[str] = (), stdin: TextIO | 
             raise ValueError("'-' (texts from stdin, one per line) must be the only input")
         items: list[Any] = (stdin if stdin is not None else sys.stdin).read().splitlines()
     else:
-        items = [item_file(a, "file") for a in inputs]
+        try:
+            items = [item_file(a, "file") for a in inputs]
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (a literal text goes in --text STRING)") from None
     items += texts
     if not items:
         raise ValueError("nothing to embed: give input files, --text STRING, or '-' to read texts from stdin")
@@ -56,7 +59,9 @@ def cli_embed(args: Any) -> int:
             f"--text and '-' give literal strings, which only text models embed; {args.checkpoint} is a "
             f"{encoder.modality!r} model: pass its files"
         )
-    feats = encoder.embed(items, preprocessing=item_preprocessing(args.checkpoint, encoder))
+    if isinstance(encoder.preprocessing, Unavailable):  # say what the folder lacks, before any work
+        raise ValueError(encoder.preprocessing.reason)
+    feats = encoder.embed(items)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, feats)
     print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} features ({encoder.modality})")
