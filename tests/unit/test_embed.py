@@ -176,6 +176,8 @@ def test_image_item_forms_give_the_same_features(tmp_path):
     g = enc.embed(grey_forms, preprocessing=prep)
     np.testing.assert_array_equal(g, np.repeat(g[:1], len(grey_forms), axis=0))
     assert not np.allclose(g[0], feats[0])
+    with pytest.raises(ValueError, match="list of items"):
+        enc.embed(Image.fromarray(rgb), preprocessing=prep)  # one image, not a list of them
 
 
 @pytest.mark.parametrize(
