@@ -48,9 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
                 default=PRETRAINED if name == "finetune" else None,  # evaluate: None = every init
                 help="start from the pretrained encoder or from random init (the from-scratch baseline)",
             )
-    p = sub.add_parser("embed", help="mean-pooled features of raw items -> .npy")
-    p.add_argument("checkpoint")
-    p.add_argument("inputs", nargs="+", help="file paths (audio/images/text files) or strings (text)")
+    p = sub.add_parser(
+        "embed",
+        help="mean-pooled features of raw items -> .npy",
+        description="Mean-pooled last-layer features [N, D] of raw items, preprocessed as the model's folder "
+        "says (a d2v checkpoint: as its shards were made; an HF folder: its processor files), one row per "
+        "item in order: the input files, then the --text strings.",
+    )
+    p.add_argument("checkpoint", help="a d2v checkpoint (run or step directory) or an HF data2vec folder")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help="files to embed: audio, images, or text files (read whole as UTF-8). A missing path or a "
+        "directory is an error, never text. '-' as the only input: read texts from stdin, one per line "
+        "(row i = line i)",
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="a literal text to embed (text encoders; repeatable; its rows follow the files' rows)",
+    )
     p.add_argument("--out", required=True, help="output .npy path")
     p = sub.add_parser("export-hf", help="write a Hugging Face data2vec directory from a d2v checkpoint")
     p.add_argument("checkpoint")

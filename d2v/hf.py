@@ -18,6 +18,12 @@ from d2v.modalities import MODALITIES, get
 from d2v.modalities.base import Encoder
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_FILE = "config.json"
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model folder (``config.json``) rather than a d2v checkpoint."""
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def _modality_for(model_type: str, where: Path) -> str:

@@ -1,9 +1,10 @@
 """Models from files: encoders and fine-tuned task models from d2v checkpoints or Hugging Face folders.
 
 ``load_encoder(path)`` is the library's entry point (``d2v.load_encoder``): a d2v checkpoint (a step
-directory, or a run directory -> its latest step) or an HF data2vec directory (``d2v.hf``). A d2v
-checkpoint carries the pipeline's preprocessing, so ``load_encoder(path).embed(items)`` reads raw items
-exactly as the shards were made. ``d2v.checkpoint`` reads the files; this module builds the modules.
+directory, or a run directory -> its latest step) or an HF data2vec directory (``d2v.hf``). Either comes
+with its item preprocessing (``d2v.preprocessing``): a d2v checkpoint reads raw items exactly as its shards
+were made, an HF folder as its processor files say. ``d2v.checkpoint`` reads the files; this module builds
+the modules.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from d2v import checkpoint
 from d2v.config import from_dict
 from d2v.heads import FinetuneModel, HeadConfig
-from d2v.hf import load_hf_encoder
+from d2v.hf import is_hf_dir, load_hf_encoder
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
 from d2v.preprocessing import attach_preprocessing
@@ -92,7 +93,7 @@ def load_finetune_model(path: str | Path, modality: str | None = None) -> tuple[
 
 
 def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
-    """A d2v encoder from an HF data2vec directory or a d2v checkpoint.
+    """A d2v encoder from an HF data2vec directory or a d2v checkpoint, with its ``embed`` preprocessing.
 
     ``pretrained=False`` builds the same architecture freshly initialised with ``seed``: the from-scratch
     baseline that benchmarks compare against.
@@ -100,6 +101,8 @@ def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> En
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
-    if (path / "config.json").exists():
-        return load_hf_encoder(path, pretrained, seed)
-    return attach_preprocessing(load_checkpoint_encoder(path, pretrained=pretrained, seed=seed), path)
+    if is_hf_dir(path):
+        encoder = load_hf_encoder(path, pretrained, seed)
+    else:
+        encoder = load_checkpoint_encoder(path, pretrained=pretrained, seed=seed)
+    return attach_preprocessing(encoder, path)

@@ -1,17 +1,24 @@
-"""Raw items -> encoder batches, exactly as the pipeline preprocesses them (``Encoder.embed`` uses it).
+"""Raw items -> encoder batches (``Encoder.embed`` uses it), as the model's folder says to make them.
 
-The preprocessing is the modality's own (``d2v/modalities/<m>/data.py``): ``inference_inputs`` reads raw
-items as at shard time (audio: 16 kHz mono; images: resize + centre crop; text: the shards' tokenizer),
-``transform`` in ``eval`` mode (audio: per-utterance normalisation; text: truncation) and ``collate``
-(padding; image mean/std). A d2v checkpoint carries what that needs: ``meta.json["preprocessing"]`` (the
-shard manifest's entry) and its files (``tokenizer.json``) in the step directory.
+A d2v checkpoint: exactly as the pipeline preprocesses, with the modality's own code
+(``d2v/modalities/<m>/data.py``): ``inference_inputs`` reads raw items as at shard time (audio: 16 kHz
+mono; images: resize + centre crop; text: the shards' tokenizer), ``transform`` in ``eval`` mode (audio:
+per-utterance normalisation; text: truncation) and ``collate`` (padding; image mean/std). The checkpoint
+carries what that needs: ``meta.json["preprocessing"]`` (the shard manifest's entry) and its files
+(``tokenizer.json``) in the step directory.
+
+A Hugging Face folder: transformers' processor, read from its files by the modality
+(``d2v/modalities/<m>/hf.py`` ``processor_from_hf``: ``preprocessor_config.json``, the tokenizer).
+
+What a raw item may be (a path, an array, a PIL image, a string ...) is the modality's too: ``data.py``
+``to_waveform`` / ``to_image`` / ``to_text``.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,8 @@ import torch
 
 from d2v import checkpoint
 from d2v.data.stages import data_module
+from d2v.hf import is_hf_dir
+from d2v.modalities import get
 from d2v.modalities.base import Encoder
 
 
@@ -73,10 +82,30 @@ def checkpoint_preprocessing(path: str | Path, encoder: Encoder) -> ItemPreproce
     return ItemPreprocessing(encoder.modality, prep, encoder.config, step)
 
 
+def item_preprocessing(path: str | Path, encoder: Encoder) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """The ``embed`` preprocessing that goes with the model at ``path``: an HF folder's processor files, or
+    a d2v checkpoint's recorded preprocessing; ValueError naming what is missing and what to do."""
+    if is_hf_dir(path):
+        return get(encoder.modality).processor_from_hf(Path(path), encoder.config)
+    return checkpoint_preprocessing(path, encoder)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Stands in for a preprocessing the model's folder lacks: ``embed`` then says why. The error waits
+    for ``embed`` because ``load_encoder`` also serves ``features`` and fine-tuning, which need none."""
+
+    reason: str
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        raise ValueError(f"this encoder has no item preprocessing: {self.reason}")
+
+
 def attach_preprocessing(encoder: Encoder, path: str | Path) -> Encoder:
-    """Set ``encoder.preprocessing`` from a d2v checkpoint when it records one (for ``Encoder.embed``)."""
+    """Set ``encoder.preprocessing`` (for ``Encoder.embed``) from the model's folder; when it has none,
+    an ``Unavailable`` that tells ``embed``'s caller what is missing."""
     try:
-        encoder.preprocessing = checkpoint_preprocessing(path, encoder)
-    except ValueError:
-        encoder.preprocessing = None  # Encoder.embed then says how to get one
+        encoder.preprocessing = item_preprocessing(path, encoder)
+    except ValueError as e:
+        encoder.preprocessing = Unavailable(str(e))
     return encoder

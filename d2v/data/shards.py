@@ -88,6 +88,19 @@ class BadInput(ValueError):
         self.reason = reason
 
 
+def item_file(path: str | Path, what: str) -> Path:
+    """``path`` when it is a file; else an error naming it (``embed`` never treats a missing path as data).
+
+    ``what`` names the expected content for the message ("audio file", "image file", "text file").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a {what} ({'a directory' if path.is_dir() else 'not a regular file'})")
+    return path
+
+
 @dataclass(frozen=True)
 class Item:
     """One raw input, as metadata; ``ref`` is the modality's handle to the payload (path, array index ...)."""

@@ -12,9 +12,12 @@ checkpoint interchange (``hf.py``)
   ``HF_MODEL_TYPE``          transformers' ``model_type`` ("data2vec-audio" ...)
   ``config_from_hf(d)``      -> ModelConfig from a config.json dict (values read from it, never defaults)
   ``state_dict_from_hf(sd, cfg)`` -> encoder state dict;  ``to_hf(encoder)`` -> (config dict, state dict)
+  ``processor_from_hf(folder, cfg)`` -> ``embed`` preprocessing from the folder's processor files
 
 data side (``data.py``)
   ``PrepareConfig``, ``prepare(...)``, ``encode``/``decode`` of shard samples, ``collate(...)``
+  ``inference_inputs(items, prep, files_dir)`` raw ``embed`` items as at shard time; ``STRING_ITEMS``: whether
+  a ``str`` item is content (text) rather than a file path
 """
 
 from __future__ import annotations

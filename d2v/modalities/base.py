@@ -82,7 +82,7 @@ class Encoder(nn.Module):
     config: Any
     transformer: TransformerConfig
     preprocessing: Any = None
-    """Raw items -> batch (``d2v.preprocessing.ItemPreprocessing``); set by ``d2v.load_encoder``."""
+    """Raw items -> batch, for ``embed``; set by ``d2v.load_encoder`` (``d2v.preprocessing``)."""
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
         """Raise ValueError naming the problem and the expected form."""
@@ -156,16 +156,22 @@ class Encoder(nn.Module):
         """Mean-pooled last-layer features (prefix tokens and padding excluded) of raw items: float32
         [N, D], in item order, ``batch_size`` items at a time in eval mode under ``no_grad``.
 
+        What an item may be is the modality's (``d2v/modalities/<m>/data.py``): audio ``to_waveform`` (file
+        paths, 1-D float arrays / tensors at 16 kHz, ``(array, rate)`` pairs), images ``to_image`` (file
+        paths, PIL images, HxW / HxWxC arrays / tensors: uint8 0..255 or float 0..1), text ``to_text`` (a
+        ``str`` is the text, a ``pathlib.Path`` a UTF-8 file).
+
         ``preprocessing`` turns a list of raw items into a batch ``{"inputs", "padding_mask"?}``; by default
-        the one ``d2v.load_encoder`` attached (``d2v.preprocessing``: the pipeline's own reading of files).
+        the one ``d2v.load_encoder`` attached (``d2v.preprocessing``: a d2v checkpoint's own reading of
+        files, or an HF folder's processor files).
         """
         prep = preprocessing or self.preprocessing
         if prep is None:
             raise ValueError(
-                "this encoder has no item preprocessing: load it with d2v.load_encoder(<d2v checkpoint>), or "
-                "pass preprocessing=..."
+                "this encoder has no item preprocessing: load it with d2v.load_encoder(<d2v checkpoint or HF "
+                "folder>), or pass preprocessing=..."
             )
-        if isinstance(items, (str, Path)):
+        if isinstance(items, (str, Path)) or not hasattr(items, "__iter__"):
             raise ValueError("embed: pass a list of items (file paths, strings, arrays), not a single item")
         if batch_size < 1:
             raise ValueError(f"embed: batch_size must be >= 1, got {batch_size}")

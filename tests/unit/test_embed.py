@@ -1,5 +1,6 @@
 """``d2v embed``: mean-pooled features of raw items with the pipeline's preprocessing."""
 
+import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,13 +99,13 @@ def test_cli_embed_and_load_encoder_embed(tmp_path):
     checkpoint.save(run, 3, sd, {**meta, "preprocessing": IMAGE_PREP})
     paths = [str(_png(tmp_path / f"{i}.png", 40 * i)) for i in range(3)]
     out = tmp_path / "f.npy"
-    assert cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(out))) == 0
+    assert cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, text=[], out=str(out))) == 0
     feats = np.load(out)
     assert feats.shape == (3, 16)
     loaded = attach_preprocessing(load_checkpoint_encoder(run), run)
     np.testing.assert_array_equal(loaded.embed(paths), feats)
     with pytest.raises(ValueError, match=".npy"):
-        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, out=str(tmp_path / "f.txt")))
+        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=paths, text=[], out=str(tmp_path / "f.txt")))
 
 
 def test_checkpoint_without_preprocessing_is_named(tmp_path):
@@ -117,17 +118,21 @@ def test_checkpoint_without_preprocessing_is_named(tmp_path):
     }
     run = tmp_path / "old"
     checkpoint.save(run, 1, {f"student.{k}": v for k, v in enc.state_dict().items()}, meta)
+    png = str(_png(tmp_path / "x.png", 9))
     with pytest.raises(ValueError, match="records no preprocessing"):
-        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=["x.png"], out=str(tmp_path / "f.npy")))
+        cli_embed(SimpleNamespace(checkpoint=str(run), inputs=[png], text=[], out=str(tmp_path / "f.npy")))
     bare = load_checkpoint_encoder(run)
-    with pytest.raises(ValueError, match="no item preprocessing"):
-        attach_preprocessing(bare, run).embed(["x.png"])
+    with pytest.raises(ValueError, match="no item preprocessing: .* records no preprocessing"):
+        attach_preprocessing(bare, run).embed([png])
 
 
-def test_cli_items_files_become_paths(tmp_path):
+def test_cli_items_files_become_paths_and_strings_need_a_flag(tmp_path):
     f = tmp_path / "doc.txt"
     f.write_text("hello")
-    assert cli_items([str(f), "just a sentence"]) == [f, "just a sentence"]
+    assert cli_items([str(f)], ["just a sentence"]) == [f, "just a sentence"]
+    with pytest.raises(FileNotFoundError, match="just a sentence: no such file"):
+        cli_items([str(f), "just a sentence"])
+    assert cli_items(["-"], ["x"], stdin=io.StringIO("one\n\ntwo\n")) == ["one", "", "two", "x"]
 
 
 def test_audio_files_any_rate_and_channels(tmp_path):
@@ -145,3 +150,188 @@ def test_audio_files_any_rate_and_channels(tmp_path):
     # the padded batch gives the mono clip the same features only up to the conv positional encoder's
     # view of the zero padding (wav2vec 2.0 / HF behave alike); the first (longest) clip has no padding
     np.testing.assert_allclose(both[0], feats[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ item forms (issue 9)
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_image_item_forms_give_the_same_features(tmp_path):
+    enc, cfg = tiny("image")
+    prep = ItemPreprocessing("image", IMAGE_PREP, cfg, tmp_path)
+    rgb, grey = _rgb(30, 40), _rgb(30, 40, seed=1)[..., 0]
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    forms = [
+        tmp_path / "rgb.png", str(tmp_path / "rgb.png"), Image.fromarray(rgb), rgb, rgb / 255.0,
+        torch.from_numpy(rgb), torch.from_numpy(rgb).float() / 255, rgb.astype(np.int64),
+    ]  # fmt: skip
+    feats = enc.embed(forms, preprocessing=prep)
+    # every form becomes the same uint8 pixels before the shard-time resize: identical features
+    np.testing.assert_array_equal(feats, np.repeat(feats[:1], len(forms), axis=0))
+    grey_forms = [tmp_path / "grey.png", Image.open(tmp_path / "grey.png"), grey, grey[..., None], grey / 255]
+    g = enc.embed(grey_forms, preprocessing=prep)
+    np.testing.assert_array_equal(g, np.repeat(g[:1], len(grey_forms), axis=0))
+    assert not np.allclose(g[0], feats[0])
+    with pytest.raises(ValueError, match="list of items"):
+        enc.embed(Image.fromarray(rgb), preprocessing=prep)  # one image, not a list of them
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        (np.zeros((3, 8, 8), np.uint8), r"channels first\? pass x.permute"),
+        (np.full((8, 8), 1.5), r"\[0, 1\]"),
+        (np.full((8, 8), 300), "0..255"),
+        (np.zeros(8, np.uint8), "HxW or HxWxC"),
+        ({"not": "an image"}, "got dict"),
+    ],
+)
+def test_bad_image_items_are_named(tmp_path, item, match):
+    enc, cfg = tiny("image")
+    with pytest.raises(ValueError, match=match):
+        enc.embed([item], preprocessing=ItemPreprocessing("image", IMAGE_PREP, cfg, tmp_path))
+
+
+def _tones(rate: int, seconds: float = 0.5) -> np.ndarray:
+    """Three tones under 2 kHz: the same sound sampled at 8 or 16 kHz."""
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.1 * sum(np.sin(2 * np.pi * f * t + f) for f in (220.0, 570.0, 1330.0))).astype(np.float32)
+
+
+def test_audio_item_forms_give_the_same_features(tmp_path):
+    import soundfile as sf
+
+    enc, cfg = tiny("audio")
+    prep = ItemPreprocessing("audio", {"sample_rate": 16000, "channels": 1}, cfg, tmp_path)
+    sf.write(tmp_path / "a.wav", _tones(16000), 16000, subtype="PCM_16")
+    wav, _ = sf.read(tmp_path / "a.wav", dtype="float32")  # the file's samples, as the user would hold them
+    forms = [tmp_path / "a.wav", str(tmp_path / "a.wav"), wav, torch.from_numpy(wav), (wav, 16000)]
+    feats = enc.embed(forms, preprocessing=prep, batch_size=1)
+    np.testing.assert_array_equal(feats, np.repeat(feats[:1], len(forms), axis=0))
+    # the same tones sampled at 8 kHz, resampled to 16 kHz: close, not equal (the resampler's filter and
+    # the clip edges); measured max |diff| 5.4e-4 on features up to ~2, so 5e-3 leaves a 10x margin
+    at8k = enc.embed([(_tones(8000), 8000)], preprocessing=prep)[0]
+    at16k = enc.embed([_tones(16000)], preprocessing=prep)[0]
+    np.testing.assert_allclose(at8k, at16k, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        (np.zeros((16000, 2), np.float32), r"downmix \[N, C\]"),
+        (np.zeros(16000, np.int16), "/ 32768"),
+        ((np.zeros(16000, np.float32), 0), "positive integer rate"),
+        (np.full(16000, np.nan, np.float32), "NaN"),
+        ("missing.wav", "missing.wav: no such audio file"),
+    ],
+)
+def test_bad_audio_items_are_named(tmp_path, item, match):
+    enc, cfg = tiny("audio")
+    prep = ItemPreprocessing("audio", {"sample_rate": 16000, "channels": 1}, cfg, tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        enc.embed([item], preprocessing=prep)
+
+
+def test_text_path_is_a_file_and_str_is_text(tmp_path):
+    from d2v.modalities.text import data
+
+    tok = data.train_tokenizer(["the cat sat on the mat"] * 20 + ["a dog ran"] * 20, 300, 2)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    prep = {"tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tmp_path / "tokenizer.json")}
+    enc, cfg = tiny("text", vocab_size=300)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the cat sat on the mat\n", encoding="utf-8")
+    items = [doc, "the cat sat on the mat", str(doc)]
+    feats = enc.embed(items, preprocessing=ItemPreprocessing("text", prep, cfg, tmp_path))
+    np.testing.assert_allclose(feats[0], feats[1], atol=1e-6)  # the file, stripped as the shards were
+    assert not np.allclose(feats[2], feats[1])  # a str is text, even when it names a file
+    for bad, err, match in [
+        (tmp_path / "nope.txt", FileNotFoundError, "nope.txt: no such text file"),
+        (tmp_path, ValueError, "not a text file"),
+        (b"bytes", ValueError, "got bytes"),
+    ]:
+        with pytest.raises(err, match=match):
+            enc.embed([bad], preprocessing=ItemPreprocessing("text", prep, cfg, tmp_path))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8"):
+        enc.embed([tmp_path / "latin1.txt"], preprocessing=ItemPreprocessing("text", prep, cfg, tmp_path))
+
+
+# ---------------------------------------------------------------------------- the command line (issue 9)
+
+
+def _checkpoint(tmp_path, modality: str, prep: dict, files: dict | None = None, **over):
+    enc, cfg = tiny(modality, **over)
+    meta = {"modality": modality, "kind": "pretrain", "model_config": to_dict(cfg), "preprocessing": prep}
+    sd = {f"student.{k}": v for k, v in enc.state_dict().items()}
+    return checkpoint.save(
+        tmp_path / f"ckpt-{modality}", 1, sd, {**meta, "encoder_prefix": "student."}, files=files
+    )
+
+
+def _text_checkpoint(tmp_path):
+    from d2v.modalities.text import data
+
+    tok = data.train_tokenizer(["the cat sat on the mat"] * 20 + ["a dog ran"] * 20, 300, 2)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    prep = {"tokenizer": "tokenizer.json", "tokenizer_sha256": sha256_file(tmp_path / "tokenizer.json")}
+    return _checkpoint(
+        tmp_path, "text", prep, {"tokenizer.json": tmp_path / "tokenizer.json"}, vocab_size=300
+    )
+
+
+def _main(capsys, *argv) -> tuple[int, str]:
+    from d2v.cli import main
+
+    rc = main(["embed", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_text_files_strings_and_stdin(tmp_path, capsys, monkeypatch):
+    ckpt = _text_checkpoint(tmp_path)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the cat sat\n", encoding="utf-8")  # an existing .txt file is read, not its path embedded
+    out = tmp_path / "f.npy"
+    assert _main(capsys, ckpt, doc, "--text", "the cat sat", "--text", "a dog", "--out", out) == (0, "")
+    feats = np.load(out)
+    assert feats.shape == (3, 16)
+    np.testing.assert_allclose(feats[0], feats[1], atol=1e-6)  # the file = its content as --text
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat sat\na dog\n"))
+    assert _main(capsys, ckpt, "-", "--out", out) == (0, "")
+    np.testing.assert_allclose(np.load(out), feats[1:], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{tmp}/nope.txt"], "{tmp}/nope.txt: no such file"),
+        (["{tmp}"], "{tmp}: not a file (a directory)"),
+        (["some words"], "some words: no such file"),  # a literal string needs --text
+        (["-", "{tmp}/doc.txt"], "'-' (texts from stdin, one per line) must be the only input"),
+        ([], "nothing to embed"),
+    ],
+)
+def test_cli_text_inputs_that_are_not_files_exit_2(tmp_path, capsys, argv, message):
+    ckpt = _text_checkpoint(tmp_path)
+    (tmp_path / "doc.txt").write_text("x", encoding="utf-8")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    rc, err = _main(capsys, ckpt, *argv, "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"d2v embed: error: {message.format(tmp=tmp_path)}" in err
+    assert not (tmp_path / "f.npy").exists()
+
+
+@pytest.mark.parametrize("modality", ["audio", "image"])
+def test_cli_missing_audio_image_paths_and_strings_exit_2(tmp_path, capsys, modality):
+    prep = IMAGE_PREP if modality == "image" else {"sample_rate": 16000, "channels": 1}
+    ckpt = _checkpoint(tmp_path, modality, prep)
+    rc, err = _main(capsys, ckpt, tmp_path / "missing.x", "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"error: {tmp_path}/missing.x: no such file" in err
+    rc, err = _main(capsys, ckpt, "--text", "hello", "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"only text models embed; {ckpt} is a {modality!r} model" in err
+    (tmp_path / "doc.txt").write_text("not an image or a sound", encoding="utf-8")
+    rc, err = _main(capsys, ckpt, tmp_path / "doc.txt", "--out", tmp_path / "f.npy")
+    assert rc == 2 and f"error: {tmp_path}/doc.txt: " in err  # the reader's reason, naming the file

@@ -1,7 +1,8 @@
 """Parity with transformers' Data2VecAudio: import (Model and ForCTC directories), export, bad directories.
 
 Tiny random HF models (hidden 32, 2 layers, full 7-conv stack at 16 channels), eval mode, fixed seed. HF's
-model does not normalise the waveform (its feature extractor does), so HF gets ``normalize_waveform(wav)``.
+model does not normalise the waveform (its feature extractor does, eps 1e-7), so HF gets
+``normalize_waveform(wav, pad, 1e-7)``; the imported d2v encoder normalises itself with that epsilon.
 Tolerance 1e-4 in fp32 (the same ops in the same order; the residual is matmul rounding). Padded frames
 are compared too: both zero them before the positional convs and let them attend to the valid frames.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
@@ -42,7 +45,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _hf_hidden(model, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(normalize_waveform(wav, pad), attention_mask=(~pad).long()).last_hidden_state
+        return model(normalize_waveform(wav, pad, 1e-7), attention_mask=(~pad).long()).last_hidden_state
 
 
 def _ours(encoder: Encoder, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -164,3 +167,52 @@ def test_hub_defaults_give_the_base_architecture():
     assert (cfg.conv_dim, cfg.pos_conv_layers, cfg.pos_conv_kernel) == ((512,) * 7, 5, 19)
     assert cfg.pos_conv_groups == 16
     assert cfg.preset == "base" and cfg.targets.top_k == 8
+
+
+# ----------------------------------------------------------- embed with the folder's feature extractor
+
+
+def _feature_extractor(**over) -> transformers.Wav2Vec2FeatureExtractor:
+    kw = dict(feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True)
+    return transformers.Wav2Vec2FeatureExtractor(**{**kw, "return_attention_mask": True, **over})
+
+
+def _clips() -> list[np.ndarray]:
+    """A quiet clip (std 0.01: the extractor's eps 1e-7 vs fairseq's 1e-5 would show) and a loud shorter one."""
+    g = np.random.default_rng(0)
+    return [(s * g.standard_normal(n)).astype(np.float32) for s, n in ((0.01, 16_000), (0.3, 11_000))]
+
+
+def test_embed_matches_feature_extractor_and_model(tmp_path):
+    """``load_encoder(folder).embed(waveforms)`` = Wav2Vec2FeatureExtractor -> Data2VecAudioModel -> mean
+    over the valid frames, one padded batch. Tolerance 1e-4 as above."""
+    torch.manual_seed(5)
+    hf = transformers.Data2VecAudioModel(_hf_config()).eval()
+    hf.save_pretrained(tmp_path)
+    fe = _feature_extractor()
+    fe.save_pretrained(tmp_path)
+    clips = _clips()
+    with torch.no_grad():
+        x = fe(clips, sampling_rate=16_000, padding=True, return_tensors="pt")
+        h = hf(x["input_values"], attention_mask=x["attention_mask"]).last_hidden_state
+        keep = hf._get_feature_vector_attention_mask(h.shape[1], x["attention_mask"]).float()[..., None]
+        ref = ((h * keep).sum(1) / keep.sum(1)).numpy()
+    enc = d2v.load.load_encoder(tmp_path)
+    ours = enc.embed(clips)
+    diff = np.abs(ours - ref).max()
+    print(f"feature extractor: max |diff| features {diff:.2e}")
+    assert diff < 1e-4
+    # a float WAV of the same samples and a (waveform, 16000) pair are the same items
+    sf.write(tmp_path / "b.wav", clips[1], 16_000, subtype="FLOAT")
+    np.testing.assert_allclose(enc.embed([(clips[0], 16_000), tmp_path / "b.wav"]), ours, rtol=0, atol=1e-6)
+
+
+def test_embed_without_feature_extractor_says_what_is_missing(tmp_path):
+    torch.manual_seed(6)
+    transformers.Data2VecAudioModel(_hf_config()).save_pretrained(tmp_path)
+    enc = d2v.load.load_encoder(tmp_path)
+    with pytest.raises(ValueError, match="no preprocessor_config.json; embed needs the feature extractor"):
+        enc.embed(_clips())
+    _feature_extractor(do_normalize=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="do_normalize is false"):
+        d2v.load.load_encoder(tmp_path).embed(_clips())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -164,3 +165,76 @@ def test_unsupported_hf_variants_raise(over, match):
     d = {"model_type": "data2vec-vision", **BASE, "use_shared_relative_position_bias": True, **over}
     with pytest.raises(ValueError, match=match):
         config_from_hf(d)
+
+
+# ------------------------------------------------------------- embed with the folder's image processor
+
+PROCESSORS = {
+    # data2vec-vision-base-ft1k style: bilinear to the model's size, no crop
+    "resize": dict(size={"height": 28, "width": 28}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+    # bicubic to 32 px, centre crop 28 (an odd margin on one side), per-channel statistics
+    "crop": dict(
+        size={"height": 33, "width": 32}, resample=3, do_center_crop=True, crop_size={"height": 28, "width": 28},
+        image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3],
+    ),
+}  # fmt: skip
+
+
+def _pil_images() -> list:
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    return [
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((40, 50), (28, 28), (31, 45))
+    ]
+
+
+@pytest.mark.parametrize("name", PROCESSORS)
+def test_embed_matches_transformers_processor_and_model(tmp_path, name):
+    """``load_encoder(folder).embed(images)`` = BeitImageProcessor -> Data2VecVisionModel -> mean of the
+    patch tokens (CLS dropped). Pixels: the same torchvision resize and fused normalisation, so they agree
+    to float rounding; features within 1e-4 (fp32, as above)."""
+    hf = _save_hf(tmp_path, "pretrained")
+    proc = transformers.BeitImageProcessor(**PROCESSORS[name])
+    proc.save_pretrained(tmp_path)
+    images = _pil_images()
+    enc = load_encoder(tmp_path)
+    with torch.no_grad():
+        pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+        ref = hf(pixel_values=pixels).last_hidden_state[:, 1:].mean(1)
+    ours = enc.embed(images, batch_size=2)
+    pixel_diff = (enc.preprocessing(images)["inputs"] - pixels).abs().max().item()
+    diff = np.abs(ours - ref.numpy()).max()
+    print(f"image processor {name}: max |diff| pixels {pixel_diff:.2e}, features {diff:.2e}")
+    assert pixel_diff < 1e-5 and diff < ATOL
+    # the same images as arrays and files give the same features
+    arrays = [np.asarray(im) for im in images]
+    images[0].save(tmp_path / "a.png")
+    np.testing.assert_array_equal(enc.embed([tmp_path / "a.png", *arrays[1:]]), enc.embed(arrays))
+
+
+def test_embed_without_processor_file_says_what_is_missing(tmp_path):
+    _save_hf(tmp_path, "pretrained")
+    enc = load_encoder(tmp_path)  # features() need no processor: loading works
+    with pytest.raises(ValueError, match="no preprocessor_config.json; embed needs the image processor"):
+        enc.embed(_pil_images())
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "CLIPImageProcessor"})
+    )
+    with pytest.raises(ValueError, match="CLIPImageProcessor"):
+        load_encoder(tmp_path).embed(_pil_images())
+
+
+def test_cli_embed_with_an_hf_folder(tmp_path, capsys):
+    from d2v.cli import main
+
+    folder, out = tmp_path / "hf", tmp_path / "f.npy"
+    _save_hf(folder, "pretrained")
+    png = tmp_path / "a.png"
+    _pil_images()[0].save(png)
+    assert main(["embed", str(folder), str(png), "--out", str(out)]) == 2
+    assert f"d2v embed: error: {folder}: no preprocessor_config.json" in capsys.readouterr().err
+    transformers.BeitImageProcessor(**PROCESSORS["crop"]).save_pretrained(folder)
+    assert main(["embed", str(folder), str(png), "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), load_encoder(folder).embed([png]))

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Data2VecTextConfig, Data2VecTextForSequenceClassification, Data2VecTextModel
+from transformers import (
+    AutoTokenizer,
+    Data2VecTextConfig,
+    Data2VecTextForSequenceClassification,
+    Data2VecTextModel,
+    RobertaTokenizer,
+    RobertaTokenizerFast,
+)
 
 import d2v.hf
 import d2v.load
@@ -141,3 +150,77 @@ def test_wrong_model_type_raises(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"model_type": "roberta"}))
     with pytest.raises(ValueError, match="model_type"):
         d2v.load.load_encoder(tmp_path)
+
+
+# ------------------------------------------------------------------- embed with the folder's tokenizer
+
+TEXTS = ["the cat sat on the mat", " a dog ran far away from the cat", "mat"]  # a leading space is kept
+
+
+def _bpe():
+    """A tiny byte-level BPE with RoBERTa's specials at 0..4 (<s> <pad> </s> <unk> <mask>)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["the cat sat on the mat", "a dog ran far away", "the mat of the cat"] * 20
+    bpe.train_from_iterator(
+        corpus, vocab_size=300, min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )  # fmt: skip
+    return bpe
+
+
+def _save_tokenizer(folder, files: str) -> None:
+    bpe = _bpe()
+    if files == "tokenizer.json":
+        bpe.save(str(folder / "bpe.json"))
+        RobertaTokenizerFast(tokenizer_file=str(folder / "bpe.json")).save_pretrained(folder)
+        (folder / "bpe.json").unlink()
+    else:  # RoBERTa's older layout: vocab.json + merges.txt (+ the specials map)
+        bpe.save_model(str(folder))
+        (folder / "special_tokens_map.json").write_text(
+            json.dumps({"pad_token": "<pad>", "cls_token": "<s>"})
+        )
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json+merges.txt"])
+def test_embed_matches_tokenizer_and_model(tmp_path, files):
+    """``load_encoder(folder).embed(texts)`` = the folder's tokenizer (padding=True) -> Data2VecTextModel ->
+    mean over the attention mask. Tolerance 1e-4 as above."""
+    torch.manual_seed(0)
+    hf = Data2VecTextModel(hf_config(vocab_size=300)).eval()
+    perturb_(hf)
+    hf.save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path, files)
+    tok = (
+        AutoTokenizer.from_pretrained(tmp_path)
+        if files == "tokenizer.json"
+        else RobertaTokenizer.from_pretrained(tmp_path)
+    )
+    with torch.no_grad():
+        x = tok(TEXTS, padding=True, return_tensors="pt")
+        h = hf(**x).last_hidden_state
+        keep = x["attention_mask"].float()[..., None]
+        ref = ((h * keep).sum(1) / keep.sum(1)).numpy()
+    enc = d2v.load.load_encoder(tmp_path)
+    assert enc.preprocessing(TEXTS)["inputs"].tolist() == x["input_ids"].tolist()  # the same ids
+    ours = enc.embed(TEXTS, batch_size=2)
+    diff = np.abs(ours - ref).max()
+    print(f"tokenizer ({files}): max |diff| features {diff:.2e}")
+    assert diff < ATOL
+    (tmp_path / "doc.txt").write_text(TEXTS[1], encoding="utf-8")  # a Path is a file read whole
+    np.testing.assert_allclose(enc.embed([Path(tmp_path / "doc.txt")]), ours[1:2], rtol=0, atol=1e-6)
+
+
+def test_embed_tokenizer_problems_are_named(tmp_path):
+    Data2VecTextModel(hf_config(vocab_size=300)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer.json, nor vocab.json \\+ merges.txt; embed needs"):
+        d2v.load.load_encoder(tmp_path).embed(TEXTS)
+    _save_tokenizer(tmp_path, "tokenizer.json")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"bos_token_id": 3}))
+    with pytest.raises(ValueError, match=r"frames a text as \[0, 2\], but config.json has bos_token_id 3"):
+        d2v.load.load_encoder(tmp_path).embed(TEXTS)
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"vocab_size": 200}))
+    with pytest.raises(ValueError, match="more than the model's vocab_size 200"):
+        d2v.load.load_encoder(tmp_path, pretrained=False).embed(TEXTS)  # the weights would not fit either

@@ -15,7 +15,13 @@ from d2v.modalities.audio.heads import (
     encode_transcript,
 )
 from d2v.modalities.audio.heads import AudioHeadConfig as HeadConfig
-from d2v.modalities.audio.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
+from d2v.modalities.audio.hf import (
+    HF_MODEL_TYPE,
+    config_from_hf,
+    processor_from_hf,
+    state_dict_from_hf,
+    to_hf,
+)
 from d2v.modalities.audio.masking import FinetuneMask, make_mask
 from d2v.modalities.audio.model import (
     PRESETS,
@@ -53,6 +59,7 @@ __all__ = [
     "build_encoder",
     "build_pretrain_model",
     "config_from_hf",
+    "processor_from_hf",
     "make_head",
     "make_mask",
     "model_config",

@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from d2v.config import ConfigError
-from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for
+from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, item_file, rng_for
 from d2v.data.stages import PrepareCommon, copy_source
 from d2v.modalities.audio.frames import SAMPLE_RATE, normalize_waveform
 
@@ -62,7 +62,10 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f
 KLETTRES_DIR = Path("/usr/share/klettres")
 KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
 
-__all__ = ["PrepareConfig", "ShardConfig", "load_audio", "inference_inputs", "digit_voices"]
+__all__ = ["PrepareConfig", "ShardConfig", "load_audio", "to_waveform", "inference_inputs", "digit_voices"]
+
+STRING_ITEMS = False
+"""A ``str`` item given to ``embed`` is a file path (only text reads strings as content)."""
 
 
 @dataclass(frozen=True)
@@ -351,10 +354,15 @@ def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed:
     return None
 
 
-def load_audio(path: str | Path) -> Tensor:
-    """float32 [N] mono at 16 kHz: soundfile read, channel mean, ``torchaudio.functional.resample``."""
+def resample(x: Tensor, rate: int, sample_rate: int = SAMPLE_RATE) -> Tensor:
+    """float32 [N] at ``rate`` -> at ``sample_rate``: ``torchaudio.functional.resample`` (its defaults)."""
     import torchaudio.functional as AF
 
+    return AF.resample(x, rate, sample_rate) if rate != sample_rate and len(x) else x
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Tensor:
+    """float32 [N] mono at ``sample_rate``: soundfile read, channel mean, ``resample``."""
     try:
         with sf.SoundFile(str(path)) as f:
             declared, sr = f.frames, f.samplerate
@@ -372,10 +380,7 @@ def load_audio(path: str | Path) -> Tensor:
             f"truncated: the WAV header declares {missing} more bytes of audio than the file holds "
             f"({len(wav)} frames could be read); re-export or re-copy the file",
         )
-    x = torch.from_numpy(wav).mean(dim=1)
-    if sr != SAMPLE_RATE and len(x):
-        x = AF.resample(x, sr, SAMPLE_RATE)
-    return x
+    return resample(torch.from_numpy(wav).mean(dim=1), sr, sample_rate)
 
 
 def wav_missing_bytes(path: str | Path) -> int:
@@ -457,7 +462,7 @@ def transform(
     a random crop in pretraining ([FS] ``RawAudioDataset.crop_to_max_size``), the head in fine-tuning
     (classification only; CTC targets would no longer match), nothing in eval."""
     if getattr(model_cfg, "normalize_waveform", False):
-        x = normalize_waveform(x[None], None)[0]
+        x = normalize_waveform(x[None], None, model_cfg.normalize_eps)[0]
     if max_len is None or len(x) <= max_len or mode == "eval" or target == "transcript":
         return x
     start = rng.randrange(len(x) - max_len + 1) if mode == "pretrain" else 0
@@ -503,10 +508,55 @@ def collate(
     return batch
 
 
-def inference_inputs(paths: list[str], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
-    """Waveforms for ``embed``, preprocessed as at shard time (16 kHz mono, 16-bit); feed to ``collate``."""
+def _samples(a: Any) -> Tensor:
+    """float32 [N] of a 1-D float array or tensor; ValueError naming what is wrong with it."""
+    x = a.detach().cpu() if isinstance(a, Tensor) else torch.from_numpy(np.array(a))  # own, contiguous
+    if not x.is_floating_point():
+        raise ValueError(
+            f"a waveform must be float (-1..1), got {x.dtype}: scale 16-bit PCM with x / 32768 first"
+        )
+    if x.ndim != 1:
+        raise ValueError(
+            f"a waveform must be 1-D (mono samples), got shape {tuple(x.shape)}: downmix [N, C] with "
+            "x.mean(axis=1); pass several clips as a list of items"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("a waveform holds NaN or infinite samples")
+    return x.float()
+
+
+def to_waveform(item: Any, sample_rate: int = SAMPLE_RATE) -> Tensor:
+    """One ``embed`` item as float32 [N] mono at ``sample_rate`` (16 kHz).
+
+    Accepted: a file path (``str`` or ``Path``: any rate and channel count, read as at shard time); a 1-D
+    float numpy array or torch tensor already at ``sample_rate``; or a pair ``(waveform, rate)``, resampled
+    from ``rate`` as at shard time (``torchaudio.functional.resample``). Raw samples, not normalised: the
+    encoder normalises each utterance itself.
+    """
+    if isinstance(item, (str, Path)):
+        path = item_file(item, "audio file")
+        try:
+            return load_audio(path, sample_rate)
+        except BadInput as e:
+            raise ValueError(f"{path}: {e.reason}") from None
+    if isinstance(item, tuple) and len(item) == 2:
+        wav, rate = item
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+            raise ValueError(f"a (waveform, rate) pair needs a positive integer rate in Hz, got {rate!r}")
+        return resample(_samples(wav), int(rate), sample_rate)
+    if isinstance(item, (np.ndarray, Tensor)):
+        return _samples(item)
+    raise ValueError(
+        f"an audio item is a file path, a 1-D float array or tensor at {sample_rate} Hz, or a "
+        f"(waveform, rate) pair; got {type(item).__name__}"
+    )
+
+
+def inference_inputs(items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
+    """Waveforms for ``embed`` (items as ``to_waveform`` reads them), preprocessed as at shard time
+    (16 kHz mono, then the 16-bit FLAC's quantisation); feed to ``transform`` and ``collate``."""
     out = []
-    for p in paths:
-        pcm = to_pcm16(load_audio(p))
+    for item in items:
+        pcm = to_pcm16(to_waveform(item))
         out.append(torch.from_numpy(pcm.astype(np.float32) / 32768.0))  # soundfile's int16 scale
     return out

@@ -2,11 +2,18 @@
 
 File I/O and dispatch live in ``d2v/hf.py``; the ``data2vec_audio.`` prefix of ``For<Task>`` models is
 stripped there. HF keeps q/k/v separate; we fuse them into one ``qkv`` projection (rows q, k, v).
+
+``processor_from_hf`` reads the folder's ``preprocessor_config.json`` (a ``Wav2Vec2FeatureExtractor``) for
+``embed``.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +44,8 @@ _BLOCK_KEYS = {
     "norm2": "final_layer_norm",
 }
 _ACTIVATIONS = ("gelu", "gelu_new", "relu")
+FEATURE_EXTRACTOR_EPS = 1e-7
+"""``Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm``'s epsilon (a constant there)."""
 
 
 def _get(d: dict[str, Any], key: str) -> Any:
@@ -47,8 +56,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """``ModelConfig`` of a ``Data2VecAudioConfig`` dict (config.json); ValueError for variants we lack.
 
     Architecture values come from ``d``; pre-training-only settings (masking, targets, EMA) are not stored
-    by transformers and keep the d2v defaults (HF's ``mask_time_*`` is fine-tuning SpecAugment). ``preset``
-    is the preset of the same Transformer size, else "base" (a label only).
+    by transformers and keep the d2v defaults (HF's ``mask_time_*`` is fine-tuning SpecAugment). The
+    waveform normalisation that transformers leaves to the feature extractor is the encoder's own, with the
+    extractor's epsilon. ``preset`` is the preset of the same Transformer size, else "base" (a label only).
     """
     if d.get("model_type") != HF_MODEL_TYPE:
         raise ValueError(f"config.json: model_type {d.get('model_type')!r} is not {HF_MODEL_TYPE!r}")
@@ -96,6 +106,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
             pos_conv_kernel=_get(d, "conv_pos_kernel_size"),
             pos_conv_groups=_get(d, "num_conv_pos_embedding_groups"),
             feat_proj_dropout=float(_get(d, "feat_proj_dropout")),
+            # the model normalises as transformers' Wav2Vec2FeatureExtractor does (it is not in config.json)
+            normalize_waveform=True,
+            normalize_eps=FEATURE_EXTRACTOR_EPS,
             targets={**vars(base.targets), "top_k": min(8, transformer.depth)},  # [P1] K=8 of 12
         )
     except ConfigError as e:
@@ -195,3 +208,58 @@ def to_hf(encoder: AudioEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     }
     sd = {k: v.detach().float() for k, v in encoder.state_dict().items()}
     return hf_cfg, state_dict_to_hf(sd, cfg)
+
+
+# ---------------------------------------------------------------------------------- feature extractor
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class FeatureExtractor:
+    """transformers' ``Wav2Vec2FeatureExtractor`` as ``embed`` preprocessing: items as float32 waveforms at
+    its sampling rate, right-padded, with a padding mask.
+
+    Its per-utterance normalisation (zero mean, unit variance over the valid samples, eps 1e-7) is the
+    encoder's own (``normalize_waveform`` / ``normalize_eps``, set by ``config_from_hf``), so it is not
+    repeated here. Padding is always masked: with ``return_attention_mask: false`` transformers would feed
+    a batch's padding to the model as signal, so each row equals transformers on that item alone.
+    """
+
+    sample_rate: int
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        from d2v.modalities.audio.data import collate, to_waveform
+
+        xs = [to_waveform(item, self.sample_rate) for item in items]
+        return collate(xs, mode="eval", model_cfg=None, prep={}, generator=torch.Generator())
+
+
+def processor_from_hf(folder: Path, cfg: ModelConfig) -> FeatureExtractor:
+    """The ``embed`` preprocessing of an HF Data2VecAudio folder: its ``preprocessor_config.json``
+    (``Wav2Vec2FeatureExtractor``); ValueError naming the file and what to do when it is missing or asks for
+    something this encoder does not do."""
+    f = Path(folder) / PROCESSOR_FILE
+    if not f.is_file():
+        raise ValueError(
+            f"{folder}: no {PROCESSOR_FILE}; embed needs the feature extractor of a Data2VecAudio model "
+            "(Wav2Vec2FeatureExtractor: sampling rate, normalisation). Save it into the folder, e.g. "
+            "transformers.Wav2Vec2FeatureExtractor.from_pretrained('facebook/data2vec-audio-base-960h')"
+            f".save_pretrained('{folder}'), or pass preprocessing= to embed"
+        )
+    d = json.loads(f.read_text(encoding="utf-8"))
+    kind = d.get("feature_extractor_type")
+    if kind not in (None, "Wav2Vec2FeatureExtractor"):
+        raise ValueError(f"{f}: a {kind}; d2v reads the Wav2Vec2FeatureExtractor of Data2VecAudio models")
+    if d.get("feature_size", 1) != 1:
+        raise ValueError(f"{f}: feature_size {d['feature_size']}; a waveform feature extractor has 1")
+    # transformers' default is true, and every data2vec-audio checkpoint normalises
+    if not d.get("do_normalize", True):
+        raise ValueError(
+            f"{f}: do_normalize is false, but the d2v audio encoder normalises every utterance itself "
+            "(data2vec's recipe): set do_normalize to true, or pass preprocessing= to embed"
+        )
+    rate = d.get("sampling_rate", 16_000)
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+        raise ValueError(f"{f}: sampling_rate must be a positive integer (Hz), got {rate!r}")
+    return FeatureExtractor(rate)

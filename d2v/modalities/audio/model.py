@@ -91,6 +91,9 @@ class ModelConfig:
     The teacher reuses these features, so if > 0 it sees them after dropout ([FS] clones them before)."""
     normalize_waveform: bool = True
     """Zero-mean unit-variance per utterance inside ``local_features`` ([FS] ``task.normalize: true``)."""
+    normalize_eps: float = 1e-5
+    """Epsilon of that normalisation: fairseq's ``F.layer_norm`` 1e-5; transformers' feature extractor uses
+    1e-7, which ``config_from_hf`` sets so an HF model sees exactly what its processor would give it."""
     mask_prob: float = 0.65
     """Span-start rate x mask_length: ``mask_prob * T / mask_length`` spans per row (~49 % masked)."""
     mask_length: int = 10
@@ -144,6 +147,8 @@ class ModelConfig:
             raise ConfigError(f"min_masks must be >= 0, got {self.min_masks}")
         if not 0.0 <= self.feat_proj_dropout < 1.0:
             raise ConfigError(f"feat_proj_dropout must be in [0, 1), got {self.feat_proj_dropout}")
+        if not self.normalize_eps > 0.0:
+            raise ConfigError(f"normalize_eps must be > 0, got {self.normalize_eps}")
 
 
 # data2vec 2.0 (spec §5.2-5.5, [FS] config/v2/base_audio_only_task.yaml): span masks of 5 frames at 0.5
@@ -305,7 +310,9 @@ class AudioEncoder(Encoder):
         self, inputs: Tensor, padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """``(x_BTD, padding_BT)`` from a waveform [B, N] and its padding [B, N] (True = pad)."""
-        wav = normalize_waveform(inputs, padding_mask) if self.config.normalize_waveform else inputs
+        wav = inputs
+        if self.config.normalize_waveform:
+            wav = normalize_waveform(inputs, padding_mask, self.config.normalize_eps)
         if padding_mask is not None:
             wav = wav.masked_fill(padding_mask, 0.0)
         x_BTC = self.feature_extractor(wav).transpose(1, 2)

@@ -8,7 +8,13 @@ from d2v.modalities.image.heads import (
     build_finetune_model,
     prepare_for_finetuning,
 )
-from d2v.modalities.image.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
+from d2v.modalities.image.hf import (
+    HF_MODEL_TYPE,
+    config_from_hf,
+    processor_from_hf,
+    state_dict_from_hf,
+    to_hf,
+)
 from d2v.modalities.image.masking import make_mask
 from d2v.modalities.image.model import (
     ImageEncoder,
@@ -38,6 +44,7 @@ __all__ = [
     "build_encoder",
     "build_pretrain_model",
     "config_from_hf",
+    "processor_from_hf",
     "make_head",
     "make_mask",
     "model_config",

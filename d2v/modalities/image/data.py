@@ -41,6 +41,7 @@ from d2v.data.shards import (
     ShardCommon,
     Skip,
     Task,
+    item_file,
     rng_for,
 )
 from d2v.data.stages import PrepareCommon, copy_source
@@ -55,7 +56,10 @@ CROP_SCALE = (0.35, 1.0)
 """Area range of the pretraining random-resized crop. [DV] uses (0.08, 1) at 224 px; a 28 px image keeps
 too little of the object below ~1/3 of its area."""
 
-__all__ = ["PrepareConfig", "ShardConfig", "inference_inputs"]
+__all__ = ["PrepareConfig", "ShardConfig", "inference_inputs", "to_image"]
+
+STRING_ITEMS = False
+"""A ``str`` item given to ``embed`` is a file path (only text reads strings as content)."""
 
 
 @dataclass(frozen=True)
@@ -378,11 +382,63 @@ def collate(
     return batch
 
 
-def inference_inputs(paths: list[str], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
-    """Decoded images for ``embed``, preprocessed exactly as at shard time (feed them to ``collate``)."""
+def to_pixels(a: np.ndarray) -> np.ndarray:
+    """uint8 HxW or HxWxC (C = 3, 4) pixels of an image array: integers in 0..255 as they are, floats in
+    [0, 1] times 255, rounded (what a PNG of them holds); ValueError naming the problem otherwise."""
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or a.size == 0:
+        hint = " (channels first? pass x.permute(1, 2, 0))" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
+        raise ValueError(
+            f"an image array must be HxW or HxWxC with C = 1, 3 or 4 (channels last), got shape "
+            f"{tuple(a.shape)}{hint}"
+        )
+    if a.dtype != np.bool_ and np.issubdtype(a.dtype, np.integer):
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"an integer image must hold 0..255, got [{a.min()}, {a.max()}]")
+        return np.ascontiguousarray(a, dtype=np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+            raise ValueError(
+                f"a float image must hold values in [0, 1] (pass uint8 for 0..255), got "
+                f"[{a.min()}, {a.max()}]"
+            )
+        return np.ascontiguousarray(np.round(a.astype(np.float64) * 255.0), dtype=np.uint8)
+    raise ValueError(f"an image array must be uint8 (0..255) or float (0..1), got dtype {a.dtype}")
+
+
+def to_image(item: Any) -> Image.Image:
+    """One ``embed`` item as a PIL image.
+
+    Accepted: a file path (``str`` or ``Path``: any format PIL reads); a PIL image; an HxW (grey) or HxWxC
+    (C = 1, 3, 4: grey, RGB, RGBA; channels last) numpy array or torch tensor holding uint8 0..255 (or
+    any integer type in that range) or floats in [0, 1]. A file, its PIL image and its pixel array give the
+    same image.
+    """
+    if isinstance(item, (str, Path)):
+        path = item_file(item, "image file")
+        try:
+            return load_image(("file", str(path)))
+        except BadInput as e:
+            raise ValueError(f"{path}: {e.reason}") from None
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu().numpy()
+    if isinstance(item, np.ndarray):
+        return Image.fromarray(to_pixels(item))
+    raise ValueError(
+        f"an image item is a file path, a PIL image, or an HxW / HxWxC array or tensor; got "
+        f"{type(item).__name__}"
+    )
+
+
+def inference_inputs(items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
+    """uint8 [C, H, W] images for ``embed`` (items as ``to_image`` reads them), preprocessed exactly as at
+    shard time: resize + centre crop, then the PNG round trip (feed them to ``collate``)."""
     out = []
-    for p in paths:
+    for item in items:
         buf = io.BytesIO()
-        resize_image(load_image(("file", p)), prep["image_size"]).save(buf, format="PNG")
+        resize_image(to_image(item), prep["image_size"]).save(buf, format="PNG")
         out.append(decode({"png": buf.getvalue()}))
     return out

@@ -3,7 +3,7 @@
 from d2v.heads import HeadConfig
 from d2v.modalities.text.data import SPECIALS, PrepareConfig, ShardConfig, inference_inputs, load_tokenizer
 from d2v.modalities.text.heads import TASKS, Data2VecTextForSequenceClassification, build_finetune_model
-from d2v.modalities.text.hf import HF_MODEL_TYPE, config_from_hf, state_dict_from_hf, to_hf
+from d2v.modalities.text.hf import HF_MODEL_TYPE, config_from_hf, processor_from_hf, state_dict_from_hf, to_hf
 from d2v.modalities.text.masking import make_mask
 from d2v.modalities.text.model import (
     PRESETS,
@@ -36,6 +36,7 @@ __all__ = [
     "build_encoder",
     "build_pretrain_model",
     "config_from_hf",
+    "processor_from_hf",
     "make_head",
     "make_mask",
     "model_config",

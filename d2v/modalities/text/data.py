@@ -40,7 +40,18 @@ import torch
 from torch import Tensor
 
 from d2v.config import ConfigError
-from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, rng_for, sha256_file
+from d2v.data.shards import (
+    BadInput,
+    Encoded,
+    Item,
+    Scan,
+    ShardCommon,
+    Skip,
+    Task,
+    item_file,
+    rng_for,
+    sha256_file,
+)
 from d2v.data.stages import PrepareCommon, copy_source
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -53,7 +64,10 @@ PIECE_CHARS = 1 << 16
 tokenizers library holds ~100 bytes per character of one input (alignments, offsets, token strings) in each
 of training and encoding, so a 5 MB single-line file peaked at 1.3-1.9 GB when tokenised whole."""
 
-__all__ = ["PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "inference_inputs"]
+__all__ = ["PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "to_text", "inference_inputs"]
+
+STRING_ITEMS = True
+"""A ``str`` item given to ``embed`` is the text itself; a file to read is a ``pathlib.Path``."""
 
 
 @dataclass(frozen=True)
@@ -498,8 +512,25 @@ def collate(
     return batch
 
 
-def inference_inputs(texts: list[str], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
-    """Token ids of raw strings for ``embed``: the tokenizer comes from ``prep["tokenizer_json"]`` (its
+def to_text(item: Any) -> str:
+    """One ``embed`` item as text: a ``str`` is the text itself (never a path); a ``pathlib.Path`` is a file
+    read whole as UTF-8. ValueError / FileNotFoundError naming the file when it cannot be read."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Path):
+        path = item_file(item, "text file")
+        try:
+            return path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    raise ValueError(
+        f"a text item is a str (the text) or a pathlib.Path (a UTF-8 file); got {type(item).__name__}"
+    )
+
+
+def inference_inputs(items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
+    """Token ids ``<s> ... </s>`` for ``embed`` of items as ``to_text`` reads them, stripped of surrounding
+    whitespace as the shards' documents were. The tokenizer comes from ``prep["tokenizer_json"]`` (its
     content, e.g. stored in a checkpoint) or ``<shard_dir>/tokenizer.json``; either is checked against the
     manifest's sha256."""
     from tokenizers import Tokenizer
@@ -512,5 +543,6 @@ def inference_inputs(texts: list[str], prep: dict[str, Any], shard_dir: Path | N
         raise ValueError("text inference needs the tokenizer: pass shard_dir or prep['tokenizer_json']")
     if hashlib.sha256(content).hexdigest() != prep["tokenizer_sha256"]:
         raise ValueError("the tokenizer differs from the one the shards were made with (sha256 mismatch)")
+    texts = [to_text(item).strip() for item in items]  # read every item before tokenizing: errors come first
     tok = Tokenizer.from_str(content.decode("utf-8"))
     return [torch.tensor(tok.encode(t).ids, dtype=torch.int64) for t in texts]

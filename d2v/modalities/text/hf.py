@@ -10,10 +10,18 @@ Key map (HF ``encoder.layer.{n}.`` -> ours ``encoder.blocks.{n}.``):
 HF adds ``token_type_embeddings[token_type_ids = 0]`` to every token: on import that row is added to every
 position row (exact, the sum feeds the embedding LayerNorm either way); on export the token-type row is zeros.
 The pooler (Dense + tanh on <s>) is not part of data2vec: it is ignored on import.
+
+``processor_from_hf`` reads the folder's tokenizer (``tokenizer.json``, or RoBERTa's ``vocab.json`` +
+``merges.txt``) for ``embed``, with the ``tokenizers`` library (transformers is not needed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -204,3 +212,136 @@ def to_hf(encoder: TextEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     out["pooler.dense.weight"] = (torch.randn(t.dim, t.dim, generator=g) * 0.02).to(dtype)
     out["pooler.dense.bias"] = torch.zeros(t.dim, dtype=dtype)
     return config, out
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILES = ("vocab.json", "merges.txt")
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+ROBERTA_SPECIALS = {
+    "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>", "unk_token": "<unk>",
+    "pad_token": "<pad>", "mask_token": "<mask>",
+}  # fmt: skip
+"""``RobertaTokenizer``'s special tokens, for a key the folder's files do not set."""
+_TOKENIZERS: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class TokenizerPreprocessing:
+    """An HF folder's tokenizer as ``embed`` preprocessing: ``<s> ... </s>`` ids, as transformers'
+    ``tokenizer(texts, padding=True)`` gives them (text as is, no stripping), right-padded with the model's
+    pad id. Longer texts keep their first ``max_positions - 1`` ids and ``</s>`` (``truncation=True``)."""
+
+    tokenizer_json: str
+    """The ``tokenizers`` JSON (a string, so the preprocessing pickles)."""
+    pad_id: int
+    max_positions: int
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
+        from d2v.modalities.text.data import to_text
+
+        texts = [to_text(item) for item in items]
+        tok = _tokenizer(self.tokenizer_json)
+        ids = [truncate(tok.encode(t).ids, self.max_positions) for t in texts]
+        T = max(len(x) for x in ids)
+        batch = torch.full((len(ids), T), self.pad_id, dtype=torch.int64)
+        for i, x in enumerate(ids):
+            batch[i, : len(x)] = torch.tensor(x, dtype=torch.int64)
+        lengths = torch.tensor([len(x) for x in ids])
+        return {"inputs": batch, "padding_mask": torch.arange(T)[None, :] >= lengths[:, None]}
+
+
+def truncate(ids: list[int], limit: int) -> list[int]:
+    """The first ``limit - 1`` ids and the last (``</s>``): what transformers' ``truncation=True`` keeps."""
+    return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+
+
+def _tokenizer(content: str):
+    key = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    if key not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[key] = Tokenizer.from_str(content)
+    return _TOKENIZERS[key]
+
+
+def special_tokens(folder: Path) -> dict[str, Any]:
+    """Special tokens and tokenizer options of the folder's ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` (the latter wins), over RoBERTa's; tokens may be saved as ``{"content": ...}``."""
+    out: dict[str, Any] = {**ROBERTA_SPECIALS, "add_prefix_space": False, "trim_offsets": True}
+    for name in SPECIAL_TOKEN_FILES:
+        f = folder / name
+        if f.is_file():
+            d = json.loads(f.read_text(encoding="utf-8"))
+            out |= {k: d[k] for k in out if d.get(k) is not None}
+    return {k: v["content"] if isinstance(v, dict) else v for k, v in out.items()}
+
+
+def roberta_bpe(vocab: Path, merges: Path, specials: dict[str, Any]):
+    """RoBERTa's byte-level BPE from ``vocab.json`` + ``merges.txt``, built as transformers'
+    ``RobertaTokenizer`` builds it: BPE without prefixes, byte-level pre-tokenizer and decoder, the specials
+    that are in the vocabulary kept whole, and ``<s> ... </s>`` added by a ``RobertaProcessing``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(specials["add_prefix_space"]))
+    tok.decoder = decoders.ByteLevel()
+    names = dict.fromkeys(v for k, v in specials.items() if k in ROBERTA_SPECIALS)
+    missing = [n for n in names if tok.token_to_id(n) is None]
+    if missing:
+        raise ValueError(f"{vocab}: the special tokens {missing} are not in the vocabulary")
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    cls, sep = specials["cls_token"], specials["sep_token"]
+    tok.post_processor = processors.RobertaProcessing(
+        (sep, tok.token_to_id(sep)),
+        (cls, tok.token_to_id(cls)),
+        trim_offsets=bool(specials["trim_offsets"]),
+        add_prefix_space=bool(specials["add_prefix_space"]),
+    )
+    return tok
+
+
+def read_tokenizer(folder: Path):
+    """The folder's tokenizer (``tokenizers.Tokenizer``, no padding or truncation of its own)."""
+    from tokenizers import Tokenizer
+
+    if (folder / TOKENIZER_FILE).is_file():
+        tok = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    elif all((folder / f).is_file() for f in VOCAB_FILES):
+        tok = roberta_bpe(folder / VOCAB_FILES[0], folder / VOCAB_FILES[1], special_tokens(folder))
+    else:
+        raise ValueError(
+            f"{folder}: no {TOKENIZER_FILE}, nor {' + '.join(VOCAB_FILES)}; embed needs the tokenizer of a "
+            "Data2VecText model (RoBERTa's byte-level BPE). Save it into the folder, e.g. "
+            "transformers.AutoTokenizer.from_pretrained('facebook/data2vec-text-base')"
+            f".save_pretrained('{folder}'), or pass preprocessing= to embed"
+        )
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def processor_from_hf(folder: Path, cfg: ModelConfig) -> TokenizerPreprocessing:
+    """The ``embed`` preprocessing of an HF Data2VecText folder: its tokenizer, checked against the model
+    (``<s>`` / ``</s>`` / ``<pad>`` ids of config.json, vocabulary size); ValueError naming what is wrong."""
+    folder = Path(folder)
+    tok = read_tokenizer(folder)
+    where = folder / TOKENIZER_FILE if (folder / TOKENIZER_FILE).is_file() else folder / VOCAB_FILES[0]
+    framed = tok.encode("").ids
+    if framed != [cfg.bos_id, cfg.eos_id]:
+        raise ValueError(
+            f"{where}: the tokenizer frames a text as {framed}, but config.json has bos_token_id "
+            f"{cfg.bos_id} and eos_token_id {cfg.eos_id}: the tokenizer is not this model's"
+        )
+    pad = special_tokens(folder)["pad_token"]
+    if tok.token_to_id(pad) != cfg.pad_id:
+        raise ValueError(
+            f"{where}: pad token {pad!r} has id {tok.token_to_id(pad)}, but config.json has pad_token_id "
+            f"{cfg.pad_id}: the tokenizer is not this model's"
+        )
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(
+            f"{where}: {tok.get_vocab_size()} tokens, more than the model's vocab_size {cfg.vocab_size}"
+        )
+    return TokenizerPreprocessing(tok.to_str(), cfg.pad_id, cfg.max_positions)
