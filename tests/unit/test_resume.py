@@ -192,3 +192,34 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     )
     assert meta["init"] == "pretrained" and meta["num_classes"] == 10 and meta["budget"] == 2
     assert meta["pretrained_from"].endswith("step-00000006")
+
+
+def test_a_forced_rerun_from_scratch_writes_byte_identical_checkpoints(tmp_path, monkeypatch):
+    """The same params from scratch (``dvc repro -f`` after deleting the folder) give the same bytes, so DVC
+    keeps every downstream stage. A new process starts Python's and NumPy's global RNGs from OS entropy:
+    seeded differently here, as two processes would be."""
+    import hashlib
+    import random
+    import shutil
+
+    import numpy as np
+
+    from d2v.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    assert main(["prepare", "image"]) == 0 and main(["shard", "image"]) == 0
+    run = tmp_path / "ckpt" / "pretrain" / "image"
+
+    def from_scratch(entropy: int) -> dict[str, str]:
+        random.seed(entropy)
+        np.random.seed(entropy)
+        shutil.rmtree(run, ignore_errors=True)
+        assert main(["pretrain", "image"]) == 0
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*")
+                if p.is_file()}  # fmt: skip
+
+    first = from_scratch(1)
+    assert sorted(first) == [f"step-0000000{s}/{f}" for s in (2, 4)
+                             for f in ("meta.json", "model.safetensors", "train_state.pt")]  # fmt: skip
+    assert from_scratch(2) == first
