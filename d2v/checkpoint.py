@@ -12,6 +12,7 @@ Layout (other code relies on it)::
         train_state.pt      optimizer, scheduler, RNG states, step, data position, loss history
         <files>             preprocessing files that travel with the weights (e.g. tokenizer.json)
     <run_dir>/corrupt-step-00000200/   a step that failed its checks on resume, set aside (never deleted)
+    <run_dir>.lock                     held by the run writing <run_dir> (:func:`run_lock`)
 
 A step directory is built under ``<run_dir>/.tmp-*`` and renamed into place, so a run killed at any moment
 (SIGKILL included) leaves only complete checkpoints; ``train_state.pt`` is read with ``weights_only=True``.
@@ -22,6 +23,8 @@ with a checkpoint file is a :class:`CheckpointError` naming it and saying what t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +33,7 @@ import random
 import shutil
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +55,8 @@ CHECKSUMS = "sha256"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or differs from the sha256 meta.json recorded.
+    """A checkpoint file that is missing, unreadable or differs from the sha256 meta.json recorded (or a
+    run folder another run is writing).
 
     ``file`` and ``what`` name it; the message adds what to do (``todo``, by default how to rerun the stage
     that wrote it, from its ``meta``). A ValueError so the CLI prints it.
@@ -306,6 +311,50 @@ def clean_stale(run_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         for p in run_dir.glob(".trash-*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``<run_dir>.lock`` while writing ``run_dir``: one writer per checkpoint folder.
+
+    An exclusive ``flock`` on a file holding the holder's pid. A second writer (say, a second ``dvc repro``
+    while the ``d2v`` stage of a killed first one still runs) gets a CheckpointError naming that pid. The
+    kernel drops a flock when its holder dies, so the file of a killed run (a dead pid) is simply taken
+    over; the holder removes it on exit. It lies beside the folder, not in it: the folder is a DVC output
+    (``persist: true``) and a file inside would enter its cache. Not reentrant. Yields the lock file.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir.with_name(run_dir.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                run_dir,
+                f"another run is writing it (pid {pid}, holding {path})",
+                todo=f"wait for it to end, or stop it (`kill {pid}`): a killed `dvc repro` can leave its "
+                "`d2v` stage running",
+            ) from None
+        # the holder may have removed the file between our open and flock: then ours is a dead inode
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still holding the lock: a waiting opener re-checks the inode
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ RNG states

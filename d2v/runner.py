@@ -272,8 +272,26 @@ def run_stage(
 
     ``fingerprint`` is everything that determines the result; a checkpoint folder made with another one
     starts over (``checkpoint.prepare_run_dir``). The caller has checked its inputs (``make_loader(0)``)
-    before any model was trained. Returns the stage metrics (rank 0; {} elsewhere).
+    before any model was trained. Rank 0 holds the run folder's lock from the resume decision to the last
+    output (``checkpoint.run_lock``: a second writer of the folder fails naming this one's pid). Returns
+    the stage metrics (rank 0; {} elsewhere).
     """
+    lock = checkpoint.run_lock(job.run_dir) if info.is_main else contextlib.nullcontext()
+    with lock:
+        return _run_stage(job, params, modality, fingerprint, outputs, run_config, seed, info, name)
+
+
+def _run_stage(
+    job: Job,
+    params: dict[str, Any],
+    modality: str,
+    fingerprint: dict[str, Any],
+    outputs: Outputs,
+    run_config: dict[str, Any],
+    seed: int,
+    info: distributed.DistInfo,
+    name: str | None,
+) -> dict[str, Any]:
     checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)
     distributed.barrier()
     job.meta = {**job.meta, "fingerprint": fingerprint}

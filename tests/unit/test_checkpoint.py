@@ -262,3 +262,56 @@ def test_prepare_run_dir_skips_a_corrupt_newest_step(tmp_path, capsys):
     assert checkpoint.prepare_run_dir(tmp_path, "image", "pretrain", fp) is True
     assert "set aside as corrupt-step-00000004" in capsys.readouterr().err
     assert checkpoint.latest(tmp_path) == tmp_path / "step-00000002"
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+HOLD = """
+import sys, time
+from d2v.checkpoint import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_run_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "ckpt" / "pretrain" / "image"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        busy = rf"{run_dir}: another run is writing it \(pid {proc.pid}"
+        with pytest.raises(checkpoint.CheckpointError, match=busy), checkpoint.run_lock(run_dir):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with checkpoint.run_lock(run_dir) as lock:  # the kernel dropped the dead holder's lock: taken over
+        assert lock == tmp_path / "ckpt" / "pretrain" / "image.lock"  # beside the DVC output, not in it
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists() and not run_dir.exists()
+
+
+def test_a_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock = tmp_path / "run.lock"
+    lock.write_text(dead.stdout)
+    with checkpoint.run_lock(tmp_path / "run") as held:
+        assert held == lock and lock.read_text().strip() == str(os.getpid())
+        not_reentrant = pytest.raises(checkpoint.CheckpointError, match=f"pid {os.getpid()}")
+        with not_reentrant, checkpoint.run_lock(tmp_path / "run"):
+            pass
+    assert not lock.exists()

@@ -1,5 +1,6 @@
 """Integrity end to end, through the CLI: corrupt shards and checkpoints are caught and named, never trained
-on or trusted; every expected failure is one line and exit code 2 (``--debug`` keeps the traceback).
+on or trusted; every expected failure is one line and exit code 2 (``--debug`` keeps the traceback); two
+writers never share a checkpoint folder.
 
 One tiny image project (prepare, shard, 4 pretraining steps, one 2-step fine-tuning run) is built once and
 copied for each test.
@@ -172,3 +173,17 @@ def test_a_worker_error_prints_the_original_message_only():
     )
     assert message(wrapped) == "a.tar: sample a-0 cannot be decoded"
     assert message(ValueError("plain")) == "plain"
+
+
+# --------------------------------------------------------------------------------------------- lock
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(project, capsys):
+    import os
+
+    with checkpoint.run_lock(PRETRAIN):  # as if an orphaned `d2v pretrain` of a killed `dvc repro` held it
+        assert main(["pretrain", "image"]) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"d2v pretrain: error: {PRETRAIN}: another run is writing it (pid {os.getpid()}")
+    assert main(["pretrain", "image"]) == 0  # released
+    assert not Path(f"{PRETRAIN}.lock").exists()
