@@ -190,23 +190,24 @@ def verify(path: str | Path) -> Path:
 def latest_intact(run_dir: str | Path, *, set_aside: bool = True) -> Path | None:
     """The newest step of ``run_dir`` that passes :func:`verify`, or None.
 
-    ``set_aside``: each newer step that fails is reported (one line on stderr: the step, the file, why) and
-    renamed to ``corrupt-step-NNNNNNNN`` in ``run_dir`` (kept for inspection, never deleted; ignored by
-    :func:`list_checkpoints`), so a rerun resumes from the newest intact step instead of failing on the
-    damaged one forever. False (ranks other than 0, reporting only): they are skipped, nothing is moved.
+    ``set_aside``: each newer step that fails is reported (one line on stderr: the step, the file, why, what
+    the run does instead) and renamed to ``corrupt-step-NNNNNNNN`` in ``run_dir`` (kept for inspection, never
+    deleted; ignored by :func:`list_checkpoints`), so a rerun resumes from the newest intact step instead of
+    failing on the damaged one forever. False (ranks other than 0, naming only): they are skipped, nothing
+    is moved or printed.
     """
+    found, damaged = None, []
     for step_dir in reversed(list_checkpoints(run_dir)):
         try:
-            return verify(step_dir)
+            found = verify(step_dir)
+            break
         except CheckpointError as e:
             if set_aside:
-                gone = _set_aside(step_dir)
-                print(
-                    f"{step_dir}: {e.file.name}: {e.what}; set aside as {gone.name}; "
-                    "resuming from the newest intact checkpoint",
-                    file=sys.stderr,
-                )
-    return None
+                damaged.append((step_dir, e, _set_aside(step_dir)))
+    then = f"resuming from {found.name}" if found else "no intact step left: starting from scratch"
+    for step_dir, e, gone in damaged:
+        print(f"{step_dir}: {e.file.name}: {e.what}; set aside as {gone.name}, {then}", file=sys.stderr)
+    return found
 
 
 def _set_aside(step_dir: Path) -> Path:

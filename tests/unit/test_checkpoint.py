@@ -248,8 +248,17 @@ def test_latest_intact_sets_a_corrupt_newest_step_aside(tmp_path, capsys, damage
     save_tiny(tmp_path, "image", 4, train_state={"step": 4})
     (newest / "train_state.pt").write_bytes(b"")
     assert checkpoint.latest_intact(tmp_path) == tmp_path / "step-00000002"
+    assert capsys.readouterr().err.endswith(
+        "set aside as corrupt-step-00000004-2, resuming from step-00000002\n"
+    )
+    (tmp_path / "step-00000002" / "meta.json").write_text("[]")  # none left: the run starts from scratch
+    assert checkpoint.latest_intact(tmp_path) is None
+    assert (
+        "meta.json: not a JSON object (a list); set aside as corrupt-step-00000002, no intact step left: "
+        "starting from scratch" in capsys.readouterr().err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "corrupt-step-00000004", "corrupt-step-00000004-2", "step-00000002"
+        "corrupt-step-00000002", "corrupt-step-00000004", "corrupt-step-00000004-2"
     ]  # fmt: skip
 
 

@@ -127,7 +127,7 @@ def test_rerunning_the_stage_sets_a_corrupt_step_aside_and_resumes(project, caps
     assert (
         len(err) == 1
         and err[0].startswith(f"{step}: ")
-        and err[0].endswith("set aside as corrupt-step-00000004; resuming from the newest intact checkpoint")
+        and err[0].endswith("set aside as corrupt-step-00000004, resuming from step-00000002")
     )
     assert (PRETRAIN / "corrupt-step-00000004").is_dir()
     again = checkpoint.load_weights(step)  # steps 3-4 redone from step 2: the same weights, bit for bit
