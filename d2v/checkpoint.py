@@ -159,15 +159,25 @@ def _check_file(step_dir: Path, name: str, meta: dict[str, Any], look: bool = Fa
                 file, "sha256 differs from the one meta.json recorded (corrupt or modified checkpoint)", meta
             )
     elif look:
-        try:
-            if name == WEIGHTS:
-                with safe_open(str(file), "pt"):
-                    pass
-            elif name == STATE:
-                zipfile.ZipFile(file).close()
-        except (SafetensorError, zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(file, f"unreadable ({_brief(e)})", meta) from None
+        problem = _does_not_open(file)
+        if problem:
+            raise CheckpointError(file, f"unreadable ({problem})", meta)
     return file
+
+
+def _does_not_open(file: Path) -> str | None:
+    """Why the weights or the train state do not even open (a cheap look at the header / zip directory)."""
+    try:
+        if file.name == WEIGHTS:
+            with safe_open(str(file), "pt"):
+                pass
+        elif file.name == STATE:
+            zipfile.ZipFile(file).close()
+    except SafetensorError as e:
+        return _brief(e)
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"not a complete torch.save archive: {_brief(e)}"
+    return None
 
 
 def verify(path: str | Path) -> Path:
@@ -243,8 +253,8 @@ def load_train_state(path: str | Path, *, check: bool = True) -> dict[str, Any]:
     file = _check_file(step_dir, STATE, meta) if check else step_dir / STATE
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise CheckpointError(file, f"unreadable ({_brief(e)})", meta) from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # torch's say little (Errno 22)
+        raise CheckpointError(file, f"unreadable ({_does_not_open(file) or _brief(e)})", meta) from None
 
 
 # ---------------------------------------------------------------------------------------------- writing
