@@ -1,7 +1,9 @@
 """``d2v`` command line: one sub-command per pipeline stage (the same words as dvc.yaml and the flows).
 
 Each sub-command loads params.yaml (strictly), then calls one library function; the stage modules are
-imported lazily so ``d2v --help`` stays fast.
+imported lazily so ``d2v --help`` stays fast. An expected failure (bad config, data or checkpoint: the
+library raises a ValueError naming the file and what to do) is one line on stderr and exit code 2;
+``--debug`` (before or after the sub-command) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ STAGES: dict[str, tuple[str, str, str]] = {
 }
 
 
+DEBUG_HELP = "show the traceback of an error instead of its one-line message"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--profile", default=None, help="profile under 'profiles:' (e.g. smoke); default: file's")
@@ -33,9 +38,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2v", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # after the sub-command too; SUPPRESS: a sub-parser without it leaves the global value alone
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, help_) in STAGES.items():
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, parents=[debug])
         _add_common(p)
         if name != "report":
             p.add_argument("modality", choices=MODALITIES)
@@ -54,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mean-pooled last-layer features [N, D] of raw items, preprocessed as the model's folder "
         "says (a d2v checkpoint: as its shards were made; an HF folder: its processor files), one row per "
         "item in order: the input files, then the --text strings.",
+        parents=[debug],
     )
     p.add_argument("checkpoint", help="a d2v checkpoint (run or step directory) or an HF data2vec folder")
     p.add_argument(
@@ -71,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a literal text to embed (text encoders; repeatable; its rows follow the files' rows)",
     )
     p.add_argument("--out", required=True, help="output .npy path")
-    p = sub.add_parser("export-hf", help="write a Hugging Face data2vec directory from a d2v checkpoint")
+    p = sub.add_parser(
+        "export-hf", help="write a Hugging Face data2vec directory from a d2v checkpoint", parents=[debug]
+    )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
-    p = sub.add_parser("check-params", help="validate every section of params.yaml")
+    p = sub.add_parser("check-params", help="validate every section of params.yaml", parents=[debug])
     _add_common(p)
     return parser
 
@@ -94,6 +106,16 @@ def export_hf(checkpoint: str, out_dir: str) -> int:
     return 0
 
 
+def message(e: BaseException) -> str:
+    """The error's own message: for one re-raised from a DataLoader worker (torch wraps it in the
+    worker's traceback), its last line without the exception's class name."""
+    text = str(e)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -111,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-params":
             return _call("d2v.params_check", "check_all")(load_params(args.params, args.profile)) or 0
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"d2v {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"d2v {args.command}: error: {message(e)}", file=sys.stderr)
         return 2
     return 0
 

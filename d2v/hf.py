@@ -9,9 +9,11 @@ backbone is taken) and returns a d2v encoder (``d2v.load_encoder`` dispatches he
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from d2v.modalities import MODALITIES, get
@@ -37,13 +39,19 @@ def _modality_for(model_type: str, where: Path) -> str:
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of an HF directory; never unpickles arbitrary objects (``weights_only=True``)."""
+    """The state dict of an HF directory; never unpickles arbitrary objects (``weights_only=True``).
+
+    ValueError naming the file when it does not parse (truncated, corrupt)."""
     for name in WEIGHT_FILES:
         f = path / name
         if f.exists():
-            if f.suffix == ".safetensors":
-                return load_file(str(f))
-            return torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                if f.suffix == ".safetensors":
+                    return load_file(str(f))
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"{f}: unreadable ({first}); download or export it again") from None
     raise ValueError(f"{path}: no weights found; expected one of {list(WEIGHT_FILES)} beside config.json")
 
 
@@ -79,9 +87,17 @@ def load_hf_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) ->
 
 
 def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads.
+
+    ValueError when ``out_dir`` (or a parent) is an existing file."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        file = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), out)
+        raise ValueError(
+            f"{file}: exists and is not a folder; name a new output folder (or remove the file)"
+        ) from None
     hf_cfg, sd = get(encoder.modality).to_hf(encoder)
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))

@@ -3,17 +3,21 @@
 The step does no host sync: metrics stay tensors and are summed on the device; they are read once per
 ``log_every`` steps (one ``.tolist()``), which is also when the non-finite guard looks at them. Every
 optimizer step reseeds torch from ``(seed, step, rank)``, so dropout / LayerDrop draws do not depend on
-where a run was interrupted and resumed (the data position is restored by ``EpochStream``).
+where a run was interrupted and resumed (the data position is restored by ``EpochStream``); Python's and
+NumPy's global RNGs too, so the RNG states a checkpoint saves are the same in every process (a new process
+starts them from OS entropy, which made ``train_state.pt`` differ between two runs of the same params).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -129,6 +133,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
+def reseed(seed: int) -> None:
+    """torch (CPU and CUDA), Python's and NumPy's global RNGs from one seed."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors moved (non-blocking); other entries (e.g. transcripts) kept as they are."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -178,7 +189,7 @@ def run(
         mininterval=1.0,
     )
     for step in range(start_step, cfg.steps):
-        torch.manual_seed(step_seed(seed, step, rank))
+        reseed(step_seed(seed, step, rank))
         for micro in range(cfg.grad_accum):
             batch = to_device(next(batches), device)
             with (

@@ -103,13 +103,15 @@ def data_position(state: dict[str, Any], info: distributed.DistInfo) -> dict[str
     return saved[info.rank] if len(saved) == info.world_size else saved[0]
 
 
-def resume(model: nn.Module, opt, sched, run_dir: Path) -> dict[str, Any] | None:
-    """Load the latest checkpoint of ``run_dir`` into model/optimizer/scheduler; its train state or None."""
-    last = checkpoint.latest(run_dir)
+def resume(model: nn.Module, opt, sched, run_dir: Path, set_aside: bool = True) -> dict[str, Any] | None:
+    """Load the newest intact checkpoint of ``run_dir`` into model/optimizer/scheduler; its train state or
+    None. Damaged newer steps are reported and, with ``set_aside`` (rank 0), moved aside
+    (``checkpoint.latest_intact``)."""
+    last = checkpoint.latest_intact(run_dir, set_aside=set_aside)
     if last is None:
         return None
-    distributed.load_model_state(model, checkpoint.load_weights(last))
-    state = checkpoint.load_train_state(last)
+    distributed.load_model_state(model, checkpoint.load_weights(last, check=False))  # just verified
+    state = checkpoint.load_train_state(last, check=False)
     distributed.load_optimizer_state(model, opt, state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
@@ -151,11 +153,12 @@ def seconds_so_far(out: Outputs | None, prefix: str, step: int) -> float:
 
 @contextlib.contextmanager
 def halt_note(run_dir: Path) -> Iterator[None]:
-    """Add the last good checkpoint (never one written after the problem) to a ``TrainingHalted``."""
+    """Add the last good checkpoint (never one written after the problem, nor a damaged one) to a
+    ``TrainingHalted``."""
     try:
         yield
     except loop.TrainingHalted as e:
-        last = checkpoint.latest(run_dir)
+        last = checkpoint.latest_intact(run_dir, set_aside=False)
         where = (
             f"the last good checkpoint is {last}; rerunning the stage resumes from it"
             if last
@@ -195,7 +198,7 @@ def train(
     layer_ids = job.layer_ids() if job.layer_ids is not None else None
     opt = build_optimizer(model, cfg.optim, layer_ids, depth)
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
-    state = resume(wrapped, opt, sched, run_dir) or {}
+    state = resume(wrapped, opt, sched, run_dir, set_aside=info.is_main) or {}
     step, history = state.get("step", 0), state.get("history", [])
     stream = loop.EpochStream(job.make_loader, **data_position(state, info))
     clock = clock or loop.Stopwatch()
@@ -269,8 +272,26 @@ def run_stage(
 
     ``fingerprint`` is everything that determines the result; a checkpoint folder made with another one
     starts over (``checkpoint.prepare_run_dir``). The caller has checked its inputs (``make_loader(0)``)
-    before any model was trained. Returns the stage metrics (rank 0; {} elsewhere).
+    before any model was trained. Rank 0 holds the run folder's lock from the resume decision to the last
+    output (``checkpoint.run_lock``: a second writer of the folder fails naming this one's pid). Returns
+    the stage metrics (rank 0; {} elsewhere).
     """
+    lock = checkpoint.run_lock(job.run_dir) if info.is_main else contextlib.nullcontext()
+    with lock:
+        return _run_stage(job, params, modality, fingerprint, outputs, run_config, seed, info, name)
+
+
+def _run_stage(
+    job: Job,
+    params: dict[str, Any],
+    modality: str,
+    fingerprint: dict[str, Any],
+    outputs: Outputs,
+    run_config: dict[str, Any],
+    seed: int,
+    info: distributed.DistInfo,
+    name: str | None,
+) -> dict[str, Any]:
     checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)
     distributed.barrier()
     job.meta = {**job.meta, "fingerprint": fingerprint}

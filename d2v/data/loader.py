@@ -31,6 +31,7 @@ from d2v.data.stages import data_module
 from d2v.data.shards import (
     LABELS_SUFFIX,
     ShardError,
+    check_files,
     derive_seed,
     iter_shard,
     read_manifest,
@@ -271,6 +272,10 @@ def build_loader(
 ) -> ShardLoader:
     """A loader of batches (dicts of tensors) from ``<shard_dir>/<split>-*.tar``.
 
+    Every shard it will read and the manifest's side files are first checked against the sha256 the
+    manifest records (once per file and process, :func:`d2v.data.shards.check_files`): a corrupt shard is a
+    :class:`ShardError` naming it before any batch.
+
     Args:
         shard_dir: ``<paths.shards>/<modality>`` (with ``manifest.json``; the modality is read from it).
         split: ``pretrain``, ``train``, ``valid``, ``test`` (speech also ``ctc_train`` ...).
@@ -333,6 +338,7 @@ def build_loader(
         )
     prep = manifest["preprocessing"]
     data.check_model(prep, model_cfg)
+    check_files(shard_dir, manifest, sorted(manifest["files"]))  # labels, tokenizer: before they are read
     keys = None
     if label_budget is not None:
         keys = budget_keys(shard_dir, split, label_budget, seed)
@@ -342,6 +348,7 @@ def build_loader(
                 kept.append((path, n))
             start += n
         shards = kept
+    check_files(shard_dir, manifest, [path.name for path, _ in shards])  # never train on a corrupt shard
     keys_id = hash(frozenset(keys)) if keys is not None else None
     stream = ShardStream(
         modality=modality,

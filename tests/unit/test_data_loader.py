@@ -6,6 +6,7 @@ test_data_{audio,image,text}.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from d2v.data import build_loader, prepare_raw, read_manifest, shard
+from d2v.data import ShardError, build_loader, prepare_raw, read_manifest, shard
+from d2v.data.shards import sha256_file
 from d2v.modalities import image
 from d2v.modalities.image.data import PrepareConfig, ShardConfig
 
@@ -112,9 +114,51 @@ def test_corrupt_shard_raises_an_error_naming_it_not_a_hang(shards, tmp_path):
     shutil.copytree(shards, bad)
     victim = sorted(bad.glob("pretrain-*.tar"))[1]
     victim.write_bytes(victim.read_bytes()[:1800])
-    loader = build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, num_workers=2)
-    with pytest.raises(Exception, match=victim.name):
-        keys(loader)
+    with pytest.raises(ShardError, match=victim.name):
+        keys(build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, num_workers=2))
+
+
+@pytest.mark.parametrize("split, mode", [("pretrain", "pretrain"), ("train", "finetune"), ("test", "eval")])
+def test_flipped_bytes_are_caught_before_any_batch(shards, tmp_path, split, mode):
+    """A flipped byte inside a sample's payload reads as a valid tar (pixels silently changed): only the
+    manifest's sha256 tells, and the loader checks it when it is built."""
+    bad = tmp_path / "image"
+    shutil.copytree(shards, bad)
+    victim = bad / read_manifest(bad)["splits"][split]["shards"][-1]["file"]
+    data = bytearray(victim.read_bytes())
+    data[512 + 100] ^= 0x10  # inside the first member's data (after its 512-byte header)
+    victim.write_bytes(bytes(data))
+    with pytest.raises(
+        ShardError, match=rf"{victim}: sha256 differs .*`dvc repro -f shard@image` \(or `d2v shard image`\)"
+    ):
+        build_loader(bad, split, TINY, batch_size=4, mode=mode, seed=0)
+    (bad / "tokenizer.json").write_text("{}")  # side files too (not listed in an image manifest: ignored)
+    (bad / "train.labels.txt").write_text("0\n")
+    with pytest.raises(ShardError, match=r"train\.labels\.txt: sha256 differs"):
+        build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)
+    (bad / "train.labels.txt").unlink()
+    with pytest.raises(ShardError, match=r"train\.labels\.txt: missing"):
+        build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)
+
+
+def test_each_file_is_hashed_once_per_process_unless_it_changes(shards, tmp_path, monkeypatch):
+    from d2v.data import shards as shards_module
+
+    copy = tmp_path / "image"
+    shutil.copytree(shards, copy)
+    hashed = []
+    real = shards_module.sha256_file
+    monkeypatch.setattr(shards_module, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    for epoch in range(3):  # the stages rebuild the loader every epoch
+        build_loader(copy, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, epoch=epoch)
+    manifest = read_manifest(copy)
+    n = len(manifest["splits"]["pretrain"]["shards"]) + len(manifest["files"])  # shards + labels files
+    assert len(hashed) == len(set(hashed)) == n
+    first = copy / "pretrain-000000.tar"
+    first.write_bytes(first.read_bytes())  # rewritten (same bytes, new mtime): hashed again, and passes
+    hashed.clear()
+    build_loader(copy, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)
+    assert hashed == ["pretrain-000000.tar"]
 
 
 def test_a_sample_that_cannot_be_decoded_names_shard_and_key(shards, tmp_path):
@@ -132,6 +176,9 @@ def test_a_sample_that_cannot_be_decoded_names_shard_and_key(shards, tmp_path):
         w.write({"png": b"garbage", "cls": b"0"})
     w.close()
     shutil.copyfile(tmp_path / "test-000000.tar", bad / entry["file"])
+    manifest = json.loads((bad / "manifest.json").read_text())  # a shard that matches its manifest
+    manifest["splits"]["test"]["shards"][0]["sha256"] = sha256_file(bad / entry["file"])
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match=r"test-000000\.tar: sample test-0000000 cannot be decoded"):
         keys(build_loader(bad, "test", TINY, batch_size=4, mode="eval", seed=0))
 

@@ -115,6 +115,65 @@ def test_a_finished_run_is_not_retrained(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def tiny_pretrain(run_dir: Path, steps: int = 6, init_seed: int = 0, after_step=None):
+    """A tiny image pretraining run in-process (checkpoints every 2 steps, all kept)."""
+    from d2v.modalities import get
+    from d2v.train import PretrainConfig, pretrain
+
+    mod = get("image")
+    cfg = mod.model_config({"preset": "tiny", "transformer": {"dropout": 0.1}})
+
+    def make_loader(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        return [{"inputs": torch.randn(2, 3, 28, 28, generator=g), "mask": mod.make_mask(2, cfg, g)}] * 2
+
+    c = PretrainConfig(steps=steps, batch_size=2, log_every=1, checkpoint_every=2, keep_checkpoints=5,
+                       guard_after=10**9)  # fmt: skip
+    torch.manual_seed(init_seed)
+    return pretrain(mod.build_pretrain_model(cfg), c, make_loader, run_dir, {}, seed=3, after_step=after_step)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "flipped mantissa bit", "truncated train state"])
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    tmp_path, capsys, damage
+):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    tiny_pretrain(reference)
+    tiny_pretrain(run)
+    newest = run / "step-00000006"
+    victim = newest / ("train_state.pt" if "state" in damage else "model.safetensors")
+    data = bytearray(victim.read_bytes())
+    if "truncated" in damage:
+        data = data[: len(data) // 2]
+    else:
+        data[8 + int.from_bytes(data[:8], "little")] ^= 1  # the first weight's lowest mantissa bit
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    steps_run: list[int] = []
+    tiny_pretrain(run, init_seed=1, after_step=steps_run.append)
+    assert steps_run == [5, 6]  # resumed from step 4, the newest intact one
+    err = [line for line in capsys.readouterr().err.splitlines() if "set aside" in line]
+    assert len(err) == 1 and err[0].startswith(f"{newest}: {victim.name}: ")
+    assert (run / "corrupt-step-00000006" / victim.name).read_bytes() == bytes(data)  # kept as it was
+    a, b = checkpoint.load_weights(reference), checkpoint.load_weights(run)
+    assert {k for k in a if not torch.equal(a[k], b[k])} == set()  # bit-exact resume (CPU, tolerance 0)
+
+
+def test_halt_note_names_the_newest_intact_checkpoint(tmp_path):
+    from d2v import loop, runner
+
+    for step in (2, 4):
+        checkpoint.save(tmp_path, step, {"w": torch.ones(3) * step}, {"modality": "image"}, {"step": step})
+    weights = tmp_path / "step-00000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x40  # an exponent bit of the last weight: the run would diverge from it
+    weights.write_bytes(bytes(data))
+    halted = pytest.raises(loop.TrainingHalted, match=r"the last good checkpoint is \S*step-00000002;")
+    with halted, runner.halt_note(tmp_path):
+        raise loop.TrainingHalted("non-finite loss")
+    assert weights.exists()  # named, not moved: the rerun sets it aside
+
+
 # ------------------------------------------------------------------------------- the CLI on real shards
 
 
@@ -192,3 +251,34 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     )
     assert meta["init"] == "pretrained" and meta["num_classes"] == 10 and meta["budget"] == 2
     assert meta["pretrained_from"].endswith("step-00000006")
+
+
+def test_a_forced_rerun_from_scratch_writes_byte_identical_checkpoints(tmp_path, monkeypatch):
+    """The same params from scratch (``dvc repro -f`` after deleting the folder) give the same bytes, so DVC
+    keeps every downstream stage. A new process starts Python's and NumPy's global RNGs from OS entropy:
+    seeded differently here, as two processes would be."""
+    import hashlib
+    import random
+    import shutil
+
+    import numpy as np
+
+    from d2v.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml")
+    assert main(["prepare", "image"]) == 0 and main(["shard", "image"]) == 0
+    run = tmp_path / "ckpt" / "pretrain" / "image"
+
+    def from_scratch(entropy: int) -> dict[str, str]:
+        random.seed(entropy)
+        np.random.seed(entropy)
+        shutil.rmtree(run, ignore_errors=True)
+        assert main(["pretrain", "image"]) == 0
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*")
+                if p.is_file()}  # fmt: skip
+
+    first = from_scratch(1)
+    assert sorted(first) == [f"step-0000000{s}/{f}" for s in (2, 4)
+                             for f in ("meta.json", "model.safetensors", "train_state.pt")]  # fmt: skip
+    assert from_scratch(2) == first
