@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_resume import write_params
 
 from d2v import checkpoint
@@ -35,6 +36,7 @@ def project(built, tmp_path, monkeypatch, capsys) -> Path:
     root = tmp_path / "project"
     shutil.copytree(built, root)
     monkeypatch.chdir(root)
+    Image.new("L", (28, 28)).save("x.png")  # an intact item to embed: the checkpoint is what is at fault
     capsys.readouterr()
     return root
 
