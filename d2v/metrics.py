@@ -3,7 +3,7 @@
 Shape legend: N / M examples, C classes, D feature width.
 
 Classification: accuracy, macro-F1, confusion matrix. Speech CTC: word and character error rates of
-greedy transcripts. The linear probe: logistic regression on frozen features (``split_features``).
+greedy transcripts. The linear probe: logistic regression on frozen features (``layer_features``).
 """
 
 from __future__ import annotations
@@ -146,18 +146,26 @@ def linear_probe(
 
 
 @torch.no_grad()
-def split_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Mean-pooled features [N, D] (fp32, CPU) and labels [N] of a labelled split."""
+def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean-pooled features of every block's output and of the final output (after the modality's final
+    norm), prefix tokens and padding excluded: [L + 1, N, D] (fp32, CPU), and the labels [N]."""
     encoder.to(device).eval()
+    P = encoder.num_prefix_tokens
     xs, ys = [], []
     for batch in loader:
-        pad = batch.get("padding_mask")
-        xs.append(
-            encoder.embed_pooled(batch["inputs"].to(device), None if pad is None else pad.to(device))
-            .float()
-            .cpu()
-        )
+        inputs, pad = batch["inputs"].to(device), batch.get("padding_mask")
+        pad = None if pad is None else pad.to(device)
+        encoder.check_inputs(inputs, pad)
+        x, pad_BT = encoder.local_features(inputs, pad)
+        out = encoder.contextualize(x, pad_BT, tap="block")
+        keep = None if pad_BT is None else (~pad_BT).float()[..., None]
+        pooled = [
+            h[:, P:].mean(1) if keep is None else (h[:, P:] * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+            for h in [*out.layers, out.x_BTD]
+        ]
+        xs.append(torch.stack(pooled).float().cpu())
         ys.append(batch["labels"])
     if not xs:
         raise ValueError("the split yielded no samples")
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs, dim=1), torch.cat(ys)
+

@@ -104,7 +104,8 @@ class Run:
 
 
 def probe_key(init: Init, metric: str) -> str:
-    """``probe/<init>/<metric>``: the linear probe of frozen features (parsed back by :data:`PROBE_KEY`)."""
+    """``probe/<init>/<metric>`` or, per probe seed, ``probe/<init>/s<seed>/<metric>``: the linear probe of
+    frozen features (parsed back by :data:`PROBE_KEY`)."""
     return f"probe/{init}/{metric}"
 
 

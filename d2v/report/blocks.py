@@ -10,7 +10,7 @@ from typing import Any
 from d2v.report.build import ModalityResult, Plot, Report
 from d2v.report.fmt import budget_phrase, fmt_cell, fmt_diff, fmt_num
 from d2v.report.narrative import summary_sentences
-from d2v.report.stats import MIN_PRED_VAR, MIN_TARGET_VAR, RATE_METRICS, init_key
+from d2v.report.stats import LOWER_IS_BETTER, MIN_PRED_VAR, MIN_TARGET_VAR, RATE_METRICS, compare, init_key
 
 
 @dataclass(frozen=True)
@@ -142,13 +142,23 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
         blocks.append(Table(header, tuple(rows)))
     if r.probe:
         inits = sorted({i for by in r.probe.values() for i in by}, key=init_key)
-        rows = tuple(
-            (metric, *(fmt_cell(by.get(i), metric in RATE_METRICS) for i in inits))
-            for metric, by in r.probe.items()
-        )
+        rows = []
+        # headline metrics first, then the chosen layer and the per-layer test accuracies (layer1, ...)
+        for metric in sorted(r.probe, key=lambda k: (k.startswith("layer"), len(k), k)):
+            by = r.probe[metric]
+            rate = metric in RATE_METRICS or metric.endswith("_accuracy")
+            c = compare(metric, by, metric in LOWER_IS_BETTER)
+            ci = "—" if c.ci is None else f"{fmt_diff(c.ci[0], rate)} to {fmt_diff(c.ci[1], rate)}"
+            diff = "—" if c.diff is None else fmt_diff(c.diff, rate)
+            verdict = c.verdict if metric != "layer" else "—"
+            rows.append((metric, *(fmt_cell(by.get(i), rate) for i in inits), diff, ci, verdict))
         blocks += [
-            P("**linear probe** (frozen encoder + linear classifier)"),
-            Table(("metric", *inits), rows),
+            P(
+                "**linear probe** (frozen encoder + logistic regression on mean-pooled block outputs; "
+                "`layer` is the block chosen on the valid split, L + 1 = the final output; mean ± std over "
+                "probe seeds, each its own draw of training labels; `layerK_accuracy`: every block on test)"
+            ),
+            Table(("metric", *inits, "Δ pretrained − scratch", "95% CI", "verdict"), tuple(rows)),
         ]
     if r.missing_runs:
         blocks.append(

@@ -177,10 +177,14 @@ def test_evaluate_stage_writes_namespaced_metrics_and_confusion(image_project):
     assert cli_evaluate(params, _args()) == 0
     metrics = json.loads((root / "metrics" / "image.json").read_text())
     want = {f"evaluate/{i}/b2/s0/{m}" for i in INITS for m in ("accuracy", "macro_f1")}
-    want |= {f"probe/{i}/{m}" for i in INITS for m in ("accuracy", "macro_f1")}
-    assert set(metrics) == want and all(0.0 <= v <= 1.0 for v in metrics.values())
+    # the probe: per seed, the layer chosen on valid (tiny: 2 blocks + the final output) and every layer
+    per_seed = ("accuracy", "macro_f1", "layer", "layer1_accuracy", "layer2_accuracy", "layer3_accuracy")
+    want |= {f"probe/{i}/s{s}/{m}" for i in INITS for s in (0, 1, 2) for m in per_seed}
+    assert set(metrics) == want
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("/layer"))
+    assert all(metrics[f"probe/{i}/s{s}/layer"] in (1.0, 2.0, 3.0) for i in INITS for s in (0, 1, 2))
     # brightness classes 70 grey levels apart (3.5 noise std): mean-pooled features separate them linearly
-    assert metrics["probe/pretrained/accuracy"] == 1.0
+    assert all(metrics[f"probe/pretrained/s{s}/accuracy"] == 1.0 for s in (0, 1, 2))
     with (root / "plots" / "evaluate" / "image_confusion.csv").open() as f:
         rows = list(csv.DictReader(f))
     n_test = manifest["splits"]["test"]["samples"]

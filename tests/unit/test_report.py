@@ -57,7 +57,9 @@ def make_fixture(root: Path) -> None:
     audio = {f"evaluate/{i}/b{b}/s{s}/accuracy": v for (i, b, s), v in AUDIO_ACC.items()}
     audio |= {f"evaluate/{i}/b{b}/s{s}/macro_f1": v - 0.01 for (i, b, s), v in AUDIO_ACC.items()}
     audio |= {"ctc/pretrained/b5/s0/wer": 0.30, "ctc/scratch/b5/s0/wer": 0.71}
-    audio |= {"probe/pretrained/accuracy": 0.66, "probe/scratch/accuracy": 0.21}
+    audio |= {f"probe/pretrained/s{s}/accuracy": v for s, v in enumerate((0.66, 0.64, 0.67))}
+    audio |= {f"probe/scratch/s{s}/accuracy": v for s, v in enumerate((0.21, 0.25, 0.22))}
+    audio |= {f"probe/{i}/s{s}/layer": 3.0 for i in ("pretrained", "scratch") for s in range(3)}
     audio |= {"evaluate/seconds": 12.5, "some/unknown/key": 3.0, "note": "not a number"}
     _write(root / "metrics/audio.json", json.dumps(audio, indent=2, sort_keys=True))
     image = {"evaluate/pretrained/b5/s0/accuracy": 0.55, "evaluate/scratch/b5/s0/accuracy": 0.31}
@@ -135,6 +137,10 @@ def test_results_table_has_mean_std_n_and_difference_from_the_fixture(fixture_ro
     # lower-is-better metric with one seed per arm: the difference is shown, no verdict claimed
     ctc = table_row(audio, "ctc/wer", "5 labels/class")
     assert ctc[1:3] == ["30.0 (n=1)", "71.0 (n=1)"] and ctc[-1] == "one seed"
+    # the linear probe over three probe seeds: the difference, its Welch interval and a verdict
+    probe = [r for r in audio.splitlines() if r.startswith("| accuracy |")][-1].strip("|").split("|")
+    probe = [c.strip() for c in probe]
+    assert probe[1].startswith("65.7 ±") and probe[3] == "+43.0" and probe[-1] == "better", probe
 
 
 def test_html_is_self_contained(fixture_root: Path) -> None:
