@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2v.config import ConfigError
+from d2v.config import ConfigError, replace
 from d2v.modalities import audio as A
 from d2v.modalities.audio.frames import normalize_waveform
 
@@ -221,3 +221,24 @@ def test_pretrain_step_grads_teacher_and_ema():
         else:  # lerp vs tau*t + (1-tau)*s: fp32 rounding only
             torch.testing.assert_close(t, tau * t0 + (1 - tau) * s, atol=1e-6, rtol=1e-6, msg=name)
             assert not torch.equal(t, t0) or torch.equal(s, t0), name
+
+
+def test_pretraining_batches_are_cropped_to_the_shortest_clip_not_padded():
+    """[FS] RawAudioDataset ``pad: false``: every row keeps the batch's shortest length, at a random offset,
+    so every row masks its full share of frames (padded batches trimmed every row to the shortest's count)."""
+    from d2v.modalities.audio.data import collate
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.arange(n, dtype=torch.float32) for n in (16000, 9000, 24000)]
+    b = collate(xs, mode="pretrain", model_cfg=TINY, prep={}, generator=g)
+    assert b["inputs"].shape == (3, 9000) and not b["padding_mask"].any()
+    starts = b["inputs"][:, 0].tolist()
+    assert all(torch.equal(b["inputs"][i], xs[i][int(s) : int(s) + 9000]) for i, s in enumerate(starts))
+    T = int(A.feature_lengths(torch.tensor(9000), TINY))
+    assert b["mask"].shape == (3, T) and b["mask"].sum(1).float().mean() / T > 0.35  # ~49 % masked
+    again = collate(xs, mode="pretrain", model_cfg=TINY, prep={}, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again["inputs"], b["inputs"])  # the offsets come from the generator
+    padded = collate(xs, mode="pretrain", model_cfg=replace(TINY, crop_batches=False), prep={}, generator=g)
+    assert padded["inputs"].shape == (3, 24000) and padded["padding_mask"].any()
+    fine = collate(xs, mode="finetune", model_cfg=TINY, prep={}, generator=g)
+    assert fine["inputs"].shape == (3, 24000)  # fine-tuning keeps whole clips (labels belong to them)

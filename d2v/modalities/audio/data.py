@@ -486,8 +486,13 @@ def collate(
     generator: torch.Generator,
     finetune_mask: Any = None,
 ) -> dict[str, Tensor]:
-    """Right-padded ``inputs`` [B, N] + ``padding_mask``; pretrain: ``mask`` [B, T] (span masking);
+    """Right-padded ``inputs`` [B, N] + ``padding_mask``; pretrain: every clip first cropped to the
+    shortest at a random offset (``model.audio.crop_batches``), ``mask`` [B, T] (span masking);
     finetune with a ``FinetuneMask``: ``mask`` [B, T] and ``channel_mask`` [B, D] (``finetune_masks``)."""
+    if mode == "pretrain" and getattr(model_cfg, "crop_batches", False):
+        shortest = min(len(x) for x in xs)
+        starts = [int(torch.randint(len(x) - shortest + 1, (), generator=generator)) for x in xs]
+        xs = [x[s : s + shortest] for x, s in zip(xs, starts)]
     n = torch.tensor([len(x) for x in xs], dtype=torch.int64)
     N = int(n.max())
     wav = torch.zeros(len(xs), N, dtype=torch.float32)

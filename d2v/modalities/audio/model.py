@@ -102,6 +102,13 @@ class ModelConfig:
     """At least this many spans per row."""
     require_same_masks: bool = True
     """Trim every row to the batch's smallest masked count (fairseq default); crop batches, don't pad."""
+    crop_batches: bool = True
+    """Pretraining crops every clip of a batch to the batch's shortest, at a random offset ([FS]
+    ``RawAudioDataset`` with ``pad: false``): no padding, so every row masks ~49 % of its frames and no
+    padding enters the targets' instance norm. False: right-pad (then the rows' masks are trimmed to the
+    shortest row's count, and padded frames count in the statistics). fairseq also drops clips under 2 s
+    (``min_sample_size``); d2v keeps them (most of the embedded recordings are single words) and batches
+    similar lengths instead (``pretrain.audio.length_buckets``)."""
     targets: Data2VecTargets = field(default_factory=lambda: Data2VecTargets(top_k=4))
     """Target/loss settings (speech: top-K FFN taps, instance norm, L2 x 1/sqrt(D): §1.4-1.7)."""
     ema: EMAConfig = field(default_factory=EMAConfig)
