@@ -52,7 +52,12 @@ def measure(modality: str, algorithm: str, args: argparse.Namespace) -> dict:
     user.pop("ema", None)  # each algorithm's own tau schedule (spec §1.2 / §5.5), not the demo's override
     model_cfg = mod.model_config({**user, "preset": args.preset, "algorithm": algorithm}, f"model.{modality}")
     cfg = section(params, "pretrain", PretrainConfig, modality)
-    eval_cfg = section(params, "evaluate", EvaluateConfig, modality)
+    # one probe seed and at most 100 valid/test items per class: probes stay short next to training
+    eval_cfg = replace(
+        section(params, "evaluate", EvaluateConfig, modality),
+        probe_seeds=(0,),
+        probe_eval_budget=args.eval_per_class,
+    )
     seed = int(params.get("seed", 0))
     device = torch.device("cpu")
 
@@ -163,6 +168,9 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--eval-per-class", type=int, default=100, help="valid/test items per class the probe scores"
+    )
     ap.add_argument("--out", default="benchmarks/results/time_to_accuracy")
     ap.add_argument("--tmp", default=".tmp/time_to_accuracy", help="scratch checkpoints")
     args = ap.parse_args()

@@ -58,6 +58,9 @@ class EvaluateConfig:
     probed and the one with the best *validation* accuracy is scored on test, for each encoder on its own:
     the practice of layer-wise probes (SUPERB, data2vec's own analyses) and fair to a random-init post-LN
     stack, whose last layer is close to its input embeddings. 'last': the final output only."""
+    probe_eval_budget: int | float | None = None
+    """Valid and test items the probe scores, per class (int) or a fraction (float); None: all. A fixed
+    draw (the params seed), the same for every encoder: for large test sets on a CPU."""
     probe_seeds: tuple[int, ...] = (0, 1, 2)
     """One probe per seed, each on its own draw of ``probe_budget`` training labels: the report's spread
     and confidence interval. Test sets of a few hundred items alone move accuracy by about 2 points."""
@@ -282,9 +285,19 @@ def probe(
         return layer_features(encoder, loader, device)
 
     was_training = encoder.training
-    test_x, test_y = features(split_of(entry, "test"), None, seed)
+    def eval_budget(split: str) -> int | float | None:  # per class, at most what the smallest class has
+        b = cfg.probe_eval_budget
+        counts = (manifest["splits"].get(split) or {}).get("label_counts") or {}
+        return min(b, *counts.values()) if isinstance(b, int) and counts else b
+
+    test = split_of(entry, "test")
+    test_x, test_y = features(test, eval_budget(test), seed)
     has_valid = any(s.endswith("valid") for s in entry["splits"])
-    valid_x, valid_y = features(split_of(entry, "valid"), None, seed) if has_valid else (test_x[:, :0], test_y[:0])
+    if has_valid:
+        valid = split_of(entry, "valid")
+        valid_x, valid_y = features(valid, eval_budget(valid), seed)
+    else:
+        valid_x, valid_y = test_x[:, :0], test_y[:0]
     out: dict[str, float] = {}
     for s in cfg.probe_seeds:
         train_x, train_y = features(split_of(entry, "train"), cfg.probe_budget, seed + s)
