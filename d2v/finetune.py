@@ -45,7 +45,7 @@ class FinetuneConfig(loop.LoopConfig):
     task: Literal["classification", "ctc"] = "classification"
     """Which labelled task of the shards: 'classification' (every modality) or 'ctc' (speech, letters)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup=0.1))
-    """AdamW + schedule (reference §3: speech tri-stage 10/40/50 %, final 0.05; vision cosine with
+    """AdamW + schedule (spec §3: speech tri-stage 10/40/50 %, final 0.05; vision cosine with
     layer_decay 0.65; text 6 % warm-up)."""
     head: dict[str, Any] = field(default_factory=dict)
     """Task-head options, checked by the modality's ``HeadConfig`` (dropout, label smoothing; audio's

@@ -135,14 +135,14 @@ class FinetuneModel(nn.Module):
     ``batch`` holds ``inputs`` [B, N] / [B, C, H, W], ``padding_mask`` [B, N] (True = padding; absent for
     images), the targets (``labels`` [B] int64 or ``transcripts`` list[str]), and optionally ``mask`` [B, T]
     (True = masked, prefix tokens excluded), applied in training like the student's: the wav2vec 2.0
-    fine-tuning recipe keeps time masking on (reference §3.1); the loader decides whether to send one.
+    fine-tuning recipe keeps time masking on (spec §3.1); the loader decides whether to send one.
     """
 
     task: Task
     per_block: ClassVar[tuple[str, ...]] = ("blocks",)
     """Module lists of the encoder indexed by block (see :func:`layer_id`)."""
     always_frozen: ClassVar[tuple[str, ...]] = ()
-    """Parameter-name prefixes that never train (audio: the conv feature encoder, reference §3.1)."""
+    """Parameter-name prefixes that never train (audio: the conv feature encoder, spec §3.1)."""
 
     def __init__(self, encoder: Encoder, task: Task, num_classes: int | None) -> None:
         super().__init__()

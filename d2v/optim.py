@@ -18,7 +18,7 @@ from d2v.config import ConfigError
 Schedule = Literal["cosine", "tri_stage"]
 
 # Parameters that are "tokens" rather than weights: BEiT's ``no_weight_decay()`` set (cls_token, pos_embed,
-# relative_position_bias_table) plus the learned mask embeddings (reference §5.7: no decay on 1-D params,
+# relative_position_bias_table) plus the learned mask embeddings (spec §5.7: no decay on 1-D params,
 # biases, embeddings and tokens).
 NO_DECAY_NAMES = ("cls_token", "mask_emb", "mask_token", "pos_embed", "rel_pos", "relative_position")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.Embedding)
@@ -26,7 +26,7 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Instanc
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + LR schedule (reference §2.2-2.5, §3, §5.7). params.yaml sets the per-modality values."""
+    """AdamW + LR schedule (spec §2.2-2.5, §3, §5.7). params.yaml sets the per-modality values."""
 
     lr: float = 5e-4
     """Peak learning rate (speech 5e-4, text 2e-4, vision 2e-3 at batch 2048)."""

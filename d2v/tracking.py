@@ -3,7 +3,7 @@
 ``start(params, stage, modality, config=...)`` returns a ``Tracker``: a ``WandbTracker`` on rank 0 when
 ``tracking.mode`` is offline/online and wandb imports, else ``NullTracker`` (same methods, no effect).
 Offline runs land in ``<tracking.dir>/wandb/offline-run-*/run-*.wandb`` and never touch the network
-(mlops-stack.md: ``WANDB_MODE=offline`` plus every W&B directory inside the project, error reports off,
+(docs/mlops-stack.md: ``WANDB_MODE=offline`` plus every W&B directory inside the project, error reports off,
 no ``wandb sync``). ``wandb sync <run dir>`` uploads them later, by hand.
 """
 

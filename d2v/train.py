@@ -32,11 +32,11 @@ class PretrainConfig(loop.LoopConfig):
     """The ``pretrain.<modality>`` section (per-modality defaults are set in params.yaml)."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """AdamW + LR schedule + clipping (reference §2.2-2.5)."""
+    """AdamW + LR schedule + clipping (spec §2.2-2.5)."""
     guard_after: int = 5000
     """Collapse guards start after this many updates ([FS] 5,000)."""
     min_target_var: float = 0.1
-    """Stop if the teacher targets' std falls below this ([FS] ``min_target_var``, reference §1.9)."""
+    """Stop if the teacher targets' std falls below this ([FS] ``min_target_var``, spec §1.9)."""
     min_pred_var: float = 0.01
     """Stop if the student predictions' std falls below this ([FS] ``min_pred_var``)."""
     length_buckets: int = 0
@@ -57,7 +57,7 @@ def collapse_check(step: int, metrics: dict[str, float], cfg: PretrainConfig) ->
         if metrics[key] < low:
             return (
                 f"representation collapse at step {step}: {key} = {metrics[key]:.4g} < {low} "
-                f"(reference §1.9). Try a lower learning rate (optim.lr), a longer warm-up (optim.warmup), "
+                f"(spec §1.9). Try a lower learning rate (optim.lr), a longer warm-up (optim.warmup), "
                 f"or a higher teacher decay (model.<m>.ema.tau0 / tau_end)"
             )
     return None

@@ -1,5 +1,5 @@
 # Sourced by the scripts: keeps every tool off the network and its state inside the project
-# (see ../shared/reference/mlops-stack.md). Safe to source more than once.
+# (see docs/mlops-stack.md). Safe to source more than once.
 D2V_ROOT="${D2V_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 export D2V_ROOT
 export DVC_NO_ANALYTICS=1

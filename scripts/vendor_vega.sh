@@ -2,7 +2,7 @@
 # Rebuild dvc_plots/template.html: the `dvc plots show` page with vega, vega-lite and vega-embed inlined.
 #
 # Why: dvc-render's default page loads these three from cdn.jsdelivr.net, so offline the plots render
-# blank (mlops-stack.md "DVC"). The template has `{plot_divs}` and no `{scripts}`, so DVC never inserts the
+# blank (docs/mlops-stack.md "DVC"). The template has `{plot_divs}` and no `{scripts}`, so DVC never inserts the
 # CDN tags. Enable it with (the path is relative to .dvc/):
 #   dvc config plots.html_template ../dvc_plots/template.html
 # Versions are the ones dvc-render's CDN tags pin; the sha256 of each file is checked, so a rebuild is

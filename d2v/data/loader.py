@@ -13,7 +13,7 @@ interrupted epoch can be replayed. The shard order is the same on every rank (se
 DataLoader workers. Without ``resampled`` an epoch sees every sample exactly once (the last batch of each
 worker may be short). ``resampled=True`` draws shards with replacement forever (per rank and worker seed) and
 ``epoch_len`` batches make an epoch: the mode for multi-GPU training, where uneven shard counts per rank
-would otherwise make DDP wait on a rank that ran out of data (see mlops-stack.md, WebDataset).
+would otherwise make DDP wait on a rank that ran out of data (see docs/mlops-stack.md, WebDataset).
 """
 
 from __future__ import annotations

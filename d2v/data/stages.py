@@ -34,7 +34,7 @@ class PrepareCommon:
     """Prepare params every modality has (each modality's ``PrepareConfig`` adds its own)."""
 
     source: str = "default"
-    """'default': the embedded data (datasets.md); else a path to the user's folder (or file) of inputs."""
+    """'default': the embedded data (docs/datasets.md); else a path to the user's folder (or file) of inputs."""
 
     def source_path(self, what: str) -> Path:
         """The user source as an existing path; ValueError saying what was expected otherwise."""

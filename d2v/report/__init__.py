@@ -11,7 +11,7 @@ provenance around them, then renders one list of blocks twice (markdown and HTML
 
 A file that is absent or unreadable is listed as such and its numbers are left out, never guessed.
 Rendering is deterministic: no clock, sorted keys, fixed-DPI PNGs without metadata, so the same inputs give
-byte-identical files (DESIGN.md "no wall-clock time in outputs DVC tracks").
+byte-identical files (docs/design.md "no wall-clock time in outputs DVC tracks").
 Figures also go to ``<plots>/report/*.png`` for ``dvc plots``. W&B (offline by default) gets a ``report``
 run with the tables, the figures and the report files as an artifact; online, optionally a W&B Report.
 

@@ -17,7 +17,7 @@ RATE_METRICS = frozenset({"accuracy", "macro_f1", "f1", "precision", "recall", "
 LOWER_IS_BETTER = frozenset({"wer", "cer", "loss", "error", "per"})
 INIT_ORDER = INITS
 
-# fairseq's collapse check ([FS], data2vec.md §1.9): abort when target_var < 0.1 or pred_var < 0.01
+# fairseq's collapse check ([FS], spec §1.9): abort when target_var < 0.1 or pred_var < 0.01
 MIN_TARGET_VAR = 0.1
 MIN_PRED_VAR = 0.01
 

@@ -1,5 +1,5 @@
 """Shared fixtures of the e2e tests: real DVC / Prefect / W&B processes, kept off the network and away from
-the user's state (settings measured in ../shared/reference/mlops-stack.md, as in scripts/env.sh)."""
+the user's state (settings measured in docs/mlops-stack.md, as in scripts/env.sh)."""
 
 import os
 import shutil

@@ -1,5 +1,5 @@
 """CUDA-only checks (skipped without a GPU): FSDP2 on one GPU matches plain training and saves full
-weights; bf16 autocast keeps the EMA teacher and the loss in fp32 (reference §5.7)."""
+weights; bf16 autocast keeps the EMA teacher and the loss in fp32 (spec §5.7)."""
 
 from __future__ import annotations
 

@@ -274,7 +274,7 @@ def test_wandb_offline_logs_a_report_run_and_skips_publishing(
     assert any("skipped, tracking.mode is offline" in n for n in notes), notes
     runs = list((fixture_root / "wandb").rglob("offline-run-*"))
     assert len(runs) == 1
-    # read the offline run back (mlops-stack.md: `wandb leet inspect --summary --json RUN_DIR`)
+    # read the offline run back (docs/mlops-stack.md: `wandb leet inspect --summary --json RUN_DIR`)
     cli = Path(sys.executable).with_name("wandb")
     out = subprocess.run(
         [str(cli), "leet", "inspect", "--summary", "--json", str(runs[0])],

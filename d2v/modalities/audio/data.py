@@ -6,7 +6,7 @@ Raw layout under ``<paths.raw>/audio/`` (the default data is written in the same
 - ``metadata.tsv`` (optional): tab-separated with a header row: ``path`` (relative to ``files/``) and at least
   one of ``label`` (classification) / ``transcript`` (CTC), optionally ``speaker`` (splits keep speakers
   disjoint). Files not listed, or listed with neither, are unlabelled (pretraining).
-Default (datasets.md, Speech): ``files/read/`` Lee-corpus sentences read by espeak-ng voices,
+Default (docs/datasets.md, Speech): ``files/read/`` Lee-corpus sentences read by espeak-ng voices,
 ``files/klettres/`` and ``files/ktuberling/`` (real voices, Debian ``klettres-data`` / ``ktuberling-data``),
 ``files/digits/<voice>/`` spoken digits (label ``0``-``9``, speaker = accent + variant),
 ``files/ctc/<voice>/`` digit strings with word transcripts ("three one four").
@@ -139,7 +139,7 @@ def _need_tools() -> None:
 
 
 def synthesize(text: str, voice: str, rate: int, pitch: int, out: Path) -> None:
-    """``espeak-ng ... --stdout | sox`` -> 16 kHz mono 16-bit WAV (datasets.md recipe; ``gain -1`` avoids
+    """``espeak-ng ... --stdout | sox`` -> 16 kHz mono 16-bit WAV (docs/datasets.md recipe; ``gain -1`` avoids
     clipping; ``-R -D``: repeatable, no dither, so the bytes are the same on every run)."""
     wav = subprocess.run(
         ["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdin", "--stdout"],

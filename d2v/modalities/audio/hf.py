@@ -1,4 +1,4 @@
-"""Key and config maps between ``Data2VecAudioModel`` (transformers) and ``AudioEncoder`` (reference §7.1).
+"""Key and config maps between ``Data2VecAudioModel`` (transformers) and ``AudioEncoder`` (spec §7.1).
 
 File I/O and dispatch live in ``d2v/hf.py``; the ``data2vec_audio.`` prefix of ``For<Task>`` models is
 stripped there. HF keeps q/k/v separate; we fuse them into one ``qkv`` projection (rows q, k, v).

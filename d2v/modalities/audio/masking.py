@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the type only: the data loader imports this module, never t
 @dataclass(frozen=True)
 class FinetuneMask:
     """Masking while fine-tuning, a speech recipe: wav2vec 2.0 fine-tuning, which data2vec keeps ([P1] §4.2,
-    reference §3.1; [FS] ``Wav2Vec2AsrConfig`` ``apply_mask: true``). The reference values are those of
+    spec §3.1; [FS] ``Wav2Vec2AsrConfig`` ``apply_mask: true``). The reference values are those of
     fairseq's ``base_10m`` / ``base_1h`` (few labels): time 0.65 x 10 frames, channels 0.25 x 64 (of 768)."""
 
     prob: float = 0.65
@@ -143,7 +143,7 @@ def make_mask(
 def finetune_masks(
     n_samples_B: Tensor, cfg: ModelConfig, spec: FinetuneMask, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """Fine-tuning masks (wav2vec 2.0 fine-tuning, kept by data2vec: reference §3.1): time [B, T] and
+    """Fine-tuning masks (wav2vec 2.0 fine-tuning, kept by data2vec: spec §3.1): time [B, T] and
     channel [B, D] bools, True = masked.
 
     [FS] ``Wav2Vec2AsrConfig`` + ``apply_mask``: time spans replaced by ``mask_emb`` (``min_masks`` 2,

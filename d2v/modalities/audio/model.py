@@ -4,7 +4,7 @@ Shape legend: B batch, N samples (16 kHz), C conv channels, T frames (50 Hz for 
 
 waveform [B, N] --normalise--> conv feature extractor [B, C, T] --LN, Linear--> x_BTD   (``local_features``)
 x_BTD (masked for the student) --zero padding, + pos_conv, LN, dropout--> post-LN blocks  (``contextualize``)
-([P1] §4.2; reference §2.2, §7.1, §7.4). The conv stack and projection are the local encoder the teacher
+([P1] §4.2; spec §2.2, §7.1, §7.4). The conv stack and projection are the local encoder the teacher
 shares; the positional convs are copied to the teacher each step ([P1] §3.3, fairseq ``ema_layers_only``).
 """
 

@@ -4,7 +4,7 @@ Shape legend: B batch, T tokens (CLS + patches), D width, C classes.
 
 [P1] §4.1 / [DV]: mean of the patch tokens (CLS excluded) -> LayerNorm (``fc_norm``) -> Linear. As in BEiT's
 mean-pooling model, the pretrained final LayerNorm is dropped (``norm`` is the identity, ``fc_norm`` is new)
-and a shared relative position table is copied into every block (reference §3.2). HF names: ``fc_norm`` is
+and a shared relative position table is copied into every block (spec §3.2). HF names: ``fc_norm`` is
 ``data2vec_vision.pooler.layernorm``, ``classifier`` is ``classifier``.
 """
 

@@ -1,4 +1,4 @@
-"""Hugging Face ``Data2VecVisionModel`` <-> d2v ``ImageEncoder`` (reference §7.3).
+"""Hugging Face ``Data2VecVisionModel`` <-> d2v ``ImageEncoder`` (spec §7.3).
 
 File I/O and dispatch live in ``d2v/hf.py``; the ``data2vec_vision.`` prefix of ``For<Task>`` models is
 already stripped there. Key map (HF -> d2v):

@@ -1,4 +1,4 @@
-"""BEiT block-wise masking ([DV] / BEiT ``MaskingGenerator``; reference §2.4).
+"""BEiT block-wise masking ([DV] / BEiT ``MaskingGenerator``; spec §2.4).
 
 Per image: repeatedly draw a rectangle of area ~ U[min_block, remaining] patches (BEiT caps a block at the
 remaining count) and aspect ratio log-uniform in [a, 1/a]; the rectangle must be strictly smaller than

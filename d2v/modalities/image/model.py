@@ -30,7 +30,7 @@ Position = Literal["relative", "sincos", "absolute"]
 
 
 def _vision_targets(top_k: int) -> Data2VecTargets:
-    # [DV] README + engine_for_cyclical.py (reference §1.4-1.7, §2.4): end-of-block taps, LN per layer,
+    # [DV] README + engine_for_cyclical.py (spec §1.4-1.7, §2.4): end-of-block taps, LN per layer,
     # LN after averaging, Smooth L1 beta 2 averaged over masked tokens x D, EMA of the whole model.
     return Data2VecTargets(
         top_k=top_k, tap="block", layer_norm="layer", final_norm="layer", loss_beta=2.0,
@@ -57,7 +57,7 @@ class ModelConfig:
     """'data2vec' ([DV]) or 'data2vec2' (spec §5): the latter's recipe (post-LN, sin-cos positions, inverse
     block masks, decoder, 16 clones) is put under the user's keys by ``model_config``."""
     transformer: TransformerConfig = field(default_factory=_small_transformer)
-    """Block stack; vision is pre-LN with layer-scale and drop path (reference §2.4, §7.4)."""
+    """Block stack; vision is pre-LN with layer-scale and drop path (spec §2.4, §7.4)."""
     image_size: int = 28
     """Square input side in pixels (224 for ImageNet, 28 for Fashion-MNIST)."""
     patch_size: int = 4

@@ -3,7 +3,7 @@
 Shape legend: B batch, T tokens, D width, C classes.
 
 [P1] §4.3, [FS] ``data2vec_text.py`` ``register_classification_head``, HF ``Data2VecTextClassificationHead``:
-the first token (``<s>``) -> dropout -> Dense(D, D) -> tanh -> dropout -> Linear(D, C) (reference §3.3).
+the first token (``<s>``) -> dropout -> Dense(D, D) -> tanh -> dropout -> Linear(D, C) (spec §3.3).
 HF names: ``classifier.dense``, ``classifier.out_proj``.
 """
 

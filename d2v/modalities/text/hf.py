@@ -1,4 +1,4 @@
-"""Hugging Face ``Data2VecText*`` checkpoints <-> ``TextEncoder`` (reference §7.2; transformers 5.x).
+"""Hugging Face ``Data2VecText*`` checkpoints <-> ``TextEncoder`` (spec §7.2; transformers 5.x).
 
 Key map (HF ``encoder.layer.{n}.`` -> ours ``encoder.blocks.{n}.``):
   embeddings.word_embeddings                       -> embeddings.tokens
@@ -68,7 +68,7 @@ def _preset_label(t: TransformerConfig) -> str:
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """ModelConfig from an HF ``config.json`` dict; sizes and ids come from it, never from class defaults
-    (``Data2VecTextConfig`` defaults are BERT's, not the checkpoints', reference §7.2)."""
+    (``Data2VecTextConfig`` defaults are BERT's, not the checkpoints', spec §7.2)."""
     if d.get("position_embedding_type", "absolute") != "absolute":  # transformers 5 implements only absolute
         raise ValueError(
             f"position_embedding_type {d['position_embedding_type']!r} is not supported; expected 'absolute'"

@@ -2,7 +2,7 @@
 
 Shape legend: B batch, T tokens.
 
-Two strategies (reference §2.3, §11 "NLP masking"):
+Two strategies (spec §2.3, §11 "NLP masking"):
 - 'bert' ([P1] §4.3): round(p * n) of a row's n maskable tokens are selected; each becomes <mask> with
   probability 0.8, a random non-special token with 0.1, and stays unchanged with 0.1 (fairseq
   ``MaskTokensDataset`` draws this per selected position).
@@ -11,7 +11,7 @@ Two strategies (reference §2.3, §11 "NLP masking"):
   replacement; each span covers L tokens, cut at specials, padding and the row end. Spans overlap, so the
   covered fraction is about 1 - (1 - p / L) ** L (0.31 for p 0.35, L 4), as in fairseq.
 
-Loss positions: only ids replaced by <mask>. fairseq scores ``src_tokens.eq(mask_idx)`` (reference §1.6), and
+Loss positions: only ids replaced by <mask>. fairseq scores ``src_tokens.eq(mask_idx)`` (spec §1.6), and
 that code produced the paper's numbers, so with 'bert' the 10 % random and 10 % kept positions are corrupted
 (or not) but carry no loss; BERT itself would score all selected positions.
 

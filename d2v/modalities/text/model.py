@@ -2,7 +2,7 @@
 
 Shape legend: B batch, T tokens (ids), D width, P position rows (max_positions + pad_id + 1).
 
-Text differs from speech and vision in two ways ([P1] §3.2, §4.3; reference §2.3):
+Text differs from speech and vision in two ways ([P1] §3.2, §4.3; spec §2.3):
 - masking happens in *input space*: the data loader replaces ids by ``<mask>`` (``masking.make_mask``) and
   passes them as ``batch["student_inputs"]``; the student embeds those, the teacher the clean ids;
 - the local encoder (token + learned position embeddings + embedding LayerNorm) is shared with the
@@ -106,7 +106,7 @@ class ModelConfig:
     transformer: TransformerConfig = field(
         default_factory=lambda: from_dict(TransformerConfig, PRESETS["small"]["transformer"])
     )
-    """Block stack; text is post-LN RoBERTa (``layer_norm_first: false``, reference §7.4)."""
+    """Block stack; text is post-LN RoBERTa (``layer_norm_first: false``, spec §7.4)."""
     vocab_size: int = 8192
     """Token ids are in [0, vocab_size) (byte-level BPE of our corpus; RoBERTa/GPT-2: 50,265)."""
     max_positions: int = 256
