@@ -278,43 +278,29 @@ def run_stage(
     """
     lock = checkpoint.run_lock(job.run_dir) if info.is_main else contextlib.nullcontext()
     with lock:
-        return _run_stage(job, params, modality, fingerprint, outputs, run_config, seed, info, name)
-
-
-def _run_stage(
-    job: Job,
-    params: dict[str, Any],
-    modality: str,
-    fingerprint: dict[str, Any],
-    outputs: Outputs,
-    run_config: dict[str, Any],
-    seed: int,
-    info: distributed.DistInfo,
-    name: str | None,
-) -> dict[str, Any]:
-    checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)
-    distributed.barrier()
-    job.meta = {**job.meta, "fingerprint": fingerprint}
-    config = {**run_config, "seed": seed, "profile": params.get("profile")}
-    tracker = tracking.start(params, job.kind, modality, config=config, name=name, rank=info.rank)
-    clock = loop.Stopwatch()
-    try:
-        history = train(job, seed=seed, info=info, tracker=tracker, outputs=outputs, clock=clock)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    metrics: dict[str, Any] = {}
-    if info.is_main:
-        metrics = write_outputs(history, job.kind, outputs, clock.seconds())
-        tracker.summary(metrics)
-        if tracker.log_checkpoints:
-            label = f"{job.kind}-{modality}" + (f"-{name}" if name else "")
-            tracker.artifact(checkpoint.latest(job.run_dir), label, "model")
-        loss = metrics.get(f"{job.kind}/loss", float("nan"))
-        print(
-            f"{job.kind} {modality}{' ' + name if name else ''}: {metrics[f'{job.kind}/steps']} steps, "
-            f"loss {loss:.4f}; checkpoints in {job.run_dir}, metrics in {outputs.metrics}"
-        )
+        checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)
+        distributed.barrier()
+        job.meta = {**job.meta, "fingerprint": fingerprint}
+        config = {**run_config, "seed": seed, "profile": params.get("profile")}
+        tracker = tracking.start(params, job.kind, modality, config=config, name=name, rank=info.rank)
+        clock = loop.Stopwatch()
+        try:
+            history = train(job, seed=seed, info=info, tracker=tracker, outputs=outputs, clock=clock)
+        except BaseException:
+            tracker.finish(exit_code=1)
+            raise
+        metrics: dict[str, Any] = {}
+        if info.is_main:
+            metrics = write_outputs(history, job.kind, outputs, clock.seconds())
+            tracker.summary(metrics)
+            if tracker.log_checkpoints:
+                label = f"{job.kind}-{modality}" + (f"-{name}" if name else "")
+                tracker.artifact(checkpoint.latest(job.run_dir), label, "model")
+            loss = metrics.get(f"{job.kind}/loss", float("nan"))
+            print(
+                f"{job.kind} {modality}{' ' + name if name else ''}: {metrics[f'{job.kind}/steps']} steps, "
+                f"loss {loss:.4f}; checkpoints in {job.run_dir}, metrics in {outputs.metrics}"
+            )
     tracker.finish()
     distributed.cleanup()
     return metrics
