@@ -194,6 +194,15 @@ def test_a_librispeech_tree_gives_transcripts_and_speaker_disjoint_ctc_splits(tm
     assert m["skipped_counts"] == {"unsupported_format": 1}  # SPEAKERS.TXT
 
 
+def test_an_all_transcribed_tree_says_how_to_pretrain_on_it(tmp_path):
+    src, raw = librispeech_tree(tmp_path / "LibriSpeech"), tmp_path / "raw"
+    (src / "train-clean-100" / "19" / "198" / "19-198-0099.flac").unlink()  # every clip transcribed now
+    prepare_raw("audio", PrepareConfig(source=str(src)), raw, seed=0)
+    shard("audio", ShardConfig(samples_per_shard=4), raw, tmp_path / "audio", seed=0)
+    with pytest.raises(ValueError, match="'pretrain' is empty.*shard.audio.pretrain_from: unlabelled"):
+        build_loader(tmp_path / "audio", "pretrain", TINY, batch_size=2, mode="pretrain", seed=0)
+
+
 def test_a_librispeech_tree_with_a_tsv_as_well_is_explained(tmp_path):
     src = librispeech_tree(tmp_path / "LibriSpeech")
     (tmp_path / "meta.tsv").write_text("path\tlabel\n")
