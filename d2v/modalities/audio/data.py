@@ -6,13 +6,13 @@ Raw layout under ``<paths.raw>/audio/`` (the default data is written in the same
 - ``metadata.tsv`` (optional): tab-separated with a header row: ``path`` (relative to ``files/``) and at least
   one of ``label`` (classification) / ``transcript`` (CTC), optionally ``speaker`` (splits keep speakers
   disjoint). Files not listed, or listed with neither, are unlabelled (pretraining).
-A user's LibriSpeech tree (``<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` beside
-``<speaker>-<chapter>.trans.txt``, any folders above) needs no TSV: ``prepare`` writes ``metadata.tsv`` from
-the transcripts (lower-cased: CTC letters) and the speaker ids (``librispeech_rows``).
 Default (datasets.md, Speech): ``files/read/`` Lee-corpus sentences read by espeak-ng voices,
 ``files/klettres/`` and ``files/ktuberling/`` (real voices, Debian ``klettres-data`` / ``ktuberling-data``),
 ``files/digits/<voice>/`` spoken digits (label ``0``-``9``, speaker = accent + variant),
 ``files/ctc/<voice>/`` digit strings with word transcripts ("three one four").
+A user's LibriSpeech tree (``<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` beside
+``<speaker>-<chapter>.trans.txt``, any folders above) needs no TSV: ``prepare`` writes ``metadata.tsv`` from
+the transcripts (lower-cased: CTC letters) and the speaker ids (``librispeech_rows``).
 
 Shard: each file is read with soundfile, downmixed to mono, resampled to 16 kHz with
 ``torchaudio.functional.resample`` and stored as 16-bit FLAC (``flac``; lossless for 16-bit sources).
