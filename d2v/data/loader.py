@@ -317,7 +317,13 @@ def build_loader(
     entry = manifest["splits"].get(split)
     shards = split_shards(shard_dir, manifest, split)
     if not shards:
-        raise ValueError(f"{shard_dir}: split {split!r} is empty (0 samples); check the shard params/inputs")
+        hint = "check the shard params/inputs"
+        if split == "pretrain":  # LibriSpeech, class folders: every input has a label or a transcript
+            hint = (
+                f"is every input labelled? then set shard.{modality}.pretrain_from: unlabelled+labelled and "
+                f"re-run `d2v shard {modality}`"
+            )
+        raise ValueError(f"{shard_dir}: split {split!r} is empty (0 samples); {hint}")
     if mode != "pretrain" and "task" not in entry:
         raise ValueError(
             f"split {split!r} has no labels or transcripts; use mode='pretrain' or a labelled split"

@@ -148,6 +148,69 @@ def test_a_tsv_that_is_not_utf8_is_named(tmp_path):
     assert "not UTF-8 (byte 0xe9" in str(e.value) and "as UTF-8" in str(e.value)
 
 
+LIBRI_WORDS = ["HE HOPED THERE WOULD BE STEW FOR DINNER", "IT'S  A TEST", "STUFF IT INTO YOU"]
+
+
+def librispeech_tree(root: Path, speakers: tuple[int, ...] = (19, 26, 32, 39, 40)) -> Path:
+    """LibriSpeech's layout: ``<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` beside
+    ``<speaker>-<chapter>.trans.txt``, 2 transcribed utterances per speaker; plus one untranscribed FLAC
+    and the corpus's top-level SPEAKERS.TXT."""
+    for k, spk in enumerate(speakers):
+        chapter = 198 + k
+        d = _mk(root / "train-clean-100" / str(spk) / str(chapter))
+        lines = []
+        for u in range(2):
+            utt = f"{spk}-{chapter}-{u:04d}"
+            sf.write(d / f"{utt}.flac", tone(0.5, 16000, 200 + 40 * k + 10 * u), 16000)
+            lines.append(f"{utt} {LIBRI_WORDS[(k + u) % len(LIBRI_WORDS)]}")
+        (d / f"{spk}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    sf.write(root / "train-clean-100" / "19" / "198" / "19-198-0099.flac", tone(1.0, 16000, 500), 16000)
+    (root / "SPEAKERS.TXT").write_text(";ID  |SEX| SUBSET | MINUTES | NAME\n19 | F | train-clean-100 | 25\n")
+    return root
+
+
+def test_a_librispeech_tree_gives_transcripts_and_speaker_disjoint_ctc_splits(tmp_path):
+    from d2v.modalities.audio.heads import decode_ids, encode_transcript
+
+    src, raw = librispeech_tree(tmp_path / "LibriSpeech"), tmp_path / "raw"
+    info = prepare_raw("audio", PrepareConfig(source=str(src)), raw, seed=0)
+    assert info["layout"] == "librispeech"
+    assert info["counts"] == {"files": 12, "transcripts": 10, "speakers": 5, "chapters": 5}
+    rows = (raw / "metadata.tsv").read_text().splitlines()
+    assert rows[0] == "path\tlabel\ttranscript\tspeaker"
+    assert "train-clean-100/26/199/26-199-0000.flac\t\tit's a test\t26" in rows  # lower-cased, one space
+    assert not list((raw / "files").rglob("*.trans.txt"))  # read into metadata.tsv, not copied as audio
+    cfg = ShardConfig(samples_per_shard=4, valid=0.2, test=0.2, pretrain_from="unlabelled+labelled")
+    splits = plan_splits(A.scan(raw, cfg), cfg, seed=0)
+    speakers = [{it.group for it in splits[f"ctc_{s}"]} for s in ("train", "valid", "test")]
+    assert [len(s) for s in speakers] == [3, 1, 1]  # 5 speakers: round(0.2 x 5) = 1 each for valid, test
+    assert not (speakers[0] & speakers[1] or speakers[0] & speakers[2] or speakers[1] & speakers[2])
+    for it in splits["ctc_train"] + splits["ctc_valid"] + splits["ctc_test"]:
+        assert decode_ids(encode_transcript(it.transcript)) == it.transcript  # CTC letters, nothing dropped
+    m = shard("audio", cfg, raw, tmp_path / "audio", seed=0)
+    n = {s: e["samples"] for s, e in m["splits"].items()}
+    assert n == {"pretrain": 1 + 6 + 2, "ctc_train": 6, "ctc_valid": 2, "ctc_test": 2}  # + ctc train/valid
+    assert m["tasks"]["ctc"]["alphabet"] == "".join(sorted(set(" ".join(LIBRI_WORDS).lower())))
+    assert m["skipped_counts"] == {"unsupported_format": 1}  # SPEAKERS.TXT
+
+
+def test_an_all_transcribed_tree_says_how_to_pretrain_on_it(tmp_path):
+    src, raw = librispeech_tree(tmp_path / "LibriSpeech"), tmp_path / "raw"
+    (src / "train-clean-100" / "19" / "198" / "19-198-0099.flac").unlink()  # every clip transcribed now
+    prepare_raw("audio", PrepareConfig(source=str(src)), raw, seed=0)
+    shard("audio", ShardConfig(samples_per_shard=4), raw, tmp_path / "audio", seed=0)
+    with pytest.raises(ValueError, match="'pretrain' is empty.*shard.audio.pretrain_from: unlabelled"):
+        build_loader(tmp_path / "audio", "pretrain", TINY, batch_size=2, mode="pretrain", seed=0)
+
+
+def test_a_librispeech_tree_with_a_tsv_as_well_is_explained(tmp_path):
+    src = librispeech_tree(tmp_path / "LibriSpeech")
+    (tmp_path / "meta.tsv").write_text("path\tlabel\n")
+    with pytest.raises(ValueError, match="LibriSpeech tree.*set metadata: null"):
+        prepare_raw("audio", PrepareConfig(source=str(src), metadata=str(tmp_path / "meta.tsv")),
+                    tmp_path / "raw", seed=0)  # fmt: skip
+
+
 def cut_wav_folder(root: Path) -> Path:
     """Three good clips and one WAV cut short of the data size its header declares."""
     for i in range(3):

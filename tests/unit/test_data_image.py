@@ -82,6 +82,41 @@ def test_same_inputs_and_params_give_byte_identical_shards(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8), mode="RGB").save(path, "JPEG")
+
+
+def imagenet_tree(root: Path) -> Path:
+    """ImageNet's layout: ``train/<wnid>/*.JPEG`` (5 per class) and ``val/<wnid>/*.JPEG`` (2 per class), plus
+    a loose val image (no class), an unlabelled ``test/`` image and the synset list."""
+    for c, wnid in enumerate(("n01440764", "n01443537")):
+        for i in range(5):
+            jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG", 10 * c + i)
+        for i in range(2):
+            jpeg(root / "val" / wnid / f"ILSVRC2012_val_{c}{i}.JPEG", 100 + 10 * c + i)
+    jpeg(root / "val" / "ILSVRC2012_val_99.JPEG", 199)
+    jpeg(root / "test" / "ILSVRC2012_test_1.JPEG", 200)
+    (root / "LOC_synset_mapping.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
+    return root
+
+
+def test_an_imagenet_tree_keeps_val_as_the_test_split(tmp_path):
+    out, m = run(tmp_path, imagenet_tree(tmp_path / "imagenet"))
+    assert m["tasks"]["classification"]["labels"] == ["n01440764", "n01443537"]  # wnids, not train / val
+    n = {s: e["samples"] for s, e in m["splits"].items()}
+    assert n["test"] == 4 and n["train"] + n["valid"] == 10 and n["valid"] == 2  # valid: 0.2 of train/
+    assert m["splits"]["test"]["label_counts"] == {"n01440764": 2, "n01443537": 2}
+    assert n["pretrain"] == 1 + 10  # test/ (unlabelled) + train/ without labels; never val/
+    assert m["skipped_counts"] == {"no_label": 1, "unsupported_format": 1}
+    assert {s["input"] for s in m["skipped"]} == {
+        "files/val/ILSVRC2012_val_99.JPEG",
+        "files/LOC_synset_mapping.txt",
+    }
+    verify_shards(out)
+
+
 def test_a_failure_mid_stage_keeps_the_previous_shards(tmp_path, monkeypatch):
     src = user_folder(tmp_path / "src")
     out, before = run(tmp_path, src)

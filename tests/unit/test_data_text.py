@@ -191,6 +191,55 @@ def test_tokenising_in_pieces_gives_the_ids_and_tokenizer_of_the_whole_text(shar
     assert pieced.to_str() == whole.to_str()
 
 
+def corpus(n_docs: int, seed: int = 0) -> str:
+    """Documents of a few lines separated by blank lines (the usual one-file corpus format), non-ASCII too."""
+    rng = np.random.default_rng(seed)
+    docs = ["\n".join(tricky_text(int(rng.integers(5, 20)), seed + 10 * i + j).replace("\n", " ") + " ü€"
+                       for j in range(int(rng.integers(1, 4)))) for i in range(n_docs)]  # fmt: skip
+    return "\n\n".join(docs) + "\n"
+
+
+def test_text_spans_tile_the_file_at_document_line_or_character_boundaries(tmp_path):
+    from d2v.modalities.text.data import text_spans
+
+    path = tmp_path / "c.txt"
+    path.write_text(corpus(60), encoding="utf-8")
+    data = path.read_bytes()
+    spans = list(text_spans(path, 256))
+    assert spans[0][0] == 0 and spans[-1][1] == len(data) and len(spans) > 10
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # consecutive, no gap or overlap
+    assert all(0 < end - start <= 256 for start, end in spans)
+    assert sum(data[end - 2 : end] == b"\n\n" for _, end in spans[:-1]) >= len(spans) // 2  # documents
+    assert all(data[end - 1 : end] == b"\n" for _, end in spans[:-1])  # at least whole lines
+    path.write_text("é" * 300, encoding="utf-8")  # no line end, no space: cut between characters
+    pieces = [path.read_bytes()[a:b].decode("utf-8") for a, b in text_spans(path, 101)]
+    assert "".join(pieces) == "é" * 300 and max(len(p.encode()) for p in pieces) <= 101
+
+
+@pytest.mark.parametrize("one_file", [False, True])
+def test_a_plain_text_corpus_goes_to_pretraining_only_in_bounded_spans(tmp_path, monkeypatch, one_file):
+    from d2v.modalities.text import data as T
+
+    monkeypatch.setattr(T, "SPAN_BYTES", 2048)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "books.txt").write_text(corpus(150), encoding="utf-8")  # ~30 KB: spans
+    if not one_file:
+        for i in range(3):
+            (src / f"wiki_{i}.txt").write_text(corpus(3, seed=100 + i), encoding="utf-8")  # small: whole
+    out, m = run(tmp_path, src / "books.txt" if one_file else src)
+    assert set(m["splits"]) == {"pretrain"} and not m["tasks"]  # no classes: pretraining only
+    scan = T.scan(tmp_path / "raw", ShardConfig())
+    spans = [it for it in scan.unlabelled if it.name.startswith("files/books.txt@")]
+    assert len(spans) >= 10 and len(scan.unlabelled) == len(spans) + (0 if one_file else 3)
+    assert all(it.ref[0] == "span" and it.ref[3] - it.ref[2] <= 2048 for it in spans)
+    whole = (tmp_path / "raw" / "files" / "books.txt").read_bytes()
+    assert b"".join(whole[it.ref[2] : it.ref[3]] for it in sorted(spans, key=lambda it: it.ref[2])) == whole
+    tok = load_tokenizer(out / "tokenizer.json")
+    want = sum(-(-len(T.token_ids(tok, T.read_text(it.ref))) // 22) for it in scan.unlabelled)
+    assert m["splits"]["pretrain"]["samples"] == want  # each span chunked into <= 22 ids + <s> </s>
+
+
 PEAK_SCRIPT = """
 import resource, sys
 from pathlib import Path

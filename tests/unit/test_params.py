@@ -19,6 +19,35 @@ def test_repo_params_are_valid(profile):
     assert check_all(load_params(ROOT / "params.yaml", profile)) == 0
 
 
+PAPER_PROFILES = {"paper-base-v1": "data2vec", "paper-base-v2": "data2vec2"}
+"""The papers' Base recipes (params.yaml comments give their sources and costs)."""
+
+
+def test_the_paper_profiles_are_among_the_checked_ones():
+    assert set(PAPER_PROFILES) <= set(load_params(ROOT / "params.yaml")["profiles"])
+
+
+@pytest.mark.parametrize("profile", sorted(PAPER_PROFILES))
+def test_a_paper_profile_is_the_base_recipe_of_its_algorithm_on_the_users_data(profile):
+    from d2v.config import section
+    from d2v.modalities import MODALITIES, get
+    from d2v.train import PretrainConfig
+
+    params = load_params(ROOT / "params.yaml", profile)
+    for m in MODALITIES:
+        cfg = get(m).model_config(params["model"][m])
+        assert (cfg.preset, cfg.algorithm) == ("base", PAPER_PROFILES[profile])
+        pre = section(params, "pretrain", PretrainConfig, m)
+        assert pre.batch_size % (8 * pre.grad_accum) == 0  # grad_accum is set for one node of 8 GPUs
+        # the user's folder is a top-level key, so `-S prepare.<m>.source=...` is not hidden by the profile
+        assert "source" not in params.own["profiles"][profile].get("prepare", {}).get(m, {})
+    assert (
+        params["shard"]["image"]["image_size"]
+        == get("image").model_config(params["model"]["image"]).image_size
+    )
+    assert params["shard"]["text"]["vocab_size"] == 50265  # RoBERTa's BPE size, the base preset's table
+
+
 @pytest.mark.parametrize(
     "path, value, fragment",
     [

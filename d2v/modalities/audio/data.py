@@ -10,6 +10,9 @@ Default (docs/datasets.md, Speech): ``files/read/`` Lee-corpus sentences read by
 ``files/klettres/`` and ``files/ktuberling/`` (real voices, Debian ``klettres-data`` / ``ktuberling-data``),
 ``files/digits/<voice>/`` spoken digits (label ``0``-``9``, speaker = accent + variant),
 ``files/ctc/<voice>/`` digit strings with word transcripts ("three one four").
+A user's LibriSpeech tree (``<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` beside
+``<speaker>-<chapter>.trans.txt``, any folders above) needs no TSV: ``prepare`` writes ``metadata.tsv`` from
+the transcripts (lower-cased: CTC letters) and the speaker ids (``librispeech_rows``).
 
 Shard: each file is read with soundfile, downmixed to mono, resampled to 16 kHz with
 ``torchaudio.functional.resample`` and stored as 16-bit FLAC (``flac``; lossless for 16-bit sources).
@@ -225,11 +228,60 @@ def write_metadata(path: Path, rows: list[dict[str, str]]) -> None:
         w.writerows(sorted(rows, key=lambda r: r["path"]))
 
 
+TRANS_FILE = re.compile(r"^(\d+)-(\d+)\.trans\.txt$")
+"""A LibriSpeech chapter's transcripts, ``<speaker>-<chapter>.trans.txt``."""
+
+
+def librispeech_rows(src: Path) -> tuple[list[dict[str, str]], list[Path]]:
+    """``(metadata rows, transcript files)`` of the LibriSpeech chapters under ``src``; ([], []) when none.
+
+    Each line ``<speaker>-<chapter>-<utt> TRANSCRIPT`` of a ``<speaker>-<chapter>.trans.txt`` names the audio
+    file ``<speaker>-<chapter>-<utt>.<ext>`` beside it (flac, or wav/ogg after a conversion). The row keeps the
+    transcript lower-cased (LibriSpeech's are upper-case A-Z, apostrophe and spaces: the CTC letters) and the
+    speaker id, so the CTC splits keep speakers disjoint. A line whose audio file is absent still gets a row
+    (with a ``.flac`` path), so ``shard`` lists it as missing.
+    """
+    rows, trans = [], []
+    for t in sorted(src.rglob("*.trans.txt")):
+        rel_dir = t.parent.relative_to(src)
+        m = TRANS_FILE.match(t.name)
+        if not m or any(part.startswith(".") for part in rel_dir.parts):  # copy_source skips hidden ones too
+            continue
+        trans.append(t)
+        for lineno, line in enumerate(t.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            utt, _, words = line.strip().partition(" ")
+            if not utt.startswith(f"{m[1]}-{m[2]}-") or not words.strip():
+                raise ValueError(
+                    f"{t}:{lineno}: expected '<speaker>-<chapter>-<utterance> TRANSCRIPT' for chapter "
+                    f"{m[1]}-{m[2]}, got {line.strip()[:80]!r}"
+                )
+            names = [utt + suffix for suffix in AUDIO_SUFFIXES if (t.parent / (utt + suffix)).exists()]
+            path = (rel_dir / (names[0] if names else f"{utt}.flac")).as_posix()
+            transcript = " ".join(words.lower().split())
+            rows.append({"path": path, "label": "", "transcript": transcript, "speaker": m[1]})
+    return rows, trans
+
+
 def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
     """Materialise the raw audio in ``out_dir`` (see the module docstring for the layout)."""
     files = out_dir / "files"
     if cfg.source != "default":
         src = cfg.source_path("a folder of .wav/.flac/.ogg files")
+        rows, trans = librispeech_rows(src) if src.is_dir() else ([], [])
+        if trans:
+            if cfg.metadata is not None:
+                raise ValueError(
+                    f"prepare.audio.metadata: {cfg.source!r} is a LibriSpeech tree, whose *.trans.txt files "
+                    "give the transcripts and speakers; set metadata: null (or move the .trans.txt files away "
+                    "to use your TSV)"
+                )
+            write_metadata(out_dir / "metadata.tsv", rows)
+            n = copy_source(src, files, exclude=tuple(trans))
+            speakers = len({r["speaker"] for r in rows})
+            counts = {"files": n, "transcripts": len(rows), "speakers": speakers, "chapters": len(trans)}
+            return {"source": cfg.source, "layout": "librispeech", "counts": counts}
         meta = None
         if cfg.metadata is not None:
             meta = Path(cfg.metadata).expanduser()

@@ -4,7 +4,10 @@ Raw layout written by ``prepare`` under ``<paths.raw>/image/`` (and read by ``sh
 - ``fashion-mnist/{train,test}-{images,labels}.npy`` + ``classes.json``: the embedded default, from the IDX
   files of Debian ``dataset-fashion-mnist`` (uint8 [N, 28, 28] / [N]); test = the t10k set.
 - ``files/``: a copy of the user's folder. Images in sub-folders are labelled with the sub-folder name
-  (ImageFolder layout, classes in sorted order); images at the top level are unlabelled.
+  (ImageFolder layout, classes in sorted order); images at the top level are unlabelled. A folder with both
+  ``train/`` and ``val/`` (ImageNet's ``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``) keeps that split:
+  ``train/<class>/`` is the labelled pool (``valid`` carved from it), ``val/<class>/`` the test split; other
+  images are unlabelled, except loose ones in ``val/`` (no class: skipped, never pretrained on).
 
 Shards (``d2v/data/shards.py``): field ``png`` (grey 'L' or 'RGB', resized to ``image_size``: shorter side
 bicubic, then centre crop) and ``cls`` in labelled splits. Splits: ``pretrain`` (labels dropped), ``train``,
@@ -174,7 +177,9 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
         )
     files = raw_dir / "files"
     if files.is_dir():
-        labelled = []
+        labelled, held_out = [], []
+        # ImageNet-style train/ + val/: keep the source's split (val/ is the test set) rather than re-split
+        split_dirs = (files / "train").is_dir() and (files / "val").is_dir()
         for path in sorted(p for p in files.rglob("*") if p.is_file()):
             rel = path.relative_to(raw_dir).as_posix()
             if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -188,14 +193,28 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
                 continue
             parts = path.relative_to(files).parts
             ref = ("file", str(path.resolve()))
-            if len(parts) == 1:
-                out.unlabelled.append(Item(rel, ref))
+            if not split_dirs:
+                if len(parts) == 1:
+                    out.unlabelled.append(Item(rel, ref))
+                else:
+                    labelled.append(Item(rel, ref, label=parts[0]))
+            elif parts[0] in ("train", "val") and len(parts) > 2:
+                (labelled if parts[0] == "train" else held_out).append(Item(rel, ref, label=parts[1]))
+            elif parts[0] == "val":
+                out.skipped.append(
+                    Skip(rel, "no_label", "an image directly in val/ has no class (move it to val/<class>/)")
+                )
             else:
-                labelled.append(Item(rel, ref, label=parts[0]))
+                out.unlabelled.append(Item(rel, ref))
         if labelled:
             if "classification" in out.tasks:
                 raise ValueError(f"{raw_dir}: both Fashion-MNIST and a labelled user folder; keep one")
-            out.tasks["classification"] = Task(labelled, "label")
+            out.tasks["classification"] = Task(labelled, "label", test_items=held_out or None)
+        elif held_out:
+            raise ValueError(
+                f"{files}: val/ has class folders but train/ has none; put the labelled training images in "
+                "train/<class>/"
+            )
     if not fm.is_dir() and not files.is_dir():
         raise FileNotFoundError(f"{raw_dir}: no 'fashion-mnist/' or 'files/'; run `d2v prepare image`")
     return out

@@ -4,7 +4,9 @@ tokenizer, token-id shard samples, and collate with the text masking.
 Raw layout under ``<paths.raw>/text/files/`` (the default data is written in the same layout as a user's):
 - ``*.jsonl`` anywhere: one JSON object per line with ``"text"`` and an optional ``"label"``
   (labelled records form the classification pool, the others are unlabelled);
-- ``*.txt`` at the top level: one unlabelled document per file;
+- ``*.txt`` at the top level: one unlabelled document per file; a larger file than ``SPAN_BYTES`` (a corpus in
+  one file, documents separated by blank lines) is read as consecutive spans of whole documents or lines
+  (items ``<file>@<start>-<end>``, byte offsets), so neither ``scan`` nor ``encode`` holds the whole file;
 - ``<class>/**.txt``: one labelled document per file, class = the top-level sub-folder (sorted order).
 Default: ``wikipedia.jsonl`` (106 articles, wiki markup stripped, redirects skipped), ``lee.jsonl`` (300 news
 documents) and ``business/ entertainment/ politics/ sports/ tech/`` (BBC News, read in sorted order).
@@ -63,6 +65,12 @@ PIECE_CHARS = 1 << 16
 """Documents are tokenised (and the tokenizer trained) in pieces of at most this many characters: the
 tokenizers library holds ~100 bytes per character of one input (alignments, offsets, token strings) in each
 of training and encoding, so a 5 MB single-line file peaked at 1.3-1.9 GB when tokenised whole."""
+
+SPAN_BYTES = 1 << 20
+"""An unlabelled top-level ``.txt`` larger than this is read in spans of at most this many bytes (``text_spans``):
+memory per item stays bounded (read whole, a file's bytes, text, int64 ids and encoded chunks are all held at
+once: several times its size). A span ends at a document (blank line) or line end, so only the last
+pretraining chunk of each span is short."""
 
 __all__ = ["PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "to_text", "inference_inputs"]
 
@@ -228,10 +236,16 @@ def _parse_record(line: bytes) -> tuple[str, str | None]:
 
 
 def read_text(ref: tuple) -> str:
-    """The text behind a ref: ``("file", path)`` or ``("jsonl", path, byte offset)``."""
-    if ref[0] == "file":
+    """The text behind a ref: ``("file", path)``, ``("span", path, start, end)`` (bytes [start, end)) or
+    ``("jsonl", path, byte offset)``."""
+    if ref[0] in ("file", "span"):
         try:
-            raw = Path(ref[1]).read_bytes()
+            if ref[0] == "file":
+                raw = Path(ref[1]).read_bytes()
+            else:
+                with open(ref[1], "rb") as f:
+                    f.seek(ref[2])
+                    raw = f.read(ref[3] - ref[2])
         except OSError as e:
             raise BadInput("unreadable", f"cannot read ({e})") from None
         return _decode_text(raw)
@@ -274,6 +288,14 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
             continue
         if path.suffix.lower() == ".txt":
             label = parts[0] if len(parts) > 1 else None
+            if label is None and path.stat().st_size > SPAN_BYTES:  # a corpus in one file: bounded spans
+                for start, end in text_spans(path, SPAN_BYTES):
+                    ref = ("span", str(path.resolve()), start, end)
+                    try:
+                        add(Item(f"{rel}@{start}-{end}", ref), read_text(ref))
+                    except BadInput as e:
+                        out.skipped.append(Skip(f"{rel}@{start}-{end}", e.kind, e.reason))
+                continue
             try:
                 text = read_text(("file", str(path)))
             except BadInput as e:
@@ -296,6 +318,34 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
         out.tasks["classification"] = Task(labelled, "label")
     out.info = {"duplicates_removed": dups}
     return out
+
+
+def text_spans(path: Path, size: int = SPAN_BYTES) -> Iterator[tuple[int, int]]:
+    """Byte ranges ``[start, end)`` that tile the file at ``path``, each at most ``size`` bytes, read a range
+    at a time. A range ends after its last blank line (a document boundary in the usual one-file corpus
+    format) if that lies in its second half, else after its last line end, else before its last space, else
+    before a UTF-8 continuation byte, so no character is ever cut."""
+    total, start = path.stat().st_size, 0
+    with open(path, "rb") as f:
+        while total - start > size:
+            f.seek(start)
+            buf = f.read(size + 1)  # one byte past the range: is the byte after a cut a continuation?
+            head = buf[:size]
+            newline, space = head.rfind(b"\n"), head.rfind(b" ")
+            blank = max(head.rfind(b"\n\n") + 2, head.rfind(b"\n\r\n") + 3)  # 2 when there is none
+            if blank > max(size // 2, 2):
+                cut = blank
+            elif newline >= 0:
+                cut = newline + 1
+            elif space > 0:
+                cut = space  # before it: GPT-2's pre-tokens carry their leading space
+            else:
+                cut = size
+                while cut > 1 and 0x80 <= buf[cut] < 0xC0:
+                    cut -= 1
+            yield start, start + cut
+            start += cut
+    yield start, total
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
