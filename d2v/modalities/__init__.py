@@ -1,23 +1,10 @@
 """The three modalities. Everything that differs between speech, images and text lives below this folder.
 
-Each ``d2v/modalities/<m>/`` package exports the same names (a plain module, no registry magic):
-
-model side (``model.py``, ``masking.py``)
-  ``ModelConfig``            frozen dataclass of the ``model.<m>`` params section (``preset`` + overrides)
-  ``build_encoder(cfg)``     -> ``Encoder`` subclass (see ``base.py``), seeded init
-  ``build_pretrain_model(cfg)`` -> ``d2v.model.Data2Vec`` (encoder + regression head + EMA teacher)
-  ``make_mask(...)``         the modality's masking strategy (pure, takes a ``torch.Generator``)
-
-checkpoint interchange (``hf.py``)
-  ``HF_MODEL_TYPE``          transformers' ``model_type`` ("data2vec-audio" ...)
-  ``config_from_hf(d)``      -> ModelConfig from a config.json dict (values read from it, never defaults)
-  ``state_dict_from_hf(sd, cfg)`` -> encoder state dict;  ``to_hf(encoder)`` -> (config dict, state dict)
-  ``processor_from_hf(folder, cfg)`` -> ``embed`` preprocessing from the folder's processor files
-
-data side (``data.py``)
-  ``PrepareConfig``, ``prepare(...)``, ``encode``/``decode`` of shard samples, ``collate(...)``
-  ``inference_inputs(items, prep, files_dir)`` raw ``embed`` items as at shard time; ``STRING_ITEMS``: whether
-  a ``str`` item is content (text) rather than a file path
+Each modality is the package ``d2v/modalities/<m>/`` (model side: configs, encoder, masking, heads, Hugging
+Face interchange; ``get(m)`` below) and its ``data.py`` (data side: prepare, shard, decode, collate; loaded
+alone by the data stages). Plain modules, no registry. The names the shared code uses from them, with shapes,
+are the contract in ``contract.py`` (``ModalityModel``, ``ModalityData``) and ``base.py`` (``Encoder``);
+``tests/unit/test_modality_contract.py`` checks every modality against it.
 """
 
 from __future__ import annotations

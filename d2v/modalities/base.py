@@ -1,13 +1,12 @@
-"""What every modality provides: the contract between ``d2v/modalities/<m>/`` and the shared code.
+"""The encoder half of the modality contract (the whole contract: ``d2v.modalities.contract``).
 
-Shape legend: B batch, N raw input length (samples / pixels / tokens), T tokens, D width, K top-K layers.
+Shape legend: B batch, N raw input length (samples / pixels / tokens), T tokens, P prefix tokens
+(``num_prefix_tokens``), D width, K top-K layers.
 
-The data2vec recipe is modality-blind (``d2v/model.py``); a modality supplies
-- an :class:`Encoder`: ``local_features`` (local feature encoder: conv stack / patches / token embeddings),
-  ``apply_mask`` (how the student sees masked tokens), ``contextualize`` (positions + block stack + norms);
-- ``make_mask``: its masking strategy (span / block / token), a pure function run in the data loader;
-- ``normalize_layer`` / ``normalize_target``: its target normalisation (§1.5);
-- ``make_head``: the regression head (§1.8); and its loss settings in its config (§1.7).
+The data2vec recipe is modality-blind (``d2v/model.py``); a modality supplies an :class:`Encoder` subclass
+(local feature encoder, how the student sees masked tokens, positions + block stack + norms), its
+masking strategy (run by its ``collate`` in the data loader), its regression head (§1.8) and its target and
+loss settings as a :class:`Data2VecTargets` in its config (§1.4-1.7).
 """
 
 from __future__ import annotations
@@ -53,49 +52,76 @@ class Data2VecTargets:
 
 
 class EncoderOutput(NamedTuple):
+    """What :meth:`Encoder.contextualize` returns; every tensor has the P prefix tokens first."""
+
     x_BTD: Tensor
-    """Last layer output, per token (prefix tokens such as CLS included), after the modality's final norm."""
+    """Last layer output [B, P+T, D] (prefix tokens such as CLS included), after the modality's final norm."""
     padding_BT: Tensor | None
-    """True at padding, at the token rate (None when there is none)."""
+    """[B, P+T] bool, True at padding, at the token rate (None when there is none)."""
     layers: list[Tensor]
-    """Per-block target taps, [B, T, D] each (prefix tokens included); empty unless asked for."""
+    """Per-block target taps, [B, P+T, D] each, one per block that ran (``depth`` of them in eval mode;
+    fewer in training when LayerDrop skips blocks); empty unless a ``tap`` was asked for."""
 
 
 class Encoder(nn.Module):
-    """Base class of the three modality encoders.
+    """Base class of the modality encoders; what the shared code relies on from a subclass.
 
-    Subclasses set ``modality`` and implement ``local_features``, ``add_positions``, ``encode_tokens`` and
-    ``check_inputs``. ``contextualize`` = ``encode_tokens(add_positions(x))``; the split lets data2vec 2.0
-    (and anything else that runs the encoder on a subset of tokens) add positions on the whole sequence,
-    keep some tokens, and run the blocks on those only. ``features`` is the user-facing call (and the one
-    compared with transformers' ``last_hidden_state``).
+    A subclass (built by its package's ``build_encoder(cfg)``) sets the class attributes ``modality``,
+    ``num_prefix_tokens``, ``local_modules`` and ``shared_with_teacher``, the instance attributes ``config``
+    and ``transformer``, and implements ``check_inputs``, ``local_features``, ``add_positions`` and
+    ``encode_tokens`` (and ``apply_mask`` when the default, which needs a ``mask_emb`` parameter [D], does
+    not fit). The step is ``features = contextualize(local_features(inputs))`` with ``contextualize =
+    encode_tokens(add_positions(x))``: ``d2v.model.Data2Vec`` and the fine-tuning heads call the halves
+    separately, masking in between; ``d2v.model2.Data2Vec2`` adds positions on the whole sequence, keeps
+    the unmasked tokens and runs ``encode_tokens`` on those only. Its Transformer blocks are a
+    ``d2v.transformer.TransformerStack`` (parameter names ``...blocks.<i>.``: layer-wise LR decay,
+    ``d2v.heads.layer_id``, finds them by name). The teacher is a ``copy.deepcopy`` of the student.
+
+    ``features`` is the user-facing call (and the one compared with transformers' ``last_hidden_state``).
     """
 
     modality: ClassVar[str]
+    """The modality's name in ``d2v.modalities.MODALITIES``: ``d2v.modalities.get(encoder.modality)`` is
+    its package (HF export), and checkpoints record it."""
     num_prefix_tokens: ClassVar[int] = 0
-    """Tokens prepended by ``contextualize`` (vision's CLS); dropped before targets and the loss."""
+    """P, the tokens ``contextualize`` prepends (vision's CLS); masks, targets, the loss and pooling skip them."""
     local_modules: ClassVar[tuple[str, ...]] = ()
-    """Parameter-name prefixes used by ``local_features`` (the local encoder)."""
+    """Parameter-name prefixes of the modules ``local_features`` uses (the local encoder). Unless
+    ``config.targets.ema_local_encoder``, the teacher reuses the student's local features, so its copy of
+    these is never read and never averaged."""
     shared_with_teacher: ClassVar[tuple[str, ...]] = ()
     """Parameter-name prefixes of ``contextualize`` that the teacher copies instead of averaging (§1.3)."""
 
     config: Any
+    """The modality's ``ModelConfig`` this encoder was built from (``build_encoder(encoder.config)`` rebuilds
+    the same module tree): checkpoints store it, the loader and ``embed`` preprocess with it."""
     transformer: TransformerConfig
+    """``config.transformer``: ``depth`` bounds ``targets.top_k`` and numbers the layers, ``dim`` is D."""
     preprocessing: Any = None
     """Raw items -> batch, for ``embed``; set by ``d2v.load_encoder`` (``d2v.preprocessing``)."""
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
-        """Raise ValueError naming the problem and the expected form."""
+        """Raise ValueError naming the problem and the expected form (shape, dtype, value range, padding)
+        for inputs ``features`` cannot take; it may read values on the host (run by ``features`` and
+        ``predict``, never in the training step)."""
         raise NotImplementedError
 
     def local_features(
         self, inputs: Tensor, padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Local feature encoder: raw input -> ``(x_BTD, padding_BT)`` (no positions for audio/vision)."""
+        """Local feature encoder (conv stack / patches / token embeddings): ``inputs`` as ``collate`` makes
+        them ([B, N] or [B, C, H, W]) and their padding [B, N] -> ``(x_BTD, padding_BT)`` at the token rate
+        T of the masks, no prefix tokens yet (padding None when ``padding_mask`` is None).
+
+        A padded row gives, at its valid tokens, the features of the same row unpadded (fp32 rounding):
+        padding never leaks in here. No checks on the host: the training step calls it directly.
+        """
         raise NotImplementedError
 
     def apply_mask(self, x_BTD: Tensor, mask_BT: Tensor) -> Tensor:
-        """The student's view: masked tokens replaced by the learned mask embedding (v1)."""
+        """The student's view of local features [B, T, D] under ``mask_BT`` [B, T] (True = masked): masked
+        tokens replaced by the learned mask embedding (v1). A modality that masks in input space (text:
+        ``batch["student_inputs"]``) raises ValueError instead."""
         return torch.where(mask_BT[..., None], self.mask_emb.to(x_BTD.dtype), x_BTD)
 
     def add_positions(self, x_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:
@@ -125,11 +151,19 @@ class Encoder(nn.Module):
         tap: Tap | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
-        """Positions + Transformer blocks (+ final norm) on embedded tokens: every token."""
+        """Positions + Transformer blocks (+ final norm) on local features [B, T, D], every token:
+        ``encode_tokens(add_positions(x))``, an :class:`EncoderOutput` over P+T tokens; ``tap`` ('ffn' /
+        'block') collects each block's target tap, ``generator`` draws LayerDrop in training.
+
+        Valid tokens never attend to padding. Positional modules may still carry padding into valid tokens
+        (speech's stacked positional convs, as in fairseq and transformers), so a padded row's output can
+        differ from the row alone. Deterministic in eval mode (the teacher's mode).
+        """
         return self.encode_tokens(self.add_positions(x_BTD, padding_BT), padding_BT, tap, generator)
 
     def features(self, inputs: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``(hidden_BTD, padding_BT)``: the last layer's per-token output and its padding (None if none)."""
+        """``(hidden_BTD, padding_BT)``: the last layer's output [B, P+T, D] and its padding [B, P+T]
+        (None if none), after ``check_inputs``."""
         self.check_inputs(inputs, padding_mask)
         x, pad = self.local_features(inputs, padding_mask)
         out = self.contextualize(x, pad)

@@ -1,4 +1,7 @@
-"""Images: data2vec 1.0 vision, the BEiT-style ViT of [DV] (HF ``Data2VecVision``)."""
+"""Images: data2vec 1.0 vision, the BEiT-style ViT of [DV] (HF ``Data2VecVision``).
+
+Implements the modality contract (``d2v.modalities.contract``).
+"""
 
 from d2v.heads import HeadConfig
 from d2v.modalities.image.data import PrepareConfig, ShardConfig, inference_inputs

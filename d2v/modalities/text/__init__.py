@@ -1,4 +1,7 @@
-"""Text modality: post-LN RoBERTa encoder (data2vec 1.0 text, HF ``Data2VecText``), masking, HF I/O."""
+"""Text modality: post-LN RoBERTa encoder (data2vec 1.0 text, HF ``Data2VecText``), masking, HF I/O.
+
+Implements the modality contract (``d2v.modalities.contract``).
+"""
 
 from d2v.heads import HeadConfig
 from d2v.modalities.text.data import SPECIALS, PrepareConfig, ShardConfig, inference_inputs, load_tokenizer
