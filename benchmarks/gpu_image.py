@@ -1,0 +1,185 @@
+"""The ``base`` image preset on one GPU, bf16: step throughput, FLOPs, share of the measured bf16 matmul
+peak and memory for data2vec and data2vec 2.0, and how long the real shard loader keeps the GPU waiting.
+
+    python benchmarks/gpu_image.py [--steps 20] [--images 2048] [--workers 8] [--json out.json]
+
+Per algorithm, at the papers' per-GPU batch (data2vec [DV]: 128 images; data2vec 2.0 [FS]: 16 images x 16
+masks): the pretraining step (student and EMA teacher forward, backward, clipping, AdamW, EMA) under bf16
+autocast with the teacher, targets, loss and EMA in fp32, as ``d2v pretrain`` runs on CUDA. FLOPs per step
+come from ``torch.utils.flop_counter`` (teacher included); the peak is a bf16 8192^3 matmul timed in the
+same run. The loader: ``--images`` random smooth 224 px PNGs are prepared and sharded by d2v's own
+``prepare`` / ``shard`` code, then the same steps run once on a fixed batch and once fed by
+``build_loader`` (``--workers`` workers); the extra time is the GPU waiting for data. A wall-clock
+measurement of one machine: the figures go to ``benchmarks/RESULTS.md`` with the device and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from d2v.config import from_dict
+from d2v.data import build_loader, data_module, prepare_raw, shard
+from d2v.loop import to_device
+from d2v.modalities import get
+from d2v.model import ema_decay
+from d2v.optim import OptimConfig, build_optimizer
+from d2v.runner import compile_blocks
+
+BATCH = {"data2vec": 128, "data2vec2": 16}
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of the script
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+    if DEV.type == "cpu":
+        n, reps = 512, 3
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def step_fn(model, opt):
+    params = [p for p in model.parameters() if p.requires_grad]
+    count = [0]
+
+    def step(batch) -> torch.Tensor:
+        with torch.autocast(DEV.type, torch.bfloat16):
+            loss, _ = model(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        count[0] += 1
+        model.ema_step(ema_decay(count[0], model.ema))
+        return loss
+
+    return step
+
+
+def timed(step, batches, n: int) -> float:
+    """Seconds per step over ``n`` steps after 3 warm-up steps (batches: an iterator)."""
+    for _ in range(3):
+        step(to_device(next(batches), DEV))
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step(to_device(next(batches), DEV))
+    sync()
+    return (time.perf_counter() - t) / n
+
+
+def make_shards(root: Path, n: int, workers: int, size: int) -> Path:
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):  # smooth images: realistic PNG sizes, unlike white noise
+        small = rng.integers(0, 256, (14, 14, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BILINEAR).save(src / f"{i:05d}.png")
+    data = data_module("image")
+    prepare_raw(
+        "image", from_dict(data.PrepareConfig, {"source": str(src)}, "prepare.image"), root / "raw", 0
+    )
+    cfg = from_dict(data.ShardConfig, {"image_size": size, "samples_per_shard": 128, "workers": workers}, "s")
+    shard("image", cfg, root / "raw", root / "shards", seed=0)
+    return root / "shards"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--images", type=int, default=4096)
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--algorithms", nargs="+", default=list(BATCH), choices=list(BATCH))
+    ap.add_argument("--batch", type=int, default=None, help="images per step (default: the papers' per GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every Transformer block")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = statistics.median(matmul_peak() for _ in range(3))
+    name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu"
+    print(f"{name}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
+    results = {"device": name, "preset": args.preset, "bf16_peak_tflops": peak / 1e12, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        size = get("image").model_config({"preset": args.preset}).image_size
+        shards = make_shards(Path(tmp), args.images, args.workers, size)
+        print(f"sharded {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
+        mod = get("image")
+        for alg in args.algorithms:
+            B = args.batch or BATCH[alg]
+            cfg = mod.model_config({"preset": args.preset, "algorithm": alg})
+            torch.manual_seed(0)
+            model = mod.build_pretrain_model(cfg).to(DEV).train()
+            if args.compile:
+                compile_blocks(model)
+            opt = build_optimizer(
+                model, OptimConfig(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+            )
+            step = step_fn(model, opt)
+
+            def loader(epoch: int, B=B, cfg=cfg):
+                return build_loader(shards, "pretrain", cfg, batch_size=B, mode="pretrain", seed=0,
+                                    num_workers=args.workers, epoch=epoch)  # fmt: skip
+
+            def endless():
+                epoch = 0
+                while True:
+                    yield from loader(epoch)
+                    epoch += 1
+
+            fixed = next(iter(loader(0)))
+            with FlopCounterMode(display=False) as fc:
+                step(to_device(fixed, DEV))
+            flops = fc.get_total_flops()
+            if DEV.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            s_fixed = timed(step, itertools.repeat(fixed), args.steps)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else float("nan")
+            s_loader = timed(step, endless(), args.steps)
+            r = {
+                "batch_images": B,
+                "clones": cfg.v2.clones if alg == "data2vec2" else 1,
+                "step_s": s_fixed,
+                "images_per_s": B / s_fixed,
+                "tflop_per_step": flops / 1e12,
+                "fraction_of_bf16_peak": flops / s_fixed / peak,
+                "peak_memory_gib": mem,
+                "step_s_with_loader": s_loader,
+                "loader_wait_fraction": max(0.0, (s_loader - s_fixed) / s_loader),
+            }
+            results["runs"][f"{alg}-b{B}" + ("-compiled" if args.compile else "")] = r
+            print(f"{alg:9s} {B:4d} img/step  {r['images_per_s']:8.1f} img/s  {r['tflop_per_step']:.2f} TFLOP/step  "
+                  f"{100 * r['fraction_of_bf16_peak']:.1f} % of peak  {mem:.1f} GiB  "
+                  f"loader wait {100 * r['loader_wait_fraction']:.1f} %", flush=True)  # fmt: skip
+            del model, opt, step
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
