@@ -92,7 +92,8 @@ class ModalityModel(Protocol):
 
         ``model(batch) -> (loss, metrics)`` on a ``collate(..., mode="pretrain")`` batch: ``loss`` a finite
         scalar, ``metrics`` detached scalars ``loss``, ``target_var``, ``pred_var``, ``masked_frac``.
-        Draws from the global torch RNG, as :meth:`build_encoder` does.
+        Draws from the global torch RNG, the student first: from the same RNG state its weights are those of
+        ``build_encoder(cfg)``, so one seed gives every rank the same model.
         """
         ...
 
@@ -125,9 +126,9 @@ class ModalityModel(Protocol):
     def to_hf(self, encoder: Encoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """``(config.json dict, state dict)`` that transformers' ``Data2Vec<M>Model.from_pretrained``
         loads. The dict is JSON-ready, its ``model_type`` is :attr:`HF_MODEL_TYPE`, and
-        ``config_from_hf`` + ``state_dict_from_hf`` of the pair rebuild an encoder with the same
-        ``features`` (up to float rounding: a tensor HF has no slot for is dropped only when it cannot change
-        the output, e.g. vision's key bias)."""
+        ``config_from_hf`` + ``state_dict_from_hf`` of the pair rebuild an encoder whose ``to_hf`` is the
+        same pair bit for bit and whose ``features`` are the same up to float rounding (a tensor HF has no
+        slot for is dropped only when it cannot change the output, e.g. vision's key bias)."""
         ...
 
 
