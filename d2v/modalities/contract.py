@@ -98,13 +98,13 @@ class ModalityModel(Protocol):
         ...
 
     def build_finetune_model(
-        self, encoder: Encoder, task: Task, num_classes: int | None, cfg: HeadConfig | None = None, /
+        self, encoder: Encoder, task: Task, num_classes: int | None, cfg: HeadConfig | None = None
     ) -> FinetuneModel:
         """The ``For<Task>`` model (``d2v.heads.FinetuneModel``) around ``encoder`` for ``task``
         ('classification': ``num_classes`` >= 2; speech also 'ctc': None or its letter count).
 
         ``cfg`` None: the modality's default head. The head is random (seed the global RNG first); the
-        encoder may be changed in place (vision moves to per-block relative position tables). ValueError for
+        encoder may be changed in place (vision: BEiT's fine-tuning surgery, ``prepare_for_finetuning``). ValueError for
         a task the modality has no head for or an encoder of another modality.
         """
         ...
@@ -234,7 +234,7 @@ class ModalityData(Protocol):
         ...
 
     def inference_inputs(
-        self, items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None, /
+        self, items: list[Any], /, prep: dict[str, Any], shard_dir: Path | None = None
     ) -> list[Tensor]:
         """Raw items (audio / image file paths, text strings) as ``decode`` would return them, preprocessed
         exactly as at shard time, for ``transform`` (eval) + ``collate`` in ``Encoder.embed``. ``shard_dir``
