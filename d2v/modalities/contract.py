@@ -92,18 +92,19 @@ class ModalityModel(Protocol):
 
         ``model(batch) -> (loss, metrics)`` on a ``collate(..., mode="pretrain")`` batch: ``loss`` a finite
         scalar, ``metrics`` detached scalars ``loss``, ``target_var``, ``pred_var``, ``masked_frac``.
-        Draws from the global torch RNG, as :meth:`build_encoder` does.
+        Draws from the global torch RNG, the student first: from the same RNG state its weights are those of
+        ``build_encoder(cfg)``, so one seed gives every rank the same model.
         """
         ...
 
     def build_finetune_model(
-        self, encoder: Encoder, task: Task, num_classes: int | None, cfg: HeadConfig | None = None, /
+        self, encoder: Encoder, task: Task, num_classes: int | None, cfg: HeadConfig | None = None
     ) -> FinetuneModel:
         """The ``For<Task>`` model (``d2v.heads.FinetuneModel``) around ``encoder`` for ``task``
         ('classification': ``num_classes`` >= 2; speech also 'ctc': None or its letter count).
 
         ``cfg`` None: the modality's default head. The head is random (seed the global RNG first); the
-        encoder may be changed in place (vision moves to per-block relative position tables). ValueError for
+        encoder may be changed in place (vision: BEiT's fine-tuning surgery, ``prepare_for_finetuning``). ValueError for
         a task the modality has no head for or an encoder of another modality.
         """
         ...
@@ -125,9 +126,9 @@ class ModalityModel(Protocol):
     def to_hf(self, encoder: Encoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """``(config.json dict, state dict)`` that transformers' ``Data2Vec<M>Model.from_pretrained``
         loads. The dict is JSON-ready, its ``model_type`` is :attr:`HF_MODEL_TYPE`, and
-        ``config_from_hf`` + ``state_dict_from_hf`` of the pair rebuild an encoder with the same
-        ``features`` (up to float rounding: a tensor HF has no slot for is dropped only when it cannot change
-        the output, e.g. vision's key bias)."""
+        ``config_from_hf`` + ``state_dict_from_hf`` of the pair rebuild an encoder whose ``to_hf`` is the
+        same pair bit for bit and whose ``features`` are the same up to float rounding (a tensor HF has no
+        slot for is dropped only when it cannot change the output, e.g. vision's key bias)."""
         ...
 
 
@@ -233,7 +234,7 @@ class ModalityData(Protocol):
         ...
 
     def inference_inputs(
-        self, items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None, /
+        self, items: list[Any], /, prep: dict[str, Any], shard_dir: Path | None = None
     ) -> list[Tensor]:
         """Raw items (audio / image file paths, text strings) as ``decode`` would return them, preprocessed
         exactly as at shard time, for ``transform`` (eval) + ``collate`` in ``Encoder.embed``. ``shard_dir``

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import d2v.hf  # noqa: E402
 import d2v.load  # noqa: E402
-from d2v.modalities.audio import config_from_hf, state_dict_from_hf, to_hf  # noqa: E402
+from d2v.modalities.audio import config_from_hf  # noqa: E402
 from d2v.modalities.audio.frames import normalize_waveform  # noqa: E402
 from d2v.modalities.base import Encoder  # noqa: E402
 
@@ -92,17 +92,7 @@ def test_export_loads_in_transformers(tmp_path):
     assert not any(info.values()), info  # no missing / unexpected / mismatched keys
     wav, pad = _batch()
     torch.testing.assert_close(_hf_hidden(back.eval(), wav, pad), _ours(enc, wav, pad), **TOL)
-    # round trip of our side: same config, same tensors
-    hf_cfg, sd = to_hf(enc)
-    cfg2 = config_from_hf(hf_cfg)
-    assert (cfg2.transformer, cfg2.conv_dim, cfg2.pos_conv_groups) == (
-        enc.config.transformer,
-        enc.config.conv_dim,
-        enc.config.pos_conv_groups,
-    )
-    sd2 = state_dict_from_hf(sd, cfg2)
-    assert sd2.keys() == enc.state_dict().keys()
-    assert all(torch.equal(sd2[k], v) for k, v in enc.state_dict().items())
+    # d2v's own round trip (to_hf -> config_from_hf + state_dict_from_hf) is in test_modality_contract.py
 
 
 def test_missing_masked_spec_embed_keeps_an_init(tmp_path):
