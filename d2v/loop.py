@@ -149,6 +149,64 @@ def batch_size(batch: dict[str, Any]) -> int:
     return len(batch["inputs"])
 
 
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), so that oneDNN's bf16
+    kernels beat fp32; without it bf16 is emulated and slower."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``, None for fp32.
+
+    'bf16' autocasts on CUDA; the CPU runs fp32. Autocast only lowers the matmuls/convs: weights, optimizer
+    state, the EMA teacher's weights, the targets and the loss stay fp32 (``d2v.model`` computes them so).
+    """
+    if precision == "bf16" and device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterator[dict[str, Any]],
+    sums: dict[str, Tensor],
+    *,
+    params: list[Tensor],
+    grad_accum: int,
+    clip_norm: float | None,
+    device: torch.device,
+    amp: torch.dtype | None,
+    grad_norm: bool,
+) -> int:
+    """One optimizer update: ``grad_accum`` forward/backward micro-steps, clipping, AdamW, LR schedule.
+
+    Adds the metrics (detached tensors, no host sync) into ``sums``, and the gradient norm as
+    ``sums["grad_norm"]`` when clipping or when ``grad_norm`` asks for it; returns the samples seen.
+    """
+    n = 0
+    for micro in range(grad_accum):
+        batch = to_device(next(batches), device)
+        with (
+            distributed.grad_sync(model, micro == grad_accum - 1),
+            torch.autocast(device.type, amp or torch.bfloat16, enabled=amp is not None),
+        ):
+            loss, metrics = model(batch)
+            (loss / grad_accum).backward()
+        for k, v in metrics.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+        n += batch_size(batch)
+    if clip_norm is not None:
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+    elif grad_norm:
+        sums["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return n
+
+
 def run(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -175,7 +233,7 @@ def run(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    amp = cfg.precision == "bf16" and device.type == "cuda"  # CPU: fp32 (bf16 autocast is slow there)
+    amp = autocast_dtype(cfg.precision, device)
     sums: dict[str, Tensor] = {}
     extra: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -190,27 +248,13 @@ def run(
     )
     for step in range(start_step, cfg.steps):
         reseed(step_seed(seed, step, rank))
-        for micro in range(cfg.grad_accum):
-            batch = to_device(next(batches), device)
-            with (
-                distributed.grad_sync(model, micro == cfg.grad_accum - 1),
-                torch.autocast(device.type, torch.bfloat16, enabled=amp),
-            ):
-                loss, metrics = model(batch)
-                (loss / cfg.grad_accum).backward()
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-            n_samples += batch_size(batch) * world_size
         done = step + 1
         logging = done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps
-        if clip_norm is not None:
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-        elif logging:
-            sums["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         lr = max(g["lr"] for g in opt.param_groups)  # the LR of this step (a Python float: no sync)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        n_samples += train_step(
+            model, opt, sched, batches, sums, params=params, grad_accum=cfg.grad_accum, clip_norm=clip_norm,
+            device=device, amp=amp, grad_norm=logging,
+        ) * world_size  # fmt: skip
         if after_step is not None:
             extra = after_step(done)
         n_steps += 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
@@ -192,7 +193,13 @@ def model_config(d: dict[str, Any] | None, where: str = "model.audio") -> ModelC
 
 
 class ConvLayer(nn.Module):
-    """Conv1d (no bias) -> LayerNorm over channels (affine) -> GELU ([FS] ``extractor_mode: layer_norm``)."""
+    """Conv1d (no bias) -> LayerNorm over channels (affine) -> GELU ([FS] ``extractor_mode: layer_norm``).
+
+    Runs channels-last, [B, T, C] -> [B, T', C']: the conv is one matmul over the unfolded windows (the
+    conv's own sums, an ``nn.Conv1d`` weight), so the LayerNorm and GELU see contiguous channels. The
+    channels-first form (conv, then LN/GELU on a transposed view) spent most of the step in strided
+    element-wise kernels and layout copies: this stack's forward + backward is 2.5x faster (8 x 2 s, small).
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool) -> None:
         super().__init__()
@@ -200,13 +207,15 @@ class ConvLayer(nn.Module):
         self.layer_norm = nn.LayerNorm(c_out)  # eps 1e-5 in [FS] and [HF] whatever layer_norm_eps says
         self.act = nn.GELU()
 
-    def forward(self, x_BCT: Tensor) -> Tensor:
-        x = self.conv(x_BCT)
-        return self.act(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+    def forward(self, x_BTC: Tensor) -> Tensor:
+        (k,), (s,) = self.conv.kernel_size, self.conv.stride
+        cols = x_BTC.unfold(1, k, s).flatten(2)  # [B, T', C * k], channel-major like the weight [C', C, k]
+        x = F.linear(cols, self.conv.weight.flatten(1), self.conv.bias)
+        return self.act(self.layer_norm(x))
 
 
 class FeatureExtractor(nn.Module):
-    """The 7-conv waveform encoder: [B, N] -> [B, C, T]."""
+    """The 7-conv waveform encoder: [B, N] -> [B, C, T] (a transposed view of ``frames``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -216,11 +225,15 @@ class FeatureExtractor(nn.Module):
             for i, (k, s) in enumerate(zip(cfg.conv_kernel, cfg.conv_stride))
         )
 
-    def forward(self, wav_BN: Tensor) -> Tensor:
-        x = wav_BN[:, None]
+    def frames(self, wav_BN: Tensor) -> Tensor:
+        """[B, N] -> [B, T, C], channels last."""
+        x = wav_BN[:, :, None]
         for layer in self.conv_layers:
             x = layer(x)
         return x
+
+    def forward(self, wav_BN: Tensor) -> Tensor:
+        return self.frames(wav_BN).transpose(1, 2)
 
 
 class FeatureProjection(nn.Module):
@@ -322,7 +335,7 @@ class AudioEncoder(Encoder):
             wav = normalize_waveform(inputs, padding_mask, self.config.normalize_eps)
         if padding_mask is not None:
             wav = wav.masked_fill(padding_mask, 0.0)
-        x_BTC = self.feature_extractor(wav).transpose(1, 2)
+        x_BTC = self.feature_extractor.frames(wav)
         T = x_BTC.shape[1]
         padding_BT = None if padding_mask is None else frame_padding(padding_mask, T, self.config)
         return self.feature_projection(x_BTC), padding_BT
