@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import resource
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -72,12 +73,16 @@ def measure(modality: str, algorithm: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
     model = mod.build_pretrain_model(model_cfg)
     budget, interval = args.minutes * 60.0, args.interval
-    # The LR schedule needs a step count: time a few steps first, then plan the run's steps from it.
-    probe_steps = 3
+    # The LR schedule needs a step count: time a few steps first (after the loader's start and a warm-up
+    # step), then plan the run's steps from the median step time.
+    probe_steps = 6
     short = replace(cfg, steps=probe_steps, log_every=probe_steps, checkpoint_every=10**9, compile=False)
-    t0 = time.perf_counter()
-    pretrain(mod.build_pretrain_model(model_cfg), short, make_loader, scratch / "timing", {})
-    per_step = (time.perf_counter() - t0) / probe_steps
+    stamps: list[float] = []
+    pretrain(
+        mod.build_pretrain_model(model_cfg), short, make_loader, scratch / "timing", {},
+        after_step=lambda done: stamps.append(time.perf_counter()),
+    )  # fmt: skip
+    per_step = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))
     steps = max(int(budget / per_step), 10)
     run_cfg = replace(
         cfg, steps=steps, log_every=max(steps // 20, 1), checkpoint_every=10**9, guard_after=10**9
