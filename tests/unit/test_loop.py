@@ -185,12 +185,58 @@ def test_non_finite_loss_halts_before_the_next_checkpoint():
     assert saved == [4]  # the NaN of step 6 is caught at the step-8 log, before step 8 is saved
 
 
-def test_bf16_setting_is_fp32_on_cpu():
+def test_bf16_setting_is_fp32_on_a_cpu_without_bf16_hardware(monkeypatch):
+    monkeypatch.setattr(loop, "cpu_bf16", lambda: False)
     a, b = Toy(), Toy()
     b.load_state_dict(a.state_dict())
     run_toy(a, precision="fp32")
     run_toy(b, precision="bf16")
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_bf16_on_cpu_keeps_the_fp32_loss_curve_and_the_fp32_state(tmp_path, modality, monkeypatch):
+    """bf16 autocast where the CPU has bf16 hardware (forced here, so it runs on any CPU): the loss of every
+    one of 8 steps within 3% of fp32's (measured: at most 1.2% on the tiny presets over 20 steps, 0.2% on
+    the small ones), weights and teacher still fp32, and a second bf16 run gives the same losses."""
+    monkeypatch.setattr(loop, "cpu_bf16", lambda: True)
+    assert loop.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    curves = {}
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16 again", "bf16")):
+        cfg, model = tiny(modality)
+        c = PretrainConfig(steps=8, batch_size=4, log_every=1, checkpoint_every=8, guard_after=10**9,
+                           precision=precision, optim=OptimConfig(lr=1e-3, warmup=0.25))  # fmt: skip
+        history = pretrain(model, c, loader_factory(modality, cfg), tmp_path / name, {"modality": modality})
+        curves[name] = [r["loss"] for r in history]
+        assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.03)
+    assert curves["bf16"] != curves["fp32"]  # autocast did run
+    assert curves["bf16 again"] == curves["bf16"]
+
+
+def test_bf16_on_cpu_keeps_the_fp32_finetune_curve(tmp_path, monkeypatch):
+    """Fine-tuning runs the same loop: 6 steps of an image classifier, each loss within 3% of fp32's."""
+    from d2v.finetune import FinetuneConfig, finetune
+    from d2v.load import build_finetune_model
+
+    monkeypatch.setattr(loop, "cpu_bf16", lambda: True)
+    mod = get("image")
+    cfg = mod.model_config({"preset": "tiny"})
+
+    def make_loader(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        return [{"inputs": torch.randn(4, 3, 28, 28, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+                for _ in range(3)]  # fmt: skip
+
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_finetune_model("image", mod.build_encoder(cfg), "classification", 3, None)
+        c = FinetuneConfig(steps=6, batch_size=4, log_every=1, checkpoint_every=6, precision=precision,
+                           optim=OptimConfig(lr=1e-3))  # fmt: skip
+        history = finetune(model, c, make_loader, tmp_path / precision, {"modality": "image"})
+        curves[precision] = [r["loss"] for r in history]
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.03)
 
 
 def test_collapse_guard_names_the_problem_and_the_checkpoint(tmp_path):
