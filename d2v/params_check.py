@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from d2v.config import ConfigError, PathsConfig, TrackingConfig, section
+from d2v.config import ConfigError, PathsConfig, ReportConfig, TrackingConfig, section
 from d2v.evaluate import EvaluateConfig
 from d2v.finetune import FinetuneConfig, modality_options
 from d2v.modalities import MODALITIES, get
-from d2v.report import ReportConfig
 from d2v.sweep import SweepConfig
 from d2v.train import PretrainConfig
 

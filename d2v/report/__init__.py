@@ -17,7 +17,7 @@ run with the tables, the figures and the report files as an artifact; online, op
 
 Modules, in the order the data flows: ``inputs`` (read the files) -> ``stats`` (cells, CIs, verdicts) ->
 ``build`` (one ``Report`` with its ``plots``) -> ``narrative`` (sentences) -> ``blocks`` (the document) ->
-``render`` (md, html, files on disk) -> ``publish`` (W&B). ``config`` holds ``ReportConfig``.
+``render`` (md, html, files on disk) -> ``publish`` (W&B). ``ReportConfig`` is in ``d2v.config``, with the other modality-blind sections.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from d2v.config import ReportConfig
 from d2v.report.build import Report, build_report
-from d2v.report.config import ReportConfig
 from d2v.report.fmt import budget_phrase
 from d2v.report.inputs import label_names
 from d2v.report.publish import build_wandb_report, log_to_wandb

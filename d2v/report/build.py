@@ -9,9 +9,8 @@ from typing import Any
 
 import yaml
 
-from d2v.config import ConfigError, PathsConfig, section
+from d2v.config import ConfigError, PathsConfig, ReportConfig, section
 from d2v.report import plots
-from d2v.report.config import ReportConfig
 from d2v.report.fmt import budget_phrase
 from d2v.report.inputs import (
     Inputs,
