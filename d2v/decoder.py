@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import ConfigError
+from d2v.transformer import Dropout
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ConvDecoder(nn.Module):
             for i in range(cfg.layers)
         )
         self.residual = [cfg.residual and widths[i] == cfg.dim for i in range(cfg.layers)]
-        self.dropout = nn.Dropout(cfg.input_dropout)
+        self.dropout = Dropout(cfg.input_dropout)
         if cfg.projection == "linear":
             self.proj: nn.Module = nn.Linear(cfg.dim, dim)
         else:
