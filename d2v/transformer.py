@@ -86,6 +86,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Te
     return dropout(s.softmax(-1), p, True) @ v
 
 
+def math_bf16(q: Tensor) -> bool:
+    """Whether bf16 attention with gradients should run :func:`attend` on CPU: the fused CPU kernel's bf16
+    backward is 3.5-8x slower than the math path for the sequences of the CPU presets (T 10-256: e.g.
+    [16, 4, 128, 64] 30 against 9 ms forward + backward, 1 thread) and no faster at T = 500; above 1024
+    tokens the [T, T] weights the math path keeps would grow too large."""
+    return q.dtype == torch.bfloat16 and q.shape[-2] <= 1024
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and ``F.scaled_dot_product_attention``.
 
@@ -105,9 +113,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, T, D/H]
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and x_BTD.device.type == "cpu":
+        if x_BTD.device.type == "cpu" and torch.is_grad_enabled() and (p > 0.0 or math_bf16(q)):
             y = attend(q, k, v, mask, p)
-        else:  # SDPA's fused kernel (no dropout on CPU), or any kernel on CUDA
+        else:  # SDPA: its fused kernel (forward-only and fp32 on CPU), or any kernel on CUDA
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
