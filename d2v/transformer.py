@@ -46,6 +46,9 @@ def attention_mask(padding_BT: Tensor | None, bias_HTT: Tensor | None, dtype: to
     return bias
 
 
+_safe_softmax = getattr(torch, "_safe_softmax", torch.softmax)  # SDPA's math path; softmax before torch 2.5
+
+
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout (``F.dropout``) whose keep mask on CPU comes from ``torch.rand`` (keep where u >= p).
 
@@ -78,12 +81,13 @@ class Dropout(nn.Module):
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
     """``softmax(q k^T / sqrt(d) + mask) v`` with dropout ``p`` on the attention weights: SDPA's own math
     path (which it runs on CPU whenever dropout is on: its fused CPU kernel has none), with :func:`dropout`'s
-    cheaper mask. [B, H, T, d] each -> [B, H, T, d]. Rows are never fully masked here (every sequence has a
-    real token), so the plain softmax equals SDPA's "safe" one."""
+    cheaper mask. [B, H, T, d] each -> [B, H, T, d]. With a mask, SDPA's "safe" softmax: a row whose keys are
+    all masked gets zero weights, not NaN."""
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    return dropout(s.softmax(-1), p, True) @ v
+    if mask is None:
+        return dropout(s.softmax(-1), p, True) @ v
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return dropout(_safe_softmax(s, -1), p, True) @ v
 
 
 def math_bf16(q: Tensor) -> bool:

@@ -107,6 +107,11 @@ def test_attention_with_dropout_is_sdpa_math_with_a_dropout_mask():
             rtol=1e-5,
             atol=1e-5,
         )
+    pad[1] = False  # a row with every key masked: zero weights, as SDPA, not NaN
+    torch.testing.assert_close(
+        attend(q, k, v, pad, 0.0), F.scaled_dot_product_attention(q, k, v, attn_mask=pad)
+    )
+    assert not attend(q, k, v, pad, 0.0)[1].any()
     torch.manual_seed(1)
     out = attend(q, k, v, pad, 0.5)
     torch.manual_seed(1)
