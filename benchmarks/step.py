@@ -93,8 +93,13 @@ def make_batches(m: str, model_cfg: Any, pcfg: PretrainConfig, n: int = 4) -> li
     data = data_module(m)
     B = pcfg.batch_size // pcfg.grad_accum
     return [
-        data.collate(raw_items(m, model_cfg, B, pcfg.max_len, g), mode="pretrain", model_cfg=model_cfg,
-                     prep=PREP.get(m, {}), generator=g)  # fmt: skip
+        data.collate(
+            raw_items(m, model_cfg, B, pcfg.max_len, g),
+            mode="pretrain",
+            model_cfg=model_cfg,
+            prep=PREP.get(m, {}),
+            generator=g,
+        )  # fmt: skip
         for _ in range(n)
     ]
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import ConfigError
+from d2v.transformer import Dropout
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,25 @@ class DecoderConfig:
 
 
 class _ChannelNorm(nn.Module):
-    """LayerNorm over the channel axis 1 of [B, C, ...] without affine parameters ([FS] ``TransposeLast``)."""
+    """LayerNorm over the channels of a channels-last [B, ..., C] without affine parameters ([FS]
+    ``TransposeLast`` + ``LayerNorm(elementwise_affine=False)``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.movedim(1, -1), x.shape[1:2]).movedim(-1, 1)
+        return F.layer_norm(x, x.shape[-1:])
+
+
+def conv_channels_last(conv: nn.Conv1d | nn.Conv2d, x_BHWC: Tensor) -> Tensor:
+    """``conv`` (stride 1, same padding) of a channels-last [B, h, w, C] (1-D: h = 1) -> [B, h, w, C'].
+
+    The conv runs on the channels-last view (NCHW shape, NHWC memory), which oneDNN keeps channels-last,
+    so the norm and GELU after it read contiguous channels: the channels-first form spent more time in
+    strided element-wise kernels and layout copies than in the convs (decoder forward + backward 1.85x
+    faster for text, 1.45x audio, 1.1x image; 8 clones of the small presets, bf16, 1 thread).
+    """
+    w = conv.weight if conv.weight.dim() == 4 else conv.weight[:, :, None]
+    kh, kw = w.shape[-2:]
+    y = F.conv2d(x_BHWC.permute(0, 3, 1, 2), w, conv.bias, padding=(kh // 2, kw // 2), groups=conv.groups)
+    return y.permute(0, 2, 3, 1)
 
 
 class ConvDecoder(nn.Module):
@@ -77,7 +93,7 @@ class ConvDecoder(nn.Module):
             for i in range(cfg.layers)
         )
         self.residual = [cfg.residual and widths[i] == cfg.dim for i in range(cfg.layers)]
-        self.dropout = nn.Dropout(cfg.input_dropout)
+        self.dropout = Dropout(cfg.input_dropout)
         if cfg.projection == "linear":
             self.proj: nn.Module = nn.Linear(cfg.dim, dim)
         else:
@@ -86,11 +102,10 @@ class ConvDecoder(nn.Module):
     def forward(self, x_BTD: Tensor) -> Tensor:
         """[B, T, D] (in the original token order; T = h * w for 2-D) -> predictions [B, T, D]."""
         B, T, D = x_BTD.shape
-        x = self.dropout(x_BTD).transpose(1, 2)  # [B, D, T]
         if self.grid is not None:
             assert self.grid[0] * self.grid[1] == T, f"{T} tokens do not fill the grid {self.grid}"
-            x = x.reshape(B, D, *self.grid)
-        for blk, res in zip(self.blocks, self.residual):
-            y = blk(x)
+        x = self.dropout(x_BTD).reshape(B, *(self.grid or (1, T)), D)  # channels-last [B, h, w, D]
+        for (conv, norm, act), res in zip(self.blocks, self.residual):
+            y = act(norm(conv_channels_last(conv, x)))
             x = x + y if res else y
-        return self.proj(x.flatten(2).transpose(1, 2))
+        return self.proj(x.reshape(B, T, -1))

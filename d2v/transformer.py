@@ -46,6 +46,58 @@ def attention_mask(padding_BT: Tensor | None, bias_HTT: Tensor | None, dtype: to
     return bias
 
 
+_safe_softmax = getattr(torch, "_safe_softmax", torch.softmax)  # SDPA's math path; softmax before torch 2.5
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout (``F.dropout``) whose keep mask on CPU comes from ``torch.rand`` (keep where u >= p).
+
+    The same distribution (P(keep) = 1 - p, to float resolution). ``F.dropout`` draws with ``bernoulli_``,
+    single-threaded on CPU and 2.2x slower than ``rand`` (1M draws: 7.4 against 3.3 ms); it was the largest
+    cost after the matmuls in the text step (17% of it in fp32). Other devices keep ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
+    return x * mask.to(x.dtype)
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` drawing its mask with :func:`dropout` (no parameters: state dicts are unchanged)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v`` with dropout ``p`` on the attention weights: SDPA's own math
+    path (which it runs on CPU whenever dropout is on: its fused CPU kernel has none), with :func:`dropout`'s
+    cheaper mask. [B, H, T, d] each -> [B, H, T, d]. With a mask, SDPA's "safe" softmax: a row whose keys are
+    all masked gets zero weights, not NaN."""
+    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is None:
+        return dropout(s.softmax(-1), p, True) @ v
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return dropout(_safe_softmax(s, -1), p, True) @ v
+
+
+def math_bf16(q: Tensor) -> bool:
+    """Whether bf16 attention with gradients should run :func:`attend` on CPU: the fused CPU kernel's bf16
+    backward is 3.5-8x slower than the math path for the sequences of the CPU presets (T 10-256: e.g.
+    [16, 4, 128, 64] 30 against 9 ms forward + backward, 1 thread) and no faster at T = 500; above 1024
+    tokens the [T, T] weights the math path keeps would grow too large."""
+    return q.dtype == torch.bfloat16 and q.shape[-2] <= 1024
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and ``F.scaled_dot_product_attention``.
 
@@ -64,9 +116,11 @@ class Attention(nn.Module):
         B, T, D = x_BTD.shape
         qkv = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, T, D/H]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        p = self.dropout if self.training else 0.0
+        if x_BTD.device.type == "cpu" and torch.is_grad_enabled() and (p > 0.0 or math_bf16(q)):
+            y = attend(q, k, v, mask, p)
+        else:  # SDPA: its fused kernel (forward-only and fp32 on CPU), or any kernel on CUDA
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -75,7 +129,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, ffn_dim)
         self.act = _ACTIVATIONS[activation]()
-        self.drop = nn.Dropout(activation_dropout)
+        self.drop = Dropout(activation_dropout)
         self.fc2 = nn.Linear(ffn_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,7 +160,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.mlp = FeedForward(d, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
         self.norm2 = nn.LayerNorm(d, eps=cfg.norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.drop_path_p = drop_path_p
         if cfg.layer_scale_init is not None:
             self.gamma1 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))

@@ -1,4 +1,5 @@
-"""The modality-blind data2vec math: EMA schedule, targets, loss, collapse monitor (hand computations)."""
+"""The modality-blind data2vec math: EMA schedule, targets, loss, collapse monitor (hand computations);
+the dropout and attention-with-dropout of the block stack."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from d2v.modalities.base import Data2VecTargets
 from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
+from d2v.transformer import attend, dropout
 
 
 def test_ema_schedule_end_points_and_linearity():
@@ -77,3 +79,42 @@ def test_masked_std_matches_fairseq_compute_var():
     mask = torch.rand(3, 5) > 0.4
     sel = x[mask]
     assert masked_std(x, mask) == pytest.approx(torch.sqrt(sel.var(0) + 1e-6).mean().item(), rel=1e-5)
+
+
+def test_cpu_dropout_keeps_a_fraction_1_minus_p_scaled_by_1_over_1_minus_p():
+    """d2v's dropout (mask from ``torch.rand`` on CPU): of 1M draws 0.9 are kept, +- 0.003 (10 sigma: failure
+    odds below 1e-20), each scaled by 1/0.9; the gradient is the same mask; eval and p = 0 are the identity."""
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    kept = y.detach() != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+
+
+def test_attention_with_dropout_is_sdpa_math_with_a_dropout_mask():
+    """Without dropout ``attend`` equals SDPA (fp32 summation order: 1e-5); with it, the softmax weights of
+    SDPA's math, masked and rescaled by :func:`dropout`'s mask, times the values."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    pad = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])[:, None, None, :]  # True = attend
+    for mask in (None, pad, torch.randn(3, 5, 5, generator=g)):
+        torch.testing.assert_close(
+            attend(q, k, v, mask, 0.0),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    pad[1] = False  # a row with every key masked: zero weights, as SDPA, not NaN
+    torch.testing.assert_close(
+        attend(q, k, v, pad, 0.0), F.scaled_dot_product_attention(q, k, v, attn_mask=pad)
+    )
+    assert not attend(q, k, v, pad, 0.0)[1].any()
+    torch.manual_seed(1)
+    out = attend(q, k, v, pad, 0.5)
+    torch.manual_seed(1)
+    w = F.scaled_dot_product_attention(q, k, torch.eye(5).expand(2, 3, 5, 5), attn_mask=pad)  # the weights
+    keep = torch.rand(w.shape) >= 0.5
+    torch.testing.assert_close(out, (w * keep / 0.5) @ v, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ from d2v.modalities.audio.frames import SAMPLE_RATE, frame_padding, normalize_wa
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
 from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
-from d2v.transformer import Tap, TransformerStack, init_bert_params
+from d2v.transformer import Dropout, Tap, TransformerStack, init_bert_params
 
 BASE_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)  # [P1] §4.2: 7 convs, total stride 320 (20 ms), field 400 (25 ms)
 BASE_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
@@ -243,7 +243,7 @@ class FeatureProjection(nn.Module):
         super().__init__()
         self.layer_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.transformer.norm_eps)
         self.projection = nn.Linear(cfg.conv_dim[-1], cfg.transformer.dim)
-        self.dropout = nn.Dropout(cfg.feat_proj_dropout)
+        self.dropout = Dropout(cfg.feat_proj_dropout)
 
     def forward(self, x_BTC: Tensor) -> Tensor:
         return self.dropout(self.projection(self.layer_norm(x_BTC)))
@@ -299,7 +299,7 @@ class AudioEncoder(Encoder):
         self.mask_emb = nn.Parameter(torch.empty(cfg.transformer.dim).uniform_())  # [FS] U(0, 1)
         self.pos_conv = PosConv(cfg)
         self.layer_norm = nn.LayerNorm(cfg.transformer.dim, eps=cfg.transformer.norm_eps)
-        self.dropout = nn.Dropout(cfg.transformer.dropout)
+        self.dropout = Dropout(cfg.transformer.dropout)
         self.stack = TransformerStack(cfg.transformer)
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:

@@ -24,7 +24,7 @@ from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
 from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
-from d2v.transformer import Tap, TransformerStack
+from d2v.transformer import Dropout, Tap, TransformerStack
 
 Position = Literal["relative", "sincos", "absolute"]
 
@@ -294,7 +294,7 @@ class ImageEncoder(Encoder):
         self.rel_pos = nn.ModuleList(RelativePositionBias(cfg.grid, t.heads) for _ in range(n_tables))
         sincos = sincos_2d(t.dim, *cfg.grid)[None] if cfg.position == "sincos" else None
         self.register_buffer("sincos", sincos, persistent=False)  # fixed: never trained or saved
-        self.pos_drop = nn.Dropout(t.dropout)  # [DV] pos_drop / HF embeddings dropout
+        self.pos_drop = Dropout(t.dropout)  # [DV] pos_drop / HF embeddings dropout
         self.embed_norm = nn.LayerNorm(t.dim, eps=t.norm_eps) if cfg.embed_norm else nn.Identity()
         self.stack = TransformerStack(t)
         self.norm = nn.LayerNorm(t.dim, eps=t.norm_eps) if cfg.final_norm else nn.Identity()

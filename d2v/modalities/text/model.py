@@ -22,7 +22,7 @@ from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
 from d2v.model import Data2Vec, EMAConfig
 from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
-from d2v.transformer import Tap, TransformerStack, init_bert_params
+from d2v.transformer import Dropout, Tap, TransformerStack, init_bert_params
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -271,7 +271,7 @@ class TextEncoder(Encoder):
         self.embeddings = TextEmbeddings(cfg)
         # The embedding dropout runs in ``contextualize``, not ``local_features``: the teacher (eval) then sees the
         # shared embeddings without dropout, as fairseq's eval-mode teacher does ([FS] data2vec_text.py).
-        self.dropout = nn.Dropout(cfg.transformer.dropout)
+        self.dropout = Dropout(cfg.transformer.dropout)
         self.encoder = TransformerStack(cfg.transformer)
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
