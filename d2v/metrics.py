@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from d2v.modalities.base import Encoder
+from d2v.modalities.base import Encoder, unpadded_rows
 
 # ------------------------------------------------------------------------------------- classification
 
@@ -156,14 +156,20 @@ def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple
         inputs, pad = batch["inputs"].to(device), batch.get("padding_mask")
         pad = None if pad is None else pad.to(device)
         encoder.check_inputs(inputs, pad)
-        x, pad_BT = encoder.local_features(inputs, pad)
-        out = encoder.contextualize(x, pad_BT, tap="block")
-        keep = None if pad_BT is None else (~pad_BT).float()[..., None]
-        pooled = [
-            h[:, P:].mean(1) if keep is None else (h[:, P:] * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-            for h in [*out.layers, out.x_BTD]
-        ]
-        xs.append(torch.stack(pooled).float().cpu())
+        # where padding leaks into valid tokens (speech's positional convs), each row alone: an item's
+        # features must not depend on which items the loader batched it with
+        rows = [(inputs, pad)]
+        if encoder.padding_leaks and pad is not None and bool(pad.any()):
+            rows = unpadded_rows(inputs, pad)
+        for x_in, pad_in in rows:
+            x, pad_BT = encoder.local_features(x_in, pad_in)
+            out = encoder.contextualize(x, pad_BT, tap="block")
+            keep = None if pad_BT is None else (~pad_BT).float()[..., None]
+            pooled = [
+                h[:, P:].mean(1) if keep is None else (h[:, P:] * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+                for h in [*out.layers, out.x_BTD]
+            ]
+            xs.append(torch.stack(pooled).float().cpu())
         ys.append(batch["labels"])
     if not xs:
         raise ValueError("the split yielded no samples")

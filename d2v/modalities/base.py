@@ -91,6 +91,10 @@ class Encoder(nn.Module):
     these is never read and never averaged."""
     shared_with_teacher: ClassVar[tuple[str, ...]] = ()
     """Parameter-name prefixes of ``contextualize`` that the teacher copies instead of averaging (§1.3)."""
+    padding_leaks: ClassVar[bool] = False
+    """True when a padded row's outputs depend on its padding, i.e. on the other rows of its batch (speech:
+    the stacked positional convs carry zeroed padding into valid frames). Frozen features for the probe and
+    ``embed`` are then computed one row at a time, each cropped to its length (:func:`unpadded_rows`)."""
 
     config: Any
     """The modality's ``ModelConfig`` this encoder was built from (``build_encoder(encoder.config)`` rebuilds
@@ -171,7 +175,10 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def embed_pooled(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded)."""
+        """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded); with
+        ``padding_leaks``, each padded row alone, so an item's features never depend on its batch."""
+        if self.padding_leaks and padding_mask is not None and bool(padding_mask.any()):
+            return torch.cat([self.embed_pooled(x, None) for x, _ in unpadded_rows(inputs, padding_mask)])
         h, pad = self.features(inputs, padding_mask)
         h = h[:, self.num_prefix_tokens :]
         if pad is None:
@@ -225,3 +232,10 @@ class Encoder(nn.Module):
         if not out:
             return np.zeros((0, self.transformer.dim), dtype=np.float32)
         return torch.cat(out).numpy()
+
+
+def unpadded_rows(inputs: Tensor, padding_mask: Tensor) -> list[tuple[Tensor, None]]:
+    """A padded batch as its rows, each cropped to its valid length: ``inputs`` [B, N, ...] with
+    ``padding_mask`` [B, N] (True at padding, at the end of a row) -> B pairs ``(inputs [1, n_b, ...], None)``."""
+    lengths = (~padding_mask).sum(1).tolist()
+    return [(inputs[b : b + 1, :n], None) for b, n in enumerate(lengths)]

@@ -289,6 +289,7 @@ class AudioEncoder(Encoder):
     modality = "audio"
     local_modules = ("feature_extractor", "feature_projection")
     shared_with_teacher = ("pos_conv",)  # [P1] §3.3: positional encoder shared ([FS] ``ema_layers_only``)
+    padding_leaks = True  # the stacked positional convs carry zeroed padding into valid frames
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
