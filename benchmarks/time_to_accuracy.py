@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from d2v.config import PathsConfig, load_params, section
+from d2v.config import PathsConfig, load_params, section, to_dict
 from d2v.data.loader import build_loader, read_manifest
 from d2v.evaluate import EvaluateConfig, probe
 from d2v.modalities import MODALITIES, get
@@ -65,7 +65,7 @@ def measure(modality: str, algorithm: str, args: argparse.Namespace) -> dict:
     def make_loader(epoch: int):
         return build_loader(
             shard_dir, "pretrain", model_cfg, batch_size=cfg.batch_size, mode="pretrain", seed=seed,
-            max_len=cfg.max_len, epoch=epoch, length_buckets=cfg.length_buckets,
+            max_len=cfg.max_len, min_len=cfg.min_len, epoch=epoch, length_buckets=cfg.length_buckets,
         )  # fmt: skip
 
     scratch = Path(args.tmp) / f"{modality}-{algorithm}"
@@ -101,17 +101,24 @@ def measure(modality: str, algorithm: str, args: argparse.Namespace) -> dict:
         state["trained"] += now - state["since"]
         state["steps"] = done
         if state["trained"] >= state["next"] or done == steps:
-            acc = probe(model.student, manifest, shard_dir, eval_cfg, seed, device)["accuracy"]
-            curve.append({"seconds": round(state["trained"], 2), "step": done, "accuracy": acc})
+            r = probe(model.student, manifest, shard_dir, eval_cfg, seed, device)
+            acc, layer = r["accuracy"], int(r["s0/layer"])
+            layers = [round(r[f"s0/layer{i}_accuracy"], 4) for i in range(1, model_cfg.transformer.depth + 2)]
+            curve.append({"seconds": round(state["trained"], 2), "step": done, "accuracy": acc,
+                          "layer": layer, "layer_accuracy": layers})  # fmt: skip
             print(
-                f"  {modality} {algorithm}: {state['trained']:7.1f} s, step {done}, probe {acc:.4f}",
+                f"  {modality} {algorithm}: {state['trained']:7.1f} s, step {done}, probe {acc:.4f} "
+                f"(layer {layer}; every layer: {' '.join(f'{a:.3f}' for a in layers)})",
                 flush=True,
             )
             state["next"] += interval
         state["since"] = time.perf_counter()  # the probe's time is not training time
 
     state["since"] = time.perf_counter()
-    pretrain(model, run_cfg, make_loader, scratch / "run", {}, seed=seed, after_step=check)
+    # a checkpoint d2v can load (benchmarks/layer_diagnostics.py reads it): the meta d2v pretrain writes
+    meta = {"modality": modality, "kind": "pretrain", "model_config": to_dict(model_cfg),
+            "encoder_prefix": "student."}  # fmt: skip
+    pretrain(model, run_cfg, make_loader, scratch / "run", meta, seed=seed, after_step=check)
     return {
         "modality": modality,
         "algorithm": algorithm,
@@ -136,16 +143,25 @@ def time_to_reach(curve: list[dict], target: float) -> float | None:
 
 
 def summarize(runs: dict[str, dict]) -> dict:
-    v1, v2 = runs["data2vec"], runs["data2vec2"]
-    target = v1["curve"][-1]["accuracy"]
-    t1, t2 = time_to_reach(v1["curve"], target), time_to_reach(v2["curve"], target)
-    return {
-        "v1_final_accuracy": target,
-        "v2_final_accuracy": v2["curve"][-1]["accuracy"],
-        "v1_seconds_to_target": t1,
-        "v2_seconds_to_target": t2,
-        "ratio_v2_over_v1": (t2 / t1) if (t1 and t2 is not None) else None,
-    }
+    """Per algorithm: the probe after the first step (~ its random init: the two recipes' encoders differ at
+    init, e.g. 2.0's image encoder has fixed sin-cos positions) and at the end, and the gain between; with
+    both algorithms, the time 2.0 needs to reach 1.0's final accuracy and the ratio to 1.0's time."""
+    out: dict = {}
+    for alg, r in runs.items():
+        first, last = r["curve"][0]["accuracy"], r["curve"][-1]["accuracy"]
+        out[alg] = {"first_accuracy": first, "final_accuracy": last, "gain": last - first}
+    if "data2vec" in runs and "data2vec2" in runs:
+        v1, v2 = runs["data2vec"], runs["data2vec2"]
+        target = v1["curve"][-1]["accuracy"]
+        t1, t2 = time_to_reach(v1["curve"], target), time_to_reach(v2["curve"], target)
+        out.update({
+            "v1_final_accuracy": target,
+            "v2_final_accuracy": v2["curve"][-1]["accuracy"],
+            "v1_seconds_to_target": t1,
+            "v2_seconds_to_target": t2,
+            "ratio_v2_over_v1": (t2 / t1) if (t1 and t2 is not None) else None,
+        })  # fmt: skip
+    return out
 
 
 def plot(results: dict[str, dict], out: Path) -> None:
@@ -157,8 +173,8 @@ def plot(results: dict[str, dict], out: Path) -> None:
     fig = Figure(figsize=(4.2 * len(results), 3.4))
     for i, (m, r) in enumerate(results.items()):
         ax = fig.add_subplot(1, len(results), i + 1)
-        for alg in ALGORITHMS:
-            c = r["runs"][alg]["curve"]
+        for alg, run in r["runs"].items():
+            c = run["curve"]
             ax.plot([p["seconds"] for p in c], [100 * p["accuracy"] for p in c], marker="o", ms=3, label=alg)
         ax.set_title(m)
         ax.set_xlabel("training seconds")
@@ -172,6 +188,7 @@ def plot(results: dict[str, dict], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
+    ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     ap.add_argument("--minutes", type=float, default=5.0, help="training time per algorithm and modality")
     ap.add_argument("--interval", type=float, default=30.0, help="seconds of training between probes")
     ap.add_argument("--preset", default="small")
@@ -192,7 +209,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for m in args.modalities:
         runs = {}
-        for alg in ALGORITHMS:
+        for alg in args.algorithms:
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(m, alg, args, q))
             p.start()
@@ -203,17 +220,18 @@ def main() -> None:
         results[m] = {"runs": runs, "summary": summarize(runs)}
         (out / f"{m}.json").write_text(json.dumps(results[m], indent=2) + "\n")
     plot(results, out / "time_to_accuracy.png")
-    print("\nmodality  algorithm  steps  samples/s  peak MB  final probe  s to 1.0's final")
+    print("\nmodality  algorithm  steps  samples/s  peak MB  probe at step 1  final probe  gain  s to 1.0's final")
     for m, r in results.items():
         s = r["summary"]
-        for alg in ALGORITHMS:
-            x = r["runs"][alg]
-            t = s["v1_seconds_to_target"] if alg == "data2vec" else s["v2_seconds_to_target"]
+        for alg, x in r["runs"].items():
+            t = s.get("v1_seconds_to_target" if alg == "data2vec" else "v2_seconds_to_target")
             print(f"{m:9s} {alg:10s} {x['steps']:6d} {x['samples_per_s']:10.1f} {x['peak_rss_mb']:8.0f} "
-                  f"{100 * x['curve'][-1]['accuracy']:11.2f}  {t if t is not None else 'never':>8}")  # fmt: skip
-        ratio = s["ratio_v2_over_v1"]
-        shown = f"{ratio:.2f}" if ratio is not None else "not reached"
-        print(f"{m:9s} time ratio 2.0 / 1.0 to 1.0's final accuracy: {shown}")
+                  f"{100 * s[alg]['first_accuracy']:16.2f} {100 * s[alg]['final_accuracy']:12.2f} "
+                  f"{100 * s[alg]['gain']:+5.1f}  {t if t is not None else '-':>8}")  # fmt: skip
+        if "ratio_v2_over_v1" in s:
+            ratio = s["ratio_v2_over_v1"]
+            shown = f"{ratio:.2f}" if ratio is not None else "not reached"
+            print(f"{m:9s} time ratio 2.0 / 1.0 to 1.0's final accuracy: {shown}")
     print(f"wrote {out}/<modality>.json and {out}/time_to_accuracy.png")
 
 

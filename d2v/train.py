@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from d2v import checkpoint, distributed, loop, runner, tracking
-from d2v.config import PathsConfig, section, to_dict
+from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import build_loader, read_manifest
 from d2v.modalities import get
 from d2v.model import Data2Vec, ema_decay
@@ -39,6 +39,10 @@ class PretrainConfig(loop.LoopConfig):
     """Stop if the teacher targets' std falls below this ([FS] ``min_target_var``, spec §1.9)."""
     min_pred_var: float = 0.01
     """Stop if the student predictions' std falls below this ([FS] ``min_pred_var``)."""
+    min_len: int | None = None
+    """Skip pretraining examples shorter than this (audio: samples). [FS] drops clips under 2 s
+    (``min_sample_size: 32000``): its masks (spans of 10 frames, ~49 % masked) need context around them, and
+    on sub-second clips most of a clip is masked and position predicts much of the target."""
     length_buckets: int = 0
     """k > 1: batch together examples of similar length (pools of k batches sorted by length). Speech needs
     it: every row is trimmed to the batch's smallest masked count (fairseq ``require_same_masks``), so one
@@ -47,6 +51,11 @@ class PretrainConfig(loop.LoopConfig):
     """Draw shards with replacement, ``epoch_len`` batches per epoch: for many ranks and few shards."""
     epoch_len: int | None = None
     """Batches per epoch and rank (needed with ``resampled``); None: one pass over the shards."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_len is not None and self.min_len < 1:
+            raise ConfigError(f"min_len must be >= 1 or null, got {self.min_len}")
 
 
 def collapse_check(step: int, metrics: dict[str, float], cfg: PretrainConfig) -> str | None:
@@ -134,7 +143,7 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
         return build_loader(
             shard_dir, "pretrain", model_cfg, batch_size=per_rank, mode="pretrain", seed=seed,
             num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len,
-            resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
+            min_len=cfg.min_len, resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
             epoch=epoch, length_buckets=cfg.length_buckets,
         )  # fmt: skip
 

@@ -161,6 +161,8 @@ class ShardStream(IterableDataset):
                     f"({type(e).__name__}: {e}); "
                     f"re-run `d2v shard {s['modality']}`"
                 ) from e
+            if s["min_len"] and data.length(x) < s["min_len"]:
+                continue  # [FS] min_sample_size: too short for the recipe's masks (pretraining only)
             x = data.transform(
                 x, mode=s["mode"], max_len=s["max_len"], rng=rng, augment=s["augment"], prep=s["prep"],
                 model_cfg=s["model_cfg"], target=s["target"],
@@ -260,6 +262,7 @@ def build_loader(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     max_len: int | None = None,
+    min_len: int | None = None,
     resampled: bool = False,
     epoch_len: int | None = None,
     label_budget: int | float | None = None,
@@ -291,6 +294,8 @@ def build_loader(
         max_len: audio: samples (a seeded random crop in pretrain, the head in finetune for
             classification; CTC clips and eval are never cut); text: tokens (a random window in pretrain,
             the head otherwise; default ``model_cfg.max_positions``); images: ignored.
+        min_len: skip examples shorter than this, in the unit of ``max_len`` (speech pretraining: [FS]
+            ``min_sample_size``), before any crop; None keeps all.
         resampled: draw shards with replacement forever (needs ``epoch_len``); for multi-GPU training.
         epoch_len: batches per epoch (per rank) via ``WebLoader.with_epoch``; None: one pass over the data.
         label_budget: labelled splits only: labels per class (int) or fraction of each class (float),
@@ -373,6 +378,7 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         resampled=resampled,
         max_len=max_len,
+        min_len=min_len,
         augment=(mode == "pretrain") if augment is None else (augment and mode != "eval"),
         target=manifest["tasks"][entry["task"]]["target"] if "task" in entry else None,
         length_buckets=length_buckets,

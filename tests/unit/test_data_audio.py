@@ -259,6 +259,20 @@ def test_pretrain_batches_crop_normalise_and_mask(sharded):
     assert b["mask"].shape == (3, T) and b["mask"].dtype == torch.bool and bool(b["mask"].any())
 
 
+def test_pretraining_skips_clips_under_min_len(tmp_path):
+    """``min_len`` ([FS] ``min_sample_size``) drops short clips before the crop; the others are all kept."""
+    out, _ = run(tmp_path, *user_folder(tmp_path / "src"), pretrain_from="unlabelled+labelled")
+
+    def lengths(**kw) -> list[int]:
+        loader = build_loader(out, "pretrain", TINY, batch_size=1, mode="pretrain", seed=0, **kw)
+        return sorted(int(b["inputs"].shape[1]) for b in loader)
+
+    every = lengths()
+    assert min(every) < 24_000 <= max(every)  # 0.5 s digits, 1-1.75 s CTC clips, 2 s unlabelled clips
+    assert lengths(min_len=24_000) == [n for n in every if n >= 24_000]
+    assert lengths(min_len=24_000, max_len=8000) == [8000] * len([n for n in every if n >= 24_000])
+
+
 def test_finetune_and_ctc_batches(sharded):
     out, m = sharded
     assert m["splits"]["ctc_train"]["samples"] == 4
