@@ -44,8 +44,8 @@ def depth_tokens(encoder: Encoder, loader) -> tuple[list[list[Tensor]], Tensor]:
     feats, ys = [], []
     for batch in loader:
         inputs, pad = batch["inputs"], batch.get("padding_mask")
-        rows = unpadded_rows(inputs, pad) if pad is not None else [(inputs[i : i + 1], None) for i in range(len(inputs))]
-        for x_in, _ in rows:
+        rows = unpadded_rows(inputs, pad) if pad is not None else list(inputs.split(1))
+        for x_in in rows:
             x, _ = encoder.local_features(x_in, None)
             pos = encoder.add_positions(x, None)
             out = encoder.encode_tokens(pos, None, tap="block")

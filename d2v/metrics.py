@@ -160,7 +160,7 @@ def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple
         # features must not depend on which items the loader batched it with
         rows = [(inputs, pad)]
         if encoder.padding_leaks and pad is not None and bool(pad.any()):
-            rows = unpadded_rows(inputs, pad)
+            rows = [(x, None) for x in unpadded_rows(inputs, pad)]
         for x_in, pad_in in rows:
             x, pad_BT = encoder.local_features(x_in, pad_in)
             out = encoder.contextualize(x, pad_BT, tap="block")

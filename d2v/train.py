@@ -41,8 +41,8 @@ class PretrainConfig(loop.LoopConfig):
     """Stop if the student predictions' std falls below this ([FS] ``min_pred_var``)."""
     min_len: int | None = None
     """Skip pretraining examples shorter than this (audio: samples). [FS] drops clips under 2 s
-    (``min_sample_size: 32000``): its masks (spans of 10 frames, ~49 % masked) need context around them, and
-    on sub-second clips most of a clip is masked and position predicts much of the target."""
+    (``min_sample_size: 32000``): its masks (spans of 10 frames, ~49 % masked) assume context around them.
+    None (the demo: most embedded recordings are single words) keeps every clip."""
     length_buckets: int = 0
     """k > 1: batch together examples of similar length (pools of k batches sorted by length). Speech needs
     it: every row is trimmed to the batch's smallest masked count (fairseq ``require_same_masks``), so one
@@ -143,8 +143,8 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
         return build_loader(
             shard_dir, "pretrain", model_cfg, batch_size=per_rank, mode="pretrain", seed=seed,
             num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len,
-            min_len=cfg.min_len, resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
-            epoch=epoch, length_buckets=cfg.length_buckets,
+            min_len=cfg.min_len, resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank,
+            world_size=info.world_size, epoch=epoch, length_buckets=cfg.length_buckets,
         )  # fmt: skip
 
     make_loader(0)  # fail now (empty split, model/shard mismatch) rather than after the model is built

@@ -178,7 +178,7 @@ class Encoder(nn.Module):
         """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded); with
         ``padding_leaks``, each padded row alone, so an item's features never depend on its batch."""
         if self.padding_leaks and padding_mask is not None and bool(padding_mask.any()):
-            return torch.cat([self.embed_pooled(x, None) for x, _ in unpadded_rows(inputs, padding_mask)])
+            return torch.cat([self.embed_pooled(x) for x in unpadded_rows(inputs, padding_mask)])
         h, pad = self.features(inputs, padding_mask)
         h = h[:, self.num_prefix_tokens :]
         if pad is None:
@@ -234,8 +234,8 @@ class Encoder(nn.Module):
         return torch.cat(out).numpy()
 
 
-def unpadded_rows(inputs: Tensor, padding_mask: Tensor) -> list[tuple[Tensor, None]]:
+def unpadded_rows(inputs: Tensor, padding_mask: Tensor) -> list[Tensor]:
     """A padded batch as its rows, each cropped to its valid length: ``inputs`` [B, N, ...] with
-    ``padding_mask`` [B, N] (True at padding, at the end of a row) -> B pairs ``(inputs [1, n_b, ...], None)``."""
+    ``padding_mask`` [B, N] (True at padding, at the end of a row) -> B tensors [1, n_b, ...]."""
     lengths = (~padding_mask).sum(1).tolist()
-    return [(inputs[b : b + 1, :n], None) for b, n in enumerate(lengths)]
+    return [inputs[b : b + 1, :n] for b, n in enumerate(lengths)]
