@@ -13,7 +13,9 @@ from d2v.report.stats import (
     Cell,
     Comparison,
     MetricGroup,
+    PayOff,
     init_key,
+    pay_off,
 )
 from d2v.sweep import PRETRAINED, SCRATCH
 
@@ -74,6 +76,41 @@ def pretrain_sentence(m: str, pre: dict[str, Any]) -> str | None:
     return f"**{m}** pretraining: " + ", ".join(bits) + "." if bits else None
 
 
+def payoff_sentence(m: str, g: MetricGroup | None, po: PayOff) -> str:
+    """One modality against the bar (:class:`PayOff`): the verdict first, then each half's numbers."""
+    verdict = {True: "yes", False: "**no**", None: "undecided"}[po.passed]
+    parts = []
+    c = po.smallest
+    if g is None or c is None or c.diff is None:
+        parts.append("no pretrained-vs-scratch fine-tuning pair to compare")
+    else:
+        unit = diff_unit(g.is_rate)
+        gain = f"{'scratch − pretrained' if g.lower_is_better else 'pretrained − scratch'} " + (
+            f"{fmt_diff(c.diff, g.is_rate)}{unit}"
+        )
+        if po.margin is None:
+            parts.append(f"at {budget_phrase(c.budget)} {gain}, one seed: no spread to compare it with")
+        else:
+            need = f"{fmt_value(po.margin, g.is_rate)}{unit}"
+            ok = "more" if po.finetune_ok else "not more"
+            parts.append(
+                f"at {budget_phrase(c.budget)} (the smallest budget) {g.label} {gain}: {ok} than twice the "
+                f"larger seed std ({need})"
+            )
+    p = po.probe
+    if p is None or p.diff is None:
+        parts.append("no probe of both encoders")
+    elif p.ci is None:
+        parts.append(f"probe {fmt_diff(p.diff, True)} points from one probe seed: no interval")
+    else:
+        lo, hi = (fmt_diff(x, True) for x in p.ci)
+        side = "above zero" if po.probe_ok else "not above zero"
+        parts.append(
+            f"probe pretrained − random init {fmt_diff(p.diff, True)} points (95% CI {lo} to {hi}, {side})"
+        )
+    return f"**{m}** — does pretraining pay off? {verdict}: " + "; ".join(parts) + "."
+
+
 def summary_sentences(rep: Report) -> list[str]:
     """The "What this shows" bullets, generated from the numbers only."""
     out = []
@@ -94,8 +131,14 @@ def summary_sentences(rep: Report) -> list[str]:
             for g in r.groups:
                 if g.task not in by_task or g.metric == rep.cfg.primary_metric:
                     by_task[g.task] = g
+            headline = by_task.get("evaluate") or next(iter(by_task.values()))
+            out.append(
+                payoff_sentence(r.name, headline, pay_off(headline, r.probe.get(rep.cfg.primary_metric)))
+            )
             out.extend(group_sentence(r.name, g) for g in by_task.values())
         for metric, by_init in r.probe.items():
+            if metric not in RATE_METRICS:  # the chosen layer and the per-layer probe are in the table
+                continue
             vals = ", ".join(
                 f"{i} {fmt_value(c.mean, metric in RATE_METRICS)}" + (f" (n={c.n})" if c.n > 1 else "")
                 for i, c in by_init.items()

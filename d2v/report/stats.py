@@ -183,3 +183,59 @@ def parse_eval_metrics(
         for metric, by_init in sorted(probe.items())
     }
     return groups, probe_cells, unused
+
+
+# ---------------------------------------------------------------------------------------------- the bar
+
+
+@dataclass(frozen=True)
+class PayOff:
+    """Does pretraining pay off in one modality? Both halves of the benchmark's bar:
+
+    - fine-tuning: at the smallest label budget, pretrained beats scratch by more than twice the larger of
+      the two seed standard deviations (``margin``);
+    - probe: the linear probe on pretrained features beats the one on random-init features with a 95% CI
+      (Welch, over probe seeds) above zero.
+
+    A half is None when its numbers are missing or have one seed (no spread, so no verdict).
+    """
+
+    smallest: Comparison | None
+    margin: float | None
+    probe: Comparison | None
+
+    @property
+    def finetune_ok(self) -> bool | None:
+        c = self.smallest
+        if c is None or c.diff is None or self.margin is None:
+            return None
+        return c.diff > self.margin
+
+    @property
+    def probe_ok(self) -> bool | None:
+        if self.probe is None or self.probe.ci is None:
+            return None
+        return self.probe.verdict == "better"
+
+    @property
+    def passed(self) -> bool | None:
+        halves = (self.finetune_ok, self.probe_ok)
+        return False if False in halves else (None if None in halves else True)
+
+
+def pay_off(group: MetricGroup | None, probe: dict[str, Cell] | None) -> PayOff:
+    """:class:`PayOff` of one modality from its primary metric's group and its probe cells of that metric.
+    For a lower-is-better metric (WER) the fine-tuning difference is taken as scratch − pretrained."""
+    smallest = margin = None
+    if group is not None and group.rows:
+        c = group.rows[0]  # rows are sorted smallest budget first
+        if c.diff is not None:
+            stds = [cell.std for cell in c.cells.values()]
+            if None not in stds:
+                margin = 2 * max(stds)  # type: ignore[type-var]
+            sign = -1.0 if group.lower_is_better else 1.0
+            smallest = Comparison(c.budget, c.cells, sign * c.diff, c.ci, c.verdict)
+    cmp_probe = None
+    if probe and PRETRAINED in probe and SCRATCH in probe:
+        cmp_probe = compare("probe", {i: probe[i] for i in (PRETRAINED, SCRATCH)}, lower_is_better=False)
+    return PayOff(smallest, margin, cmp_probe)

@@ -14,6 +14,7 @@ import pytest
 from d2v import report
 from d2v.report import Cell, compare, make_cell, welch_ci
 from d2v.report.fmt import budget_phrase
+from d2v.report.stats import LOWER_IS_BETTER, MetricGroup, pay_off
 
 SEEDS = (0, 1, 2)
 # accuracy per (init, budget, seed); audio b50/scratch/s2 is deliberately absent (a missing run)
@@ -217,6 +218,48 @@ def test_compare_verdicts(p: list[float], s: list[float], lower: bool, verdict: 
     cells = {"pretrained": make_cell(dict(enumerate(p))), "scratch": make_cell(dict(enumerate(s)))}
     assert compare("5", cells, lower).verdict == verdict
     assert compare("5", {"pretrained": cells["pretrained"]}, lower).verdict == "missing"
+
+
+def _group(budgets: dict[str, tuple[list[float], list[float]]], metric: str = "accuracy") -> MetricGroup:
+    rows = tuple(
+        compare(b, {"pretrained": make_cell(dict(enumerate(p))), "scratch": make_cell(dict(enumerate(s)))},
+                metric in LOWER_IS_BETTER)
+        for b, (p, s) in budgets.items()
+    )  # fmt: skip
+    return MetricGroup("evaluate", metric, ("pretrained", "scratch"), rows)
+
+
+@pytest.mark.parametrize(
+    ("smallest", "probe", "passed"),
+    [
+        (([0.60, 0.62, 0.61], [0.40, 0.45, 0.50]), ([0.8, 0.81, 0.79], [0.6, 0.61, 0.6]), True),
+        # a significant Welch CI is not enough: +7 points against twice the larger std (2 x 5 = 10)
+        (([0.57, 0.58, 0.56], [0.45, 0.50, 0.55]), ([0.8, 0.81, 0.79], [0.6, 0.61, 0.6]), False),
+        # fine-tuning clears it, the probe's CI includes zero
+        (([0.60, 0.62, 0.61], [0.40, 0.45, 0.50]), ([0.8, 0.7, 0.6], [0.7, 0.6, 0.8]), False),
+        (([0.60], [0.40]), ([0.8, 0.81, 0.79], [0.6, 0.61, 0.6]), None),  # one seed: no verdict
+    ],
+)
+def test_pay_off_is_the_benchmark_bar(smallest, probe, passed) -> None:
+    g = _group({"5": smallest, "1.0": ([0.9, 0.9, 0.9], [0.1, 0.1, 0.1])})
+    cells = {i: make_cell(dict(enumerate(v))) for i, v in zip(("pretrained", "scratch"), probe)}
+    po = pay_off(g, cells)
+    assert po.smallest is not None and po.smallest.budget == "5"  # the smallest budget, not the best one
+    assert po.passed is passed
+
+
+def test_pay_off_of_an_error_rate_counts_a_lower_wer_as_the_gain() -> None:
+    g = _group({"10": ([0.20, 0.21, 0.22], [0.60, 0.62, 0.61])}, metric="wer")
+    po = pay_off(g, None)
+    assert po.smallest.diff == pytest.approx(0.40, abs=1e-9) and po.finetune_ok
+    assert po.probe_ok is None and po.passed is None
+
+
+def test_the_summary_says_per_modality_whether_pretraining_pays_off(fixture_root: Path) -> None:
+    md, _, _ = render(fixture_root)
+    said = dict(re.findall(r"\*\*(\w+)\*\* — does pretraining pay off\? (yes|\*\*no\*\*|undecided)", md))
+    # audio: 3 seeds per arm and a probe of both encoders; image: one seed per arm, no probe
+    assert said == {"audio": "yes", "image": "undecided"}
 
 
 def test_welch_ci_matches_scipy_within_the_floored_df() -> None:
