@@ -2,7 +2,7 @@
 
     python benchmarks/step.py [--preset small] [--modalities audio image text]
         [--algorithms data2vec data2vec2] [--dtypes fp32 bf16] [--rounds 7] [--warmup 2]
-        [--json out.json] [--no-alternative] [--no-memory] [--no-loader] [--threads N]
+        [--json out.json] [--no-alternative] [--no-memory] [--no-loader] [--threads N] [--compile]
 
 For every modality x algorithm x dtype it runs ``d2v.loop.train_step`` (what ``d2v pretrain`` runs: the
 forward of student and EMA teacher, backward, clipping, AdamW, LR schedule) plus the EMA update, on batches
@@ -21,6 +21,10 @@ preset and algorithm set) made by the modality's own ``collate`` (masks included
 - for data2vec 1.0, the alternative (``benchmarks/hf_alternative.py``: transformers' Data2Vec*Model,
   deepcopy EMA teacher, community-style step) at the same sizes, batch, masks and loss, fp32, and the
   ratio of samples/s.
+
+``--compile`` adds a ``d2v-compiled`` row per dtype: the same step with every Transformer block
+``torch.compile``d in place (``loop.compile: true`` in params.yaml; compilation happens in the warm-up steps,
+so give it ``--warmup 3`` or more). Its FLOPs are counted on the uncompiled model (the same math).
 
 Every variant of one modality/algorithm is timed in the same rounds (A, B, C, peak, A, B, C, peak ...) and
 the median is reported, so load from other processes hits them alike. A wall-clock measurement: never a
@@ -54,11 +58,13 @@ from d2v.data.stages import data_module  # noqa: E402
 from d2v.modalities import MODALITIES, get  # noqa: E402
 from d2v.model import ema_decay  # noqa: E402
 from d2v.optim import build_optimizer, build_scheduler  # noqa: E402
+from d2v.runner import compile_blocks  # noqa: E402
 from d2v.train import PretrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPILED = "d2v-compiled"
 PREP = {"image": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
 
 
@@ -107,9 +113,13 @@ def make_batches(m: str, model_cfg: Any, pcfg: PretrainConfig, n: int = 4) -> li
 class D2VStep:
     """``d2v.loop.train_step`` + the EMA update, as ``d2v pretrain`` runs them (one update per call)."""
 
-    def __init__(self, m: str, model_cfg: Any, pcfg: PretrainConfig, dtype: str) -> None:
+    def __init__(
+        self, m: str, model_cfg: Any, pcfg: PretrainConfig, dtype: str, compiled: bool = False
+    ) -> None:
         torch.manual_seed(0)
         self.model = get(m).build_pretrain_model(model_cfg).train()
+        if compiled:
+            compile_blocks(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = build_optimizer(self.model, pcfg.optim)
         self.sched = build_scheduler(self.opt, pcfg.optim, 10**6)
@@ -152,7 +162,9 @@ class AltStep:
 
 
 def build(impl: str, m: str, model_cfg: Any, pcfg: PretrainConfig, dtype: str):
-    return D2VStep(m, model_cfg, pcfg, dtype) if impl == "d2v" else AltStep(m, model_cfg, pcfg)
+    if impl == "alt":
+        return AltStep(m, model_cfg, pcfg)
+    return D2VStep(m, model_cfg, pcfg, dtype, compiled=impl == COMPILED)
 
 
 # ----------------------------------------------------------------------------------------- measurements
@@ -280,10 +292,13 @@ def measure(args: argparse.Namespace, params: dict[str, Any], m: str, algorithm:
     batches = make_batches(m, model_cfg, pcfg)
     T = batches[0]["mask"].shape[1]
     variants = [("d2v", d) for d in args.dtypes]
+    if args.compile:
+        variants += [(COMPILED, d) for d in args.dtypes]
     if algorithm == "data2vec" and args.alternative:
         variants.append(("alt", "fp32"))
     steps = {v: build(v[0], m, model_cfg, pcfg, v[1]) for v in variants}
-    flops = {v: step_flops(steps[v], batches[0]) for v in variants}
+    flops = {v: step_flops(steps[v], batches[0]) for v in variants if v[0] != COMPILED}
+    flops.update({v: flops[("d2v", v[1])] for v in variants if v[0] == COMPILED})  # the same math
     for v in variants:
         for i in range(args.warmup):
             steps[v](batches[i % len(batches)])
@@ -352,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--no-loader", dest="loader", action="store_false")
     ap.add_argument("--loader-seconds", type=float, default=10.0)
+    ap.add_argument("--compile", action="store_true", help="also time the step with compiled blocks")
     ap.add_argument("--probe", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:

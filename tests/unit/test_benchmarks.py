@@ -1,0 +1,45 @@
+"""The benchmark harnesses run from the README and print figures that could be wrong (smallest sizes)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_step(tmp_path: Path, *extra: str) -> list[dict]:
+    out = tmp_path / "step.json"
+    argv = [
+        "step.py", "--preset", "tiny", "--modalities", "image", "--algorithms", "data2vec", "--dtypes", "fp32",
+        "--rounds", "2", "--warmup", "1", "--no-memory", "--no-loader", "--no-alternative", "--json", str(out),
+        *extra,
+    ]  # fmt: skip
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / "benchmarks/step.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert exit_.value.code == 0
+    return json.loads(out.read_text())["rows"]
+
+
+def test_step_harness_measures_the_step_against_the_peak(tmp_path: Path) -> None:
+    (row,) = run_step(tmp_path)
+    assert (row["modality"], row["impl"], row["dtype"]) == ("image", "d2v", "fp32")
+    assert row["samples_per_s"] > 0 and row["gflop_per_sample"] > 0
+    assert 0 < row["peak_fraction"] < 1.5  # a counted-FLOP rate far above the measured peak is a bug
+    assert row["samples_per_s"] == pytest.approx(row["batch"] / row["step_s"])
+
+
+@pytest.mark.slow
+def test_step_harness_times_compiled_blocks_with_the_same_flops(tmp_path: Path) -> None:
+    rows = {r["impl"]: r for r in run_step(tmp_path, "--compile", "--warmup", "2")}
+    assert set(rows) == {"d2v", "d2v-compiled"}
+    assert rows["d2v-compiled"]["gflop_per_sample"] == rows["d2v"]["gflop_per_sample"]
