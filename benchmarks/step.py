@@ -58,6 +58,7 @@ from d2v.data.stages import data_module  # noqa: E402
 from d2v.modalities import MODALITIES, get  # noqa: E402
 from d2v.model import ema_decay  # noqa: E402
 from d2v.optim import build_optimizer, build_scheduler  # noqa: E402
+from d2v.precision import cpu_bf16  # noqa: E402
 from d2v.runner import compile_blocks  # noqa: E402
 from d2v.train import PretrainConfig  # noqa: E402
 
@@ -375,12 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         memory_probe(args)
         return 0
-    if "bf16" in args.dtypes and not loop.cpu_bf16():
+    if "bf16" in args.dtypes and not cpu_bf16():
         print("this CPU has no bf16 hardware (AMX / AVX512-BF16): bf16 rows are emulated", file=sys.stderr)
     params = load_params(args.params)
     machine = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "?",
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": loop.cpu_bf16(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": cpu_bf16(),
         "load_average": os.getloadavg(),
     }  # fmt: skip
     print(f"torch {machine['torch']}, {machine['threads']} threads, {machine['cpu_capability']}, bf16 hardware "

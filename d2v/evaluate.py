@@ -33,6 +33,7 @@ from d2v.load import load_checkpoint_encoder, load_finetune_model
 from d2v.metrics import accuracy, layer_features, linear_probe, macro_f1, task_metrics
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
+from d2v.precision import Precision, autocast
 from d2v.sweep import INITS, PRETRAINED, Init, Run, SweepConfig, planned_runs, probe_key
 
 # --------------------------------------------------------------------------------------------- config
@@ -66,6 +67,9 @@ class EvaluateConfig:
     and confidence interval. Test sets of a few hundred items alone move accuracy by about 2 points."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    precision: Precision = "fp32"
+    """Forward passes (fine-tuned runs and the probe's features) in 'bf16' autocast where the hardware
+    multiplies bf16 (``d2v.precision``), else fp32. 'fp32': the reference numerics."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.probe_max_iter < 1:
@@ -212,7 +216,8 @@ def evaluate(
             shard_dir, split_of(entry, "test"), model.encoder.config, batch_size=cfg.batch_size,
             mode="eval", seed=seed, num_workers=cfg.num_workers,
         )  # fmt: skip
-        preds, targets = predict_split(model, loader, device)
+        with autocast(cfg.precision, device):
+            preds, targets = predict_split(model, loader, device)
         for k, v in task_metrics(task, preds, targets, meta.get("num_classes")).items():
             metrics[run.key(task, k)] = v
         if task == "classification":
@@ -221,7 +226,8 @@ def evaluate(
             n_labels[run] = training_labels(manifest["splits"].get(split_of(entry, "train"), {}), run.budget)
 
     if pretrain_step is not None:
-        metrics.update(probe_metrics(modality, manifest, shard_dir, pretrain_step, cfg, seed, device))
+        with autocast(cfg.precision, device):
+            metrics.update(probe_metrics(modality, manifest, shard_dir, pretrain_step, cfg, seed, device))
 
     rows: list[tuple[str, str]] = []
     if confusion:

@@ -8,7 +8,8 @@ fraction). Checkpoints go to ``<paths.checkpoints>/finetune/<m>/<run>`` and metr
 ``<paths.metrics>/finetune/<m>/<run>.json`` with ``<run>`` = ``d2v.sweep.Run.name``.
 What fine-tuning adds to the shared runner (``d2v.runner``): no EMA; layer-wise LR decay
 (``optim.layer_decay``, images 0.65 [DV]); the encoder can be frozen for the first ``freeze_encoder_steps``
-updates (fairseq ``freeze_finetune_updates``); the audio conv feature encoder is always frozen by its head.
+updates (fairseq ``freeze_finetune_updates``); the audio conv feature encoder is always frozen by its head;
+``head_init: probe`` fits the classifier's output layer on frozen features before the first update (LP-FT).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from d2v import checkpoint, distributed, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, from_dict, section, to_dict
 from d2v.data.loader import build_loader, read_manifest
-from d2v.heads import FinetuneModel, HeadConfig
+from d2v.heads import FinetuneModel, HeadConfig, SequenceClassifier
 from d2v.load import build_finetune_model, head_config, load_checkpoint_encoder
+from d2v.metrics import fit_logistic
 from d2v.modalities import get
 from d2v.optim import OptimConfig
 from d2v.sweep import PRETRAINED, Run, SweepConfig, parse_budget
@@ -52,6 +54,21 @@ class FinetuneConfig(loop.LoopConfig):
     projector width ``proj_dim``)."""
     freeze_encoder_steps: int = 0
     """Train only the head for this many updates first (fairseq ``freeze_finetune_updates``)."""
+    head_init: Literal["random", "probe"] = "random"
+    """'random': the reference heads' init. 'probe': before the first update, the output layer of the
+    classification head is set to a logistic regression fitted on the frozen features of the training items
+    (the head's own features: pooling, norm / dense layer, eval mode), then everything is fine-tuned:
+    LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"). With a random head, the first
+    updates push large, uninformative gradients into the encoder; with a few labels that undoes much of what
+    pretraining gave. Not in the data2vec recipes, whose fine-tuning sets are large; fairseq's low-resource
+    speech recipes get part of the effect by freezing the encoder for most updates."""
+    head_init_l2: float = 1e-2
+    """L2 penalty of that regression (on standardised features, as the probe's ``probe_l2``). Larger than the
+    probe's: a few labels are linearly separable, and an unpenalised fit would start fine-tuning with
+    saturated, near-zero gradients."""
+    head_init_items: int = 4096
+    """At most this many training items (in the loader's fixed order) are used for the fit: the fit costs one
+    forward pass over them, so the all-labels budget does not pay for a pass over the whole split."""
     mask: dict[str, Any] | None = None
     """Mask the input while fine-tuning, checked by the modality's ``FinetuneMask`` (speech only: wav2vec
     2.0 fine-tuning, kept by data2vec); None: off."""
@@ -60,6 +77,16 @@ class FinetuneConfig(loop.LoopConfig):
         super().__post_init__()
         if self.freeze_encoder_steps < 0:
             raise ConfigError(f"finetune.freeze_encoder_steps must be >= 0, got {self.freeze_encoder_steps}")
+        if self.head_init_l2 < 0 or self.head_init_items < 1:
+            raise ConfigError(
+                f"finetune: head_init_l2 must be >= 0 and head_init_items >= 1, got {self.head_init_l2}, "
+                f"{self.head_init_items}"
+            )
+        if self.head_init == "probe" and self.task != "classification":
+            raise ConfigError(
+                f"finetune.head_init: probe fits a classifier's output layer; task {self.task!r} has none "
+                f"(use head_init: random)"
+            )
 
 
 def modality_options(cfg: FinetuneConfig, modality: str) -> tuple[HeadConfig, Any]:
@@ -78,6 +105,36 @@ def modality_options(cfg: FinetuneConfig, modality: str) -> tuple[HeadConfig, An
     return head, from_dict(mask_cls, cfg.mask, f"{where}.mask")
 
 
+@torch.no_grad()
+def fit_output_layer(
+    model: SequenceClassifier, batches: Iterable[dict[str, Any]], *, l2: float, max_items: int
+) -> float:
+    """Set ``model.output`` to the logistic regression (:func:`d2v.metrics.fit_logistic`) of the labels on
+    ``model.features`` (eval mode) of the first ``max_items`` items of ``batches``; returns its training
+    accuracy. Deterministic: the same items give the same layer."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    xs, ys, n = [], [], 0
+    for batch in batches:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        xs.append(model.features(batch).float().cpu())
+        ys.append(batch["labels"].cpu())
+        n += len(ys[-1])
+        if n >= max_items:
+            break
+    if not ys:
+        raise ValueError("finetune.head_init: probe: the training split yielded no items")
+    x, y = torch.cat(xs)[:max_items], torch.cat(ys)[:max_items]
+    assert model.num_classes is not None
+    W_FC, b_C = fit_logistic(x, y, model.num_classes, l2=l2)
+    out = model.output
+    out.weight.copy_(W_FC.T.to(out.weight.dtype))
+    out.bias.copy_(b_C.to(out.bias.dtype))
+    model.train(was_training)
+    return float(((x.double() @ W_FC + b_C).argmax(-1) == y).double().mean())
+
+
 def finetune_job(
     model: FinetuneModel,
     cfg: FinetuneConfig,
@@ -86,9 +143,14 @@ def finetune_job(
     meta: dict[str, Any],
     *,
     files: dict[str, Path] | None = None,
+    head_items: Callable[[], Iterable[dict[str, Any]]] | None = None,
 ) -> runner.Job:
-    """What fine-tuning adds to the runner: layer-wise LR decay and the encoder frozen for the first
-    ``freeze_encoder_steps`` updates."""
+    """What fine-tuning adds to the runner: layer-wise LR decay, the encoder frozen for the first
+    ``freeze_encoder_steps`` updates, and with ``head_init: probe`` the output layer fitted on
+    ``head_items()`` (the training items without augmentation, the same on every rank) before a fresh run's
+    first update (a resumed run has it in its checkpoint)."""
+    if cfg.head_init == "probe" and (head_items is None or not isinstance(model, SequenceClassifier)):
+        raise ValueError("finetune.head_init: probe needs a classification model and its training items")
     model.set_encoder_trainable(True)  # the optimizer and DDP see every trainable tensor from the start
 
     def unfreeze(done: int) -> dict[str, float]:
@@ -96,10 +158,16 @@ def finetune_job(
             model.set_encoder_trainable(True)
         return {}
 
+    def on_start(step: int) -> None:
+        if step == 0 and cfg.head_init == "probe":
+            assert head_items is not None and isinstance(model, SequenceClassifier)
+            acc = fit_output_layer(model, head_items(), l2=cfg.head_init_l2, max_items=cfg.head_init_items)
+            print(f"finetune: output layer fitted on frozen features (train accuracy {acc:.3f})", flush=True)
+        model.set_encoder_trainable(step >= cfg.freeze_encoder_steps)
+
     return runner.Job(
         "finetune", model, cfg, make_loader, Path(run_dir), meta, CURVE_FIELDS, files=files,
-        layer_ids=model.layer_ids, after_step=unfreeze,
-        on_start=lambda step: model.set_encoder_trainable(step >= cfg.freeze_encoder_steps),
+        layer_ids=model.layer_ids, after_step=unfreeze, on_start=on_start,
     )  # fmt: skip
 
 
@@ -115,9 +183,10 @@ def finetune(
     tracker: tracking.NullTracker | None = None,
     files: dict[str, Path] | None = None,
     clock: loop.Stopwatch | None = None,
+    head_items: Callable[[], Iterable[dict[str, Any]]] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` to ``cfg.steps`` updates, resuming from ``run_dir``; returns the logged history."""
-    job = finetune_job(model, cfg, make_loader, run_dir, meta, files=files)
+    job = finetune_job(model, cfg, make_loader, run_dir, meta, files=files, head_items=head_items)
     return runner.train(job, seed=seed, info=info, tracker=tracker, clock=clock)
 
 
@@ -182,6 +251,15 @@ def cli_finetune(params: dict[str, Any], args) -> int:
             finetune_mask=mask,
         )  # fmt: skip
 
+    def head_items():  # the budget's items, no augmentation or masks, every rank the same order
+        return build_loader(
+            shard_dir, split, model_cfg, batch_size=per_rank, mode="eval", seed=seed, label_budget=run.budget
+        )
+
+    if cfg.head_init == "probe" and info.world_size > 1 and cfg.parallel == "fsdp":
+        raise ConfigError(
+            f"finetune.{m}.head_init: probe runs the whole model on each rank; use parallel: ddp"
+        )
     make_loader(0)  # budget larger than a class, empty split, ...: fail before training
     source_meta = checkpoint.read_meta(source) if source else {}
     fingerprint = {
@@ -198,7 +276,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     }  # fmt: skip
     run_dir = Path(paths.checkpoints) / "finetune" / m / run.name
     job = finetune_job(model, cfg, make_loader, run_dir, meta,
-                       files=runner.preprocessing_files(manifest, shard_dir))  # fmt: skip
+                       files=runner.preprocessing_files(manifest, shard_dir), head_items=head_items)  # fmt: skip
     outputs = runner.Outputs(
         Path(paths.metrics) / "finetune" / m / f"{run.name}.json",
         Path(paths.plots) / "finetune" / m / f"{run.name}.csv",

@@ -195,15 +195,29 @@ class FinetuneModel(nn.Module):
 
 
 class SequenceClassifier(FinetuneModel):
-    """Shared ``forward``/``predict`` of the classification heads: subclasses implement ``logits``."""
+    """Shared ``forward``/``predict`` of the classification heads: ``output(features(batch))``.
+
+    Subclasses implement ``features`` (everything up to the last linear layer: pooling, the head's norm or
+    dense layer, dropout) and ``output`` (that last ``nn.Linear``, under its reference name), so that the
+    output layer can be fitted on frozen features before fine-tuning (``finetune.head_init: probe``).
+    """
 
     def __init__(self, encoder: Encoder, num_classes: int, label_smoothing: float) -> None:
         super().__init__(encoder, "classification", num_classes)
         self.label_smoothing = label_smoothing
 
+    def features(self, batch: dict[str, Any], check: bool = False) -> Tensor:
+        """[B, F]: the input of the output layer."""
+        raise NotImplementedError
+
+    @property
+    def output(self) -> nn.Linear:
+        """The last layer, features [B, F] -> class scores [B, C]."""
+        raise NotImplementedError
+
     def logits(self, batch: dict[str, Any], check: bool = False) -> Tensor:
         """[B, C] class scores."""
-        raise NotImplementedError
+        return self.output(self.features(batch, check))
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return classification_loss(self.logits(batch), batch["labels"], self.label_smoothing)

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from d2v import distributed
 from d2v.config import ConfigError
-
-Precision = Literal["bf16", "fp32"]
+from d2v.precision import Precision, autocast_dtype
 
 
 class TrainingHalted(ValueError):
@@ -148,27 +147,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def batch_size(batch: dict[str, Any]) -> int:
     return len(batch["inputs"])
-
-
-def cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), so that oneDNN's bf16
-    kernels beat fp32; without it bf16 is emulated and slower."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-
-
-def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device``, None for fp32.
-
-    'bf16' autocasts on CUDA and on a CPU with bf16 hardware (:func:`cpu_bf16`; measured on a 2-core AMX
-    Xeon: the small presets' step 1.5-1.9x faster than fp32, loss curves within 0.2% over 20 steps);
-    elsewhere it runs fp32. As on CUDA, autocast lowers the matmuls/convs only: weights, optimizer state,
-    the EMA teacher's weights, the targets and the loss stay fp32 (``d2v.model`` computes them so).
-    """
-    if precision != "bf16":
-        return None
-    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16()):
-        return torch.bfloat16
-    return None
 
 
 def train_step(

@@ -101,29 +101,27 @@ def task_metrics(task: str, preds: list, targets: list, num_classes: int | None)
 # ------------------------------------------------------------------------------------------- probing
 
 
-def linear_probe(
+def fit_logistic(
     train_x_ND: Tensor,
     train_y_N: Tensor,
-    test_x_MD: Tensor,
     num_classes: int,
     *,
     l2: float = 1e-4,
     max_iter: int = 200,
-) -> Tensor:
-    """Multinomial logistic regression on frozen features; returns the test predictions [M] (int64).
+) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression on frozen features: ``(W [D, C], b [C])`` (float64) such that
+    ``x @ W + b`` are the class scores of raw features ``x``.
 
     Features are standardised with the training mean/std; the weights start at zero and full-batch L-BFGS
-    minimises ``CE + l2/2 * |W|^2`` (a strictly convex problem: no RNG is involved, so the result depends
-    only on the data; same inputs -> same predictions on CPU).
+    minimises ``CE + l2/2 * |W|^2`` in that standardised space (a strictly convex problem: no RNG is
+    involved, so the result depends only on the data; same inputs -> same weights on CPU). The returned
+    weights fold the standardisation in.
     """
-    if train_x_ND.dim() != 2 or test_x_MD.dim() != 2 or train_x_ND.shape[1] != test_x_MD.shape[1]:
-        raise ValueError(
-            "linear_probe needs [N, D] and [M, D] features, "
-            f"got {tuple(train_x_ND.shape)}, {tuple(test_x_MD.shape)}"
-        )
+    if train_x_ND.dim() != 2:
+        raise ValueError(f"fit_logistic needs [N, D] features, got {tuple(train_x_ND.shape)}")
     if train_y_N.shape != train_x_ND.shape[:1]:
         raise ValueError(f"{train_x_ND.shape[0]} training features but {train_y_N.shape[0]} labels")
-    x = train_x_ND.double()
+    x = train_x_ND.detach().double()
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
     x = (x - mean) / std
     y = train_y_N.long()
@@ -140,9 +138,27 @@ def linear_probe(
 
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        z = (test_x_MD.double() - mean) / std
-        return (z @ W + b).argmax(-1)
+    W_raw = W.detach() / std[:, None]
+    return W_raw, b.detach() - mean @ W_raw
+
+
+def linear_probe(
+    train_x_ND: Tensor,
+    train_y_N: Tensor,
+    test_x_MD: Tensor,
+    num_classes: int,
+    *,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+) -> Tensor:
+    """:func:`fit_logistic` on the training features; returns the test predictions [M] (int64)."""
+    if train_x_ND.dim() != 2 or test_x_MD.dim() != 2 or train_x_ND.shape[1] != test_x_MD.shape[1]:
+        raise ValueError(
+            "linear_probe needs [N, D] and [M, D] features, "
+            f"got {tuple(train_x_ND.shape)}, {tuple(test_x_MD.shape)}"
+        )
+    W, b = fit_logistic(train_x_ND, train_y_N, num_classes, l2=l2, max_iter=max_iter)
+    return (test_x_MD.double() @ W + b).argmax(-1)
 
 
 @torch.no_grad()
@@ -174,4 +190,3 @@ def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple
     if not xs:
         raise ValueError("the split yielded no samples")
     return torch.cat(xs, dim=1), torch.cat(ys)
-

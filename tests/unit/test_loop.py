@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from d2v import checkpoint, loop
-from d2v.config import to_dict
+from d2v import precision as prec
+from d2v.config import ConfigError, to_dict
 from d2v.load import load_finetune_model
 from d2v.modalities import get
 from d2v.model import ema_decay
@@ -186,7 +187,7 @@ def test_non_finite_loss_halts_before_the_next_checkpoint():
 
 
 def test_bf16_setting_is_fp32_on_a_cpu_without_bf16_hardware(monkeypatch):
-    monkeypatch.setattr(loop, "cpu_bf16", lambda: False)
+    monkeypatch.setattr(prec, "cpu_bf16", lambda: False)
     a, b = Toy(), Toy()
     b.load_state_dict(a.state_dict())
     run_toy(a, precision="fp32")
@@ -199,7 +200,7 @@ def test_bf16_on_cpu_keeps_the_fp32_loss_curve_and_the_fp32_state(tmp_path, moda
     """bf16 autocast where the CPU has bf16 hardware (forced here, so it runs on any CPU): the loss of every
     one of 8 steps within 3% of fp32's (measured: at most 1.2% on the tiny presets over 20 steps, 0.2% on
     the small ones), weights and teacher still fp32, and a second bf16 run gives the same losses."""
-    monkeypatch.setattr(loop, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(prec, "cpu_bf16", lambda: True)
     assert loop.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     curves = {}
     for name, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16 again", "bf16")):
@@ -219,7 +220,7 @@ def test_bf16_on_cpu_keeps_the_fp32_finetune_curve(tmp_path, monkeypatch):
     from d2v.finetune import FinetuneConfig, finetune
     from d2v.load import build_finetune_model
 
-    monkeypatch.setattr(loop, "cpu_bf16", lambda: True)
+    monkeypatch.setattr(prec, "cpu_bf16", lambda: True)
     mod = get("image")
     cfg = mod.model_config({"preset": "tiny"})
 
@@ -320,6 +321,72 @@ def test_finetune_freezes_then_trains_the_encoder_and_checkpoints_the_task_model
     model.eval()
     assert torch.equal(again.predict(x), model.predict(x))
     torch.testing.assert_close(again.logits(x), model.logits(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_head_init_probe_puts_the_fitted_regression_into_the_output_layer(modality):
+    from d2v.finetune import fit_output_layer
+    from d2v.load import build_finetune_model
+    from d2v.metrics import fit_logistic
+
+    mod = get(modality)
+    torch.manual_seed(0)
+    model = build_finetune_model(modality, mod.build_encoder(mod.model_config({"preset": "tiny"})),
+                                 "classification", 3, None)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    if modality == "audio":
+        x = [torch.randn(4, 3200, generator=g) for _ in range(3)]
+    elif modality == "image":
+        x = [torch.randn(4, 3, 28, 28, generator=g) for _ in range(3)]
+    else:
+        x = [torch.cat([torch.zeros(4, 1, dtype=torch.long), torch.randint(5, 200, (4, 8), generator=g)], 1)
+             for _ in range(3)]  # fmt: skip
+    batches = [{"inputs": xi, "labels": torch.randint(0, 3, (4,), generator=g)} for xi in x]
+    enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    model.train()
+    acc = fit_output_layer(model, batches, l2=1e-2, max_items=8)  # the first two batches only
+    assert model.training and all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in enc0.items())
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.features(b) for b in batches[:2]])
+        labels = torch.cat([b["labels"] for b in batches[:2]])
+        W, b = fit_logistic(feats, labels, 3, l2=1e-2)
+        torch.testing.assert_close(model.output.weight.double(), W.T, rtol=1e-5, atol=1e-6)
+        pred = torch.cat([model.logits(b) for b in batches[:2]]).argmax(-1)
+    assert acc == pytest.approx((pred == labels).double().mean().item())
+    assert acc > 0.5  # 8 items, 3 classes, a wider feature space: the fit beats chance on its own items
+
+
+def test_head_init_probe_fits_once_and_a_resumed_run_keeps_its_checkpointed_head(tmp_path, monkeypatch):
+    from d2v import finetune as ft
+    from d2v.load import build_finetune_model
+
+    mod = get("image")
+    torch.manual_seed(0)
+    model = build_finetune_model("image", mod.build_encoder(mod.model_config({"preset": "tiny"})),
+                                 "classification", 3, None)  # fmt: skip
+
+    def make_loader(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        return [{"inputs": torch.randn(4, 3, 28, 28, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+                for _ in range(2)]  # fmt: skip
+
+    fits = []
+    real = ft.fit_output_layer
+    monkeypatch.setattr(ft, "fit_output_layer", lambda *a, **k: fits.append(1) or real(*a, **k))
+    meta = {"modality": "image", "kind": "finetune", "model_config": to_dict(model.encoder.config),
+            "encoder_prefix": "encoder.", "task": "classification", "num_classes": 3, "head": None}  # fmt: skip
+    kw = {"batch_size": 4, "log_every": 1, "checkpoint_every": 2, "head_init": "probe"}
+    ft.finetune(model, ft.FinetuneConfig(steps=2, **kw), make_loader, tmp_path, meta,
+                head_items=lambda: make_loader(0))  # fmt: skip
+    assert fits == [1]
+    head = model.output.weight.clone()
+    ft.finetune(model, ft.FinetuneConfig(steps=4, **kw), make_loader, tmp_path, meta,
+                head_items=lambda: make_loader(0))  # fmt: skip
+    assert fits == [1]  # resumed at step 2: the checkpoint's head, no second fit
+    assert not torch.equal(head, model.output.weight)  # and training went on from it
+    with pytest.raises(ConfigError, match="head_init: probe fits a classifier"):
+        ft.FinetuneConfig(task="ctc", head_init="probe")
 
 
 @pytest.mark.slow

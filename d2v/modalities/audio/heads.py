@@ -45,8 +45,6 @@ FROZEN = ("encoder.feature_extractor.",)
 """The conv feature encoder ([FS] ``feature_grad_mult: 0``)."""
 
 
-
-
 @dataclass(frozen=True)
 class AudioHeadConfig(HeadConfig):
     """``finetune.audio.head``: the shared head options plus the classification projector's width."""
@@ -130,10 +128,13 @@ class Data2VecAudioForSequenceClassification(SequenceClassifier):
         self.classifier.apply(init_bert_params)
         self.freeze_always_frozen()
 
-    def logits(self, batch: dict[str, Any], check: bool = False) -> Tensor:
+    def features(self, batch: dict[str, Any], check: bool = False) -> Tensor:
         h_BTD, pad_BT = self.encode(batch, check)
-        x_BTP = self.projector(self.dropout(h_BTD))
-        return self.classifier(mean_pool(x_BTP, pad_BT))
+        return mean_pool(self.projector(self.dropout(h_BTD)), pad_BT)
+
+    @property
+    def output(self) -> nn.Linear:
+        return self.classifier
 
 
 class Data2VecAudioForCTC(FinetuneModel):

@@ -64,10 +64,14 @@ class Data2VecVisionForImageClassification(SequenceClassifier):
         nn.init.zeros_(self.classifier.bias)
         self.classifier.weight.data.mul_(HEAD_INIT_SCALE)
 
-    def logits(self, batch: dict[str, Any], check: bool = False) -> Tensor:
+    def features(self, batch: dict[str, Any], check: bool = False) -> Tensor:
         h_BTD, _ = self.encode(batch, check)
         pooled_BD = h_BTD[:, self.encoder.num_prefix_tokens :].mean(1)  # CLS excluded ([P1] §4.1)
-        return self.classifier(self.dropout(self.fc_norm(pooled_BD)))
+        return self.dropout(self.fc_norm(pooled_BD))
+
+    @property
+    def output(self) -> nn.Linear:
+        return self.classifier
 
 
 def build_finetune_model(

@@ -33,10 +33,12 @@ class ClassificationHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(dim, num_classes)
 
+    def features(self, x_BD: Tensor) -> Tensor:
+        """x_BD -> the input of ``out_proj`` [B, D]."""
+        return self.dropout(self.dense(self.dropout(x_BD)).tanh())
+
     def forward(self, x_BD: Tensor) -> Tensor:
-        x = self.dropout(x_BD)
-        x = self.dropout(self.dense(x).tanh())
-        return self.out_proj(x)
+        return self.out_proj(self.features(x_BD))
 
 
 class Data2VecTextForSequenceClassification(SequenceClassifier):
@@ -48,9 +50,13 @@ class Data2VecTextForSequenceClassification(SequenceClassifier):
         self.classifier = ClassificationHead(encoder.transformer.dim, num_classes, p)
         self.classifier.apply(init_bert_params)  # [FS]/HF: N(0, 0.02), zero bias
 
-    def logits(self, batch: dict[str, Any], check: bool = False) -> Tensor:
+    def features(self, batch: dict[str, Any], check: bool = False) -> Tensor:
         h_BTD, _ = self.encode(batch, check)
-        return self.classifier(h_BTD[:, 0])  # <s>: the loader starts every sequence with bos
+        return self.classifier.features(h_BTD[:, 0])  # <s>: the loader starts every sequence with bos
+
+    @property
+    def output(self) -> nn.Linear:
+        return self.classifier.out_proj
 
 
 def build_finetune_model(
