@@ -65,7 +65,7 @@ class FinetuneConfig(loop.LoopConfig):
     head_init_l2: float = 1e-2
     """L2 penalty of that regression (on standardised features, as the probe's ``probe_l2``). Larger than the
     probe's: a few labels are linearly separable, and an unpenalised fit would start fine-tuning with
-    saturated, near-zero gradients."""
+    saturated logits. Even so the text head's first train-mode losses are large (benchmarks/RESULTS.md)."""
     head_init_items: int = 4096
     """At most this many training items (in the loader's fixed order) are used for the fit: the fit costs one
     forward pass over them, so the all-labels budget does not pay for a pass over the whole split."""
