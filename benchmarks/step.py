@@ -23,7 +23,7 @@ preset and algorithm set) made by the modality's own ``collate`` (masks included
   ratio of samples/s.
 
 ``--compile`` adds a ``d2v-compiled`` row per dtype: the same step with every Transformer block
-``torch.compile``d in place (``loop.compile: true`` in params.yaml; compilation happens in the warm-up steps,
+``torch.compile``d in place (what ``compile: true`` of a pretrain section does; compilation happens in the warm-up steps,
 so give it ``--warmup 3`` or more). Its FLOPs are counted on the uncompiled model (the same math).
 
 Every variant of one modality/algorithm is timed in the same rounds (A, B, C, peak, A, B, C, peak ...) and

@@ -117,7 +117,7 @@ def fit_output_layer(
     device = next(model.parameters()).device
     xs, ys, n = [], [], 0
     for batch in batches:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = loop.to_device(batch, device)
         xs.append(model.features(batch).float().cpu())
         ys.append(batch["labels"].cpu())
         n += len(ys[-1])

@@ -234,7 +234,8 @@ def pay_off(group: MetricGroup | None, probe: dict[str, Cell] | None) -> PayOff:
             if None not in stds:
                 margin = 2 * max(stds)  # type: ignore[type-var]
             sign = -1.0 if group.lower_is_better else 1.0
-            smallest = Comparison(c.budget, c.cells, sign * c.diff, c.ci, c.verdict)
+            ci = None if c.ci is None else tuple(sorted(sign * x for x in c.ci))
+            smallest = Comparison(c.budget, c.cells, sign * c.diff, ci, c.verdict)  # type: ignore[arg-type]
     cmp_probe = None
     if probe and PRETRAINED in probe and SCRATCH in probe:
         cmp_probe = compare("probe", {i: probe[i] for i in (PRETRAINED, SCRATCH)}, lower_is_better=False)
