@@ -22,7 +22,7 @@ preset and algorithm set) made by the modality's own ``collate`` (masks included
   deepcopy EMA teacher, community-style step) at the same sizes, batch, masks and loss, fp32, and the
   ratio of samples/s.
 
-``--compile`` adds a ``d2v-compiled`` row per dtype: the same step with every Transformer block
+``--compile`` adds a ``d2v-compiled`` row per dtype: the same step with the model's forward
 ``torch.compile``d in place (what ``compile: true`` of a pretrain section does; compilation happens in the warm-up steps,
 so give it ``--warmup 3`` or more). Its FLOPs are counted on the uncompiled model (the same math).
 
@@ -59,7 +59,7 @@ from d2v.modalities import MODALITIES, get  # noqa: E402
 from d2v.model import ema_decay  # noqa: E402
 from d2v.optim import build_optimizer, build_scheduler  # noqa: E402
 from d2v.precision import cpu_bf16  # noqa: E402
-from d2v.runner import compile_blocks  # noqa: E402
+from d2v.runner import compile_model  # noqa: E402
 from d2v.train import PretrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ class D2VStep:
         torch.manual_seed(0)
         self.model = get(m).build_pretrain_model(model_cfg).train()
         if compiled:
-            compile_blocks(self.model)
+            compile_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = build_optimizer(self.model, pcfg.optim)
         self.sched = build_scheduler(self.opt, pcfg.optim, 10**6)
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--no-loader", dest="loader", action="store_false")
     ap.add_argument("--loader-seconds", type=float, default=10.0)
-    ap.add_argument("--compile", action="store_true", help="also time the step with compiled blocks")
+    ap.add_argument("--compile", action="store_true", help="also time the step with the forward compiled")
     ap.add_argument("--probe", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:

@@ -48,7 +48,8 @@ class LoopConfig:
     """'bf16': autocast on CUDA and on CPUs with bf16 hardware (AMX / AVX512-BF16), fp32 elsewhere; the EMA
     teacher's weights, the targets and the loss stay fp32 (``autocast_dtype``). 'fp32': no autocast."""
     compile: bool = False
-    """``torch.compile`` every Transformer block (student and teacher) before training."""
+    """``torch.compile`` the model's whole forward (student, teacher targets, decoder or head, loss) before
+    training (``d2v.runner.compile_model``)."""
     parallel: distributed.Parallel = "ddp"
     """Multi-GPU strategy under torchrun: 'ddp', or 'fsdp' (FSDP2 ``fully_shard``, for the large preset)."""
     log_every: int = 10

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from d2v import checkpoint, distributed, loop, tracking
 from d2v.config import to_dict
+from d2v.modalities.base import Encoder
 from d2v.optim import build_optimizer, build_scheduler
-from d2v.transformer import Block
 
 Kind = Literal["pretrain", "finetune"]
 RESUME_NEUTRAL = ("log_every", "checkpoint_every", "keep_checkpoints")
@@ -76,11 +77,20 @@ class Outputs:
 # ------------------------------------------------------------------------------------------- pieces
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each Transformer block in place (state-dict names unchanged)."""
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.compile()
+def compile_model(model: nn.Module) -> None:
+    """``torch.compile`` the model's whole forward in place (``nn.Module.compile``: state-dict names
+    unchanged): the student, the teacher's targets, the decoder and the loss in one graph. The blocks alone
+    gained nothing measurable on an H100 (data2vec 2.0, base image preset, 64 images x 16 masks: 296 img/s
+    either way); the whole forward lets inductor fuse the norms, activations and residuals of the decoder and
+    the loss around them (``benchmarks/gpu_profile.py``, benchmarks/RESULTS.md)."""
+    model.compile()
+
+
+def tune_backends(model: nn.Module, device: torch.device) -> None:
+    """CUDA: ``cudnn.benchmark`` when the encoder's batches all have one shape (``Encoder.static_shapes``)."""
+    if device.type == "cuda":
+        enc = next((m for m in model.modules() if isinstance(m, Encoder)), None)
+        torch.backends.cudnn.benchmark = bool(enc is not None and enc.static_shapes)
 
 
 def train_state(
@@ -190,8 +200,9 @@ def train(
     if info.is_main:
         checkpoint.clean_stale(run_dir)
     job.model.to(info.device)
+    tune_backends(job.model, info.device)
     if cfg.compile:
-        compile_blocks(job.model)
+        compile_model(job.model)
     wrapped = distributed.wrap(job.model, info, cfg.parallel)
     model = distributed.unwrap(wrapped)
     depth = model.encoder.transformer.depth if job.layer_ids is not None else 0

@@ -91,6 +91,10 @@ class Encoder(nn.Module):
     these is never read and never averaged."""
     shared_with_teacher: ClassVar[tuple[str, ...]] = ()
     """Parameter-name prefixes of ``contextualize`` that the teacher copies instead of averaging (§1.3)."""
+    static_shapes: ClassVar[bool] = False
+    """True when every batch of a run has the same shapes (images at one size): on CUDA, cuDNN then times
+    its conv algorithms once per shape and keeps the fastest (``cudnn.benchmark``; with lengths that vary
+    from batch to batch it would time them again and again)."""
     padding_leaks: ClassVar[bool] = False
     """True when a padded row's outputs depend on its padding, i.e. on the other rows of its batch (speech:
     the stacked positional convs carry zeroed padding into valid frames). Frozen features for the probe and

@@ -39,7 +39,7 @@ def test_step_harness_measures_the_step_against_the_peak(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_step_harness_times_compiled_blocks_with_the_same_flops(tmp_path: Path) -> None:
+def test_step_harness_times_the_compiled_model_with_the_same_flops(tmp_path: Path) -> None:
     rows = {r["impl"]: r for r in run_step(tmp_path, "--compile", "--warmup", "2")}
     assert set(rows) == {"d2v", "d2v-compiled"}
     assert rows["d2v-compiled"]["gflop_per_sample"] == rows["d2v"]["gflop_per_sample"]

@@ -390,7 +390,7 @@ def test_head_init_probe_fits_once_and_a_resumed_run_keeps_its_checkpointed_head
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager(tmp_path):
+def test_compiled_model_trains_like_eager(tmp_path):
     """``compile: true`` (~30 s of inductor compilation on CPU) keeps state-dict names and the numbers."""
     runs = {}
     for flag in (False, True):

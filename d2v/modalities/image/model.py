@@ -276,6 +276,7 @@ class ImageEncoder(Encoder):
 
     modality = "image"
     num_prefix_tokens = 1  # CLS
+    static_shapes = True  # every image is resized to image_size
     local_modules = ("patch_embed",)
 
     def __init__(self, cfg: ModelConfig) -> None:
