@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,11 @@ from d2v.precision import Precision, autocast
 from d2v.sweep import INITS, PRETRAINED, Init, Run, SweepConfig, planned_runs, probe_key
 
 # --------------------------------------------------------------------------------------------- config
+
+LENGTH_BUCKETS = 8
+"""Scoring reads pools of 8 batches sorted by length: less padding to compute (speech clips of 0.5 to 3 s).
+Every encoder's features of an item are independent of its batch (``Encoder.padding_leaks`` is handled by
+``layer_features``), so this changes the order of the predictions, not their values."""
 
 
 @dataclass(frozen=True)
@@ -99,21 +105,31 @@ def split_of(task_entry: dict[str, Any], kind: str) -> str:
 
 
 @torch.no_grad()
-def predict_split(model: FinetuneModel, loader: Any, device: torch.device) -> tuple[list, list]:
-    """(predictions, targets) over a loader: class ids, or transcripts for CTC."""
-    preds: list = []
+def predict_many(
+    models: Sequence[FinetuneModel], loader: Any, device: torch.device
+) -> tuple[list[list], list]:
+    """Predictions of every model over one pass of ``loader`` (each batch read and decoded once: the
+    sweep's runs share their test split) and the targets: class ids, or transcripts for CTC. The models
+    must share a task."""
+    if len({m.task for m in models}) > 1:
+        raise ValueError(f"predict_many: models of different tasks {sorted({m.task for m in models})}")
+    preds: list[list] = [[] for _ in models]
     targets: list = []
     for batch in loader:
-        out = model.predict(_to(batch, device))
-        if model.task == "ctc":
-            preds += out
-            targets += batch["transcripts"]
-        else:
-            preds += out.cpu().tolist()
-            targets += batch["labels"].tolist()
+        on_device = _to(batch, device)
+        for out, model in zip(preds, models):
+            p = model.predict(on_device)
+            out += p if model.task == "ctc" else p.cpu().tolist()
+        targets += batch["transcripts"] if models[0].task == "ctc" else batch["labels"].tolist()
     if not targets:
         raise ValueError("the test split yielded no samples")
     return preds, targets
+
+
+def predict_split(model: FinetuneModel, loader: Any, device: torch.device) -> tuple[list, list]:
+    """(predictions, targets) of one model over a loader (:func:`predict_many`)."""
+    preds, targets = predict_many([model], loader, device)
+    return preds[0], targets
 
 
 def training_labels(split_entry: dict[str, Any], budget: int | float) -> int:
@@ -207,23 +223,30 @@ def evaluate(
     metrics: dict[str, float] = {}
     confusion: dict[Run, list[tuple[str, str]]] = {}
     n_labels: dict[Run, int] = {}
+    groups: dict[tuple[str, str], list[Run]] = {}  # (task, test split) -> its runs: one pass over the split
+    entries: dict[str, dict[str, Any]] = {}
     for run in runs:
-        meta = metas[run.name]
-        task = meta["task"]
-        entry = (manifest.get("tasks") or {}).get(task) or meta["task_info"]
-        model = load_finetune_model(finetune_dir / run.name, modality)[0].to(device)
+        task = metas[run.name]["task"]
+        entries[task] = (manifest.get("tasks") or {}).get(task) or metas[run.name]["task_info"]
+        groups.setdefault((task, split_of(entries[task], "test")), []).append(run)
+    for (task, test), group in groups.items():
+        entry = entries[task]
+        models = [load_finetune_model(finetune_dir / run.name, modality)[0].to(device) for run in group]
         loader = build_loader(
-            shard_dir, split_of(entry, "test"), model.encoder.config, batch_size=cfg.batch_size,
-            mode="eval", seed=seed, num_workers=cfg.num_workers,
+            shard_dir, test, models[0].encoder.config, batch_size=cfg.batch_size, mode="eval", seed=seed,
+            num_workers=cfg.num_workers, length_buckets=LENGTH_BUCKETS,
         )  # fmt: skip
         with autocast(cfg.precision, device):
-            preds, targets = predict_split(model, loader, device)
-        for k, v in task_metrics(task, preds, targets, meta.get("num_classes")).items():
-            metrics[run.key(task, k)] = v
-        if task == "classification":
-            names = entry["labels"]
-            confusion[run] = [(names[a], names[p]) for a, p in zip(targets, preds)]
-            n_labels[run] = training_labels(manifest["splits"].get(split_of(entry, "train"), {}), run.budget)
+            all_preds, targets = predict_many(models, loader, device)
+        del models
+        for run, preds in zip(group, all_preds):
+            for k, v in task_metrics(task, preds, targets, metas[run.name].get("num_classes")).items():
+                metrics[run.key(task, k)] = v
+            if task == "classification":
+                names = entry["labels"]
+                confusion[run] = [(names[a], names[p]) for a, p in zip(targets, preds)]
+                train = manifest["splits"].get(split_of(entry, "train"), {})
+                n_labels[run] = training_labels(train, run.budget)
 
     if pretrain_step is not None:
         with autocast(cfg.precision, device):
@@ -286,11 +309,12 @@ def probe(
     def features(split: str, budget: int | float | None, draw: int) -> tuple[Tensor, Tensor]:
         loader = build_loader(
             shard_dir, split, encoder.config, batch_size=cfg.batch_size, mode="eval", seed=draw,
-            num_workers=cfg.num_workers, label_budget=budget,
+            num_workers=cfg.num_workers, label_budget=budget, length_buckets=LENGTH_BUCKETS,
         )  # fmt: skip
         return layer_features(encoder, loader, device)
 
     was_training = encoder.training
+
     def eval_budget(split: str) -> int | float | None:  # per class, at most what the smallest class has
         b = cfg.probe_eval_budget
         counts = (manifest["splits"].get(split) or {}).get("label_counts") or {}
@@ -310,7 +334,9 @@ def probe(
         valid_acc, test_pred = [], []
         for layer in range(len(train_x)):  # one fit per layer, scored on valid and test at once
             eval_x = torch.cat([valid_x[layer], test_x[layer]])
-            pred = linear_probe(train_x[layer], train_y, eval_x, n, l2=cfg.probe_l2, max_iter=cfg.probe_max_iter)
+            pred = linear_probe(
+                train_x[layer], train_y, eval_x, n, l2=cfg.probe_l2, max_iter=cfg.probe_max_iter
+            )
             v, t = pred[: len(valid_y)], pred[len(valid_y) :]
             valid_acc.append(accuracy(v, valid_y) if len(valid_y) else 0.0)
             test_pred.append(t)
@@ -325,6 +351,7 @@ def probe(
     for metric in ("accuracy", "macro_f1"):
         out[metric] = sum(out[f"s{s}/{metric}"] for s in cfg.probe_seeds) / len(cfg.probe_seeds)
     return out
+
 
 def write_outputs(
     metrics: dict[str, float], rows: list[tuple[str, str]], metrics_file: Path, plot_file: Path

@@ -12,7 +12,7 @@ from PIL import Image
 from d2v import checkpoint
 from d2v.config import to_dict
 from d2v.data.stages import data_module, shard
-from d2v.evaluate import EvaluateConfig, cli_evaluate, evaluate, predict_split
+from d2v.evaluate import EvaluateConfig, cli_evaluate, evaluate, predict_many, predict_split
 from d2v.heads import HeadConfig, ctc_greedy_decode
 from d2v.load import build_finetune_model, load_checkpoint_encoder, load_finetune_model
 from d2v.metrics import (
@@ -252,3 +252,34 @@ def test_ctc_predictions_give_wer_and_cer():
     m = task_metrics("ctc", preds, targets, None)
     assert m == {"wer": wer(targets, preds), "cer": cer(targets, preds)}
     assert task_metrics("ctc", targets, targets, None) == {"wer": 0.0, "cer": 0.0}
+
+
+def test_predict_many_reads_the_split_once_and_predicts_as_each_model_alone():
+    """The sweep's runs are scored in one pass over their test split: each model's predictions are those it
+    gives alone, and models of different tasks are refused."""
+    ih = __import__("d2v.modalities.image.heads", fromlist=["x"])
+    mod = get("image")
+    cfg = mod.model_config({"preset": "tiny"})
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(ih.build_finetune_model(mod.build_encoder(cfg), "classification", 4).eval())
+    reads = []
+
+    def loader():
+        for i in range(3):
+            reads.append(i)
+            g = torch.Generator().manual_seed(i)
+            yield {"inputs": torch.randn(5, 3, cfg.image_size, cfg.image_size, generator=g),
+                   "labels": torch.randint(0, 4, (5,), generator=g)}  # fmt: skip
+
+    preds, targets = predict_many(models, list(loader()), torch.device("cpu"))
+    assert reads == [0, 1, 2] and len(targets) == 15
+    for p, model in zip(preds, models):
+        assert (p, targets) == predict_split(model, list(loader()), torch.device("cpu"))
+    assert preds[0] != preds[1]  # two different models, so the check above compares something
+    ah = __import__("d2v.modalities.audio.heads", fromlist=["x"])
+    a = get("audio")
+    ctc = ah.build_finetune_model(a.build_encoder(a.model_config({"preset": "tiny"})), "ctc", None)
+    with pytest.raises(ValueError, match="different tasks"):
+        predict_many([models[0], ctc], [], torch.device("cpu"))
