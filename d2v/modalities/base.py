@@ -96,9 +96,8 @@ class Encoder(nn.Module):
     its conv algorithms once per shape and keeps the fastest (``cudnn.benchmark``; with lengths that vary
     from batch to batch it would time them again and again)."""
     padding_leaks: ClassVar[bool] = False
-    """True when a padded row's outputs depend on its padding, i.e. on the other rows of its batch (e.g.
-    stacked positional convs that carry the padding into valid frames; speech re-zeroes it after each of its
-    convs, so it does not leak). Frozen features for the probe and
+    """True when a padded row's outputs depend on its padding, i.e. on the other rows of its batch (speech:
+    the stacked positional convs carry zeroed padding into valid frames). Frozen features for the probe and
     ``embed`` are then computed one row at a time, each cropped to its length (:func:`unpadded_rows`)."""
 
     config: Any

@@ -267,15 +267,7 @@ class PosConvLayer(nn.Module):
 
 
 class PosConv(nn.Module):
-    """Relative positions by ``pos_conv_layers`` stacked convs (§2.2): [B, T, D] -> [B, T, D].
-
-    Padded frames are zeroed again after every layer. Departure from fairseq and transformers, which zero
-    them once before the stack: there, the conv bias and the last valid frames make the padding non-zero
-    after the first layer, and the next layer carries it back into the valid frames, so a clip's features
-    depended on the clips it was batched with. Re-zeroed, each layer sees at the padding what a clip alone
-    sees past its end (the conv's own zero padding): a padded batch gives every clip its features alone,
-    exactly. Unpadded batches (pretraining crops to the shortest clip, HF parity checks) are unchanged.
-    """
+    """Relative positions by ``pos_conv_layers`` stacked convs (§2.2): [B, T, D] -> [B, T, D]."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -284,13 +276,10 @@ class PosConv(nn.Module):
             PosConvLayer(d, cfg.pos_conv_kernel, cfg.pos_conv_groups) for _ in range(cfg.pos_conv_layers)
         )
 
-    def forward(self, x_BTD: Tensor, padding_BT: Tensor | None = None) -> Tensor:
+    def forward(self, x_BTD: Tensor) -> Tensor:
         x = x_BTD.transpose(1, 2)
-        pad = None if padding_BT is None or not len(self.layers) else padding_BT[:, None, :]
         for layer in self.layers:
             x = layer(x)
-            if pad is not None:
-                x = x.masked_fill(pad, 0.0)
         return x.transpose(1, 2)
 
 
@@ -300,6 +289,7 @@ class AudioEncoder(Encoder):
     modality = "audio"
     local_modules = ("feature_extractor", "feature_projection")
     shared_with_teacher = ("pos_conv",)  # [P1] §3.3: positional encoder shared ([FS] ``ema_layers_only``)
+    padding_leaks = True  # the stacked positional convs carry zeroed padding into valid frames
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -356,7 +346,7 @@ class AudioEncoder(Encoder):
         the positions of the kept frames never see the masked content (spec §5.4)."""
         if padding_BT is not None:
             x_BTD = x_BTD.masked_fill(padding_BT[..., None], 0.0)
-        return x_BTD + self.pos_conv(x_BTD, padding_BT)
+        return x_BTD + self.pos_conv(x_BTD)
 
     def encode_tokens(
         self,
