@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +112,18 @@ def data_position(state: dict[str, Any], info: distributed.DistInfo) -> dict[str
     """This rank's saved data position (rank 0's if the world size changed; epoch 0 for a new run)."""
     saved = state.get("data") or [{}]
     return saved[info.rank] if len(saved) == info.world_size else saved[0]
+
+
+def code_fingerprint() -> str:
+    """sha256 of the ``d2v`` package's source (every ``.py``, with its path). Part of every run's fingerprint:
+    DVC keeps a stage's checkpoints across runs (``persist``) so that a killed run resumes, and without the
+    code in the fingerprint a stage rerun after a code change would resume the old code's finished
+    checkpoint and report it as the new code's. Conservative: any change to the package starts runs over."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def resume(model: nn.Module, opt, sched, run_dir: Path, set_aside: bool = True) -> dict[str, Any] | None:
@@ -281,12 +294,13 @@ def run_stage(
 ) -> dict[str, Any]:
     """A training stage from the CLI: decide resume or restart, train, write the outputs, track, report.
 
-    ``fingerprint`` is everything that determines the result; a checkpoint folder made with another one
-    starts over (``checkpoint.prepare_run_dir``). The caller has checked its inputs (``make_loader(0)``)
+    ``fingerprint`` is everything that determines the result (the package's source is added here); a
+    checkpoint folder made with another one starts over (``checkpoint.prepare_run_dir``). The caller has checked its inputs (``make_loader(0)``)
     before any model was trained. Rank 0 holds the run folder's lock from the resume decision to the last
     output (``checkpoint.run_lock``: a second writer of the folder fails naming this one's pid). Returns
     the stage metrics (rank 0; {} elsewhere).
     """
+    fingerprint = {**fingerprint, "code": code_fingerprint()}
     lock = checkpoint.run_lock(job.run_dir) if info.is_main else contextlib.nullcontext()
     with lock:
         checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)

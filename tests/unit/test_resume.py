@@ -241,14 +241,21 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     assert state["step"] == 6 and [r["step"] for r in state["history"]] == [2, 4, 6]
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000004", "step-00000006"]
 
+    # other code (a pull that changed d2v/, so DVC reruns the stage): starts over, never resumes the old
+    # code's finished checkpoint as the new code's
+    from d2v import runner
+
+    monkeypatch.setattr(runner, "code_fingerprint", lambda: "another version of d2v")
+    assert main(["pretrain", "image"]) == 0
+    assert "made with other settings (code); starting over" in capsys.readouterr().out
+    assert checkpoint.read_meta(run)["fingerprint"]["code"] == "another version of d2v"
+
     write_params(tmp_path / "params.yaml")
     assert main(["finetune", "image"]) == 0
     assert main(["finetune", "image", "--init", "scratch", "--budget", "0.5", "--seed", "1"]) == 0
     names = sorted(p.name for p in (tmp_path / "metrics" / "finetune" / "image").iterdir())
     assert names == ["b0.5-s1-scratch.json", "b2-s0-pretrained.json"]
-    model, meta = load_finetune_model(
-        tmp_path / "ckpt" / "finetune" / "image" / "b2-s0-pretrained"
-    )
+    model, meta = load_finetune_model(tmp_path / "ckpt" / "finetune" / "image" / "b2-s0-pretrained")
     assert meta["init"] == "pretrained" and meta["num_classes"] == 10 and meta["budget"] == 2
     assert meta["pretrained_from"].endswith("step-00000006")
 
