@@ -25,11 +25,11 @@ import torch
 from gpu_image import DEV, make_shards, matmul_peak, step_fn, sync, timed
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import d2v.decoder
 from d2v.data import build_loader
 from d2v.decoder import conv_channels_last
 from d2v.modalities import get
 from d2v.optim import OptimConfig, build_optimizer
+from d2v.runner import compile_model, tune_backends
 
 
 def labelled(fn, name: str):
@@ -126,17 +126,10 @@ def main() -> None:
     ap.add_argument("--preset", default="base")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms")
-    ap.add_argument("--conv-nchw", action="store_true", help="decoder convs on contiguous NCHW inputs")
     ap.add_argument("--decoder", action="store_true", help="time the decoder's conv reformulations only")
-    ap.add_argument("--compile-model", action="store_true", help="torch.compile the whole model's forward")
+    ap.add_argument("--compile-model", action="store_true", help="compile the whole forward (compile: true)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    if args.conv_nchw:  # the layout cuDNN's grouped kernels were written for; same math
-        d2v.decoder.conv_channels_last = lambda conv, x: conv(x.permute(0, 3, 1, 2).contiguous()).permute(
-            0, 2, 3, 1
-        )
     peak = matmul_peak()
     mod = get("image")
     cfg = mod.model_config({"preset": args.preset, "algorithm": args.algorithm})
@@ -148,10 +141,11 @@ def main() -> None:
         fixed = next(iter(loader))
     torch.manual_seed(0)
     model = mod.build_pretrain_model(cfg).to(DEV).train()
+    tune_backends(model, DEV)  # as d2v pretrain: cudnn.benchmark for images
     opt = build_optimizer(model, OptimConfig(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05))
     if args.compile_model:
         t = time.perf_counter()
-        model.forward = torch.compile(model.forward)
+        compile_model(model)  # what compile: true does
     step = step_fn(model, opt)
     if args.compile_model:
         step({k: v.to(DEV) if torch.is_tensor(v) else v for k, v in fixed.items()})

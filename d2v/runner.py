@@ -295,10 +295,10 @@ def run_stage(
     """A training stage from the CLI: decide resume or restart, train, write the outputs, track, report.
 
     ``fingerprint`` is everything that determines the result (the package's source is added here); a
-    checkpoint folder made with another one starts over (``checkpoint.prepare_run_dir``). The caller has checked its inputs (``make_loader(0)``)
-    before any model was trained. Rank 0 holds the run folder's lock from the resume decision to the last
-    output (``checkpoint.run_lock``: a second writer of the folder fails naming this one's pid). Returns
-    the stage metrics (rank 0; {} elsewhere).
+    checkpoint folder made with another one starts over (``checkpoint.prepare_run_dir``). The caller has
+    checked its inputs (``make_loader(0)``) before any model was trained. Rank 0 holds the run folder's
+    lock from the resume decision to the last output (``checkpoint.run_lock``: a second writer of the
+    folder fails naming this one's pid). Returns the stage metrics (rank 0; {} elsewhere).
     """
     fingerprint = {**fingerprint, "code": code_fingerprint()}
     lock = checkpoint.run_lock(job.run_dir) if info.is_main else contextlib.nullcontext()
