@@ -313,10 +313,12 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {unknown}; valid keys are {list(SECTIONS)}")
-    name = profile if profile is not None else raw.get("profile", "default")
+    name = (profile if profile is not None else raw.get("profile")) or "default"
     profiles = raw.get("profiles") or {}
     own = None
-    if name not in ("default", None):
+    # "default" is the file's own sections; its (empty) entry under profiles: exists for dvc.yaml, whose
+    # stages depend on `profiles.${profile}` only, not on every profile.
+    if profiles.get(name) or name != "default":
         if name not in profiles:
             raise ConfigError(
                 f"{path}: profile {name!r} is not defined under 'profiles:' ({sorted(profiles)})"

@@ -31,7 +31,15 @@ from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import build_loader, read_manifest
 from d2v.heads import FinetuneModel
 from d2v.load import load_checkpoint_encoder, load_finetune_model
-from d2v.metrics import accuracy, layer_features, linear_probe, macro_f1, task_metrics
+from d2v.metrics import (
+    accuracy,
+    ctc_probe,
+    frame_features,
+    layer_features,
+    linear_probe,
+    macro_f1,
+    task_metrics,
+)
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
 from d2v.precision import Precision, autocast
@@ -72,6 +80,12 @@ class EvaluateConfig:
     probe_seeds: tuple[int, ...] = (0, 1, 2)
     """One probe per seed, each on its own draw of ``probe_budget`` training labels: the report's spread
     and confidence interval. Test sets of a few hundred items alone move accuracy by about 2 points."""
+    ctc_probe_budget: int | None = None
+    """Speech with transcripts (the shards' ``ctc`` task): transcribed clips of its train split that the CTC
+    probe (:func:`d2v.metrics.ctc_probe`) trains on, per probe seed its own draw; None: no CTC probe.
+    Scored as WER/CER on the whole test split, pretrained against random init like the linear probe."""
+    ctc_probe_steps: int = 3000
+    """AdamW steps (16 clips each, LR 1e-2) of the CTC probe's head on the cached features."""
     num_workers: int = 0
     """DataLoader worker processes."""
     precision: Precision = "fp32"
@@ -85,6 +99,8 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.probe_l2 must be >= 0, got {self.probe_l2}")
         if len(set(self.probe_inits)) != len(self.probe_inits):
             raise ConfigError(f"evaluate.probe_inits has duplicates: {list(self.probe_inits)}")
+        if (self.ctc_probe_budget is not None and self.ctc_probe_budget < 1) or self.ctc_probe_steps < 1:
+            raise ConfigError("evaluate: ctc_probe_budget (clips) and ctc_probe_steps must be >= 1")
         if not self.probe_seeds or len(set(self.probe_seeds)) != len(self.probe_seeds):
             raise ConfigError(f"probe_seeds must be distinct and at least one, got {list(self.probe_seeds)}")
 
@@ -177,6 +193,18 @@ def preflight(
             shard_dir, split_of(entry, "train"), pre_cfg, batch_size=cfg.batch_size, mode="eval",
             seed=seed, label_budget=cfg.probe_budget,
         )  # fmt: skip
+    if cfg.ctc_probe_budget is not None and cfg.probe_inits:
+        if "ctc" not in (manifest.get("tasks") or {}):
+            raise ValueError(
+                f"evaluate.{modality}.ctc_probe_budget: {shard_dir} has no transcribed ('ctc') task; "
+                "set it to null"
+            )
+        pre_meta = checkpoint.read_meta(checkpoint.resolve(pretrain_dir))
+        pre_cfg = get(modality).model_config(pre_meta["model_config"], f"{pretrain_dir}/meta.json")
+        build_loader(  # a CTC probe budget larger than the split fails here
+            shard_dir, split_of(manifest["tasks"]["ctc"], "train"), pre_cfg, batch_size=cfg.batch_size,
+            mode="eval", seed=seed, label_budget=cfg.ctc_probe_budget,
+        )  # fmt: skip
     metas = {r.name: checkpoint.read_meta(finetune_dir / r.name) for r in runs}
     want = to_dict(model_cfg)["transformer"] if model_cfg is not None else None
     for name, meta in metas.items():
@@ -252,6 +280,9 @@ def evaluate(
     if pretrain_step is not None:
         with autocast(cfg.precision, device):
             metrics.update(probe_metrics(modality, manifest, shard_dir, pretrain_step, cfg, seed, device))
+    if cfg.ctc_probe_budget is not None and cfg.probe_inits:
+        with autocast(cfg.precision, device):
+            metrics.update(ctc_probe_metrics(manifest, shard_dir, pretrain_dir, cfg, seed, device))
 
     rows: list[tuple[str, str]] = []
     if confusion:
@@ -351,6 +382,45 @@ def probe(
     encoder.train(was_training)
     for metric in ("accuracy", "macro_f1"):
         out[metric] = sum(out[f"s{s}/{metric}"] for s in cfg.probe_seeds) / len(cfg.probe_seeds)
+    return out
+
+
+def ctc_probe_metrics(
+    manifest: dict[str, Any],
+    shard_dir: Path,
+    pretrain_dir: Path,
+    cfg: EvaluateConfig,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """``ctc_probe/<init>/b<clips>/s<seed>/{wer,cer}``: the CTC probe (a linear CTC head on frozen frame
+    features, :func:`d2v.metrics.ctc_probe`) of the pretrained encoder and of random init, per probe seed:
+    trained on its own draw of ``cfg.ctc_probe_budget`` transcribed clips, scored on the test split. The
+    report reads them as one more row of pretrained against scratch, with seeds for the spread."""
+    entry = manifest["tasks"]["ctc"]
+    step = checkpoint.resolve(pretrain_dir)
+    out: dict[str, float] = {}
+
+    def features(
+        encoder: Encoder, split: str, budget: int | None, draw: int
+    ) -> tuple[list[Tensor], list[str]]:
+        loader = build_loader(
+            shard_dir, split, encoder.config, batch_size=cfg.batch_size, mode="eval", seed=draw,
+            num_workers=cfg.num_workers, label_budget=budget, length_buckets=LENGTH_BUCKETS,
+        )  # fmt: skip
+        return frame_features(encoder, loader, device)
+
+    for init in cfg.probe_inits:
+        encoder = load_checkpoint_encoder(step, pretrained=init == PRETRAINED, seed=seed)
+        test_x, test_text = features(encoder, split_of(entry, "test"), None, seed)
+        for s in cfg.probe_seeds:
+            train_x, train_text = features(encoder, split_of(entry, "train"), cfg.ctc_probe_budget, seed + s)
+            hyps = ctc_probe(
+                train_x, train_text, test_x, entry["alphabet"], steps=cfg.ctc_probe_steps, seed=seed + s
+            )
+            run = Run(init, cfg.ctc_probe_budget, s)
+            for metric, value in task_metrics("ctc", hyps, test_text, None).items():
+                out[run.key("ctc_probe", metric)] = value
     return out
 
 

@@ -3,18 +3,20 @@
 Shape legend: N / M examples, C classes, D feature width.
 
 Classification: accuracy, macro-F1, confusion matrix. Speech CTC: word and character error rates of
-greedy transcripts. The linear probe: logistic regression on frozen features (``layer_features``).
+greedy transcripts. The linear probe: logistic regression on frozen features (``layer_features``); the
+CTC probe: a linear CTC head on frozen frame features (``frame_features``, ``ctc_probe``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from d2v.heads import ctc_greedy_decode
 from d2v.modalities.base import Encoder, unpadded_rows
 
 # ------------------------------------------------------------------------------------- classification
@@ -161,13 +163,13 @@ def linear_probe(
     return (test_x_MD.double() @ W + b).argmax(-1)
 
 
-@torch.no_grad()
-def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Mean-pooled features of every block's output and of the final output (after the modality's final
-    norm), prefix tokens and padding excluded: [L + 1, N, D] (fp32, CPU), and the labels [N]."""
+def _tapped(
+    encoder: Encoder, loader: Any, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor | None, dict]]:
+    """Per forward pass: every block's output and the final output (after the modality's final norm),
+    prefix tokens dropped, ``[L + 1, B, T, D]``, the padding ``[B, T]`` (or None) and the loader's batch."""
     encoder.to(device).eval()
     P = encoder.num_prefix_tokens
-    xs, ys = [], []
     for batch in loader:
         inputs, pad = batch["inputs"].to(device), batch.get("padding_mask")
         pad = None if pad is None else pad.to(device)
@@ -180,13 +182,113 @@ def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple
         for x_in, pad_in in rows:
             x, pad_BT = encoder.local_features(x_in, pad_in)
             out = encoder.contextualize(x, pad_BT, tap="block")
-            keep = None if pad_BT is None else (~pad_BT).float()[..., None]
-            pooled = [
-                h[:, P:].mean(1) if keep is None else (h[:, P:] * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-                for h in [*out.layers, out.x_BTD]
-            ]
-            xs.append(torch.stack(pooled).float().cpu())
-        ys.append(batch["labels"])
+            yield torch.stack([h[:, P:] for h in [*out.layers, out.x_BTD]]), pad_BT, batch
+
+
+@torch.no_grad()
+def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean-pooled features of every block's output and of the final output (after the modality's final
+    norm), prefix tokens and padding excluded: [L + 1, N, D] (fp32, CPU), and the labels [N]."""
+    xs, ys, last = [], [], None
+    for h_LBTD, pad_BT, batch in _tapped(encoder, loader, device):
+        if pad_BT is None:
+            xs.append(h_LBTD.mean(2).float().cpu())
+        else:
+            keep = (~pad_BT).float()[None, ..., None]
+            xs.append(((h_LBTD * keep).sum(2) / keep.sum(2).clamp_min(1.0)).float().cpu())
+        if batch is not last:  # a batch split into rows yields once per row
+            ys.append(batch["labels"])
+            last = batch
     if not xs:
         raise ValueError("the split yielded no samples")
     return torch.cat(xs, dim=1), torch.cat(ys)
+
+
+@torch.no_grad()
+def frame_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[list[Tensor], list[str]]:
+    """Every block's output and the final output at each valid frame, one ``[L + 1, T_i, D]`` (fp32, CPU)
+    per item, and the items' transcripts (the CTC probe's inputs)."""
+    xs, texts, last = [], [], None
+    for h_LBTD, pad_BT, batch in _tapped(encoder, loader, device):
+        for b in range(h_LBTD.shape[1]):
+            h = h_LBTD[:, b] if pad_BT is None else h_LBTD[:, b, ~pad_BT[b]]
+            xs.append(h.float().cpu())
+        if batch is not last:
+            texts += batch["transcripts"]
+            last = batch
+    if not xs:
+        raise ValueError("the split yielded no samples")
+    return xs, texts
+
+
+class CTCProbe(torch.nn.Module):
+    """A linear CTC head on frozen features: a learned softmax-weighted sum of the layers, each
+    layer-normalised (SUPERB's protocol for frozen upstreams, Yang et al. 2021; no layer to choose), then one
+    linear map to the letters and the blank (id 0)."""
+
+    def __init__(self, num_layers: int, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.layer_logits = torch.nn.Parameter(torch.zeros(num_layers))
+        self.out = torch.nn.Linear(dim, vocab + 1)
+
+    def forward(self, h_LBTD: Tensor) -> Tensor:
+        """Layer-normalised features [L, B, T, D] (:func:`ctc_probe` normalises them once) -> log-probabilities
+        [B, T, V + 1]."""
+        w = self.layer_logits.softmax(0)
+        return self.out(torch.einsum("l,lbtd->btd", w, h_LBTD)).log_softmax(-1)
+
+
+def _pad_LBTD(xs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Items [L, T_i, D] -> zero-padded [L, B, T, D] and the lengths [B]."""
+    lengths = torch.tensor([x.shape[1] for x in xs])
+    out = xs[0].new_zeros(xs[0].shape[0], len(xs), int(lengths.max()), xs[0].shape[2])
+    for b, x in enumerate(xs):
+        out[:, b, : x.shape[1]] = x
+    return out, lengths
+
+
+def ctc_probe(
+    train_x: Sequence[Tensor],
+    train_text: Sequence[str],
+    test_x: Sequence[Tensor],
+    alphabet: str,
+    *,
+    steps: int,
+    seed: int,
+    lr: float = 1e-2,
+    batch_size: int = 16,
+) -> list[str]:
+    """Fit :class:`CTCProbe` on ``train_x`` (items [L, T_i, D]) and their transcripts (letters of
+    ``alphabet``) with AdamW for ``steps`` minibatches drawn with ``seed``; returns the greedy transcripts
+    of ``test_x``. CTC on frozen features learns slowly at first (blank-only outputs), hence many cheap
+    steps on cached features instead of fine-tuning the encoder."""
+    ids = {c: i + 1 for i, c in enumerate(alphabet)}
+    bad = sorted({c for t in train_text for c in t} - set(ids))
+    if bad:
+        raise ValueError(f"ctc_probe: transcript letters {bad} are not in the alphabet {alphabet!r}")
+    targets = [torch.tensor([ids[c] for c in t], dtype=torch.long) for t in train_text]
+    train_x = [F.layer_norm(x, x.shape[-1:]) for x in train_x]  # no parameters: once, not every step
+    test_x = [F.layer_norm(x, x.shape[-1:]) for x in test_x]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the head's init
+    head = CTCProbe(train_x[0].shape[0], train_x[0].shape[2], len(alphabet))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr)
+    # fp32 whatever autocast the caller's features were computed under: a small head, many steps
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        for _ in range(steps):
+            idx = torch.randint(len(train_x), (min(batch_size, len(train_x)),), generator=g).tolist()
+            x, lengths = _pad_LBTD([train_x[i] for i in idx])
+            tgt = [targets[i] for i in idx]
+            loss = F.ctc_loss(
+                head(x).transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),
+                zero_infinity=True,  # a transcript longer than its frames: no gradient, not inf
+            )  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    hyps = []
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for x in test_x:
+            (row,) = ctc_greedy_decode(head(x[:, None]))
+            hyps.append("".join(alphabet[i - 1] for i in row))
+    return hyps

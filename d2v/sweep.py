@@ -26,8 +26,9 @@ Budget = int | float
 FINETUNE_STAGE = "finetune@{modality}-{budget}-{seed}-{init}"
 """dvc.yaml's name of one fine-tuning run (a ``matrix`` over modality x budget x seed x init)."""
 
-TASK_PREFIX = {"classification": "evaluate", "ctc": "ctc"}
-"""Metric-key prefix per fine-tuning task: ``evaluate/<init>/b<budget>/s<seed>/accuracy``, ``ctc/.../wer``."""
+TASK_PREFIX = {"classification": "evaluate", "ctc": "ctc", "ctc_probe": "ctc_probe"}
+"""Metric-key prefix per task: ``evaluate/<init>/b<budget>/s<seed>/accuracy``, ``ctc/.../wer``; the CTC probe
+of frozen features (``ctc_probe/<init>/b<clips>/s<probe seed>/wer``) has the same shape."""
 
 EVAL_KEY = re.compile(
     r"^(?P<task>[A-Za-z0-9_]+)/(?P<init>[A-Za-z0-9_-]+)/b(?P<budget>[^/]+)/s(?P<seed>\d+)/(?P<metric>[^/]+)$"

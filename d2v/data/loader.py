@@ -18,6 +18,7 @@ would otherwise make DDP wait on a rank that ran out of data (see docs/mlops-sta
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,12 +62,19 @@ def budget_keys(shard_dir: Path, split: str, label_budget: int | float, seed: in
     """Keys of a seeded, class-stratified label budget of ``split``.
 
     ``int``: that many samples per class; ``float`` in (0, 1]: that fraction of each class (at least one).
-    ValueError when a class has fewer samples than asked, or the split has no labels.
+    A task split whose targets are not classes (speech CTC: one transcript per sample) is one class: ``int``
+    is that many transcribed samples. ValueError when a class has fewer samples than asked, or the split
+    has no labels.
     """
     path = Path(shard_dir) / f"{split}{LABELS_SUFFIX}"
-    if not path.exists():
+    manifest = Path(shard_dir) / "manifest.json"
+    entry = json.loads(manifest.read_text())["splits"].get(split) if manifest.exists() else None
+    if path.exists():
+        labels = [int(v) for v in path.read_text().split()]
+    elif entry is not None and entry.get("task"):
+        labels = [0] * entry["samples"]
+    else:
         raise ValueError(f"label_budget: split {split!r} has no labels ({path.name} missing in {shard_dir})")
-    labels = [int(v) for v in path.read_text().split()]
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)

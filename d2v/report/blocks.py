@@ -132,7 +132,7 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
             diff = "—" if c.diff is None else fmt_diff(c.diff, g.is_rate)
             rows.append(
                 (
-                    budget_phrase(c.budget),
+                    budget_phrase(c.budget, g.task),
                     *(fmt_cell(c.cells.get(i), g.is_rate) for i in g.inits),
                     diff,
                     ci,

@@ -95,7 +95,7 @@ def _missing_runs(groups: list[MetricGroup], expected: list[tuple[str, str, int]
 def _budget_panels(groups: list[MetricGroup]) -> list:
     panels = []
     for g in groups:
-        budgets = [budget_phrase(r.budget) for r in g.rows]
+        budgets = [budget_phrase(r.budget, g.task) for r in g.rows]
         by_init = {
             i: [
                 (r.cells[i].mean, r.cells[i].std or 0.0, r.cells[i].n) if i in r.cells else None

@@ -8,16 +8,23 @@ from typing import Any
 
 from d2v.report.stats import Cell
 
+TRANSCRIBED_TASKS = frozenset({"ctc", "ctc_probe"})
+"""Metric-key tasks whose budget counts transcribed clips (speech CTC has no classes)."""
 
-def budget_phrase(b: str) -> str:
-    """``5`` -> "5 labels/class", ``0.1`` -> "10% of the labels" (the two forms ``--budget`` accepts)."""
+
+def budget_phrase(b: str, task: str = "evaluate") -> str:
+    """``5`` -> "5 labels/class", ``0.1`` -> "10% of the labels" (the two forms ``--budget`` accepts);
+    for a CTC task (:data:`TRANSCRIBED_TASKS`) "330 transcribed clips", "10% of the transcribed clips"."""
+    what = "transcribed clips" if task in TRANSCRIBED_TASKS else "labels"
     try:
         if re.fullmatch(r"\d+", b):
+            if task in TRANSCRIBED_TASKS:
+                return f"{int(b)} transcribed clip{'s' if int(b) != 1 else ''}"
             return f"{int(b)} label{'s' if int(b) != 1 else ''}/class"
         f = float(b)
     except ValueError:
         return f"budget {b}"
-    return "all labels" if f == 1.0 else f"{100 * f:g}% of the labels"
+    return f"all {what}" if f == 1.0 else f"{100 * f:g}% of the {what}"
 
 
 def fmt_num(x: Any) -> str:

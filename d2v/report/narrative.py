@@ -30,22 +30,22 @@ def _diff_text(c: Comparison, g: MetricGroup) -> str:
     seeds = _seeds_phrase(p, s)
     if c.verdict == "one seed":
         return (
-            f"at {budget_phrase(c.budget)} pretrained − scratch is {fmt_diff(c.diff, g.is_rate)}{unit} "
+            f"at {budget_phrase(c.budget, g.task)} pretrained − scratch is {fmt_diff(c.diff, g.is_rate)}{unit} "
             f"from {seeds}: too few seeds to tell signal from noise"
         )
     lo, hi = (fmt_diff(x, g.is_rate) for x in c.ci)
     ci = f"95% CI {lo} to {hi}; {seeds}"
     if c.verdict == "not significant":
         return (
-            f"at {budget_phrase(c.budget)} the difference ({fmt_diff(c.diff, g.is_rate)}{unit}) is not "
+            f"at {budget_phrase(c.budget, g.task)} the difference ({fmt_diff(c.diff, g.is_rate)}{unit}) is not "
             f"significant ({ci})"
         )
     mag = fmt_value(abs(c.diff), g.is_rate) + unit
     if c.verdict == "better":
         what = f"lower {g.label} by {mag}" if g.lower_is_better else f"by +{mag}"
-        return f"pretrained beats scratch at {budget_phrase(c.budget)} {what} ({ci})"
+        return f"pretrained beats scratch at {budget_phrase(c.budget, g.task)} {what} ({ci})"
     what = f"higher {g.label} by {mag}" if g.lower_is_better else f"by −{mag}"
-    return f"pretrained is worse than scratch at {budget_phrase(c.budget)} {what} ({ci})"
+    return f"pretrained is worse than scratch at {budget_phrase(c.budget, g.task)} {what} ({ci})"
 
 
 def group_sentence(m: str, g: MetricGroup) -> str:
@@ -53,7 +53,7 @@ def group_sentence(m: str, g: MetricGroup) -> str:
     for c in g.rows:
         if c.verdict == "missing":
             have = ", ".join(sorted(c.cells, key=init_key)) or "no"
-            parts.append(f"at {budget_phrase(c.budget)} only {have} runs exist, nothing to compare")
+            parts.append(f"at {budget_phrase(c.budget, g.task)} only {have} runs exist, nothing to compare")
         else:
             parts.append(_diff_text(c, g))
     return f"**{m}** ({g.label}): " + "; ".join(parts) + "."
@@ -89,12 +89,12 @@ def payoff_sentence(m: str, g: MetricGroup | None, po: PayOff) -> str:
             f"{fmt_diff(c.diff, g.is_rate)}{unit}"
         )
         if po.margin is None:
-            parts.append(f"at {budget_phrase(c.budget)} {gain}, one seed: no spread to compare it with")
+            parts.append(f"at {budget_phrase(c.budget, g.task)} {gain}, one seed: no spread to compare it with")
         else:
             need = f"{fmt_value(po.margin, g.is_rate)}{unit}"
             ok = "more" if po.finetune_ok else "not more"
             parts.append(
-                f"at {budget_phrase(c.budget)} (the smallest budget) {g.label} {gain}: {ok} than twice the "
+                f"at {budget_phrase(c.budget, g.task)} (the smallest budget) {g.label} {gain}: {ok} than twice the "
                 f"larger seed std ({need})"
             )
     p = po.probe

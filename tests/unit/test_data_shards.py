@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import tarfile
 from collections import Counter
@@ -140,6 +141,20 @@ def test_label_budget_per_class_and_fraction(tmp_path):
     assert len(budget_keys(tmp_path, "train", 0.5, seed=0)) == 15
     with pytest.raises(ValueError, match="only 10 samples"):
         budget_keys(tmp_path, "train", 11, seed=0)
+    with pytest.raises(ValueError, match="no labels"):
+        budget_keys(tmp_path, "pretrain", 1, seed=0)
+
+
+def test_label_budget_of_a_transcript_split_counts_samples(tmp_path):
+    # speech CTC: no classes, so an int budget is that many transcribed samples (finetune.audio.task: ctc)
+    splits = {"ctc_train": {"samples": 40, "task": "ctc"}, "pretrain": {"samples": 40}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": splits}))
+    keys = budget_keys(tmp_path, "ctc_train", 7, seed=0)
+    assert len(keys) == 7 and keys <= {f"ctc_train-{i:07d}" for i in range(40)}
+    assert budget_keys(tmp_path, "ctc_train", 7, seed=1) != keys
+    assert len(budget_keys(tmp_path, "ctc_train", 0.25, seed=0)) == 10
+    with pytest.raises(ValueError, match="only 40 samples"):
+        budget_keys(tmp_path, "ctc_train", 41, seed=0)
     with pytest.raises(ValueError, match="no labels"):
         budget_keys(tmp_path, "pretrain", 1, seed=0)
 

@@ -119,3 +119,16 @@ def test_each_stage_lists_the_code_it_runs(stage, modality):
         f for f in code if f not in INFRA and not covered(f, deps) and not f.startswith(tuple(other))
     )
     assert not missing, f"dvc.yaml stage {stage!r} runs {missing} but does not list it in deps"
+
+
+def test_each_stage_depends_on_the_selected_profile_only():
+    # every stage reads the profile that overrides its sections, but not every preset: `profiles` whole
+    # would copy all presets into each of the 49 stages' dvc.lock entries (DVC re-reads and rewrites that
+    # file after every stage: 24,000 lines made each stage ~8 s slower)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        params = (stage.get("do") or stage)["params"]
+        assert "profile" in params and "profiles.${profile}" in params, name
+        assert "profiles" not in params, name
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["profile"] in params["profiles"]  # DVC fails on a missing params key

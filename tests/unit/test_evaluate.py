@@ -19,7 +19,10 @@ from d2v.metrics import (
     accuracy,
     cer,
     confusion_matrix,
+    ctc_probe,
     edit_distance,
+    frame_features,
+    layer_features,
     linear_probe,
     macro_f1,
     task_metrics,
@@ -107,6 +110,44 @@ def test_linear_probe_is_chance_on_noise_and_checks_shapes():
     assert abs(accuracy(linear_probe(x, y, xt, 2), yt) - 0.5) < 0.15
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         linear_probe(x, y, torch.randn(3, 5), 2)
+
+
+def test_ctc_probe_transcribes_when_frames_encode_letters_and_not_on_noise():
+    # each letter is 3 frames of its own one-hot direction (+ noise), a space-free toy alphabet: a linear
+    # CTC head can read them exactly; on frames independent of the text it cannot
+    alphabet, g = "abcd", torch.Generator().manual_seed(0)
+
+    def clip(text, informative=True):
+        ids = torch.tensor([alphabet.index(c) for c in text]).repeat_interleave(3)
+        x = torch.nn.functional.one_hot(ids, 8).float() * 4 if informative else torch.zeros(len(ids), 8)
+        return (x + 0.3 * torch.randn(x.shape, generator=g))[None].repeat(2, 1, 1)  # [L=2, T, D]
+
+    texts = ["".join(alphabet[int(i)] for i in torch.randint(0, 4, (5,), generator=g)) for _ in range(80)]
+    texts = [t for t in texts if all(a != b for a, b in zip(t, t[1:]))] or ["abcd"]  # repeats need a blank
+    test = texts[:20]
+    hyps = ctc_probe([clip(t) for t in texts], texts, [clip(t) for t in test], alphabet, steps=300, seed=0)
+    assert cer(test, hyps) < 0.05
+    noise = ctc_probe(
+        [clip(t, False) for t in texts], texts, [clip(t, False) for t in test], alphabet, steps=300, seed=0
+    )
+    assert cer(test, noise) > 0.4
+    with pytest.raises(ValueError, match=r"\['z'\] are not in the alphabet"):
+        ctc_probe([clip("ab")], ["az"], [clip("ab")], alphabet, steps=1, seed=0)
+
+
+def test_frame_features_keep_each_items_valid_frames_and_match_layer_features():
+    torch.manual_seed(0)
+    mod = get("audio")
+    enc = mod.build_encoder(mod.model_config({"preset": "tiny"})).eval()
+    pad = torch.zeros(2, 4000, dtype=torch.bool)
+    pad[1, 3000:] = True
+    batch = {"inputs": torch.randn(2, 4000), "padding_mask": pad, "transcripts": ["one", "two"]}
+    xs, texts = frame_features(enc, [batch], torch.device("cpu"))
+    assert texts == ["one", "two"] and len(xs) == 2
+    assert xs[0].shape[0] == enc.config.transformer.depth + 1 and xs[1].shape[1] < xs[0].shape[1]
+    pooled, labels = layer_features(enc, [{**batch, "labels": torch.tensor([3, 4])}], torch.device("cpu"))
+    assert labels.tolist() == [3, 4]
+    torch.testing.assert_close(pooled[:, 1], xs[1].mean(1))  # the same frames, mean-pooled
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -232,6 +273,9 @@ def test_missing_runs_manifest_and_wrong_checkpoints_are_named(image_project, tm
     no_probe = {**bigger, "evaluate": {"image": {"probe_inits": []}}}
     with pytest.raises(ValueError, match=r"b2-s0-pretrained/step-\d+ was fine-tuned with another"):
         cli_evaluate(no_probe, _args())
+    ctc = {**params, "evaluate": {"image": {"ctc_probe_budget": 10}}}
+    with pytest.raises(ValueError, match="ctc_probe_budget: .* has no transcribed"):
+        cli_evaluate(ctc, _args())
     too_many = {**params, "evaluate": {"image": {"probe_budget": 50}}}
     with pytest.raises(ValueError, match="label_budget: 50 labels per class"):
         cli_evaluate(too_many, _args())

@@ -136,7 +136,7 @@ def test_results_table_has_mean_std_n_and_difference_from_the_fixture(fixture_ro
     assert "`scratch/b50/s2`" in audio
     assert "pretrained beats scratch at 5 labels/class by +" in md
     # lower-is-better metric with one seed per arm: the difference is shown, no verdict claimed
-    ctc = table_row(audio, "ctc/wer", "5 labels/class")
+    ctc = table_row(audio, "ctc/wer", "5 transcribed clips")  # a CTC budget counts clips
     assert ctc[1:3] == ["30.0 (n=1)", "71.0 (n=1)"] and ctc[-1] == "one seed"
     # the linear probe over three probe seeds: the difference, its Welch interval and a verdict
     probe = [r for r in audio.splitlines() if r.startswith("| accuracy |")][-1].strip("|").split("|")
@@ -285,6 +285,15 @@ def test_key_parsing_is_tolerant() -> None:
     assert probe["accuracy"]["scratch"].seeds == (1,)
     assert sorted(unused) == ["evaluate/pretrained/b5/s0/accuracy", "evaluate/pretrained/bfoo"]
     assert report.budget_phrase("0.1") == "10% of the labels" and report.budget_phrase("1") == "1 label/class"
+    # CTC budgets count transcribed clips, and the CTC probe's keys are one more group
+    assert report.budget_phrase("330", "ctc_probe") == "330 transcribed clips"
+    assert report.budget_phrase("1.0", "ctc") == "all transcribed clips"
+    groups, _, _ = report.parse_eval_metrics(
+        {f"ctc_probe/{i}/b330/s{s}/cer": 0.5 + s / 10 for i in ("pretrained", "scratch") for s in (0, 1)}
+    )
+    assert [(g.label, g.lower_is_better, g.rows[0].verdict) for g in groups] == [
+        ("ctc_probe/cer", True, "not significant")
+    ]
 
 
 def test_bad_report_config_is_rejected() -> None:
