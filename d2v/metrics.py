@@ -270,8 +270,9 @@ def ctc_probe(
     train_x = [F.layer_norm(x, x.shape[-1:]) for x in train_x]  # no parameters: once, not every step
     test_x = [F.layer_norm(x, x.shape[-1:]) for x in test_x]
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the head's init
-    head = CTCProbe(train_x[0].shape[0], train_x[0].shape[2], len(alphabet))
+    with torch.random.fork_rng(devices=[]):  # the head's init from ``seed``; the caller's RNG untouched
+        torch.manual_seed(seed)
+        head = CTCProbe(train_x[0].shape[0], train_x[0].shape[2], len(alphabet))
     opt = torch.optim.AdamW(head.parameters(), lr=lr)
     # fp32 whatever autocast the caller's features were computed under: a small head, many steps
     with torch.enable_grad(), torch.autocast("cpu", enabled=False):

@@ -127,6 +127,10 @@ def test_ctc_probe_transcribes_when_frames_encode_letters_and_not_on_noise():
     test = texts[:20]
     hyps = ctc_probe([clip(t) for t in texts], texts, [clip(t) for t in test], alphabet, steps=300, seed=0)
     assert cer(test, hyps) < 0.05
+    state = torch.random.get_rng_state()
+    again = ctc_probe([clip(t) for t in texts], texts, [clip(t) for t in test], alphabet, steps=300, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded by its argument, not the global RNG
+    assert again == hyps  # and the same transcripts again
     noise = ctc_probe(
         [clip(t, False) for t in texts], texts, [clip(t, False) for t in test], alphabet, steps=300, seed=0
     )
