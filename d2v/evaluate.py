@@ -172,7 +172,7 @@ def preflight(
     seed: int,
 ) -> tuple[dict[str, dict[str, Any]], Path | None]:
     """Check everything that can be wrong before any forward pass; returns (run metas, pretrain step or
-    None when there is no probe). ValueError naming the checkpoint / folder / budget at fault."""
+    None when there is no linear probe). ValueError naming the checkpoint / folder / budget at fault."""
 
     missing = [r.name for r in runs if checkpoint.latest(finetune_dir / r.name) is None]
     if missing:
@@ -180,31 +180,31 @@ def preflight(
             f"{finetune_dir}: no fine-tuned checkpoint for run(s) {missing}; run "
             f"`d2v finetune {modality} --budget B --seed S [--init pretrained|scratch]` for each (or `dvc repro`)"
         )
-    pretrain_step = None
-    labelled = [t for t, e in (manifest.get("tasks") or {}).items() if e.get("target") == "label"]
+    tasks = manifest.get("tasks") or {}
+    labelled = [t for t, e in tasks.items() if e.get("target") == "label"]
+    ctc = cfg.ctc_probe_budget is not None and bool(cfg.probe_inits)
+    if ctc and "ctc" not in tasks:
+        raise ValueError(
+            f"evaluate.{modality}.ctc_probe_budget: {shard_dir} has no transcribed ('ctc') task; set it to null"
+        )
+    probes = []  # (train split, budget) of each probe that will run: the linear one, the CTC one
     if cfg.probe_inits and labelled:
-        pretrain_step = checkpoint.resolve(pretrain_dir)  # ValueError naming the folder when missing
+        probes.append((split_of(tasks[_probe_task(manifest)], "train"), cfg.probe_budget))
+    if ctc:
+        probes.append((split_of(tasks["ctc"], "train"), cfg.ctc_probe_budget))
+    pretrain_step = None
+    if probes:
+        step = checkpoint.resolve(pretrain_dir)  # ValueError naming the folder when missing
         if model_cfg is not None:
-            checkpoint.check_compatible(pretrain_step, modality, model_cfg, "pretrain")
-        entry = manifest["tasks"][_probe_task(manifest)]
-        pre_meta = checkpoint.read_meta(pretrain_step)
-        pre_cfg = get(modality).model_config(pre_meta["model_config"], f"{pretrain_step}/meta.json")
-        build_loader(  # a probe budget larger than a class fails here, not after the fine-tuned runs
-            shard_dir, split_of(entry, "train"), pre_cfg, batch_size=cfg.batch_size, mode="eval",
-            seed=seed, label_budget=cfg.probe_budget,
-        )  # fmt: skip
-    if cfg.ctc_probe_budget is not None and cfg.probe_inits:
-        if "ctc" not in (manifest.get("tasks") or {}):
-            raise ValueError(
-                f"evaluate.{modality}.ctc_probe_budget: {shard_dir} has no transcribed ('ctc') task; "
-                "set it to null"
-            )
-        pre_meta = checkpoint.read_meta(checkpoint.resolve(pretrain_dir))
-        pre_cfg = get(modality).model_config(pre_meta["model_config"], f"{pretrain_dir}/meta.json")
-        build_loader(  # a CTC probe budget larger than the split fails here
-            shard_dir, split_of(manifest["tasks"]["ctc"], "train"), pre_cfg, batch_size=cfg.batch_size,
-            mode="eval", seed=seed, label_budget=cfg.ctc_probe_budget,
-        )  # fmt: skip
+            checkpoint.check_compatible(step, modality, model_cfg, "pretrain")
+        pre_meta = checkpoint.read_meta(step)
+        pre_cfg = get(modality).model_config(pre_meta["model_config"], f"{step}/meta.json")
+        for split, budget in probes:  # a budget larger than a class or split fails here, not after the runs
+            build_loader(
+                shard_dir, split, pre_cfg, batch_size=cfg.batch_size, mode="eval", seed=seed,
+                label_budget=budget,
+            )  # fmt: skip
+        pretrain_step = step if cfg.probe_inits and labelled else None
     metas = {r.name: checkpoint.read_meta(finetune_dir / r.name) for r in runs}
     want = to_dict(model_cfg)["transformer"] if model_cfg is not None else None
     for name, meta in metas.items():

@@ -68,13 +68,15 @@ def budget_keys(shard_dir: Path, split: str, label_budget: int | float, seed: in
     """
     path = Path(shard_dir) / f"{split}{LABELS_SUFFIX}"
     manifest = Path(shard_dir) / "manifest.json"
-    entry = json.loads(manifest.read_text())["splits"].get(split) if manifest.exists() else None
     if path.exists():
         labels = [int(v) for v in path.read_text().split()]
-    elif entry is not None and entry.get("task"):
-        labels = [0] * entry["samples"]
     else:
-        raise ValueError(f"label_budget: split {split!r} has no labels ({path.name} missing in {shard_dir})")
+        entry = json.loads(manifest.read_text())["splits"].get(split) if manifest.exists() else None
+        if not (entry and entry.get("task")):
+            raise ValueError(
+                f"label_budget: split {split!r} has no labels ({path.name} missing in {shard_dir})"
+            )
+        labels = [0] * entry["samples"]  # transcripts: one class
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)
