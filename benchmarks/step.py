@@ -3,6 +3,7 @@
     python benchmarks/step.py [--preset small] [--modalities audio image text]
         [--algorithms data2vec data2vec2] [--dtypes fp32 bf16] [--rounds 7] [--warmup 2]
         [--json out.json] [--no-alternative] [--no-memory] [--no-loader] [--threads N] [--compile]
+        [--no-retain-memory]
 
 For every modality x algorithm x dtype it runs ``d2v.loop.train_step`` (what ``d2v pretrain`` runs: the
 forward of student and EMA teacher, backward, clipping, AdamW, LR schedule) plus the EMA update, on batches
@@ -55,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/hf_altern
 from d2v import loop  # noqa: E402
 from d2v.config import load_params, section  # noqa: E402
 from d2v.data.stages import data_module  # noqa: E402
+from d2v.hostmem import retain_freed_memory  # noqa: E402
 from d2v.modalities import MODALITIES, get  # noqa: E402
 from d2v.model import ema_decay  # noqa: E402
 from d2v.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -214,6 +216,8 @@ def peak_memory_mb(args: argparse.Namespace, m: str, algorithm: str, impl: str, 
            "--params", str(args.params)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if not args.retain_memory:
+        cmd += ["--no-retain-memory"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -369,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-loader", dest="loader", action="store_false")
     ap.add_argument("--loader-seconds", type=float, default=10.0)
     ap.add_argument("--compile", action="store_true", help="also time the step with the forward compiled")
+    ap.add_argument("--no-retain-memory", dest="retain_memory", action="store_false",
+                    help="glibc's default malloc thresholds (d2v.hostmem measures what raising them gains)")  # fmt: skip
     ap.add_argument("--probe", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # as the d2v CLI does for every command (d2v.hostmem); the alternative, timed in this process, gets it too
+    heap = retain_freed_memory() if args.retain_memory else False
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe:
@@ -382,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "?",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": cpu_bf16(),
-        "load_average": os.getloadavg(),
+        "load_average": os.getloadavg(), "retain_freed_memory": heap,
     }  # fmt: skip
     print(f"torch {machine['torch']}, {machine['threads']} threads, {machine['cpu_capability']}, bf16 hardware "
           f"{machine['bf16_hardware']}, load average {machine['load_average'][0]:.1f}; preset {args.preset}, "

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from d2v.config import ConfigError, load_params
+from d2v.hostmem import retain_freed_memory
 from d2v.modalities import MODALITIES
 from d2v.sweep import INITS, PRETRAINED
 
@@ -118,6 +119,7 @@ def message(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory()  # every command's tensors: the same large blocks freed and allocated again
     try:
         if args.command in STAGES:
             params = load_params(args.params, args.profile)

@@ -10,6 +10,7 @@ the visible tokens), with an optional additive attention bias (vision's relative
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -39,9 +40,11 @@ def attention_mask(padding_BT: Tensor | None, bias_HTT: Tensor | None, dtype: to
     bias = bias_HTT.to(dtype)
     if bias.dim() == 3:
         bias = bias[None]
-    if padding_BT is not None:
+    if padding_BT is not None:  # the dtype's lowest finite value, not -inf (HF's choice): exp() of it is
+        # exactly 0 beside any real key, and a float mask never turns a row into NaN, so :func:`attend`
+        # can run a plain softmax on it (rows of only padding are refused by the modalities' input checks)
         neg = torch.zeros(padding_BT.shape, dtype=dtype, device=padding_BT.device)
-        neg = neg.masked_fill(padding_BT, float("-inf"))
+        neg = neg.masked_fill(padding_BT, torch.finfo(dtype).min)
         bias = bias + neg[:, None, None, :]
     return bias
 
@@ -50,18 +53,29 @@ _safe_softmax = getattr(torch, "_safe_softmax", torch.softmax)  # SDPA's math pa
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout (``F.dropout``) whose keep mask on CPU comes from ``torch.rand`` (keep where u >= p).
+    """Inverted dropout (``F.dropout``) whose keep mask on CPU is drawn 16 bits per element.
 
-    The same distribution (P(keep) = 1 - p, to float resolution). ``F.dropout`` draws with ``bernoulli_``,
-    single-threaded on CPU and 2.2x slower than ``rand`` (1M draws: 7.4 against 3.3 ms); it was the largest
-    cost after the matmuls in the text step (17% of it in fp32). Other devices keep ``F.dropout``.
+    ``F.dropout`` draws with ``bernoulli_`` and ``torch.rand`` costs a full Mersenne-Twister draw per
+    element, both single-threaded on CPU: they were the largest cost after the matmuls in the text step.
+    Here one full-range int64 draw gives four 16-bit lanes, and a lane below ``round(p * 2^16)`` (counting
+    from the bottom of its range) drops its element: P(drop) = round(p * 2^16) / 2^16, within 2^-17 of p,
+    and the kept values are scaled by the exact 1 / P(keep), so the expectation is unchanged. 1.6-1.7x
+    faster than ``rand`` for the masks of the CPU presets (e.g. [16, 4, 128, 128]: 4.5 -> 2.6 ms, 2 threads).
+    Other devices keep ``F.dropout``.
     """
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, True)
-    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
-    return x * mask.to(x.dtype)
+    return x * keep_mask(x.shape, p, x.dtype)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> Tensor:
+    """[*shape] of ``dtype``: 0 with probability round(p * 2^16) / 2^16, else 1 / P(keep). CPU; the global
+    generator (one ``random_`` call, so a seeded step repeats it exactly)."""
+    n, drop = math.prod(shape), min(round(p * 65536), 65535)
+    lanes = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None).view(torch.int16)
+    return lanes[:n].ge(drop - 32768).view(shape).to(dtype).mul_(65536 / (65536 - drop))
 
 
 class Dropout(nn.Module):
@@ -79,23 +93,26 @@ class Dropout(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
-    """``softmax(q k^T / sqrt(d) + mask) v`` with dropout ``p`` on the attention weights: SDPA's own math
-    path (which it runs on CPU whenever dropout is on: its fused CPU kernel has none), with :func:`dropout`'s
-    cheaper mask. [B, H, T, d] each -> [B, H, T, d]. With a mask, SDPA's "safe" softmax: a row whose keys are
-    all masked gets zero weights, not NaN."""
+    """``softmax(q k^T / sqrt(d) + mask) v`` with dropout ``p`` on the attention weights: SDPA's math path
+    with :func:`dropout`'s cheaper mask. [B, H, T, d] each -> [B, H, T, d]. A bool mask (True = attend) gets
+    SDPA's "safe" softmax: a row whose keys are all masked gets zero weights, not NaN. A float mask is
+    finite (:func:`attention_mask`), so a plain softmax, which skips the safe one's three extra passes over
+    the [B, H, T, T] scores, is exact."""
     s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is None:
         return dropout(s.softmax(-1), p, True) @ v
-    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    return dropout(_safe_softmax(s, -1), p, True) @ v
+    if mask.dtype == torch.bool:
+        return dropout(_safe_softmax(s.masked_fill(~mask, float("-inf")), -1), p, True) @ v
+    return dropout((s + mask).softmax(-1), p, True) @ v
 
 
-def math_bf16(q: Tensor) -> bool:
-    """Whether bf16 attention with gradients should run :func:`attend` on CPU: the fused CPU kernel's bf16
-    backward is 3.5-8x slower than the math path for the sequences of the CPU presets (T 10-256: e.g.
-    [16, 4, 128, 64] 30 against 9 ms forward + backward, 1 thread) and no faster at T = 500; above 1024
-    tokens the [T, T] weights the math path keeps would grow too large."""
-    return q.dtype == torch.bfloat16 and q.shape[-2] <= 1024
+def math_path(q: Tensor) -> bool:
+    """Whether attention with gradients runs :func:`attend` on CPU rather than SDPA: SDPA's fused CPU kernel
+    has a slow backward for the short sequences of the CPU presets, and it falls back to its own math path
+    (with the safe softmax) for a bias that needs a gradient. Forward + backward, 2 threads, T 50-128:
+    fp32 1.1-1.35x faster (e.g. [64, 4, 50, 64] with a learned bias 9.0 -> 6.8 ms), bf16 1.6-4.2x
+    ([16, 4, 128, 64] 16.8 -> 6.0 ms). Above 1024 tokens the [T, T] weights it keeps would grow too large."""
+    return q.shape[-2] <= 1024
 
 
 class Attention(nn.Module):
@@ -117,9 +134,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, T, D/H]
         p = self.dropout if self.training else 0.0
-        if x_BTD.device.type == "cpu" and torch.is_grad_enabled() and (p > 0.0 or math_bf16(q)):
-            y = attend(q, k, v, mask, p)
-        else:  # SDPA: its fused kernel (forward-only and fp32 on CPU), or any kernel on CUDA
+        if x_BTD.device.type == "cpu" and torch.is_grad_enabled() and (p > 0.0 or math_path(q)):
+            y = attend(q, k, v, mask, p)  # SDPA's fused CPU kernel has no dropout, and a slow backward
+        else:  # SDPA: its fused kernel (forward-only on CPU: the teacher, evaluation), or any kernel on CUDA
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -140,8 +157,8 @@ def drop_path(x_BTD: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability p (BEiT / timm)."""
     if p == 0.0 or not training:
         return x_BTD
-    keep = x_BTD.new_empty(x_BTD.shape[0], 1, 1).bernoulli_(1.0 - p)
-    return x_BTD * keep / (1.0 - p)
+    keep = x_BTD.new_empty(x_BTD.shape[0], 1, 1).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x_BTD * keep  # the scale folded into the [B, 1, 1] mask: one pass over x (and its gradient)
 
 
 class Block(nn.Module):

@@ -42,6 +42,16 @@ from d2v.data.shards import (
 Mode = Literal["pretrain", "finetune", "eval"]
 
 
+def padding_or_none(lengths_B: torch.Tensor, T: int) -> torch.Tensor | None:
+    """A collate's ``padding_mask`` [B, T] bool (True past each row's length), or None when every row is
+    ``T`` long: batches of equal rows (pretraining's cropped clips and text blocks) then take the
+    unmasked attention path (SDPA's fused kernel, a plain softmax) with no mask to build or apply,
+    decided here on the host, not by a sync inside the step."""
+    if bool((lengths_B == T).all()):
+        return None
+    return torch.arange(T)[None, :] >= lengths_B[:, None]
+
+
 def _data(modality: str):
     return data_module(modality)
 

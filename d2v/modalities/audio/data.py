@@ -49,6 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from d2v.config import ConfigError
+from d2v.data.loader import padding_or_none
 from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, item_file, rng_for
 from d2v.data.stages import PrepareCommon, copy_source
 from d2v.modalities.audio.frames import SAMPLE_RATE, normalize_waveform
@@ -538,7 +539,7 @@ def collate(
     generator: torch.Generator,
     finetune_mask: Any = None,
 ) -> dict[str, Tensor]:
-    """Right-padded ``inputs`` [B, N] + ``padding_mask``; pretrain: every clip first cropped to the
+    """Right-padded ``inputs`` [B, N] + ``padding_mask`` (absent when no row is padded); pretrain: every clip first cropped to the
     shortest at a random offset (``model.audio.crop_batches``), ``mask`` [B, T] (span masking);
     finetune with a ``FinetuneMask``: ``mask`` [B, T] and ``channel_mask`` [B, D] (``finetune_masks``)."""
     if mode == "pretrain" and getattr(model_cfg, "crop_batches", False):
@@ -550,8 +551,8 @@ def collate(
     wav = torch.zeros(len(xs), N, dtype=torch.float32)
     for i, x in enumerate(xs):
         wav[i, : len(x)] = x
-    padding = torch.arange(N)[None, :] >= n[:, None]
-    batch = {"inputs": wav, "padding_mask": padding}
+    padding = padding_or_none(n, N)
+    batch = {"inputs": wav} if padding is None else {"inputs": wav, "padding_mask": padding}
     if mode in ("pretrain", "finetune"):  # training only: the data stages never load the masking code
         from d2v.modalities.audio.masking import finetune_masks, make_mask
         from d2v.model2 import keep_indices

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from d2v.config import ConfigError
+from d2v.data.loader import padding_or_none
 from d2v.data.shards import (
     BadInput,
     Encoded,
@@ -543,13 +544,14 @@ def length(x: Tensor) -> int:
 def collate(
     xs: list[Tensor], *, mode: str, model_cfg: Any, prep: dict[str, Any], generator: torch.Generator
 ) -> dict[str, Tensor]:
-    """Right-padded ``inputs`` + ``padding_mask``; pretrain: ``student_inputs`` and ``mask`` (make_mask)."""
+    """Right-padded ``inputs`` + ``padding_mask`` (absent when no row is padded: see ``padding_or_none``);
+    pretrain: ``student_inputs`` and ``mask`` (make_mask)."""
     T = max(len(x) for x in xs)
     ids = torch.full((len(xs), T), PAD, dtype=torch.int64)
     for i, x in enumerate(xs):
         ids[i, : len(x)] = x
-    padding = torch.arange(T)[None, :] >= torch.tensor([len(x) for x in xs])[:, None]
-    batch = {"inputs": ids, "padding_mask": padding}
+    padding = padding_or_none(torch.tensor([len(x) for x in xs]), T)
+    batch = {"inputs": ids} if padding is None else {"inputs": ids, "padding_mask": padding}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
         from d2v.modalities.text.masking import make_mask
         from d2v.model2 import keep_indices
