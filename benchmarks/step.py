@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loader-seconds", type=float, default=10.0)
     ap.add_argument("--compile", action="store_true", help="also time the step with the forward compiled")
     ap.add_argument("--no-retain-memory", dest="retain_memory", action="store_false",
-                    help="glibc's default malloc thresholds (d2v.hostmem measures what raising them gains)")  # fmt: skip
+                    help="keep glibc's malloc thresholds (what d2v.hostmem's raising them gains)")  # fmt: skip
     ap.add_argument("--probe", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     # as the d2v CLI does for every command (d2v.hostmem); the alternative, timed in this process, gets it too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import runpy
 import sys
 from pathlib import Path
@@ -43,3 +44,20 @@ def test_step_harness_times_the_compiled_model_with_the_same_flops(tmp_path: Pat
     rows = {r["impl"]: r for r in run_step(tmp_path, "--compile", "--warmup", "2")}
     assert set(rows) == {"d2v", "d2v-compiled"}
     assert rows["d2v-compiled"]["gflop_per_sample"] == rows["d2v"]["gflop_per_sample"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_hostmem_ab_times_both_malloc_settings(capsys) -> None:
+    """One row per modality x dtype, with milliseconds and page faults for both settings."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        ab = runpy.run_path(str(ROOT / "benchmarks/hostmem_ab.py"))
+        assert (
+            ab["main"](["--preset", "tiny", "--modalities", "image", "--dtypes", "fp32", "--rounds", "1"])
+            == 0
+        )
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| image")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["image", "fp32"] and float(cells[2]) > 0 and float(cells[4]) > 0

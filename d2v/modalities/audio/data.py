@@ -539,9 +539,10 @@ def collate(
     generator: torch.Generator,
     finetune_mask: Any = None,
 ) -> dict[str, Tensor]:
-    """Right-padded ``inputs`` [B, N] + ``padding_mask`` (absent when no row is padded); pretrain: every clip first cropped to the
-    shortest at a random offset (``model.audio.crop_batches``), ``mask`` [B, T] (span masking);
-    finetune with a ``FinetuneMask``: ``mask`` [B, T] and ``channel_mask`` [B, D] (``finetune_masks``)."""
+    """Right-padded ``inputs`` [B, N] + ``padding_mask`` (absent when no row is padded); pretrain: every
+    clip first cropped to the shortest at a random offset (``model.audio.crop_batches``), ``mask`` [B, T]
+    (span masking); finetune with a ``FinetuneMask``: ``mask`` [B, T] and ``channel_mask`` [B, D]
+    (``finetune_masks``)."""
     if mode == "pretrain" and getattr(model_cfg, "crop_batches", False):
         shortest = min(len(x) for x in xs)
         starts = [int(torch.randint(len(x) - shortest + 1, (), generator=generator)) for x in xs]
