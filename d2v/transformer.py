@@ -60,8 +60,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
     Not changed on purpose: masks drawn 16 bits per element from full-range int64 draws were 1.6-1.7x
     cheaper (the same distribution to 2^-17), but a different random stream made the demo's speech
-    pretraining collapse (final loss 0.26 against 0.92, probe 70.8 against 87.7 %): the demo's recipe is
-    that sensitive to its random stream (benchmarks/RESULTS.md, stop 19), so the stream stays as it was.
+    pretraining collapse (final loss 0.26 against 0.92, probe 70.8 against 87.7 %): the demo's speech recipe
+    is that sensitive to its trajectory (benchmarks/RESULTS.md, stop 19), so the stream stays as it was.
     """
     if not training or p == 0.0:
         return x
