@@ -101,6 +101,21 @@ def test_inverse_block_masks_keep_exactly_the_configured_count():
     assert right > 0.4  # i.i.d. keeping would give ~0.2
 
 
+def test_exactly_k_trims_or_fills_each_row_uniformly():
+    from d2v.modalities.image.masking import exactly_k
+
+    g = torch.Generator().manual_seed(0)
+    kept = torch.zeros(4000, 10, dtype=torch.bool)
+    kept[:2000, :6] = True  # too many: keep 4 of these 6
+    kept[2000:, :2] = True  # too few: keep both, add 2 of the other 8
+    out = exactly_k(kept, 4, g)
+    assert (out.sum(1) == 4).all()
+    assert not (out[:2000] & ~kept[:2000]).any() and (out[2000:] >= kept[2000:]).all()
+    # uniform: each of the 6 is kept with p 4/6, each of the 8 others added with p 2/8 (+-4 sigma)
+    assert torch.allclose(out[:2000, :6].float().mean(0), torch.full((6,), 4 / 6), atol=0.045)
+    assert torch.allclose(out[2000:, 2:].float().mean(0), torch.full((8,), 2 / 8), atol=0.04)
+
+
 def test_decoder_input_restores_the_original_order():
     T, D = 10, 4
     mask = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 1, 1, 0], [1, 1, 0, 0, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)

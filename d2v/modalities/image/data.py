@@ -334,15 +334,16 @@ def check_model(prep: dict[str, Any], model_cfg: Any) -> None:
 
 
 def decode(sample: dict[str, bytes]) -> Tensor:
-    """uint8 [C, H, W] (C = 1 or 3) from the ``png`` field."""
+    """uint8 [C, H, W] (C = 1 or 3) from the ``png`` field, in PIL's channels-last memory (no copy): the
+    crop's uint8 resize runs fastest on it, and ``collate`` stacks any layout."""
     with Image.open(io.BytesIO(sample["png"])) as im:
         x = np.array(im.convert("L") if im.mode == "L" else im.convert("RGB"))
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(x[..., None] if x.ndim == 2 else x).permute(2, 0, 1)
 
 
 def random_resized_crop(x_CHW: Tensor, rng: random.Random, scale: tuple[float, float] = CROP_SCALE) -> Tensor:
-    """BEiT/torchvision-style random-resized crop back to the same size (aspect ratio in [3/4, 4/3])."""
+    """BEiT/torchvision-style random-resized crop back to the same size (aspect ratio in [3/4, 4/3]):
+    uint8 [C, H, W] -> uint8 [C, H, W]."""
     C, H, W = x_CHW.shape
     box = (0, 0, H, W)
     for _ in range(10):
@@ -354,7 +355,10 @@ def random_resized_crop(x_CHW: Tensor, rng: random.Random, scale: tuple[float, f
             box = (top, left, h, w)
             break
     top, left, h, w = box
-    crop = x_CHW[None, :, top : top + h, left : left + w].float()
+    crop = x_CHW[None, :, top : top + h, left : left + w]
+    # uint8 in, uint8 out (rounded, as torchvision's crop of a PIL or uint8 image): torch's uint8 antialiased
+    # bilinear kernel on channels-last input is ~19x faster than the float one (0.1 against 1.9 ms for a
+    # 224 px RGB crop, one thread), which the GPU's data workers need (benchmarks/RESULTS.md)
     return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
@@ -369,9 +373,8 @@ def transform(
     model_cfg: Any,
     target: str | None = None,
 ) -> Tensor:
-    """Float [C, H, W] in [0, 255]; with ``augment``: random-resized crop and horizontal flip (p 0.5),
-    the same view for student and teacher ([P1] §4.1, [DV] ``datasets.py``)."""
-    x = x.float()
+    """uint8 [C, H, W]; with ``augment``: random-resized crop and horizontal flip (p 0.5), the same view
+    for student and teacher ([P1] §4.1, [DV] ``datasets.py``). ``collate`` converts and normalises."""
     if augment:
         x = random_resized_crop(x, rng)
         if rng.random() < 0.5:
@@ -386,11 +389,13 @@ def length(x: Tensor) -> int:
 def collate(
     xs: list[Tensor], *, mode: str, model_cfg: Any, prep: dict[str, Any], generator: torch.Generator
 ) -> dict[str, Tensor]:
-    """``inputs`` [B, 3, H, W] normalised; pretrain: ``mask`` [B, h*w] from the modality's ``make_mask``."""
-    x = torch.stack([v.expand(3, -1, -1) if v.shape[0] == 1 else v for v in xs]) / 255.0
-    mean = torch.tensor(prep["mean"], dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(prep["std"], dtype=x.dtype).view(1, 3, 1, 1)
-    batch = {"inputs": (x - mean) / std}
+    """uint8 [C, H, W] images -> ``inputs`` [B, 3, H, W] float32, ``(x / 255 - mean) / std``; pretrain:
+    ``mask`` [B, h*w] from the modality's ``make_mask``."""
+    x = torch.stack([v.expand(3, -1, -1) if v.shape[0] == 1 else v for v in xs]).float()
+    mean = torch.tensor(prep["mean"], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(prep["std"], dtype=torch.float64).view(1, 3, 1, 1)
+    # in place, two passes over the batch (the workers' largest cost after decoding at 224 px)
+    batch = {"inputs": x.sub_((255.0 * mean).float()).mul_((1.0 / (255.0 * std)).float())}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
         from d2v.modalities.image.masking import make_mask
         from d2v.model2 import keep_indices
