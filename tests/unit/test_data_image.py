@@ -241,3 +241,33 @@ def test_16_bit_grey_modes_keep_the_high_byte():
         assert out.mode == "L" and np.asarray(out).tolist() == [[0, 0, 1, 156, 255]]
     with pytest.raises(BadInput, match="beyond 16 bits"):
         to_8bit(Image.fromarray(np.array([[0, 70000]], dtype=np.int32)))
+
+
+def test_augmented_crops_stay_uint8_and_collate_normalises_like_the_formula():
+    """The crop runs on uint8 pixels (rounded, as torchvision's crops of PIL images) and ``collate`` turns
+    them into ``(x / 255 - mean) / std``; a flat image stays flat through any crop."""
+    import random
+
+    from d2v.modalities.image.data import collate, decode, transform
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    x = decode({"png": buf.getvalue()})
+    assert (
+        x.shape == (3, 24, 32)
+        and x.dtype == torch.uint8
+        and torch.equal(x, torch.from_numpy(rgb).permute(2, 0, 1))
+    )
+    prep = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    kw = {"mode": "pretrain", "max_len": None, "augment": True, "prep": prep, "model_cfg": TINY}
+    a, b = (transform(x, rng=random.Random(7), **kw) for _ in range(2))
+    assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b)  # seeded: the same view
+    flat = torch.full((1, 24, 32), 200, dtype=torch.uint8)
+    assert (transform(flat, rng=random.Random(3), **kw) == 200).all()
+    out = collate([a, flat], mode="eval", model_cfg=TINY, prep=prep, generator=torch.Generator())["inputs"]
+    want = (
+        torch.stack([a.float(), flat.expand(3, -1, -1).float()]) / 255
+        - torch.tensor(prep["mean"]).view(1, 3, 1, 1)
+    ) / torch.tensor(prep["std"]).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -392,10 +392,10 @@ def collate(
     """uint8 [C, H, W] images -> ``inputs`` [B, 3, H, W] float32, ``(x / 255 - mean) / std``; pretrain:
     ``mask`` [B, h*w] from the modality's ``make_mask``."""
     x = torch.stack([v.expand(3, -1, -1) if v.shape[0] == 1 else v for v in xs]).float()
-    mean = torch.tensor(prep["mean"], dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(prep["std"], dtype=torch.float64).view(1, 3, 1, 1)
+    shift = torch.tensor([255.0 * m for m in prep["mean"]]).view(1, 3, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in prep["std"]]).view(1, 3, 1, 1)
     # in place, two passes over the batch (the workers' largest cost after decoding at 224 px)
-    batch = {"inputs": x.sub_((255.0 * mean).float()).mul_((1.0 / (255.0 * std)).float())}
+    batch = {"inputs": x.sub_(shift).mul_(scale)}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
         from d2v.modalities.image.masking import make_mask
         from d2v.model2 import keep_indices
