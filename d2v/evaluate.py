@@ -49,9 +49,7 @@ from d2v.sweep import INITS, PRETRAINED, Init, Run, SweepConfig, planned_runs, p
 
 LENGTH_BUCKETS = 8
 """Scoring reads pools of 8 batches sorted by length: less padding to compute (speech clips of 0.5 to 3 s).
-The probe's features do not depend on the batch (``layer_features`` takes a leaking encoder's rows one at
-a time); a fine-tuned speech model's predictions do a little (``Encoder.padding_leaks``): sorted batches
-carry less padding into each clip than batches of random lengths."""
+An item's features and predictions do not depend on its batch (tested per modality)."""
 
 
 @dataclass(frozen=True)

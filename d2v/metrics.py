@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from d2v.heads import ctc_greedy_decode
-from d2v.modalities.base import Encoder, unpadded_rows
+from d2v.modalities.base import Encoder
 
 # ------------------------------------------------------------------------------------- classification
 
@@ -174,15 +174,9 @@ def _tapped(
         inputs, pad = batch["inputs"].to(device), batch.get("padding_mask")
         pad = None if pad is None else pad.to(device)
         encoder.check_inputs(inputs, pad)
-        # where padding leaks into valid tokens (speech's positional convs), each row alone: an item's
-        # features must not depend on which items the loader batched it with
-        rows = [(inputs, pad)]
-        if encoder.padding_leaks and pad is not None and bool(pad.any()):
-            rows = [(x, None) for x in unpadded_rows(inputs, pad)]
-        for x_in, pad_in in rows:
-            x, pad_BT = encoder.local_features(x_in, pad_in)
-            out = encoder.contextualize(x, pad_BT, tap="block")
-            yield torch.stack([h[:, P:] for h in [*out.layers, out.x_BTD]]), pad_BT, batch
+        x, pad_BT = encoder.local_features(inputs, pad)
+        out = encoder.contextualize(x, pad_BT, tap="block")
+        yield torch.stack([h[:, P:] for h in [*out.layers, out.x_BTD]]), pad_BT, batch
 
 
 @torch.no_grad()

@@ -95,10 +95,6 @@ class Encoder(nn.Module):
     """True when every batch of a run has the same shapes (images at one size): on CUDA, cuDNN then times
     its conv algorithms once per shape and keeps the fastest (``cudnn.benchmark``; with lengths that vary
     from batch to batch it would time them again and again)."""
-    padding_leaks: ClassVar[bool] = False
-    """True when a padded row's outputs depend on its padding, i.e. on the other rows of its batch (speech:
-    the stacked positional convs carry zeroed padding into valid frames). Frozen features for the probe and
-    ``embed`` are then computed one row at a time, each cropped to its length (:func:`unpadded_rows`)."""
 
     config: Any
     """The modality's ``ModelConfig`` this encoder was built from (``build_encoder(encoder.config)`` rebuilds
@@ -179,10 +175,8 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def embed_pooled(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded); with
-        ``padding_leaks``, each padded row alone, so an item's features never depend on its batch."""
-        if self.padding_leaks and padding_mask is not None and bool(padding_mask.any()):
-            return torch.cat([self.embed_pooled(x) for x in unpadded_rows(inputs, padding_mask)])
+        """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded). An encoder's
+        padded row gives the row's own features, whatever it is batched with (tested per modality)."""
         h, pad = self.features(inputs, padding_mask)
         h = h[:, self.num_prefix_tokens :]
         if pad is None:

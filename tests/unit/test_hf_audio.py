@@ -3,8 +3,10 @@
 Tiny random HF models (hidden 32, 2 layers, full 7-conv stack at 16 channels), eval mode, fixed seed. HF's
 model does not normalise the waveform (its feature extractor does, eps 1e-7), so HF gets
 ``normalize_waveform(wav, pad, 1e-7)``; the imported d2v encoder normalises itself with that epsilon.
-Tolerance 1e-4 in fp32 (the same ops in the same order; the residual is matmul rounding). Padded frames
-are compared too: both zero them before the positional convs and let them attend to the valid frames.
+Tolerance 1e-4 in fp32 (the same ops in the same order; the residual is matmul rounding). The valid
+frames of a padded d2v batch are compared with HF on each row alone: HF zeroes the padding once, before its
+stacked positional convs, so in a padded HF batch it leaks into the valid frames again; d2v zeroes it after
+every conv (``PosConv``), which is what the row alone sees.
 """
 
 from __future__ import annotations
@@ -44,13 +46,21 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _hf_hidden(model, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """HF's frames of each row alone, cropped to its length, concatenated: [sum T_b, D]."""
+    rows = []
     with torch.no_grad():
-        return model(normalize_waveform(wav, pad, 1e-7), attention_mask=(~pad).long()).last_hidden_state
+        for w, p in zip(wav, pad):
+            x = w[~p][None]
+            rows.append(model(normalize_waveform(x, None, 1e-7)).last_hidden_state[0])
+    return torch.cat(rows)
 
 
 def _ours(encoder: Encoder, wav: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """d2v's valid frames of the padded batch: [sum T_b, D]."""
     with torch.no_grad():
-        return encoder.features(wav, pad)[0]
+        h, pad_BT = encoder.features(wav, pad)
+    assert h.shape[:2] == (2, 49)
+    return h[~pad_BT]
 
 
 @pytest.mark.parametrize("pos_kernel", [19, 4])  # odd, and even (SamePad drops a frame)
@@ -63,7 +73,7 @@ def test_import_matches_hf_model(tmp_path, pos_kernel):
     assert enc.config.pos_conv_kernel == pos_kernel and enc.config.pos_conv_layers == 3
     wav, pad = _batch()
     ours, ref = _ours(enc, wav, pad), _hf_hidden(hf, wav, pad)
-    assert ours.shape == ref.shape == (2, 49, 32)
+    assert ours.shape == ref.shape == (49 + 34, 32)
     torch.testing.assert_close(ours, ref, **TOL)
     torch.testing.assert_close(enc.mask_emb, hf.masked_spec_embed)
 

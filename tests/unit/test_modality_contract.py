@@ -309,9 +309,9 @@ def test_padding_never_reaches_the_local_features(m):
 
 @each_modality
 def test_an_items_frozen_features_do_not_depend_on_its_batch(m):
-    """``embed_pooled`` and the probe's ``layer_features`` give a padded row the features of the row alone
-    (fp32: 1e-5); ``padding_leaks`` says whether the encoder needs the row-at-a-time path for that, and an
-    encoder that declares no leak must really have none."""
+    """``features``, ``embed_pooled`` and the probe's ``layer_features`` give a padded row the features of
+    the row alone (fp32: 1e-5): padding never leaks into valid tokens (speech: not through the stacked
+    positional convs either)."""
     from d2v.metrics import layer_features
 
     r = eval_run(m)
@@ -320,17 +320,25 @@ def test_an_items_frozen_features_do_not_depend_on_its_batch(m):
     lengths = (~r.pad).sum(1).tolist()
     alone = torch.cat([r.enc.embed_pooled(r.inputs[i : i + 1, :n]) for i, n in enumerate(lengths)])
     torch.testing.assert_close(r.enc.embed_pooled(r.inputs, r.pad), alone, atol=1e-5, rtol=1e-5)
-    batch = {"inputs": r.inputs, "padding_mask": r.pad, "labels": torch.zeros(len(r.inputs), dtype=torch.long)}
-    one_by_one = [{"inputs": r.inputs[i : i + 1, :n], "labels": batch["labels"][:1]} for i, n in enumerate(lengths)]
+    batch = {
+        "inputs": r.inputs,
+        "padding_mask": r.pad,
+        "labels": torch.zeros(len(r.inputs), dtype=torch.long),
+    }
+    one_by_one = [
+        {"inputs": r.inputs[i : i + 1, :n], "labels": batch["labels"][:1]} for i, n in enumerate(lengths)
+    ]
     cpu = torch.device("cpu")
     torch.testing.assert_close(
-        layer_features(r.enc, [batch], cpu)[0], layer_features(r.enc, one_by_one, cpu)[0], atol=1e-5, rtol=1e-5
+        layer_features(r.enc, [batch], cpu)[0],
+        layer_features(r.enc, one_by_one, cpu)[0],
+        atol=1e-5,
+        rtol=1e-5,
     )
-    if not r.enc.padding_leaks:  # then the batched path itself is exact
-        h, pad = r.enc.features(r.inputs, r.pad)
-        keep = (~pad[:, r.enc.num_prefix_tokens :]).float()[..., None]
-        pooled = (h[:, r.enc.num_prefix_tokens :] * keep).sum(1) / keep.sum(1)
-        torch.testing.assert_close(pooled, alone, atol=1e-5, rtol=1e-5)
+    h, pad = r.enc.features(r.inputs, r.pad)
+    keep = (~pad[:, r.enc.num_prefix_tokens :]).float()[..., None]
+    pooled = (h[:, r.enc.num_prefix_tokens :] * keep).sum(1) / keep.sum(1)
+    torch.testing.assert_close(pooled, alone, atol=1e-5, rtol=1e-5)
 
 
 @each_modality

@@ -164,8 +164,10 @@ class ModelConfig:
 # features (``ema_shared: []``), tau 0.999 -> 0.99999 over 75k. Departure: [FS] adds ALiBi attention
 # biases on top of the conv positions; d2v keeps the conv positions only (the v1 encoder, unchanged).
 _V2: dict[str, Any] = {
-    "mask_prob": 0.5, "mask_length": 5,
-    "targets": {"ema_shared": []}, "ema": {"tau0": 0.999, "tau_end": 0.99999, "tau_n": 75_000},
+    "mask_prob": 0.5,
+    "mask_length": 5,
+    "targets": {"ema_shared": []},
+    "ema": {"tau0": 0.999, "tau_end": 0.99999, "tau_n": 75_000},
 }
 _V2_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"v2": {"clones": 2, "decoder": {"layers": 2, "dim": 16, "groups": 4}}},
@@ -267,7 +269,16 @@ class PosConvLayer(nn.Module):
 
 
 class PosConv(nn.Module):
-    """Relative positions by ``pos_conv_layers`` stacked convs (§2.2): [B, T, D] -> [B, T, D]."""
+    """Relative positions by ``pos_conv_layers`` stacked convs (§2.2): [B, T, D] -> [B, T, D].
+
+    With ``padding_BT`` the padded frames are zeroed again after every layer, so each valid frame sees
+    exactly what the row alone would see (zeros past its end, as the conv's own padding). Departure from
+    [FS] and [HF], which zero the padding once, before the first layer: after one conv + LN + GELU the
+    padded frames hold bias and neighbours again, and the next layer carries them up to
+    ``pos_conv_layers * kernel / 2`` frames into the clip (~1.2 s of a 2 s clip at the small preset), so a
+    clip's features depended on the lengths it was batched with. Pretraining crops every batch to one
+    length (no padding), so this only changes padded fine-tuning and evaluation batches: they now see what
+    pretraining saw."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -276,10 +287,13 @@ class PosConv(nn.Module):
             PosConvLayer(d, cfg.pos_conv_kernel, cfg.pos_conv_groups) for _ in range(cfg.pos_conv_layers)
         )
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, padding_BT: Tensor | None = None) -> Tensor:
         x = x_BTD.transpose(1, 2)
+        keep_B1T = None if padding_BT is None else (~padding_BT).to(x.dtype)[:, None]
         for layer in self.layers:
             x = layer(x)
+            if keep_B1T is not None:
+                x = x * keep_B1T
         return x.transpose(1, 2)
 
 
@@ -289,7 +303,6 @@ class AudioEncoder(Encoder):
     modality = "audio"
     local_modules = ("feature_extractor", "feature_projection")
     shared_with_teacher = ("pos_conv",)  # [P1] §3.3: positional encoder shared ([FS] ``ema_layers_only``)
-    padding_leaks = True  # the stacked positional convs carry zeroed padding into valid frames
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -346,7 +359,7 @@ class AudioEncoder(Encoder):
         the positions of the kept frames never see the masked content (spec §5.4)."""
         if padding_BT is not None:
             x_BTD = x_BTD.masked_fill(padding_BT[..., None], 0.0)
-        return x_BTD + self.pos_conv(x_BTD)
+        return x_BTD + self.pos_conv(x_BTD, padding_BT)
 
     def encode_tokens(
         self,
