@@ -42,7 +42,14 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[last] = value
 
 
-def run(project: Path, m: str, budget: int | float, seeds: list[int], changes: dict[str, Any]) -> dict[str, Any]:
+def run(
+    project: Path,
+    m: str,
+    budget: int | float,
+    seeds: list[int],
+    changes: dict[str, Any],
+    inits: tuple[str, ...] = ("pretrained", "scratch"),
+) -> dict[str, Any]:
     params = load_params(project / "params.yaml")
     section = dict(params["finetune"][m])
     for k, v in changes.items():
@@ -54,7 +61,7 @@ def run(project: Path, m: str, budget: int | float, seeds: list[int], changes: d
     split, num_classes, entry = task_info(manifest, cfg.task, shard_dir)
     source = checkpoint.resolve(project / params["paths"]["checkpoints"] / "pretrain" / m)
     device = torch.device("cpu")
-    acc: dict[str, list[float]] = {"pretrained": [], "scratch": []}
+    acc: dict[str, list[float]] = {init: [] for init in inits}
     for init in acc:
         for seed in seeds:
             t = time.perf_counter()
@@ -76,11 +83,18 @@ def run(project: Path, m: str, budget: int | float, seeds: list[int], changes: d
             with tempfile.TemporaryDirectory(prefix="d2v-recipe-") as tmp:
                 finetune(model, cfg, make_loader, tmp, {"modality": m}, seed=seed, head_items=head_items)
             model.eval()
-            test = build_loader(shard_dir, split_of(entry, "test"), model_cfg, batch_size=64, mode="eval", seed=0)
+            test = build_loader(
+                shard_dir, split_of(entry, "test"), model_cfg, batch_size=64, mode="eval", seed=0
+            )
             preds, targets = predict_split(model, test, device)
             a = task_metrics(cfg.task, preds, targets, num_classes)["accuracy"]
             acc[init].append(a)
-            print(f"{m} {init} seed {seed}: accuracy {100 * a:.1f} ({time.perf_counter() - t:.0f} s)", flush=True)
+            print(
+                f"{m} {init} seed {seed}: accuracy {100 * a:.1f} ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
+    if set(inits) != {"pretrained", "scratch"}:
+        return {"modality": m, "budget": budget, "seeds": seeds, "changes": changes, "accuracy": acc}
     p, s = acc["pretrained"], acc["scratch"]
     sd = max(statistics.stdev(p), statistics.stdev(s)) if len(seeds) > 1 else float("nan")
     diff = statistics.fmean(p) - statistics.fmean(s)
