@@ -3,7 +3,8 @@
 One `dvc repro` in a committed copy of the project, then: a second repro is a no-op (`dvc status --json`
 is `{}`: `dvc status` exits 0 even when stale), one modality's param invalidates only that modality's
 stages, the offline W&B runs hold the config and metrics, the report was rendered from the metrics, and
-data2vec 2.0 pretrains and fine-tunes every modality on the same shards. One test, one project copy: the
+data2vec 2.0 pretrains and fine-tunes every modality on the same shards, and `benchmarks/pretrain_seeds.py`
+runs on them. One test, one project copy: the
 data stages run once (the suite's time bound, issue 9).
 """
 
@@ -145,3 +146,25 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
         Image.fromarray(p).save(f)
     run(["d2v", "embed", "checkpoints/pretrain/image", *map(str, files), "--out", "f.npy"], project_copy)
     assert np.load(project_copy / "f.npy").shape == (2, 16)  # the tiny preset's width
+
+    # benchmarks/pretrain_seeds.py: one `d2v pretrain` per seed on the project's shards, each fine-tuned
+    # against scratch (which runs once: it does not depend on the pretraining seed)
+    script = project_copy / "benchmarks/pretrain_seeds.py"
+    argv = [
+        sys.executable,
+        str(script),
+        str(project_copy),
+        "image",
+        "--seeds",
+        "0",
+        "1",
+        "--finetune-seeds",
+        "0",
+        "1",
+    ]
+    out = run([*argv, "--json", "seeds.jsonl"], project_copy)
+    (line,) = (project_copy / "seeds.jsonl").read_text().splitlines()
+    rows = json.loads(line)["rows"]
+    assert [r["pretrain_seed"] for r in rows] == [0, 1] and rows[0]["final_loss"] != rows[1]["final_loss"]
+    assert all(len(r["pretrained"]) == 2 and r["scratch"] == rows[0]["scratch"] for r in rows), rows
+    assert all(f"| {r['pretrain_seed']} | {r['final_loss']:.3f} |" in out for r in rows), out
