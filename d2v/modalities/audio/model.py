@@ -274,8 +274,8 @@ class PosConv(nn.Module):
     With ``padding_BT`` the padded frames are zeroed again after every layer, so each valid frame sees
     exactly what the row alone would see (zeros past its end, as the conv's own padding). Departure from
     [FS] and [HF], which zero the padding once, before the first layer: after one conv + LN + GELU the
-    padded frames hold bias and neighbours again, and the next layer carries them up to
-    ``pos_conv_layers * kernel / 2`` frames into the clip (~1.2 s of a 2 s clip at the small preset), so a
+    padded frames hold bias and neighbours again, and the later layers carry them up to
+    ``(pos_conv_layers - 1) * (kernel // 2)`` frames into the clip (36 frames, 0.7 s, at 5 x 19), so a
     clip's features depended on the lengths it was batched with. Pretraining crops every batch to one
     length (no padding), so this only changes padded fine-tuning and evaluation batches: they now see what
     pretraining saw."""
