@@ -6,7 +6,7 @@ peak and memory for data2vec and data2vec 2.0, and how long the real shard loade
 Per algorithm, at the papers' per-GPU batch (data2vec [DV]: 128 images; data2vec 2.0 [FS]: 16 images x 16
 masks): the pretraining step (student and EMA teacher forward, backward, clipping, AdamW, EMA) under bf16
 autocast with the teacher, targets, loss and EMA in fp32, as ``d2v pretrain`` runs on CUDA. FLOPs per step
-come from ``torch.utils.flop_counter`` (teacher included); the peak is a bf16 8192^3 matmul timed in the
+come from ``benchmarks/flops.py`` (teacher included); the peak is a bf16 8192^3 matmul timed in the
 same run. The loader: ``--images`` random smooth 224 px PNGs are prepared and sharded by d2v's own
 ``prepare`` / ``shard`` code, then the same steps run once on a fixed batch and once fed by
 ``build_loader`` (``--workers`` workers); the extra time is the GPU waiting for data. A wall-clock
@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 from d2v.config import from_dict
 from d2v.data import build_loader, data_module, prepare_raw, shard
@@ -35,6 +35,9 @@ from d2v.modalities import get
 from d2v.model import ema_decay
 from d2v.optim import OptimConfig, build_optimizer
 from d2v.runner import compile_model, tune_backends
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/flops.py
+from flops import flop_counter  # noqa: E402
 
 BATCH = {"data2vec": 128, "data2vec2": 16}
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of the script
@@ -150,7 +153,7 @@ def main() -> None:
                     epoch += 1
 
             fixed = next(iter(loader(0)))
-            with FlopCounterMode(display=False) as fc:
+            with flop_counter() as fc:
                 step(to_device(fixed, DEV))
             flops = fc.get_total_flops()
             if args.compile:  # after counting: dynamo runs a frame eagerly under a dispatch mode

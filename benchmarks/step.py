@@ -12,7 +12,7 @@ preset and algorithm set) made by the modality's own ``collate`` (masks included
 
 - samples/s and tokens/s (tokens at the model's rate: 20 ms frames, patches, BPE tokens; data2vec 2.0
   counts the original samples, not the clones);
-- model FLOPs per sample (``torch.utils.flop_counter.FlopCounterMode`` over forward + backward, teacher
+- model FLOPs per sample (``benchmarks/flops.py``: ``FlopCounterMode`` over forward + backward, teacher
   included) and the achieved fraction of this machine's peak in the same dtype, the peak being a
   2048^3 matmul in fp32 / bf16 timed in the same rounds as the steps;
 - peak memory: the resident-set high-water mark of a fresh process that builds the variant and runs two
@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/hf_alternative.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/hf_alternative.py, flops.py
+from flops import flop_counter  # noqa: E402
 
 from d2v import loop  # noqa: E402
 from d2v.config import load_params, section  # noqa: E402
@@ -187,7 +187,7 @@ def matmul_seconds(dtype: torch.dtype, n: int = 2048, _cache: dict = {}) -> floa
 
 
 def step_flops(step, batch: dict[str, Any]) -> int:
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         step.forward_backward(batch)
     return fc.get_total_flops()
 

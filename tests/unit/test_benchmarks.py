@@ -61,3 +61,28 @@ def test_hostmem_ab_times_both_malloc_settings(capsys) -> None:
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| image")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:2] == ["image", "fp32"] and float(cells[2]) > 0 and float(cells[4]) > 0
+
+
+def test_counted_flops_of_a_grouped_conv_backward_are_twice_its_forward() -> None:
+    """torch 2.11 counts a grouped conv's weight gradient ``groups`` times; ``benchmarks/flops.py`` does not
+    (the backward of any conv: grad input and grad weight, each as many multiply-adds as the forward)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from flops import flop_counter
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for groups in (1, 16):
+        conv = torch.nn.Conv1d(64, 64, 5, padding=2, groups=groups)
+        x = torch.randn(2, 64, 30, requires_grad=True)
+        with flop_counter() as fc:
+            conv(x)
+        fwd = fc.get_total_flops()
+        with flop_counter() as fc:
+            conv(x).sum().backward()
+        assert fc.get_total_flops() == 3 * fwd
+        with FlopCounterMode(display=False) as torchs:
+            conv(x).sum().backward()
+        assert torchs.get_total_flops() >= fc.get_total_flops()  # equal once torch's formula is fixed

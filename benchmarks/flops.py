@@ -1,0 +1,39 @@
+"""Counted model FLOPs for the benchmarks: ``torch.utils.flop_counter.FlopCounterMode`` with one formula fixed.
+
+torch 2.11's formula for ``aten.convolution_backward`` counts a grouped convolution's weight gradient
+``groups`` times: it sizes that gradient as a dense conv of the transposed shapes, where the group division
+is lost (pytorch/pytorch#183405, merged after 2.11). A grouped conv's backward then counts (1 + groups) x its
+forward instead of 2 x. d2v's grouped convs (speech's positional convs and every data2vec 2.0 decoder, 16
+groups) were over-counted by that, and so was their share of the machine's peak.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+
+def _t(shape: list[int]) -> list[int]:
+    return [shape[1], shape[0], *shape[2:]]
+
+
+def conv_backward_flop(
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding,
+    groups, output_mask, out_shape,
+) -> int:  # fmt: skip
+    """torch's formula (grad input as the transposed conv; grad weight as a conv of the transposed shapes),
+    the grad weight divided by ``groups``: each group's weights see only their own channels."""
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:
+        a, b = (grad_out_shape, x_shape) if transposed else (x_shape, grad_out_shape)
+        flops += conv_flop_count(_t(a), _t(b), _t(out_shape[1]), transposed=False) // groups
+    return flops
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode(display=False)`` with :func:`conv_backward_flop` for ``aten.convolution_backward``."""
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}
+    )
