@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from d2v.config import from_dict
 from d2v.data import build_loader, data_module, prepare_raw, shard
@@ -119,9 +120,11 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(BATCH), choices=list(BATCH))
     ap.add_argument("--batch", type=int, default=None, help="images per step (default: the papers' per GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the whole forward (compile: true)")
+    ap.add_argument("--count-only", action="store_true",
+                    help="only the counted FLOPs per image, with torch's own conv formula beside (runs on a CPU)")  # fmt: skip
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak = statistics.median(matmul_peak() for _ in range(3))
+    peak = float("nan") if args.count_only else statistics.median(matmul_peak() for _ in range(3))
     name = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu"
     print(f"{name}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
     results = {"device": name, "preset": args.preset, "bf16_peak_tflops": peak / 1e12, "runs": {}}
@@ -156,6 +159,12 @@ def main() -> None:
             with flop_counter() as fc:
                 step(to_device(fixed, DEV))
             flops = fc.get_total_flops()
+            if args.count_only:
+                with FlopCounterMode(display=False) as torchs:
+                    step(to_device(fixed, DEV))
+                print(f"{alg}: {flops / B / 1e9:.1f} GFLOP per image counted ({torchs.get_total_flops() / B / 1e9:.1f} "
+                      "with torch 2.11's grouped-conv backward formula)", flush=True)  # fmt: skip
+                continue
             if args.compile:  # after counting: dynamo runs a frame eagerly under a dispatch mode
                 compile_model(model)
             if DEV.type == "cuda":
