@@ -159,6 +159,12 @@ def training_labels(split_entry: dict[str, Any], budget: int | float) -> int:
 # ---------------------------------------------------------------------------------------------- stage
 
 
+def runs_ctc_probe(cfg: EvaluateConfig, manifest: dict[str, Any]) -> bool:
+    """The CTC probe runs when asked for, with a probe to compare, on shards that have transcripts."""
+    has_ctc = "ctc" in (manifest.get("tasks") or {})
+    return cfg.ctc_probe_budget is not None and bool(cfg.probe_inits) and has_ctc
+
+
 def preflight(
     modality: str,
     runs: list[Run],
@@ -181,7 +187,7 @@ def preflight(
         )
     tasks = manifest.get("tasks") or {}
     labelled = [t for t, e in tasks.items() if e.get("target") == "label"]
-    ctc = cfg.ctc_probe_budget is not None and bool(cfg.probe_inits) and "ctc" in tasks
+    ctc = runs_ctc_probe(cfg, manifest)
     if cfg.ctc_probe_budget is not None and cfg.probe_inits and not ctc:
         # the default asks for it (the demo's speech has transcripts); a user's class folders have none
         print(f"evaluate {modality}: {shard_dir} has no transcribed ('ctc') task, so no CTC probe "
@@ -279,7 +285,7 @@ def evaluate(
     if pretrain_step is not None:
         with autocast(cfg.precision, device):
             metrics.update(probe_metrics(modality, manifest, shard_dir, pretrain_step, cfg, seed, device))
-    if cfg.ctc_probe_budget is not None and cfg.probe_inits and "ctc" in (manifest.get("tasks") or {}):
+    if runs_ctc_probe(cfg, manifest):
         with autocast(cfg.precision, device):
             metrics.update(ctc_probe_metrics(manifest, shard_dir, pretrain_dir, cfg, seed, device))
 
