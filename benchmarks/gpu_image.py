@@ -1,7 +1,8 @@
 """The ``base`` image preset on one GPU, bf16: step throughput, FLOPs, share of the measured bf16 matmul
 peak and memory for data2vec and data2vec 2.0, and how long the real shard loader keeps the GPU waiting.
 
-    python benchmarks/gpu_image.py [--steps 20] [--images 2048] [--workers 8] [--json out.json]
+    python benchmarks/gpu_image.py [--steps 20] [--images 2048] [--workers 8] [--compile]
+        [--decoder-conv triton cudnn] [--json out.json]
 
 Per algorithm, at the papers' per-GPU batch (data2vec [DV]: 128 images; data2vec 2.0 [FS]: 16 images x 16
 masks): the pretraining step (student and EMA teacher forward, backward, clipping, AdamW, EMA) under bf16
@@ -11,6 +12,8 @@ same run. The loader: ``--images`` random smooth 224 px PNGs are prepared and sh
 ``prepare`` / ``shard`` code, then the same steps run once on a fixed batch and once fed by
 ``build_loader`` (``--workers`` workers); the extra time is the GPU waiting for data. A wall-clock
 measurement of one machine: the figures go to ``benchmarks/RESULTS.md`` with the device and command.
+``--decoder-conv`` runs data2vec 2.0 with the decoder's grouped convs as d2v's Triton kernels
+(``d2v/gpu_conv.py``, the default), with cuDNN's, or both in turn; the FLOPs are counted with the aten convs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from d2v import gpu_conv
 from d2v.config import from_dict
 from d2v.data import build_loader, data_module, prepare_raw, shard
 from d2v.loop import to_device
@@ -120,6 +124,8 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="+", default=list(BATCH), choices=list(BATCH))
     ap.add_argument("--batch", type=int, default=None, help="images per step (default: the papers' per GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the whole forward (compile: true)")
+    ap.add_argument("--decoder-conv", nargs="+", default=["triton"], choices=["triton", "cudnn"],
+                    help="the data2vec 2.0 decoder's grouped convs: d2v's Triton kernels (default) or cuDNN")  # fmt: skip
     ap.add_argument("--count-only", action="store_true",
                     help="only the counted FLOPs per image, with torch's own conv formula beside (runs on a CPU)")  # fmt: skip
     args = ap.parse_args()
@@ -134,7 +140,10 @@ def main() -> None:
         shards = make_shards(Path(tmp), args.images, args.workers, size)
         print(f"sharded {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
         mod = get("image")
-        for alg in args.algorithms:
+        for alg, conv in itertools.product(args.algorithms, args.decoder_conv):
+            if alg == "data2vec" and conv != args.decoder_conv[0]:
+                continue  # no decoder
+            gpu_conv.ENABLED = conv == "triton"
             B = args.batch or BATCH[alg]
             cfg = mod.model_config({"preset": args.preset, "algorithm": alg})
             torch.manual_seed(0)
@@ -156,9 +165,11 @@ def main() -> None:
                     epoch += 1
 
             fixed = next(iter(loader(0)))
+            gpu_conv.ENABLED = False  # counted as the aten convs they compute (the counter skips custom ops)
             with flop_counter() as fc:
                 step(to_device(fixed, DEV))
             flops = fc.get_total_flops()
+            gpu_conv.ENABLED = conv == "triton"
             if args.count_only:
                 with FlopCounterMode(display=False) as torchs:
                     step(to_device(fixed, DEV))
@@ -183,15 +194,20 @@ def main() -> None:
                 "step_s_with_loader": s_loader,
                 "loader_wait_fraction": max(0.0, (s_loader - s_fixed) / s_loader),
             }
-            results["runs"][f"{alg}-b{B}" + ("-compiled" if args.compile else "")] = r
-            print(f"{alg:9s} {B:4d} img/step  {r['images_per_s']:8.1f} img/s  {r['tflop_per_step']:.2f} TFLOP/step  "
+            name = (
+                f"{alg}-b{B}"
+                + ("-compiled" if args.compile else "")
+                + (f"-{conv}" if alg == "data2vec2" else "")
+            )
+            results["runs"][name] = r
+            if args.json:  # after each run: a later one that fails loses nothing
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{conv:6s} {alg:9s} {B:4d} img/step  {r['images_per_s']:8.1f} img/s  {r['tflop_per_step']:.2f} TFLOP/step  "
                   f"{100 * r['fraction_of_bf16_peak']:.1f} % of peak  {mem:.1f} GiB  "
                   f"loader wait {100 * r['loader_wait_fraction']:.1f} %", flush=True)  # fmt: skip
             del model, opt, step
             if DEV.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """CUDA-only checks (skipped without a GPU): FSDP2 on one GPU matches plain training and saves full
-weights; bf16 autocast keeps the EMA teacher and the loss in fp32 (spec §5.7)."""
+weights; bf16 autocast keeps the EMA teacher and the loss in fp32 (spec §5.7); the image decoder's Triton
+convs (d2v/gpu_conv.py) agree with cuDNN in bf16."""
 
 from __future__ import annotations
 
@@ -59,3 +60,22 @@ def test_fsdp2_single_gpu_matches_plain_training_and_saves_full_weights(tmp_path
 def test_bf16_autocast_keeps_teacher_and_loss_fp32(tmp_path):
     weights = _gpu_run(tmp_path / "bf16", "ddp", precision="bf16")
     assert all(v.dtype == torch.float32 for k, v in weights.items() if k.startswith("teacher."))
+
+
+@needs_cuda
+def test_triton_convs_match_cudnn_in_bf16():
+    import torch.nn.functional as F
+
+    from d2v import gpu_conv
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 14, 14, 768, device="cuda", requires_grad=True)
+    w = (torch.randn(768, 48, 3, 3, device="cuda") / 20).requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16):
+        y = gpu_conv.conv_nhwc(x, w, 16)
+        ref = F.conv2d(x.permute(0, 3, 1, 2), w, padding=1, groups=16).permute(0, 2, 3, 1)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    g = torch.randn_like(y)
+    got, want = (y, *torch.autograd.grad(y, (x, w), g)), (ref, *torch.autograd.grad(ref, (x, w), g))
+    for a, b in zip(got, want):  # both bf16 products with fp32 sums: ~5e-3 of the largest value apart at most
+        assert float((a.float() - b.float()).abs().max() / b.float().abs().max()) < 2e-2
