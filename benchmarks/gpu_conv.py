@@ -137,15 +137,15 @@ def main() -> None:
         "image decoder (6 layers)": (
             ConvDecoder(DecoderConfig(layers=6, kernel=3, dim=768, groups=16), 768, (14, 14)),
             (B, 196, 768),
-        ),  # fmt: skip
+        ),
         "audio conv 768->384 k7 g16": (
             OneConv(nn.Conv1d(768, 384, 7, padding=3, groups=16)),
             (args.clips, 1, args.frames, 768),
-        ),  # fmt: skip
+        ),
         "audio conv 384->384 k7 g16": (
             OneConv(nn.Conv1d(384, 384, 7, padding=3, groups=16)),
             (args.clips, 1, args.frames, 384),
-        ),  # fmt: skip
+        ),
     }
     results = {
         "device": torch.cuda.get_device_name(),

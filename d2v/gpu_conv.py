@@ -52,14 +52,15 @@ def available(x: Tensor, weight: Tensor) -> bool:
 
 
 if triton is not None:
-    # (BLOCK_M pixels, BLOCK_N out channels, BLOCK_K in channels, DYNAMIC loop, warps, stages). DYNAMIC=1 walks the
-    # taps x channel chunks in one runtime loop, which Triton software-pipelines; 0 unrolls it.
+    # (BLOCK_M pixels, BLOCK_N out channels, BLOCK_K in channels, warps, stages), autotuned per shape. The taps x
+    # channel chunks are one runtime loop, which Triton software-pipelines. (A first version, with that loop
+    # unrolled, 64-bit offsets and 4 weight-gradient programs per SM, ran at 0.64x cuDNN on an H100:
+    # benchmarks/results/gpu_conv_h100_v1.json.)
     _CONFIGS = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "DYNAMIC": d}, num_warps=w, num_stages=st)
-        for m, n, k, d, w, st in [
-            (128, 64, 16, 0, 4, 3), (128, 64, 16, 1, 4, 4), (128, 64, 32, 1, 4, 3), (256, 64, 16, 1, 8, 3),
-            (128, 16, 16, 1, 4, 4), (128, 32, 16, 1, 4, 4), (64, 64, 16, 1, 4, 4), (256, 32, 32, 1, 8, 3),
-            (128, 64, 64, 1, 8, 2), (64, 16, 16, 1, 2, 4),
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in [
+            (128, 64, 16, 4, 4), (128, 64, 32, 4, 3), (256, 64, 16, 8, 3), (128, 16, 16, 4, 4), (128, 32, 16, 4, 4),
+            (64, 64, 16, 4, 4), (256, 32, 32, 8, 3), (128, 64, 64, 8, 2), (64, 16, 16, 2, 4),
         ]
     ]  # fmt: skip
 
@@ -68,7 +69,7 @@ if triton is not None:
         X, Wp, Y, NPIX, H, W,
         CIN: tl.constexpr, COUT: tl.constexpr, CIN_G: tl.constexpr, COUT_G: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, WIDE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DYNAMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """Y[p, g*COUT_G + n] = sum_{t, k} X[p + shift_t, g*CIN_G + k] * Wp[g, t, k, n] (zero outside the image).
         X [NPIX, CIN], Y [NPIX, COUT] (pixels p of [B, H, W] in order), Wp [G, KH*KW, CIN_G, COUT_G]. WIDE:
@@ -80,41 +81,23 @@ if triton is not None:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         KCH: tl.constexpr = (CIN_G + BLOCK_K - 1) // BLOCK_K
-        if DYNAMIC:
-            for it in range(KH * KW * KCH):
-                t = it // KCH
-                k = (it % KCH) * BLOCK_K + tl.arange(0, BLOCK_K)
-                dh = t // KW - KH // 2
-                dw = t % KW - KW // 2
-                ok = (p < NPIX) & (row + dh >= 0) & (row + dh < H) & (col + dw >= 0) & (col + dw < W)
-                a = tl.load(
-                    X + ((p + dh * W + dw) * CIN + g * CIN_G)[:, None] + k[None, :],
-                    mask=ok[:, None] & (k < CIN_G)[None, :],
-                    other=0.0,
-                )
-                b = tl.load(
-                    Wp + ((g * KH * KW + t) * CIN_G + k)[:, None] * COUT_G + n[None, :],
-                    mask=(k < CIN_G)[:, None] & (n < COUT_G)[None, :],
-                    other=0.0,
-                )
-                acc += tl.dot(a, b)
-        else:
-            for t in tl.static_range(KH * KW):
-                dh = t // KW - KH // 2
-                dw = t % KW - KW // 2
-                ok = (p < NPIX) & (row + dh >= 0) & (row + dh < H) & (col + dw >= 0) & (col + dw < W)
-                src = (p + dh * W + dw) * CIN + g * CIN_G
-                for k0 in tl.static_range(0, CIN_G, BLOCK_K):
-                    k = k0 + tl.arange(0, BLOCK_K)
-                    a = tl.load(
-                        X + src[:, None] + k[None, :], mask=ok[:, None] & (k < CIN_G)[None, :], other=0.0
-                    )
-                    b = tl.load(
-                        Wp + ((g * KH * KW + t) * CIN_G + k)[:, None] * COUT_G + n[None, :],
-                        mask=(k < CIN_G)[:, None] & (n < COUT_G)[None, :],
-                        other=0.0,
-                    )
-                    acc += tl.dot(a, b)
+        for it in range(KH * KW * KCH):
+            t = it // KCH
+            k = (it % KCH) * BLOCK_K + tl.arange(0, BLOCK_K)
+            dh = t // KW - KH // 2
+            dw = t % KW - KW // 2
+            ok = (p < NPIX) & (row + dh >= 0) & (row + dh < H) & (col + dw >= 0) & (col + dw < W)
+            a = tl.load(
+                X + ((p + dh * W + dw) * CIN + g * CIN_G)[:, None] + k[None, :],
+                mask=ok[:, None] & (k < CIN_G)[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                Wp + ((g * KH * KW + t) * CIN_G + k)[:, None] * COUT_G + n[None, :],
+                mask=(k < CIN_G)[:, None] & (n < COUT_G)[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(a, b)
         out = Y + p[:, None] * COUT + g * COUT_G + n[None, :]
         tl.store(out, acc.to(Y.dtype.element_ty), mask=(p < NPIX)[:, None] & (n < COUT_G)[None, :])
 
