@@ -51,7 +51,7 @@ CHECK = textwrap.dedent(
             out[f"config {i} {s}"] = conv_errors(*s)
     gpu_conv.interpret_config = gpu_conv._CONFIGS[0]
     for cand in gpu_conv._WGRAD_CANDIDATES[1:]:  # the weight-gradient launches the GPU may pick
-        gpu_conv._WGRAD_CANDIDATES.insert(0, gpu_conv._WGRAD_CANDIDATES.pop(gpu_conv._WGRAD_CANDIDATES.index(cand)))
+        gpu_conv.interpret_wgrad = cand
         out[f"wgrad {cand}"] = conv_errors(*shapes[-1])
 
     # The image decoder with and without the kernels, eager and compiled whole (the custom ops are opaque).
