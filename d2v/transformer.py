@@ -10,6 +10,7 @@ the visible tokens), with an optional additive attention bias (vision's relative
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -52,23 +53,33 @@ _safe_softmax = getattr(torch, "_safe_softmax", torch.softmax)  # SDPA's math pa
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout (``F.dropout``) whose keep mask on CPU comes from ``torch.rand`` (keep where u >= p).
+    """Inverted dropout (``F.dropout``) whose keep mask on CPU is :func:`keep_mask` (16 random bits an element).
 
-    The same distribution (P(keep) = 1 - p, to float resolution). ``F.dropout`` draws with ``bernoulli_``,
-    single-threaded on CPU and 2.2x slower than ``rand`` (1M draws: 7.4 against 3.3 ms); it was the largest
-    cost after the matmuls in the text step (17% of it in fp32). Other devices keep ``F.dropout``.
-
-    Not changed on purpose: masks drawn 16 bits per element from full-range int64 draws were 1.6-1.7x
-    cheaper (the same distribution to 2^-17), but a different random stream made the demo's speech
-    pretraining collapse (final loss 0.26 against 0.92, probe 70.8 against 87.7 %): the demo's speech recipe
-    is that sensitive to its trajectory (benchmarks/RESULTS.md, stop 19), so the stream stays as it was.
+    ``F.dropout`` draws with ``bernoulli_`` and ``torch.rand`` costs one Mersenne-Twister draw per element,
+    both single-threaded on CPU: they were the largest cost after the matmuls of the text step (17 %, then 12 %
+    of it in fp32). Other devices, and a compiled graph (its own fused RNG), keep ``F.dropout``.
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, True)
-    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
-    return x * mask.to(x.dtype)
+    return x * keep_mask(x.shape, p, x.dtype)
+
+
+def keep_mask(shape: Sequence[int], p: float, dtype: torch.dtype) -> Tensor:
+    """[*shape] of ``dtype`` on CPU: 0 with probability q = round(p * 2^16) / 2^16 (within 2^-17 of p), else
+    1 / (1 - q), so the expectation is unchanged. One full-range int64 draw of the global generator
+    gives four 16-bit lanes; a lane below q (counted from the bottom of its range) drops its element.
+
+    1.6-1.7x cheaper than ``torch.rand(shape).ge_(p)`` (4 elements a 64-bit draw against 1 a 32-bit draw),
+    the text step 4 % faster in fp32 (paired, benchmarks/RESULTS.md, stop 23). A different random stream
+    from ``rand``'s: stop 19 tried it and the demo's speech pretraining of then collapsed; the recipe now
+    holds across pretraining seeds (issue 13), and the demo was rerun with this mask.
+    """
+    n, drop = math.prod(shape), min(round(p * 65536), 65535)
+    lanes = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
+    keep = lanes.ge(drop - 32768).view(torch.uint8)  # bool -> float is 2.6x slower than uint8 -> float
+    return keep.to(dtype).mul_(65536 / (65536 - drop)).view(shape)
 
 
 class Dropout(nn.Module):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from d2v.modalities.base import Data2VecTargets
 from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
-from d2v.transformer import attend, attention_mask, dropout
+from d2v.transformer import attend, attention_mask, dropout, keep_mask
 
 
 def test_ema_schedule_end_points_and_linearity():
@@ -82,16 +82,41 @@ def test_masked_std_matches_fairseq_compute_var():
 
 
 def test_cpu_dropout_keeps_a_fraction_1_minus_p_scaled_by_1_over_1_minus_p():
-    """d2v's dropout (mask from ``torch.rand`` on CPU): of 1M draws 0.9 are kept, +- 0.003 (10 sigma: failure
-    odds below 1e-20), each scaled by 1/0.9; the gradient is the same mask; eval and p = 0 are the identity."""
+    """d2v's dropout (16-bit lanes on CPU): of 1M draws 0.9 are kept, +- 0.003 (10 sigma: failure odds below
+    1e-20), in each of the four lanes of a 64-bit draw alike, each scaled by 1 / (1 - q) with q = p rounded to
+    2^-16; the gradient is the same mask; eval and p = 0 are the identity."""
     x = torch.ones(1000, 1000, requires_grad=True)
     y = dropout(x, 0.1, True)
     kept = y.detach() != 0
+    for lane in range(4):
+        assert abs(kept.flatten()[lane::4].float().mean().item() - 0.9) < 0.006
     assert abs(kept.float().mean().item() - 0.9) < 0.003
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    q = round(0.1 * 65536) / 65536
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - q)))
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())
     assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.999999])
+def test_keep_mask_is_seeded_and_takes_any_shape(p):
+    """The same seed gives the same mask; sizes that are not a multiple of four, bf16, and p whose lanes
+    would all drop (capped at 65535 / 65536: something is kept) work; the mean of the mask is 1 +- 5 %."""
+    torch.manual_seed(3)
+    a = keep_mask((7, 13, 3), p, torch.float32)
+    torch.manual_seed(3)
+    b = keep_mask((7, 13, 3), p, torch.bfloat16)
+    assert a.shape == b.shape == (7, 13, 3) and b.dtype == torch.bfloat16
+    assert torch.equal(a != 0, b != 0)
+    torch.manual_seed(4)
+    assert not torch.equal(
+        keep_mask((7, 13, 3), 0.5, torch.float32), keep_mask((7, 13, 3), 0.5, torch.float32)
+    )
+    if p < 0.9:
+        big = keep_mask((400_000,), p, torch.float32)
+        assert abs(big.mean().item() - 1.0) < 0.05
+    else:
+        assert keep_mask((64, 65536), p, torch.float32).count_nonzero() > 0  # ~64 kept
 
 
 def test_a_bias_with_padding_is_a_finite_mask_that_attends_like_sdpa():
@@ -132,5 +157,4 @@ def test_attention_with_dropout_is_sdpa_math_with_a_dropout_mask():
     out = attend(q, k, v, pad, 0.5)
     torch.manual_seed(1)
     w = F.scaled_dot_product_attention(q, k, torch.eye(5).expand(2, 3, 5, 5), attn_mask=pad)  # the weights
-    keep = torch.rand(w.shape) >= 0.5
-    torch.testing.assert_close(out, (w * keep / 0.5) @ v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, (w * keep_mask(w.shape, 0.5, w.dtype)) @ v, rtol=1e-5, atol=1e-5)
