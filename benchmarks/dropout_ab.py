@@ -14,6 +14,7 @@ Image's recipe has no dropout: nothing to compare there.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     retain_freed_memory()  # as the CLI runs
     params = load_params(ROOT / "params.yaml")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, {args.algorithm}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}, {args.algorithm}"
+    )
     print("| step (ms) | torch.rand masks | 16-bit lanes | speed-up |")
     print("|---|---|---|---|")
     for m in args.modalities:
@@ -78,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             step = D2VStep(m, model_cfg, pcfg, dtype)
             for i in range(2):
                 step(batches[i])
-            it = iter(range(10**9))
-            med = alternate(lambda: step(batches[next(it) % len(batches)]), args.rounds)
+            feed = itertools.cycle(batches)
+            med = alternate(lambda step=step, feed=feed: step(next(feed)), args.rounds)
             print(row(f"{m} {dtype}", med), flush=True)
     shape = (16, 4, 128, 128)  # the text step's attention weights
     x = torch.randn(shape)
