@@ -119,6 +119,15 @@ def test_keep_mask_is_seeded_and_takes_any_shape(p):
         assert keep_mask((64, 65536), p, torch.float32).count_nonzero() > 0  # ~64 kept
 
 
+def test_dropout_compiles_whole_through_f_dropout():
+    """Inside a compiled graph :func:`dropout` is ``F.dropout`` (the 16-bit lanes' full-range ``random_`` and
+    bool-as-bytes view break the graph or inductor): ``fullgraph=True`` compiles, and 0.9 +- 0.003 is kept."""
+    f = torch.compile(lambda x: dropout(x, 0.1, True), backend="aot_eager", fullgraph=True)
+    y = f(torch.ones(1000, 1000))
+    assert abs((y != 0).float().mean().item() - 0.9) < 0.003
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+
+
 def test_a_bias_with_padding_is_a_finite_mask_that_attends_like_sdpa():
     """``attention_mask`` of a bias and padding is finite (the plain softmax of ``attend`` never makes NaN)
     and gives, through ``attend``, SDPA's output with the padding as a bool mask plus the bias."""
