@@ -1,4 +1,5 @@
-"""Counted model FLOPs for the benchmarks: ``torch.utils.flop_counter.FlopCounterMode`` with one formula fixed.
+"""Counted model FLOPs for the benchmarks: ``torch.utils.flop_counter.FlopCounterMode`` with one formula fixed
+and one kernel added.
 
 torch 2.11's formula for ``aten.convolution_backward`` counts a grouped convolution's weight gradient
 ``groups`` times: it sizes that gradient as a dense conv of the transposed shapes, where the group division
@@ -10,7 +11,12 @@ groups) were over-counted by that, and so was their share of the machine's peak.
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 
 def _t(shape: list[int]) -> list[int]:
@@ -32,8 +38,25 @@ def conv_backward_flop(
     return flops
 
 
+def cpu_sdpa_flop(q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """SDPA's fused CPU kernel, forward: as torch counts its CUDA kernels."""
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def cpu_sdpa_backward_flop(grad_shape, q_shape, k_shape, v_shape, *_args, out_shape=None, **_kwargs) -> int:
+    """SDPA's fused CPU kernel, backward: as torch counts its CUDA kernels."""
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
 def flop_counter() -> FlopCounterMode:
-    """``FlopCounterMode(display=False)`` with :func:`conv_backward_flop` for ``aten.convolution_backward``."""
+    """``FlopCounterMode(display=False)`` with :func:`conv_backward_flop` for ``aten.convolution_backward``
+    and formulas for SDPA's fused CPU kernel."""
+    aten = torch.ops.aten
     return FlopCounterMode(
-        display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}
+        display=False,
+        custom_mapping={
+            aten.convolution_backward: conv_backward_flop,
+            aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flop,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward_flop,
+        },
     )

@@ -187,3 +187,35 @@ def test_pretraining_batches_are_cropped_to_the_shortest_clip_not_padded():
     assert padded["inputs"].shape == (3, 24000) and padded["padding_mask"].any()
     fine = collate(xs, mode="finetune", model_cfg=TINY, prep={}, generator=g)
     assert fine["inputs"].shape == (3, 24000)  # fine-tuning keeps whole clips (labels belong to them)
+
+
+@pytest.mark.parametrize(
+    ("T", "k", "s", "exact"),
+    [
+        (57, 10, 5, True),
+        (50, 3, 2, True),
+        (51, 3, 2, True),
+        (41, 2, 2, True),
+        (24, 2, 3, True),
+        (30, 5, 1, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_time_windows_match_unfold_and_its_gradient(T, k, s, exact, dtype):
+    """The conv windows and their own backward against aten's unfold: bit-identical where a frame is in at
+    most two windows (every layer of the wav2vec 2.0 stack), to rounding with more overlap; gaps (k < s)
+    get zero gradient."""
+    from d2v.modalities.audio.model import time_windows
+
+    x = torch.randn(2, T, 4, dtype=dtype, requires_grad=True)
+    y, ref = time_windows(x, k, s), x.unfold(1, k, s).flatten(2)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    (got,), (want,) = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, x, g)
+    if exact:
+        assert torch.equal(got, want)
+    else:  # k roundings of a sum of k terms, each at most max |g|
+        tol = k * float(g.abs().max()) * torch.finfo(dtype).eps
+        torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=0)
+    x64 = torch.randn(2, 20, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: time_windows(v, k, s), (x64,))

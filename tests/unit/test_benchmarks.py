@@ -46,6 +46,25 @@ def test_step_harness_times_the_compiled_model_with_the_same_flops(tmp_path: Pat
     assert rows["d2v-compiled"]["gflop_per_sample"] == rows["d2v"]["gflop_per_sample"]
 
 
+@pytest.mark.parametrize("change", ["dropout-mask", "time-windows"])
+def test_step_ab_times_both_arms_and_restores_the_current_one(change: str, capsys) -> None:
+    """One row per modality x dtype with both arms' milliseconds; afterwards the module holds d2v's arm."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        ab = runpy.run_path(str(ROOT / "benchmarks/step_ab.py"))
+        module, attr, arms = ab["CHANGES"][change]
+        current = getattr(module, attr)
+        assert list(arms.values())[-1] is current
+        argv = [change, "--preset", "tiny", "--modalities", "audio", "--dtypes", "fp32", "--rounds", "1"]
+        assert ab["main"](argv) == 0
+        assert getattr(module, attr) is current
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| audio")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "audio fp32" and float(cells[1]) > 0 and float(cells[2]) > 0
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_hostmem_ab_times_both_malloc_settings(capsys) -> None:
     """One row per modality x dtype, with milliseconds and page faults for both settings."""
@@ -86,3 +105,27 @@ def test_counted_flops_of_a_grouped_conv_backward_are_twice_its_forward() -> Non
         with FlopCounterMode(display=False) as torchs:
             conv(x).sum().backward()
         assert torchs.get_total_flops() >= fc.get_total_flops()  # equal once torch's formula is fixed
+
+
+def test_counted_flops_of_sdpas_fused_cpu_kernel_match_the_math_paths() -> None:
+    """torch 2.11 counts 0 for SDPA's fused CPU kernel (the teacher's attention on CPU); ``benchmarks/flops.py``
+    counts its forward as the two ``bmm``s of the math path (:func:`d2v.transformer.attend`) it replaces."""
+    import torch
+    import torch.nn.functional as F
+
+    from d2v.transformer import attend
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from flops import flop_counter
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    q, k, v = (torch.randn(2, 4, 50, 16) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 50)
+    with torch.no_grad():
+        with flop_counter() as fused:
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with flop_counter() as math:
+            attend(q, k, v, mask, 0.0)
+    assert fused.get_flop_counts()["Global"]  # the fused kernel ran, and was counted
+    assert fused.get_total_flops() == math.get_total_flops() == 4 * 2 * 4 * 50 * 50 * 16

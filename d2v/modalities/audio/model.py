@@ -194,6 +194,51 @@ def model_config(d: dict[str, Any] | None, where: str = "model.audio") -> ModelC
 # --------------------------------------------------------------------------------------------------- modules
 
 
+class _TimeWindows(torch.autograd.Function):
+    """:func:`time_windows` with a backward of one strided copy and ``k - s`` strided adds."""
+
+    @staticmethod
+    def forward(x_BTC: Tensor, k: int, s: int) -> Tensor:
+        return x_BTC.unfold(1, k, s).flatten(2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x_BTC, ctx.k, ctx.s = inputs
+        ctx.T = x_BTC.shape[1]
+
+    @staticmethod
+    def backward(ctx, g_BTK: Tensor) -> tuple[Tensor, None, None]:
+        k, s, T = ctx.k, ctx.s, ctx.T
+        B, Tp, CK = g_BTK.shape
+        C = CK // k
+        g = g_BTK.reshape(B, Tp, C, k)
+        if k < s:  # gaps between windows: frames no window reads get zeros (and s * T' may pass T)
+            out = g.new_zeros(B, T, C)
+            for j in range(k):
+                out[:, j : j + s * (Tp - 1) + 1 : s] = g[..., j]
+            return out, None, None
+        # each window's first s frames tile [0, s T') exactly once: one copy, no zero fill; the rest
+        # overlap the next window's (k - s adds); frames past the last window read nothing
+        out = g.new_empty(B, T, C)
+        out[:, : s * Tp].view(B, Tp, s, C).copy_(g[..., :s].transpose(2, 3))
+        out[:, s * Tp :].zero_()
+        for j in range(s, k):
+            out[:, j : j + s * (Tp - 1) + 1 : s].add_(g[..., j])
+        return out, None, None
+
+
+def time_windows(x_BTC: Tensor, k: int, s: int) -> Tensor:
+    """The conv windows of channels-last frames: [B, T, C] -> [B, T', C * k], T' = (T - k) // s + 1,
+    channel-major like a Conv1d weight [C', C, k] flattened: ``x.unfold(1, k, s).flatten(2)``.
+
+    Its own backward: aten's ``unfold_backward`` is a generic scatter, 13 % of the small speech step in
+    fp32 (6 calls, 49 ms, 29 ms for the first [8, 6399, 128] one); one strided copy of each window's first
+    ``s`` frames and ``k - s`` strided adds are 3.5-7x faster (the small stack's shapes, stop 24). Where
+    a frame is in at most two windows (k <= 2 s: every layer of the wav2vec 2.0 stack) the sums are aten's,
+    bit for bit; with more overlap they may differ in rounding (a different order of the adds)."""
+    return _TimeWindows.apply(x_BTC, k, s)
+
+
 class ConvLayer(nn.Module):
     """Conv1d (no bias) -> LayerNorm over channels (affine) -> GELU ([FS] ``extractor_mode: layer_norm``).
 
@@ -211,7 +256,7 @@ class ConvLayer(nn.Module):
 
     def forward(self, x_BTC: Tensor) -> Tensor:
         (k,), (s,) = self.conv.kernel_size, self.conv.stride
-        cols = x_BTC.unfold(1, k, s).flatten(2)  # [B, T', C * k], channel-major like the weight [C', C, k]
+        cols = time_windows(x_BTC, k, s)  # [B, T', C * k], channel-major like the weight [C', C, k]
         x = F.linear(cols, self.conv.weight.flatten(1), self.conv.bias)
         return self.act(self.layer_norm(x))
 
