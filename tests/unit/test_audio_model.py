@@ -219,3 +219,18 @@ def test_time_windows_match_unfold_and_its_gradient(T, k, s, exact, dtype):
         torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=0)
     x64 = torch.randn(2, 20, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: time_windows(v, k, s), (x64,))
+
+
+def test_time_windows_compile_whole_with_their_backward():
+    """``compile: true`` traces the windows' own autograd.Function into one graph (no graph break) with the
+    same gradients."""
+    from d2v.modalities.audio.model import time_windows
+
+    def loss(x, w):
+        return torch.nn.functional.linear(time_windows(x, 3, 2), w).square().sum()
+
+    x, w = torch.randn(2, 41, 8, requires_grad=True), torch.randn(8, 24, requires_grad=True)
+    want = torch.autograd.grad(loss(x, w), (x, w))
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, w), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
