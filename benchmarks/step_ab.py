@@ -30,11 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step import ROOT, D2VStep, configs, make_batches  # noqa: E402
+from step import DTYPES, ROOT, D2VStep, configs, make_batches  # noqa: E402
 
 from d2v import transformer  # noqa: E402
 from d2v.config import load_params  # noqa: E402
 from d2v.hostmem import retain_freed_memory  # noqa: E402
+from d2v.modalities import MODALITIES  # noqa: E402
 from d2v.modalities.audio import model as audio_model  # noqa: E402
 
 
@@ -57,7 +58,7 @@ CHANGES: dict[str, tuple[object, str, dict[str, Callable]]] = {
         audio_model, "time_windows", {"aten unfold": aten_windows, "own backward": audio_model.time_windows}
     ),
 }  # fmt: skip
-MODALITIES = {"dropout-mask": ["audio", "text"], "time-windows": ["audio"]}
+TOUCHES = {"dropout-mask": ["audio", "text"], "time-windows": ["audio"]}  # modalities with that code
 
 
 def alternate(change: str, run: Callable[[], None], rounds: int) -> dict[str, float]:
@@ -84,9 +85,9 @@ def row(label: str, med: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("change", choices=list(CHANGES))
-    ap.add_argument("--modalities", nargs="+", default=None, choices=["audio", "image", "text"],
+    ap.add_argument("--modalities", nargs="+", default=None, choices=MODALITIES,
                     help="default: those the change touches")  # fmt: skip
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--algorithm", default="data2vec", choices=["data2vec", "data2vec2"])
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"| step (ms) | {arms[0]} | {arms[1]} | speed-up |")
     print("|---|---|---|---|")
-    for m in args.modalities or MODALITIES[args.change]:
+    for m in args.modalities or TOUCHES[args.change]:
         model_cfg, pcfg = configs(params, m, args.preset, args.algorithm)
         batches = make_batches(m, model_cfg, pcfg)
         for dtype in args.dtypes:

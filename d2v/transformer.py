@@ -73,10 +73,8 @@ def keep_mask(shape: Sequence[int], p: float, dtype: torch.dtype) -> Tensor:
 
     1.6-1.7x cheaper than ``torch.rand(shape).ge_(p)`` (4 elements a 64-bit draw against 1 a 32-bit draw):
     the text step 3 % faster in fp32, 8 % in bf16 (``benchmarks/step_ab.py dropout-mask``). A different
-    random stream from ``rand``'s: stop 19 reverted it when the demo's speech pretraining of then collapsed
-    on it; with stop 21's slower speech teacher the demo clears the bar with it, and at 8 clips an update one
-    speech pretraining seed in three did not (benchmarks/RESULTS.md, stop 23): the speech recipe's trajectory
-    dependence, not this mask's; at 16 (the default since stop 24) seeds 0-3 clear it.
+    random stream from ``rand``'s; speech pretraining at 8 clips an update turned out to depend on its
+    stream (benchmarks/RESULTS.md, stops 19 and 23), at 16 it clears the bar on seeds 0-3 (stop 24).
     """
     n, drop = math.prod(shape), min(round(p * 65536), 65535)
     lanes = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
