@@ -2,7 +2,7 @@
 peak and memory for data2vec and data2vec 2.0, and how long the real shard loader keeps the GPU waiting.
 
     python benchmarks/gpu_image.py [--steps 20] [--images 2048] [--workers 8] [--compile]
-        [--decoder-conv triton cudnn] [--json out.json]
+        [--decoder-conv triton cudnn] [--variants d2v sdpa-flash ...] [--json out.json]
 
 Per algorithm, at the papers' per-GPU batch (data2vec [DV]: 128 images; data2vec 2.0 [FS]: 16 images x 16
 masks): the pretraining step (student and EMA teacher forward, backward, clipping, AdamW, EMA) under bf16
@@ -14,13 +14,17 @@ same run. The loader: ``--images`` random smooth 224 px PNGs are prepared and sh
 measurement of one machine: the figures go to ``benchmarks/RESULTS.md`` with the device and command.
 ``--decoder-conv`` runs data2vec 2.0 with the decoder's grouped convs as d2v's Triton kernels
 (``d2v/gpu_conv.py``, the default), with cuDNN's, or both in turn; the FLOPs are counted with the aten convs.
+``--variants`` runs each configuration as d2v runs it and with SDPA held to one backend, each compiled afresh.
+``--images`` must fill whole batches in every shard (a loader worker ends each shard with a short batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -45,6 +49,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/flops.py
 from flops import flop_counter  # noqa: E402
 
 BATCH = {"data2vec": 128, "data2vec2": 16}
+
+
+def _sdpa(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel([getattr(SDPBackend, backend)])
+
+
+# --variants: d2v as it is, or with one thing changed (each compiled afresh in this process)
+VARIANTS = {
+    "d2v": contextlib.nullcontext,
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+}
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of the script
 
 
@@ -98,7 +117,9 @@ def timed(step, batches, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
-def make_shards(root: Path, n: int, workers: int, size: int) -> Path:
+def make_shards(root: Path, n: int, workers: int, size: int, per_shard: int = 128) -> Path:
+    """``n`` images sharded ``per_shard`` a shard. Each loader worker reads whole shards and ends a shard's
+    run with a short batch, so a shard must hold whole batches for every batch to be full."""
     src = root / "src"
     src.mkdir()
     rng = np.random.default_rng(0)
@@ -109,7 +130,9 @@ def make_shards(root: Path, n: int, workers: int, size: int) -> Path:
     prepare_raw(
         "image", from_dict(data.PrepareConfig, {"source": str(src)}, "prepare.image"), root / "raw", 0
     )
-    cfg = from_dict(data.ShardConfig, {"image_size": size, "samples_per_shard": 128, "workers": workers}, "s")
+    cfg = from_dict(
+        data.ShardConfig, {"image_size": size, "samples_per_shard": per_shard, "workers": workers}, "s"
+    )
     shard("image", cfg, root / "raw", root / "shards", seed=0)
     return root / "shards"
 
@@ -126,6 +149,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the whole forward (compile: true)")
     ap.add_argument("--decoder-conv", nargs="+", default=["triton"], choices=["triton", "cudnn"],
                     help="the data2vec 2.0 decoder's grouped convs: d2v's Triton kernels (default) or cuDNN")  # fmt: skip
+    ap.add_argument("--variants", nargs="+", default=["d2v"], choices=list(VARIANTS),
+                    help="d2v as it is (torch picks SDPA's backend), or with one SDPA backend only")  # fmt: skip
     ap.add_argument("--count-only", action="store_true",
                     help="only the counted FLOPs per image, with torch's own conv formula beside (runs on a CPU)")  # fmt: skip
     args = ap.parse_args()
@@ -137,74 +162,87 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         size = get("image").model_config({"preset": args.preset}).image_size
-        shards = make_shards(Path(tmp), args.images, args.workers, size)
+        # every batch full: shards hold whole batches of each algorithm (a worker's last batch of a shard is short)
+        per_shard = math.lcm(*(args.batch or BATCH[a] for a in args.algorithms))
+        if args.images % per_shard:
+            ap.error(
+                f"--images {args.images} must be a multiple of {per_shard} (whole batches in every shard)"
+            )
+        shards = make_shards(Path(tmp), args.images, args.workers, size, per_shard)
         print(f"sharded {args.images} images in {time.perf_counter() - t:.0f} s", flush=True)
         mod = get("image")
-        for alg, conv in itertools.product(args.algorithms, args.decoder_conv):
+        for alg, conv, variant in itertools.product(args.algorithms, args.decoder_conv, args.variants):
             if alg == "data2vec" and conv != args.decoder_conv[0]:
                 continue  # no decoder
-            gpu_conv.ENABLED = conv == "triton"
-            B = args.batch or BATCH[alg]
-            cfg = mod.model_config({"preset": args.preset, "algorithm": alg})
-            torch.manual_seed(0)
-            model = mod.build_pretrain_model(cfg).to(DEV).train()
-            tune_backends(model, DEV)  # as d2v pretrain: cudnn.benchmark for images
-            opt = build_optimizer(
-                model, OptimConfig(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
-            )
-            step = step_fn(model, opt)
+            torch._dynamo.reset()  # every variant compiles afresh: no graph of another one is reused
+            with VARIANTS[variant]():  # the change stays in place while this variant runs
+                gpu_conv.ENABLED = conv == "triton"
+                B = args.batch or BATCH[alg]
+                cfg = mod.model_config({"preset": args.preset, "algorithm": alg})
+                torch.manual_seed(0)
+                model = mod.build_pretrain_model(cfg).to(DEV).train()
+                tune_backends(model, DEV)  # as d2v pretrain: cudnn.benchmark for images
+                opt = build_optimizer(
+                    model, OptimConfig(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+                )
+                step = step_fn(model, opt)
 
-            def loader(epoch: int, B=B, cfg=cfg):
-                return build_loader(shards, "pretrain", cfg, batch_size=B, mode="pretrain", seed=0,
-                                    num_workers=args.workers, epoch=epoch)  # fmt: skip
+                def loader(epoch: int, B=B, cfg=cfg):
+                    return build_loader(shards, "pretrain", cfg, batch_size=B, mode="pretrain", seed=0,
+                                        num_workers=args.workers, epoch=epoch)  # fmt: skip
 
-            def endless():
-                epoch = 0
-                while True:
-                    yield from loader(epoch)
-                    epoch += 1
+                def endless():
+                    epoch = 0
+                    while True:
+                        yield from loader(epoch)
+                        epoch += 1
 
-            fixed = next(iter(loader(0)))
-            gpu_conv.ENABLED = False  # counted as the aten convs they compute (the counter skips custom ops)
-            with flop_counter() as fc:
-                step(to_device(fixed, DEV))
-            flops = fc.get_total_flops()
-            gpu_conv.ENABLED = conv == "triton"
-            if args.count_only:
-                with FlopCounterMode(display=False) as torchs:
+                fixed = next(iter(loader(0)))
+                if len(fixed["keys"]) != B:  # the rates below divide by B
+                    raise RuntimeError(f"the loader's first batch holds {len(fixed['keys'])} images, not {B}")
+                gpu_conv.ENABLED = (
+                    False  # counted as the aten convs they compute (the counter skips custom ops)
+                )
+                with flop_counter() as fc:
                     step(to_device(fixed, DEV))
-                print(f"{alg}: {flops / B / 1e9:.1f} GFLOP per image counted ({torchs.get_total_flops() / B / 1e9:.1f} "
-                      "with torch 2.11's grouped-conv backward formula)", flush=True)  # fmt: skip
-                continue
-            if args.compile:  # after counting: dynamo runs a frame eagerly under a dispatch mode
-                compile_model(model)
-            if DEV.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            s_fixed = timed(step, itertools.repeat(fixed), args.steps)
-            mem = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else float("nan")
-            s_loader = timed(step, endless(), args.steps)
-            r = {
-                "batch_images": B,
-                "clones": cfg.v2.clones if alg == "data2vec2" else 1,
-                "step_s": s_fixed,
-                "images_per_s": B / s_fixed,
-                "tflop_per_step": flops / 1e12,
-                "fraction_of_bf16_peak": flops / s_fixed / peak,
-                "peak_memory_gib": mem,
-                "step_s_with_loader": s_loader,
-                "loader_wait_fraction": max(0.0, (s_loader - s_fixed) / s_loader),
-            }
-            name = (
-                f"{alg}-b{B}"
-                + ("-compiled" if args.compile else "")
-                + (f"-{conv}" if alg == "data2vec2" else "")
-            )
-            results["runs"][name] = r
-            if args.json:  # after each run: a later one that fails loses nothing
-                args.json.write_text(json.dumps(results, indent=2) + "\n")
-            print(f"{conv:6s} {alg:9s} {B:4d} img/step  {r['images_per_s']:8.1f} img/s  {r['tflop_per_step']:.2f} TFLOP/step  "
-                  f"{100 * r['fraction_of_bf16_peak']:.1f} % of peak  {mem:.1f} GiB  "
-                  f"loader wait {100 * r['loader_wait_fraction']:.1f} %", flush=True)  # fmt: skip
+                flops = fc.get_total_flops()
+                gpu_conv.ENABLED = conv == "triton"
+                if args.count_only:
+                    with FlopCounterMode(display=False) as torchs:
+                        step(to_device(fixed, DEV))
+                    print(f"{alg}: {flops / B / 1e9:.1f} GFLOP per image counted ({torchs.get_total_flops() / B / 1e9:.1f} "
+                          "with torch 2.11's grouped-conv backward formula)", flush=True)  # fmt: skip
+                    continue
+                if args.compile:  # after counting: dynamo runs a frame eagerly under a dispatch mode
+                    compile_model(model)
+                if DEV.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                s_fixed = timed(step, itertools.repeat(fixed), args.steps)
+                mem = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else float("nan")
+                s_loader = timed(step, endless(), args.steps)
+                r = {
+                    "batch_images": B,
+                    "clones": cfg.v2.clones if alg == "data2vec2" else 1,
+                    "step_s": s_fixed,
+                    "images_per_s": B / s_fixed,
+                    "tflop_per_step": flops / 1e12,
+                    "fraction_of_bf16_peak": flops / s_fixed / peak,
+                    "peak_memory_gib": mem,
+                    "step_s_with_loader": s_loader,
+                    "loader_wait_fraction": max(0.0, (s_loader - s_fixed) / s_loader),
+                }
+                name = (
+                    f"{alg}-b{B}"
+                    + ("-compiled" if args.compile else "")
+                    + (f"-{conv}" if alg == "data2vec2" else "")
+                    + ("" if variant == "d2v" else f"-{variant}")
+                )
+                results["runs"][name] = r
+                if args.json:  # after each run: a later one that fails loses nothing
+                    args.json.write_text(json.dumps(results, indent=2) + "\n")
+                print(f"{variant:14s} {conv:6s} {alg:9s} {B:4d} img/step  {r['images_per_s']:8.1f} img/s  {r['tflop_per_step']:.2f} TFLOP/step  "
+                      f"{100 * r['fraction_of_bf16_peak']:.1f} % of peak  {mem:.1f} GiB  "
+                      f"loader wait {100 * r['loader_wait_fraction']:.1f} %", flush=True)  # fmt: skip
             del model, opt, step
             if DEV.type == "cuda":
                 torch.cuda.empty_cache()

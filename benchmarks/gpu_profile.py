@@ -51,6 +51,32 @@ def label_phases(model, opt) -> None:
     model.ema_step = labelled(model.ema_step, "phase:ema")
 
 
+KERNEL_KINDS = {  # substrings of CUDA kernel names, first match wins
+    "d2v conv (Triton)": ("_conv_kernel", "_wgrad_kernel"),
+    "attention": ("sdpa", "flash", "fmha", "attention", "dot_do_o", "convert_dq"),
+    "matmul": ("gemm", "nvjet", "sm90_", "sm80_", "cutlass", "xmma", "cublas"),
+    "inductor fused (Triton)": ("triton_",),
+}
+
+
+def kernel_kinds(events, steps: int) -> str:
+    """Self CUDA time per step by kind of kernel (matmul, attention, d2v's conv, inductor's fused element-wise
+    kernels, the rest: aten's own element-wise and reduction kernels, copies)."""
+    ms: dict[str, float] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.key.startswith("phase:"):
+            continue  # the kernels themselves: not the CPU ops that launched them, nor the ranges' GPU spans
+        t = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+        if t <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, subs in KERNEL_KINDS.items() if any(s.lower() in name for s in subs)), "other")
+        ms[kind] = ms.get(kind, 0.0) + t / 1e3 / steps
+    total = sum(ms.values()) or 1.0
+    return "\n".join(f"kernels {k:24s} {v:8.1f} ms/step ({100 * v / total:4.1f} %)"
+                     for k, v in sorted(ms.items(), key=lambda kv: -kv[1]))  # fmt: skip
+
+
 def conv_variants(conv: torch.nn.Conv2d) -> dict:
     """Exact reformulations of a grouped k x k conv of a channels-last [B, h, w, C] -> [B, h, w, C']."""
     G, k = conv.groups, conv.kernel_size[0]
@@ -119,6 +145,44 @@ def bench_decoder(cfg, B: int) -> None:
     )
 
 
+def bench_attention(cfg, B: int) -> None:
+    """SDPA's backends at the step's shapes, bf16: the student's (B x clones rows of the kept tokens + CLS)
+    forward + backward, the teacher's (B rows of every token + CLS) forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, d = cfg.transformer.heads, cfg.transformer.dim // cfg.transformer.heads
+    T = cfg.num_patches + 1
+    kept = int(cfg.num_patches * (1.0 - cfg.mask_ratio)) + 1
+    shapes = {"student fwd+bwd": (B * cfg.v2.clones, kept, True), "teacher fwd": (B, T, False)}
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    for label, (n, t, grad) in shapes.items():
+        q, k, v = (
+            torch.randn(n, H, t, d, device=DEV, dtype=torch.bfloat16, requires_grad=grad) for _ in range(3)
+        )
+        for name, backend in backends.items():
+
+            def once(backend=backend, q=q, k=k, v=v, grad=grad):
+                with sdpa_kernel([backend]):
+                    y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                if grad:
+                    y.backward(torch.ones_like(y))
+
+            try:
+                for _ in range(3):
+                    once()
+            except RuntimeError as e:  # a backend that does not take this shape
+                print(f"attention {label:16s} [{n}, {H}, {t}, {d}] {name:9s} unavailable: {str(e)[:80]}")
+                continue
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                once()
+            sync()
+            ms = 1e3 * (time.perf_counter() - t0) / 20
+            print(f"attention {label:16s} [{n}, {H}, {t}, {d}] {name:9s} {ms:7.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algorithm", default="data2vec2", choices=["data2vec", "data2vec2"])
@@ -127,6 +191,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--decoder", action="store_true", help="time the decoder's conv reformulations only")
+    ap.add_argument("--attention", action="store_true", help="time SDPA's backends at the step's shapes only")
     ap.add_argument("--compile-model", action="store_true", help="compile the whole forward (compile: true)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -135,8 +200,10 @@ def main() -> None:
     cfg = mod.model_config({"preset": args.preset, "algorithm": args.algorithm})
     if args.decoder:
         return bench_decoder(cfg, args.batch)
+    if args.attention:
+        return bench_attention(cfg, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_shards(Path(tmp), max(args.batch, 16), 4, cfg.image_size)
+        shards = make_shards(Path(tmp), args.batch, 4, cfg.image_size, per_shard=args.batch)
         loader = build_loader(shards, "pretrain", cfg, batch_size=args.batch, mode="pretrain", seed=0)
         fixed = next(iter(loader))
     torch.manual_seed(0)
@@ -171,16 +238,19 @@ def main() -> None:
         wall = (time.perf_counter() - t) / args.steps
     ev = prof.key_averages()
     sort = "self_cuda_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
-    kernels = ev.table(sort_by=sort, row_limit=40, max_name_column_width=60)
+    kernels = ev.table(sort_by=sort, row_limit=50, max_name_column_width=90)
     phases = [e for e in ev if e.key.startswith("phase:")]
     dev_attr = "device_time_total" if hasattr(phases[0], "device_time_total") else "cuda_time_total"
     on_gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    on_gpu = [e for e in on_gpu if not e.name.startswith("phase:")]  # a range's GPU span is no kernel
     busy = sum(e.device_time for e in on_gpu) / args.steps / 1e6  # us -> s; CPU: no kernels, busy 0
     lines = [f"wall per step {1e3 * wall:.1f} ms under the profiler; kernels busy {1e3 * busy:.1f} ms "
              f"({100 * busy / wall:.0f} % of wall)"]  # fmt: skip
     for e in sorted(phases, key=lambda e: -getattr(e, dev_attr)):
         lines.append(f"{e.key:24s} device {getattr(e, dev_attr) / 1e3 / args.steps:8.1f} ms/step  "
                      f"cpu {e.cpu_time_total / 1e3 / args.steps:8.1f} ms/step")  # fmt: skip
+    if DEV.type == "cuda":
+        lines.append(kernel_kinds(ev, args.steps))
     report = "\n".join(lines)
     print(report, kernels, sep="\n")
     if args.out:

@@ -129,3 +129,66 @@ def test_counted_flops_of_sdpas_fused_cpu_kernel_match_the_math_paths() -> None:
             attend(q, k, v, mask, 0.0)
     assert fused.get_flop_counts()["Global"]  # the fused kernel ran, and was counted
     assert fused.get_total_flops() == math.get_total_flops() == 4 * 2 * 4 * 50 * 50 * 16
+
+
+def run_gpu_image(argv: list[str]) -> int:
+    """The script's exit status (0 when it returns)."""
+    old = sys.argv
+    sys.argv = ["gpu_image.py", *argv]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        runpy.run_path(str(ROOT / "benchmarks/gpu_image.py"), run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = old
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_gpu_image_runs_each_variant_on_full_batches(tmp_path: Path) -> None:
+    """On a CPU (its smoke test): one run per variant; the rate divides the batch the loader really gave, and
+    shards that would end in short batches are refused before any work."""
+    out = tmp_path / "gpu.json"
+    argv = ["--algorithms", "data2vec2", "--preset", "tiny", "--batch", "4", "--images", "12", "--steps", "1",
+            "--workers", "2", "--variants", "d2v", "sdpa-flash", "--json", str(out)]  # fmt: skip
+    assert run_gpu_image(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"data2vec2-b4-triton", "data2vec2-b4-triton-sdpa-flash"}
+    for r in runs.values():
+        assert r["batch_images"] == 4 and r["images_per_s"] == pytest.approx(4 / r["step_s"])
+        assert r["tflop_per_step"] > 0
+    assert run_gpu_image(argv[:5] + ["5"] + argv[6:]) == 2  # 12 images are not whole batches of 5
+
+
+def test_gpu_profile_sorts_kernels_by_kind_and_skips_ranges() -> None:
+    """Attention kernels are not counted as matmuls (cuDNN's names hold ``sm90``), CPU ops and the GPU spans
+    of ``record_function`` ranges are not kernels."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        prof = runpy.run_path(str(ROOT / "benchmarks/gpu_profile.py"))
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(key, us, dev=cuda):
+        return SimpleNamespace(key=key, self_device_time_total=us, device_type=dev)
+
+    events = [
+        ev("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_bias_TNN", 4000),
+        ev("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 2000),
+        ev("_conv_kernel", 1000),
+        ev("triton_poi_fused_gelu_view_15", 1000),
+        ev("triton_poi_fused_gelu_view_15", 1000, cpu),  # inductor's launch, a CPU event
+        ev("phase:step", 9000),  # a range's span on the GPU
+        ev("aten::mm", 4000, cpu),
+    ]
+    table = {line.split("  ")[0].removeprefix("kernels ").strip(): line for line in
+             prof["kernel_kinds"](events, steps=2).splitlines()}  # fmt: skip
+    assert set(table) == {"matmul", "attention", "d2v conv (Triton)", "inductor fused (Triton)"}
+    assert "2.0 ms/step" in table["matmul"] and "1.0 ms/step" in table["attention"]
+    assert "0.5 ms/step" in table["inductor fused (Triton)"]
