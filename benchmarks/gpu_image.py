@@ -15,7 +15,8 @@ measurement of one machine: the figures go to ``benchmarks/RESULTS.md`` with the
 ``--decoder-conv`` runs data2vec 2.0 with the decoder's grouped convs as d2v's Triton kernels
 (``d2v/gpu_conv.py``, the default), with cuDNN's, or both in turn; the FLOPs are counted with the aten convs.
 ``--variants`` runs each configuration as d2v runs it and with SDPA held to one backend, each compiled afresh.
-``--images`` must fill whole batches in every shard (a loader worker ends each shard with a short batch).
+``--images`` must fill whole batches in every shard (a loader worker's last batch is short otherwise: with
+few shards a worker, as here, that is most of its batches).
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def timed(step, batches, n: int) -> float:
 
 
 def make_shards(root: Path, n: int, workers: int, size: int, per_shard: int = 128) -> Path:
-    """``n`` images sharded ``per_shard`` a shard. Each loader worker reads whole shards and ends a shard's
-    run with a short batch, so a shard must hold whole batches for every batch to be full."""
+    """``n`` images sharded ``per_shard`` a shard. Each loader worker reads whole shards and its last batch
+    is short unless they hold whole batches: with a shard or two a worker, most of its batches."""
     src = root / "src"
     src.mkdir()
     rng = np.random.default_rng(0)
@@ -162,7 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         size = get("image").model_config({"preset": args.preset}).image_size
-        # every batch full: shards hold whole batches of each algorithm (a worker's last batch of a shard is short)
+        # every batch full: shards hold whole batches of each algorithm (make_shards)
         per_shard = math.lcm(*(args.batch or BATCH[a] for a in args.algorithms))
         if args.images % per_shard:
             ap.error(

@@ -192,3 +192,20 @@ def test_gpu_profile_sorts_kernels_by_kind_and_skips_ranges() -> None:
     assert set(table) == {"matmul", "attention", "d2v conv (Triton)", "inductor fused (Triton)"}
     assert "2.0 ms/step" in table["matmul"] and "1.0 ms/step" in table["attention"]
     assert "0.5 ms/step" in table["inductor fused (Triton)"]
+
+
+def test_cpu_breakdown_sums_the_steps_ops_by_kind(capsys) -> None:
+    """The op times split into matmuls and the rest, the step's matmul shapes get a rate against the peak."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        bd = runpy.run_path(str(ROOT / "benchmarks/cpu_breakdown.py"))
+        assert bd["main"](["--modalities", "text", "--preset", "tiny", "--steps", "1", "--top", "3"]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = capsys.readouterr().out
+    kinds = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith("  ") and
+             "% of op time" in line}  # fmt: skip
+    assert kinds["matmul"] > 0 and kinds["other"] > 0
+    rates = [line for line in out.splitlines() if "% of peak)" in line]
+    assert rates and all(float(r.split()[-4]) > 0 for r in rates)
+    assert "that do not grow with the batch" in out

@@ -1,0 +1,135 @@
+"""Where the CPU step's time goes, by aten op, and how fast its matmuls run against the fp32 peak.
+
+    python benchmarks/cpu_breakdown.py [--modalities image text] [--dtype fp32] [--steps 4] [--top 12]
+
+For each modality, the step of ``benchmarks/step.py`` (data2vec 1.0, the demo's shapes):
+- every aten op timed by wall clock around its call (a ``TorchDispatchMode``; forward, backward, AdamW,
+  clipping and EMA), summed by kind: matmuls (``mm``, ``addmm``, ``bmm``), the fused CPU attention, and
+  the rest (element-wise, reductions, copies); the step's wall time beside, the gap being Python,
+  autograd's bookkeeping and the mode's own cost;
+- each matmul shape of the step timed alone, in GFLOP/s against a 2048^3 matmul timed in the same run;
+- the same step at 2 samples a batch: a bound on the cost per step that does not grow with the batch.
+torch.profiler's per-op CPU times were misleading here (GELU's backward read 13 ms a call in the step,
+2 ms timed this way), hence the wall-clock mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step import DTYPES, ROOT, D2VStep, configs, make_batches  # noqa: E402
+
+from d2v.config import load_params  # noqa: E402
+from d2v.hostmem import retain_freed_memory  # noqa: E402
+from d2v.modalities import MODALITIES  # noqa: E402
+
+MATMULS = ("aten.mm.", "aten.addmm.", "aten.bmm.")
+
+
+class OpTimes(TorchDispatchMode):
+    """Wall seconds per aten op, and the (M, K, N) of every 2-D matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.shapes: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[str(func)] += time.perf_counter() - t
+        name = str(func)
+        if name.startswith(("aten.mm.", "aten.addmm.")):
+            a, b = (args[0], args[1]) if name.startswith("aten.mm.") else (args[1], args[2])
+            self.shapes[(a.shape[0], a.shape[1], b.shape[1])] += 1
+        return out
+
+
+def kind(op: str) -> str:
+    if op.startswith(MATMULS):
+        return "matmul"
+    return "fused-attention" if "scaled_dot_product" in op else "other"
+
+
+def median_step(step, batches, n: int) -> float:
+    for i in range(2):
+        step(batches[i % len(batches)])
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        step(batches[i % len(batches)])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 10) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--top", type=int, default=12, help="ops listed by time")
+    ap.add_argument("--preset", default="small")
+    args = ap.parse_args(argv)
+    retain_freed_memory()  # as the CLI runs
+    params = load_params(ROOT / "params.yaml")
+    mm_dtype = torch.float32 if args.dtype == "fp32" else DTYPES[args.dtype]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, preset {args.preset}")
+    for m in args.modalities:
+        model_cfg, pcfg = configs(params, m, args.preset, "data2vec")
+        batches = make_batches(m, model_cfg, pcfg)
+        step = D2VStep(m, model_cfg, pcfg, args.dtype)
+        wall = median_step(step, batches, args.steps)
+        mode = OpTimes()
+        with mode:
+            for i in range(args.steps):
+                step(batches[i % len(batches)])
+        per_step = {k: v / args.steps for k, v in mode.seconds.items()}
+        by_kind: dict[str, float] = collections.defaultdict(float)
+        for op, s in per_step.items():
+            by_kind[kind(op)] += s
+        total = sum(per_step.values())
+        print(f"\n## {m}: step {1e3 * wall:.1f} ms (no mode); ops {1e3 * total:.1f} ms a step under the mode")
+        for k, s in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:18s} {1e3 * s:7.1f} ms  {100 * s / total:5.1f} % of op time")
+        for op, s in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
+            print(f"    {op:48s} {1e3 * s:7.1f} ms")
+        peak = statistics.median(gflops(2048, 2048, 2048, mm_dtype, 3) for _ in range(3))
+        print(f"  matmul shapes (M, K, N) x calls a step, alone: GFLOP/s (2048^3 peak {peak:.0f})")
+        for (M, K, N), c in sorted(
+            mode.shapes.items(), key=lambda kv: -kv[0][0] * kv[0][1] * kv[0][2] * kv[1]
+        ):
+            r = gflops(M, K, N, mm_dtype)
+            print(f"    {(M, K, N)!s:20s} x{c // args.steps:3d}  {r:6.0f}  ({100 * r / peak:3.0f} % of peak)")
+        small = dataclasses.replace(pcfg, batch_size=2, grad_accum=1)
+        s2 = median_step(
+            D2VStep(m, model_cfg, small, args.dtype), make_batches(m, model_cfg, small), args.steps
+        )
+        B = pcfg.batch_size // pcfg.grad_accum
+        print(f"  at 2 samples a batch: {1e3 * s2:.1f} ms a step; less 2/{B} of the full step's time: "
+              f"{1e3 * (s2 - 2 / B * wall):.1f} ms that do not grow with the batch")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
