@@ -8,7 +8,10 @@ For each modality, the step of ``benchmarks/step.py`` (data2vec 1.0, the demo's 
   the rest (element-wise, reductions, copies); the step's wall time beside, the gap being Python,
   autograd's bookkeeping and the mode's own cost;
 - each matmul shape of the step timed alone, in GFLOP/s against a 2048^3 matmul timed in the same run;
-- the same step at 2 samples a batch: a bound on the cost per step that does not grow with the batch.
+- the same step at 2 samples a batch: a bound on the cost per step that does not grow with the batch;
+- ``--fusion``: what fusing the element-wise work could gain, two regions of a block at the step's token
+  count, forward + backward, eager against ``torch.compile`` (inductor's fused C++ kernels): residual +
+  layer-scale x drop-path + LayerNorm, and bias + GELU after the FFN's first matmul.
 torch.profiler's per-op CPU times were misleading here (GELU's backward read 13 ms a call in the step,
 2 ms timed this way), hence the wall-clock mode.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -83,6 +87,54 @@ def gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 10) -> float:
     return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
 
 
+def ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return 1e3 * (time.perf_counter() - t) / reps
+
+
+def residual_norm(x, a, gamma, keep, w, b):
+    """``h = x + drop_path(gamma * a)`` and the next LayerNorm of h (the pre-LN block's seams)."""
+    h = x + (gamma * a) * keep
+    return h, torch.nn.functional.layer_norm(h, h.shape[-1:], w, b, 1e-6)
+
+
+def bias_gelu(y, bias):
+    return torch.nn.functional.gelu(y + bias)
+
+
+def fusion(rows: int, dim: int, ffn: int) -> None:
+    """Eager against compiled, forward + backward, for ``rows`` tokens of width ``dim`` (FFN ``ffn``)."""
+    torch.manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, requires_grad=True)
+
+    x, a, gamma, w, b = leaf(rows, dim), leaf(rows, dim), leaf(dim), leaf(dim), leaf(dim)
+    keep = (torch.rand(rows, 1) > 0.1).float() / 0.9
+    y, bias = leaf(rows, ffn), leaf(ffn)
+
+    def res(fn):
+        h, o = fn(x, a, gamma, keep, w, b)
+        (h.sum() + o.square().sum()).backward()
+
+    def bg(fn):
+        fn(y, bias).square().sum().backward()
+
+    for name, run, fn in (("residual + LayerNorm", res, residual_norm), ("bias + GELU", bg, bias_gelu)):
+        compiled = torch.compile(fn, dynamic=False)
+        t = time.perf_counter()
+        run(compiled)
+        c = time.perf_counter() - t
+        eager, fused = ms(functools.partial(run, fn)), ms(functools.partial(run, compiled))
+        print(
+            f"  {name:22s} [{rows} tokens] eager {eager:6.2f} ms, compiled {fused:6.2f} ms (compiled in {c:.0f} s)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
@@ -90,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=12, help="ops listed by time")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--fusion", action="store_true", help="also time two fused element-wise regions")
     args = ap.parse_args(argv)
     retain_freed_memory()  # as the CLI runs
     params = load_params(ROOT / "params.yaml")
@@ -128,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         B = pcfg.batch_size // pcfg.grad_accum
         print(f"  at 2 samples a batch: {1e3 * s2:.1f} ms a step; less 2/{B} of the full step's time: "
               f"{1e3 * (s2 - 2 / B * wall):.1f} ms that do not grow with the batch")  # fmt: skip
+        if args.fusion:
+            t = model_cfg.transformer
+            rows = mode.shapes.most_common(1)[0][0][0]  # the blocks' matmuls: their tokens a batch
+            fusion(rows, t.dim, t.ffn_dim)
     return 0
 
 
