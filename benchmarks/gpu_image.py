@@ -201,9 +201,8 @@ def main() -> None:
                 fixed = next(iter(loader(0)))
                 if len(fixed["keys"]) != B:  # the rates below divide by B
                     raise RuntimeError(f"the loader's first batch holds {len(fixed['keys'])} images, not {B}")
-                gpu_conv.ENABLED = (
-                    False  # counted as the aten convs they compute (the counter skips custom ops)
-                )
+                # counted as the aten convs they compute (the counter skips custom ops)
+                gpu_conv.ENABLED = False
                 with flop_counter() as fc:
                     step(to_device(fixed, DEV))
                 flops = fc.get_total_flops()
