@@ -14,7 +14,8 @@ same run. The loader: ``--images`` random smooth 224 px PNGs are prepared and sh
 measurement of one machine: the figures go to ``benchmarks/RESULTS.md`` with the device and command.
 ``--decoder-conv`` runs data2vec 2.0 with the decoder's grouped convs as d2v's Triton kernels
 (``d2v/gpu_conv.py``, the default), with cuDNN's, or both in turn; the FLOPs are counted with the aten convs.
-``--variants`` runs each configuration as d2v runs it and with SDPA held to one backend, each compiled afresh.
+``--variants`` runs each configuration as d2v runs it, with SDPA held to one backend, or with inductor's GEMM
+autotuning (``max-autotune``), each compiled afresh.
 ``--images`` must fill whole batches in every shard (a loader worker's last batch is short otherwise: with
 few shards a worker, as here, that is most of its batches).
 """
@@ -58,12 +59,21 @@ def _sdpa(backend: str):
     return lambda: sdpa_kernel([getattr(SDPBackend, backend)])
 
 
+def _max_autotune():
+    """inductor's GEMM autotuning with its Triton templates, whose epilogues can take the GELU and bias that
+    otherwise run as separate element-wise kernels (with ``--compile``; minutes more of compilation)."""
+    import torch._inductor.config as inductor
+
+    return inductor.patch(max_autotune=True, max_autotune_gemm_backends="ATEN,TRITON")
+
+
 # --variants: d2v as it is, or with one thing changed (each compiled afresh in this process)
 VARIANTS = {
     "d2v": contextlib.nullcontext,
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "max-autotune": _max_autotune,
 }
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke test of the script
 
@@ -151,7 +161,7 @@ def main() -> None:
     ap.add_argument("--decoder-conv", nargs="+", default=["triton"], choices=["triton", "cudnn"],
                     help="the data2vec 2.0 decoder's grouped convs: d2v's Triton kernels (default) or cuDNN")  # fmt: skip
     ap.add_argument("--variants", nargs="+", default=["d2v"], choices=list(VARIANTS),
-                    help="d2v as it is (torch picks SDPA's backend), or with one SDPA backend only")  # fmt: skip
+                    help="d2v as it is (torch picks SDPA's backend), with one SDPA backend only, or inductor's GEMM autotuning")  # fmt: skip
     ap.add_argument("--count-only", action="store_true",
                     help="only the counted FLOPs per image, with torch's own conv formula beside (runs on a CPU)")  # fmt: skip
     args = ap.parse_args()
