@@ -50,10 +50,10 @@ class OpTimes(TorchDispatchMode):
         self.shapes: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
         t = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        self.seconds[str(func)] += time.perf_counter() - t
-        name = str(func)
+        self.seconds[name] += time.perf_counter() - t
         if name.startswith(("aten.mm.", "aten.addmm.")):
             a, b = (args[0], args[1]) if name.startswith("aten.mm.") else (args[1], args[2])
             self.shapes[(a.shape[0], a.shape[1], b.shape[1])] += 1
