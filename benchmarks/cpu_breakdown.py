@@ -22,6 +22,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import itertools
 import statistics
 import sys
 import time
@@ -66,15 +67,21 @@ def kind(op: str) -> str:
     return "fused-attention" if "scaled_dot_product" in op else "other"
 
 
-def median_step(step, batches, n: int) -> float:
-    for i in range(2):
-        step(batches[i % len(batches)])
+def median_seconds(fn, n: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``n`` calls of ``fn()`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for i in range(n):
+    for _ in range(n):
         t = time.perf_counter()
-        step(batches[i % len(batches)])
+        fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def median_step(step, batches, n: int) -> float:
+    feed = itertools.cycle(batches)
+    return median_seconds(lambda: step(next(feed)), n)
 
 
 def gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 10) -> float:
@@ -85,15 +92,6 @@ def gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 10) -> float:
     for _ in range(reps):
         a @ b
     return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
-
-
-def ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return 1e3 * (time.perf_counter() - t) / reps
 
 
 def residual_norm(x, a, gamma, keep, w, b):
@@ -129,7 +127,7 @@ def fusion(rows: int, dim: int, ffn: int) -> None:
         t = time.perf_counter()
         run(compiled)
         c = time.perf_counter() - t
-        eager, fused = ms(functools.partial(run, fn)), ms(functools.partial(run, compiled))
+        eager, fused = (1e3 * median_seconds(functools.partial(run, f), 20) for f in (fn, compiled))
         print(
             f"  {name:22s} [{rows} tokens] eager {eager:6.2f} ms, compiled {fused:6.2f} ms (compiled in {c:.0f} s)"
         )

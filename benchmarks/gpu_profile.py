@@ -151,8 +151,11 @@ def bench_attention(cfg, B: int) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     H, d = cfg.transformer.heads, cfg.transformer.dim // cfg.transformer.heads
-    T = cfg.num_patches + 1
-    kept = int(cfg.num_patches * (1.0 - cfg.mask_ratio)) + 1
+    from d2v.modalities.image.masking import inverse_block_mask
+
+    T = cfg.num_patches + 1  # + CLS
+    mask = inverse_block_mask(1, cfg.grid, cfg.mask_ratio, cfg.mask_adjust, cfg.mask_block, torch.Generator())
+    kept = int((~mask).sum()) + 1  # the student's tokens: every row keeps this many, + CLS
     shapes = {"student fwd+bwd": (B * cfg.v2.clones, kept, True), "teacher fwd": (B, T, False)}
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
