@@ -9,7 +9,10 @@ CHANGE is one of
   Mersenne-Twister draw an element) against ``d2v.transformer.keep_mask`` (four elements a 64-bit draw);
   after the steps, the same for the mask alone at the text step's attention-weight shape;
 - ``time-windows``: the speech conv stack's windows through aten's ``unfold`` (its generic
-  ``unfold_backward`` scatter; d2v's until stop 24) against ``d2v.modalities.audio.model.time_windows``.
+  ``unfold_backward`` scatter; d2v's until stop 24) against ``d2v.modalities.audio.model.time_windows``;
+- ``attention-layout``: the CPU attention with gradients as it was until stop 26 (q, k, v unbound from a
+  permute of the projection, ``k^T`` copied by its matmul, the output's gradient copied by both matmuls
+  of its backward) against ``d2v.transformer.Attention.forward`` (bit-identical results).
 
 For each modality x dtype it builds the step of ``benchmarks/step.py`` (the demo's shapes), runs two
 warm-up steps, then alternates the two arms, one timed step each, and prints the median milliseconds per
@@ -49,6 +52,25 @@ def aten_windows(x_BTC: torch.Tensor, k: int, s: int) -> torch.Tensor:
     return x_BTC.unfold(1, k, s).flatten(2)
 
 
+def permuted_attention(self, x_BTD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``Attention.forward`` before stop 26, on the CPU math path it changed."""
+    B, T, D = x_BTD.shape
+    q, k, v = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+    p = self.dropout if self.training else 0.0
+    if not (torch.is_grad_enabled() and (p > 0.0 or transformer.math_path(q))):
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    else:
+        s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is None:
+            w = s.softmax(-1)
+        elif mask.dtype == torch.bool:
+            w = transformer._safe_softmax(s.masked_fill(~mask, float("-inf")), -1)
+        else:
+            w = (s + mask).softmax(-1)
+        y = transformer.dropout(w, p, True) @ v
+    return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
 # change -> (module, attribute, {arm name: implementation}), the arm in use now last
 CHANGES: dict[str, tuple[object, str, dict[str, Callable]]] = {
     "dropout-mask": (
@@ -57,8 +79,16 @@ CHANGES: dict[str, tuple[object, str, dict[str, Callable]]] = {
     "time-windows": (
         audio_model, "time_windows", {"aten unfold": aten_windows, "own backward": audio_model.time_windows}
     ),
+    "attention-layout": (
+        transformer.Attention, "forward",
+        {"permuted": permuted_attention, "unbind(2)": transformer.Attention.forward},
+    ),
 }  # fmt: skip
-TOUCHES = {"dropout-mask": ["audio", "text"], "time-windows": ["audio"]}  # modalities with that code
+TOUCHES = {
+    "dropout-mask": ["audio", "text"],
+    "time-windows": ["audio"],
+    "attention-layout": ["audio", "image", "text"],
+}  # modalities with that code
 
 
 def alternate(change: str, run: Callable[[], None], rounds: int) -> dict[str, float]:

@@ -96,18 +96,38 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous once. The attention output's gradient arrives
+    as a transposed view ([B, T, H, d] read as [B, H, T, d]), and both matmuls of ``p @ v``'s backward
+    would copy it (the text step: 12 copies, 2.6 ms)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g.contiguous()
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Tensor:
     """``softmax(q k^T / sqrt(d) + mask) v`` with dropout ``p`` on the attention weights: SDPA's math path
     with :func:`dropout`'s cheaper mask. [B, H, T, d] each -> [B, H, T, d]. A bool mask (True = attend) gets
     SDPA's "safe" softmax: a row whose keys are all masked gets zero weights, not NaN. A float mask is
     finite (:func:`attention_mask`), so a plain softmax, which skips the safe one's three extra passes over
-    the [B, H, T, T] scores, is exact."""
-    s = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    the [B, H, T, T] scores, is exact.
+
+    ``k`` is made contiguous before its transpose: the matmul then reads it as a transposed operand,
+    where copying the strided ``k^T`` itself is a transposing copy and an untransposed matmul, slower
+    together (bit-identical scores; ``benchmarks/step_ab.py attention-layout``)."""
+    s = (q * q.shape[-1] ** -0.5) @ k.contiguous().transpose(-2, -1)
     if mask is None:
-        return dropout(s.softmax(-1), p, True) @ v
-    if mask.dtype == torch.bool:
-        return dropout(_safe_softmax(s.masked_fill(~mask, float("-inf")), -1), p, True) @ v
-    return dropout((s + mask).softmax(-1), p, True) @ v
+        w = s.softmax(-1)
+    elif mask.dtype == torch.bool:
+        w = _safe_softmax(s.masked_fill(~mask, float("-inf")), -1)
+    else:
+        w = (s + mask).softmax(-1)
+    return _ContiguousGrad.apply(dropout(w, p, True) @ v)
 
 
 def math_path(q: Tensor) -> bool:
@@ -135,8 +155,11 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, mask: Tensor | None) -> Tensor:
         B, T, D = x_BTD.shape
-        qkv = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, T, D/H]
+        # unbound on the [B, T, 3, H, d] layout's own axis (the same strided views as a permute to
+        # [3, B, H, T, d] and unbind(0)): the backward then stacks the three gradients straight into the
+        # projection's layout, where unbinding a permute costs a copy more in every block's backward
+        qkv = self.qkv(x_BTD).view(B, T, 3, self.heads, D // self.heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, H, T, D/H]
         p = self.dropout if self.training else 0.0
         if x_BTD.device.type == "cpu" and torch.is_grad_enabled() and (p > 0.0 or math_path(q)):
             y = attend(q, k, v, mask, p)  # SDPA's fused CPU kernel has no dropout, and a slow backward

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,7 @@ def test_step_harness_times_the_compiled_model_with_the_same_flops(tmp_path: Pat
     assert rows["d2v-compiled"]["gflop_per_sample"] == rows["d2v"]["gflop_per_sample"]
 
 
-@pytest.mark.parametrize("change", ["dropout-mask", "time-windows"])
+@pytest.mark.parametrize("change", ["dropout-mask", "time-windows", "attention-layout"])
 def test_step_ab_times_both_arms_and_restores_the_current_one(change: str, capsys) -> None:
     """One row per modality x dtype with both arms' milliseconds; afterwards the module holds d2v's arm."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -63,6 +64,41 @@ def test_step_ab_times_both_arms_and_restores_the_current_one(change: str, capsy
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| audio")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == "audio fp32" and float(cells[1]) > 0 and float(cells[2]) > 0
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_attention_layout_arms_give_the_same_step_to_the_bit(modality: str) -> None:
+    """``step_ab.py attention-layout`` compares two layouts of one computation: the loss and every gradient
+    of a data2vec step (image: a relative-position bias; text: attention dropout) are bit-identical, in fp32
+    and under bf16 autocast."""
+    from d2v import transformer
+    from d2v.config import load_params
+    from d2v.modalities import get
+
+    current = transformer.Attention.forward
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        ab = runpy.run_path(str(ROOT / "benchmarks/step_ab.py"))
+        step = sys.modules["step"]
+        model_cfg, pcfg = step.configs(load_params(ROOT / "params.yaml"), modality, "tiny", "data2vec")
+        (batch,) = step.make_batches(modality, model_cfg, pcfg, 1)
+        for amp in (False, True):
+            runs = []
+            for forward in (ab["permuted_attention"], current):
+                transformer.Attention.forward = forward
+                torch.manual_seed(0)
+                model = get(modality).build_pretrain_model(model_cfg).train()
+                torch.manual_seed(1)
+                with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                    loss, _ = model(batch)
+                loss.backward()
+                runs.append([loss.detach(), *(p.grad for p in model.parameters() if p.grad is not None)])
+            transformer.Attention.forward = current
+            assert len(runs[0]) == len(runs[1]) > 10
+            assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        transformer.Attention.forward = current
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")

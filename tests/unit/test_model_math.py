@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from d2v.modalities.base import Data2VecTargets
 from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
-from d2v.transformer import attend, attention_mask, dropout, keep_mask
+from d2v.transformer import Attention, attend, attention_mask, dropout, keep_mask
 
 
 def test_ema_schedule_end_points_and_linearity():
@@ -167,3 +167,28 @@ def test_attention_with_dropout_is_sdpa_math_with_a_dropout_mask():
     torch.manual_seed(1)
     w = F.scaled_dot_product_attention(q, k, torch.eye(5).expand(2, 3, 5, 5), attn_mask=pad)  # the weights
     torch.testing.assert_close(out, (w * keep_mask(w.shape, 0.5, w.dtype)) @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_gradients_on_the_cpu_math_path_match_sdpa():
+    """``Attention`` with gradients on CPU runs :func:`attend` on its own layout (q, k, v unbound on the
+    projection's axis, k made contiguous, the output's gradient made contiguous once); its output and every
+    gradient equal those of SDPA on the textbook permuted layout, with no mask, a padding mask and a bias."""
+    torch.manual_seed(0)
+    attn = Attention(16, 4, 0.0)
+    x = torch.randn(2, 6, 16)
+    pad = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]  # True = attend
+    for mask in (None, pad, torch.randn(4, 6, 6)):
+        grads = []
+        for path in ("math", "sdpa"):
+            attn.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            if path == "math":
+                y = attn(xi, mask)
+            else:
+                q, k, v = attn.qkv(xi).view(2, 6, 3, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = attn.proj(o.transpose(1, 2).reshape(2, 6, 16))
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            grads.append([y.detach(), xi.grad, *(p.grad.clone() for p in attn.parameters())])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
