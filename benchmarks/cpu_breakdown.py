@@ -7,7 +7,10 @@ For each modality, the step of ``benchmarks/step.py`` (data2vec 1.0, the demo's 
   clipping and EMA), summed by kind: matmuls (``mm``, ``addmm``, ``bmm``), the fused CPU attention, and
   the rest (element-wise, reductions, copies); the step's wall time beside, the gap being Python,
   autograd's bookkeeping and the mode's own cost;
-- each matmul shape of the step timed alone, in GFLOP/s against a 2048^3 matmul timed in the same run;
+- each matmul call of the step (op, operand shapes, strides and dtypes: ``addmm`` with its bias, the
+  transposed weights as the step holds them) in GFLOP/s in the step, and replayed alone on fresh operands of
+  the same layout, hot (the same operands call after call) and after a pass over ``--flush-mb`` MB,
+  against a 2048^3 matmul timed in the same run; then all calls together;
 - the same step at 2 samples a batch: a bound on the cost per step that does not grow with the batch;
 - ``--fusion``: what fusing the element-wise work could gain, two regions of a block at the step's token
   count, forward + backward, eager against ``torch.compile`` (inductor's fused C++ kernels): residual +
@@ -23,6 +26,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -43,22 +47,52 @@ MATMULS = ("aten.mm.", "aten.addmm.", "aten.bmm.")
 
 
 class OpTimes(TorchDispatchMode):
-    """Wall seconds per aten op, and the (M, K, N) of every 2-D matmul."""
+    """Wall seconds per aten op, and per matmul call signature (op, operand shapes and strides)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.shapes: collections.Counter = collections.Counter()
+        self.matmuls: dict[tuple, list[float]] = collections.defaultdict(list)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         t = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        self.seconds[name] += time.perf_counter() - t
-        if name.startswith(("aten.mm.", "aten.addmm.")):
-            a, b = (args[0], args[1]) if name.startswith("aten.mm.") else (args[1], args[2])
-            self.shapes[(a.shape[0], a.shape[1], b.shape[1])] += 1
+        dt = time.perf_counter() - t
+        self.seconds[name] += dt
+        if name.startswith(MATMULS) and not kwargs:
+            sig = tuple((tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor))
+            self.matmuls[(name.split(".")[1], sig)].append(dt)
         return out
+
+
+def matmul_flops(op: str, sig: tuple) -> int:
+    """2 M K N (times the batch for ``bmm``) of one call; ``addmm``'s first operand is the bias."""
+    (*_, a, b) = (shape for shape, _, _ in sig)
+    return 2 * math.prod(a) * b[-1]
+
+
+def replay_seconds(op: str, sig: tuple, flush: torch.Tensor | None, n: int = 9) -> float:
+    """Median seconds of one call of ``op`` on fresh operands of the signature's shapes and strides (the
+    bias of ``addmm`` included): hot, the same operands call after call, or, with ``flush``, after a pass
+    over the buffer (outside the timed call), which takes the operands out of the caches it is larger than."""
+    g = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(1 + sum((d - 1) * st for d, st in zip(shape, stride)), generator=g)
+        .to(dtype)
+        .as_strided(shape, stride)
+        for shape, stride, dtype in sig
+    ]
+    fn = getattr(torch, op)
+    times = []
+    for i in range(n + 2):
+        if flush is not None:
+            flush.add_(1.0)
+        t = time.perf_counter()
+        fn(*args)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def kind(op: str) -> str:
@@ -92,6 +126,30 @@ def gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 10) -> float:
     for _ in range(reps):
         a @ b
     return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def matmul_calls(calls: dict[tuple, list[float]], steps: int, peak: float, flush_mb: int) -> None:
+    """Each matmul call signature of the step: GFLOP/s in the step against the same call replayed alone, hot
+    and after a pass over ``flush_mb`` MB; the largest first, then the totals."""
+    flush = torch.empty(flush_mb * 2**20 // 4)
+    print(f"  matmul calls (op: operand shapes) x calls a step: GFLOP/s in the step | alone: hot, after a "
+          f"{flush_mb} MB pass (2048^3 peak {peak:.0f})")  # fmt: skip
+    totals = collections.Counter()
+    rows = []
+    for (op, sig), times in calls.items():
+        n, flops = len(times) / steps, matmul_flops(op, sig)
+        hot, cold = replay_seconds(op, sig, None), replay_seconds(op, sig, flush)
+        totals.update(flops=flops * n, step=sum(times) / steps, hot=hot * n, cold=cold * n)
+        rows.append((flops * n, op, sig, n, flops * len(times) / sum(times) / 1e9, flops / hot / 1e9,
+                     flops / cold / 1e9))  # fmt: skip
+    for _, op, sig, n, r_step, r_hot, r_cold in sorted(rows, key=lambda r: -r[0])[:12]:
+        shapes = " x ".join(str(tuple(shape)) for shape, _, _ in sig)
+        print(f"    {op}: {shapes:44s} x{n:3.0f}  {r_step:4.0f} | {r_hot:4.0f}, {r_cold:4.0f}  "
+              f"({100 * r_step / peak:3.0f} % of peak in the step, {100 * r_hot / peak:3.0f} % hot)")  # fmt: skip
+    f = totals["flops"] / 1e9
+    print(f"    all {sum(len(t) for t in calls.values()) // steps} calls: {f / totals['step']:.0f} GFLOP/s in the "
+          f"step ({1e3 * totals['step']:.1f} ms) | alone {f / totals['hot']:.0f} hot ({1e3 * totals['hot']:.1f} ms), "
+          f"{f / totals['cold']:.0f} after the pass ({1e3 * totals['cold']:.1f} ms)")  # fmt: skip
 
 
 def residual_norm(x, a, gamma, keep, w, b):
@@ -140,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=12, help="ops listed by time")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--flush-mb", type=int, default=64,
+                    help="the buffer passed over before each matmul replayed 'after a pass' (64 MB: out of the "
+                         "L2s; 1024: out of this host's L3 as well)")  # fmt: skip
     ap.add_argument("--fusion", action="store_true", help="also time two fused element-wise regions")
     args = ap.parse_args(argv)
     retain_freed_memory()  # as the CLI runs
@@ -166,12 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for op, s in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"    {op:48s} {1e3 * s:7.1f} ms")
         peak = statistics.median(gflops(2048, 2048, 2048, mm_dtype, 3) for _ in range(3))
-        print(f"  matmul shapes (M, K, N) x calls a step, alone: GFLOP/s (2048^3 peak {peak:.0f})")
-        for (M, K, N), c in sorted(
-            mode.shapes.items(), key=lambda kv: -kv[0][0] * kv[0][1] * kv[0][2] * kv[1]
-        ):
-            r = gflops(M, K, N, mm_dtype)
-            print(f"    {(M, K, N)!s:20s} x{c // args.steps:3d}  {r:6.0f}  ({100 * r / peak:3.0f} % of peak)")
+        matmul_calls(mode.matmuls, args.steps, peak, args.flush_mb)
         small = dataclasses.replace(pcfg, batch_size=2, grad_accum=1)
         s2 = median_step(
             D2VStep(m, model_cfg, small, args.dtype), make_batches(m, model_cfg, small), args.steps
@@ -181,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{1e3 * (s2 - 2 / B * wall):.1f} ms that do not grow with the batch")  # fmt: skip
         if args.fusion:
             t = model_cfg.transformer
-            rows = mode.shapes.most_common(1)[0][0][0]  # the blocks' matmuls: their tokens a batch
+            # the blocks' matmuls (the most frequent call): their tokens a batch
+            rows = max((len(t), sig[-2][0][0]) for (op, sig), t in mode.matmuls.items() if op != "bmm")[1]
             fusion(rows, t.dim, t.ffn_dim)
     return 0
 

@@ -231,17 +231,29 @@ def test_gpu_profile_sorts_kernels_by_kind_and_skips_ranges() -> None:
 
 
 def test_cpu_breakdown_sums_the_steps_ops_by_kind(capsys) -> None:
-    """The op times split into matmuls and the rest, the step's matmul shapes get a rate against the peak."""
+    """The op times split into matmuls and the rest; each matmul call of the step gets its rate in the step
+    and replayed alone (hot, and after a pass over a buffer), with its FLOPs counted as 2 M K N (times the batch for bmm)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         bd = runpy.run_path(str(ROOT / "benchmarks/cpu_breakdown.py"))
         assert bd["main"](["--modalities", "text", "--preset", "tiny", "--steps", "1", "--top", "3"]) == 0
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    f32 = torch.float32
+    assert (
+        bd["matmul_flops"]("addmm", (((8,), (1,), f32), ((4, 3), (3, 1), f32), ((3, 8), (1, 3), f32))) == 192
+    )
+    assert bd["matmul_flops"]("bmm", (((2, 4, 3), (12, 3, 1), f32), ((2, 3, 5), (15, 5, 1), f32))) == 240
     out = capsys.readouterr().out
     kinds = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith("  ") and
              "% of op time" in line}  # fmt: skip
     assert kinds["matmul"] > 0 and kinds["other"] > 0
-    rates = [line for line in out.splitlines() if "% of peak)" in line]
-    assert rates and all(float(r.split()[-4]) > 0 for r in rates)
+    rates = [line for line in out.splitlines() if "% of peak in the step" in line]
+    assert rates and any(r.split(":")[0].strip() == "addmm" for r in rates)
+    for r in rates:
+        in_step, alone = r.split("|")
+        assert float(in_step.split()[-1]) > 0
+        assert all(float(x) > 0 for x in alone.split("(")[0].split(","))
+    (total,) = [line for line in out.splitlines() if line.strip().startswith("all ") and "calls:" in line]
+    assert int(total.split()[1]) >= len(rates)
     assert "that do not grow with the batch" in out
