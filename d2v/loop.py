@@ -10,6 +10,7 @@ starts them from OS entropy, which made ``train_state.pt`` differ between two ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -49,7 +50,8 @@ class LoopConfig:
     teacher's weights, the targets and the loss stay fp32 (``autocast_dtype``). 'fp32': no autocast."""
     compile: bool = False
     """``torch.compile`` the model's whole forward (student, teacher targets, decoder or head, loss) before
-    training (``d2v.runner.compile_model``)."""
+    training (``d2v.runner.compile_model``). Batches smaller than the configured one (a loader worker's last
+    of an epoch) run eagerly rather than recompile (``train_step``)."""
     parallel: distributed.Parallel = "ddp"
     """Multi-GPU strategy under torchrun: 'ddp', or 'fsdp' (FSDP2 ``fully_shard``, for the large preset)."""
     log_every: int = 10
@@ -163,18 +165,24 @@ def train_step(
     device: torch.device,
     amp: torch.dtype | None,
     grad_norm: bool,
+    compiled_batch: int | None = None,
 ) -> int:
     """One optimizer update: ``grad_accum`` forward/backward micro-steps, clipping, AdamW, LR schedule.
 
     Adds the metrics (detached tensors, no host sync) into ``sums``, and the gradient norm as
     ``sums["grad_norm"]`` when clipping or when ``grad_norm`` asks for it; returns the samples seen.
+    ``compiled_batch``: the micro-batch size of a compiled model. A smaller batch (each loader worker's last
+    of an epoch) runs eagerly: a new batch size would recompile the whole graph (~30 s on CPU for the tiny
+    preset, about a minute on a GPU) and leave every later step on the recompiled, dynamic-shape graph.
     """
     n = 0
     for micro in range(grad_accum):
         batch = to_device(next(batches), device)
+        short = compiled_batch is not None and batch_size(batch) < compiled_batch
         with (
             distributed.grad_sync(model, micro == grad_accum - 1),
             torch.autocast(device.type, amp or torch.bfloat16, enabled=amp is not None),
+            torch.compiler.set_stance("force_eager") if short else contextlib.nullcontext(),
         ):
             loss, metrics = model(batch)
             (loss / grad_accum).backward()
@@ -218,6 +226,7 @@ def run(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     amp = autocast_dtype(cfg.precision, device)
+    compiled_batch = cfg.batch_size // (cfg.grad_accum * world_size) if cfg.compile else None
     sums: dict[str, Tensor] = {}
     extra: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -237,7 +246,7 @@ def run(
         lr = max(g["lr"] for g in opt.param_groups)  # the LR of this step (a Python float: no sync)
         n_samples += train_step(
             model, opt, sched, batches, sums, params=params, grad_accum=cfg.grad_accum, clip_norm=clip_norm,
-            device=device, amp=amp, grad_norm=logging,
+            device=device, amp=amp, grad_norm=logging, compiled_batch=compiled_batch,
         ) * world_size  # fmt: skip
         if after_step is not None:
             extra = after_step(done)

@@ -144,6 +144,41 @@ def run_toy(
     return last, logs
 
 
+@pytest.mark.parametrize("compiled_batch", [8, None])
+def test_a_short_batch_of_a_compiled_model_runs_eagerly(compiled_batch):
+    """With ``compiled_batch`` a smaller batch (a loader worker's last) runs eagerly: the one compiled graph
+    serves the full batches before and after it. Without, the short batch compiles a second graph, dynamic
+    in the batch size, and every later batch runs on that one."""
+    calls, compiled = [], []
+
+    def backend(gm, example_inputs):  # records which compiled graph each call runs
+        graph = len(compiled)
+        compiled.append(graph)
+        return lambda *args: (calls.append(graph), gm(*args))[1]
+
+    class Lin(Toy):  # no call counter: dynamo would guard on its value and recompile every call
+        def forward(self, batch):
+            loss = ((self.lin(batch["inputs"]).squeeze(-1) - batch["y"]) ** 2).mean()
+            return loss, {"loss": loss.detach()}
+
+    torch._dynamo.reset()
+    model = Lin()
+    model.compile(backend=backend)
+    opt = build_optimizer(model, OptimConfig(lr=0.05, warmup=0.0))
+    sched = build_scheduler(opt, OptimConfig(lr=0.05, warmup=0.0), 10)
+    batches = iter(
+        [b if n == 8 else {k: v[:n] for k, v in b.items()} for b, n in zip(toy_loader(0), (8, 8, 5, 8))]
+    )
+    seen = [
+        loop.train_step(model, opt, sched, batches, {}, params=list(model.parameters()), grad_accum=1,
+                        clip_norm=None, device=torch.device("cpu"), amp=None, grad_norm=False,
+                        compiled_batch=compiled_batch)
+        for _ in range(4)
+    ]  # fmt: skip
+    assert seen == [8, 8, 5, 8]
+    assert (compiled, calls) == (([0], [0, 0, 0]) if compiled_batch else ([0, 1], [0, 0, 1, 1]))
+
+
 def test_gradient_accumulation_matches_the_full_batch():
     a, b = Toy(), Toy()
     b.load_state_dict(a.state_dict())
