@@ -172,8 +172,9 @@ def train_step(
     Adds the metrics (detached tensors, no host sync) into ``sums``, and the gradient norm as
     ``sums["grad_norm"]`` when clipping or when ``grad_norm`` asks for it; returns the samples seen.
     ``compiled_batch``: the micro-batch size of a compiled model. A smaller batch (each loader worker's last
-    of an epoch) runs eagerly: a new batch size would recompile the whole graph (~30 s on CPU for the tiny
-    preset, about a minute on a GPU) and leave every later step on the recompiled, dynamic-shape graph.
+    of an epoch) runs eagerly: a new batch size would recompile the whole graph (27-61 s on CPU for the tiny
+    and small image presets, about a minute on a GPU) and leave every later step on the recompiled graph,
+    dynamic in the batch size.
     """
     n = 0
     for micro in range(grad_accum):
