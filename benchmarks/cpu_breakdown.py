@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step import DTYPES, ROOT, D2VStep, configs, make_batches  # noqa: E402
+from step import DTYPES, ROOT, D2VStep, configs, make_batches, matmul_seconds  # noqa: E402
 
 from d2v.config import load_params  # noqa: E402
 from d2v.hostmem import retain_freed_memory  # noqa: E402
@@ -66,7 +66,7 @@ class OpTimes(TorchDispatchMode):
         return out
 
 
-def matmul_flops(op: str, sig: tuple) -> int:
+def matmul_flops(sig: tuple) -> int:
     """2 M K N (times the batch for ``bmm``) of one call; ``addmm``'s first operand is the bias."""
     (*_, a, b) = (shape for shape, _, _ in sig)
     return 2 * math.prod(a) * b[-1]
@@ -118,16 +118,6 @@ def median_step(step, batches, n: int) -> float:
     return median_seconds(lambda: step(next(feed)), n)
 
 
-def gflops(m: int, k: int, n: int, dtype: torch.dtype, reps: int = 10) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
-
-
 def matmul_calls(calls: dict[tuple, list[float]], steps: int, peak: float, flush_mb: int) -> None:
     """Each matmul call signature of the step: GFLOP/s in the step against the same call replayed alone, hot
     and after a pass over ``flush_mb`` MB; the largest first, then the totals."""
@@ -137,7 +127,7 @@ def matmul_calls(calls: dict[tuple, list[float]], steps: int, peak: float, flush
     totals = collections.Counter()
     rows = []
     for (op, sig), times in calls.items():
-        n, flops = len(times) / steps, matmul_flops(op, sig)
+        n, flops = len(times) / steps, matmul_flops(sig)
         hot, cold = replay_seconds(op, sig, None), replay_seconds(op, sig, flush)
         totals.update(flops=flops * n, step=sum(times) / steps, hot=hot * n, cold=cold * n)
         rows.append((flops * n, op, sig, n, flops * len(times) / sum(times) / 1e9, flops / hot / 1e9,
@@ -205,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     retain_freed_memory()  # as the CLI runs
     params = load_params(ROOT / "params.yaml")
-    mm_dtype = torch.float32 if args.dtype == "fp32" else DTYPES[args.dtype]
+    mm_dtype = DTYPES[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, preset {args.preset}")
     for m in args.modalities:
         model_cfg, pcfg = configs(params, m, args.preset, "data2vec")
@@ -226,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:18s} {1e3 * s:7.1f} ms  {100 * s / total:5.1f} % of op time")
         for op, s in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"    {op:48s} {1e3 * s:7.1f} ms")
-        peak = statistics.median(gflops(2048, 2048, 2048, mm_dtype, 3) for _ in range(3))
+        peak = 2 * 2048**3 / 1e9 / statistics.median(matmul_seconds(mm_dtype) for _ in range(5))
         matmul_calls(mode.matmuls, args.steps, peak, args.flush_mb)
         small = dataclasses.replace(pcfg, batch_size=2, grad_accum=1)
         s2 = median_step(
@@ -238,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fusion:
             t = model_cfg.transformer
             # the blocks' matmuls (the most frequent call): their tokens a batch
-            rows = max((len(t), sig[-2][0][0]) for (op, sig), t in mode.matmuls.items() if op != "bmm")[1]
+            rows = max((len(ts), sig[-2][0][0]) for (op, sig), ts in mode.matmuls.items() if op != "bmm")[1]
             fusion(rows, t.dim, t.ffn_dim)
     return 0
 
