@@ -118,6 +118,12 @@ def median_step(step, batches, n: int) -> float:
     return median_seconds(lambda: step(next(feed)), n)
 
 
+def rate(gflops: float) -> str:
+    """A GFLOP/s figure, 4 wide: whole numbers, two significant digits under 10 (a tiny call replayed on a
+    busy machine runs under 1 GFLOP/s, which a whole number would print as 0)."""
+    return f"{gflops:4.0f}" if gflops >= 10 else f"{gflops:4.2g}"
+
+
 def matmul_calls(calls: dict[tuple, list[float]], steps: int, peak: float, flush_mb: int) -> None:
     """Each matmul call signature of the step: GFLOP/s in the step against the same call replayed alone, hot
     and after a pass over ``flush_mb`` MB; the largest first, then the totals."""
@@ -134,7 +140,7 @@ def matmul_calls(calls: dict[tuple, list[float]], steps: int, peak: float, flush
                      flops / cold / 1e9))  # fmt: skip
     for _, op, sig, n, r_step, r_hot, r_cold in sorted(rows, key=lambda r: -r[0])[:12]:
         shapes = " x ".join(str(tuple(shape)) for shape, _, _ in sig)
-        print(f"    {op}: {shapes:44s} x{n:3.0f}  {r_step:4.0f} | {r_hot:4.0f}, {r_cold:4.0f}  "
+        print(f"    {op}: {shapes:44s} x{n:3.0f}  {rate(r_step)} | {rate(r_hot)}, {rate(r_cold)}  "
               f"({100 * r_step / peak:3.0f} % of peak in the step, {100 * r_hot / peak:3.0f} % hot)")  # fmt: skip
     f = totals["flops"] / 1e9
     print(f"    all {sum(len(t) for t in calls.values()) // steps} calls: {f / totals['step']:.0f} GFLOP/s in the "

@@ -240,6 +240,17 @@ def _balanced_order(items: Sequence[Item], rng: random.Random) -> list[Item]:
     return out
 
 
+def _at_least_one(n: int, test: float, valid: float) -> tuple[int, int]:
+    """``(n_test, n_valid)`` of ``n`` groups or items: the rounded fractions, raised to one where a fraction
+    is above zero and at least one is left for train."""
+    n_test, n_valid = round(test * n), round(valid * n)
+    if test > 0 and n_test == 0 and n - n_valid >= 2:
+        n_test = 1
+    if valid > 0 and n_valid == 0 and n - n_test >= 2:
+        n_valid = 1
+    return n_test, n_valid
+
+
 def split_pool(
     items: Sequence[Item], valid: float, test: float, rng: random.Random, stratify: bool
 ) -> tuple[list[Item], list[Item], list[Item]]:
@@ -248,13 +259,16 @@ def split_pool(
     With groups (speakers), whole groups go to one split: sorted groups are shuffled and the first
     ``round(test * n_groups)`` form test, the next ``round(valid * n_groups)`` valid. Without groups and
     with ``stratify``, each label is split in the same proportions; otherwise items are split at random.
+    A fraction above zero that rounds to nothing still gets one group (or one item, from the largest
+    label) while train keeps at least one: with 5 speakers, ``valid: 0.1`` is one speaker, not an empty
+    split that the evaluate stage cannot use.
     """
     if not items:
         return [], [], []
     if any(it.group is not None for it in items):
         groups = sorted({it.group if it.group is not None else f"\0{it.name}" for it in items})
         rng.shuffle(groups)
-        n_test, n_valid = round(test * len(groups)), round(valid * len(groups))
+        n_test, n_valid = _at_least_one(len(groups), test, valid)
         role = {g: "test" for g in groups[:n_test]}
         role.update({g: "valid" for g in groups[n_test : n_test + n_valid]})
         out: dict[str, list[Item]] = {"train": [], "valid": [], "test": []}
@@ -264,11 +278,18 @@ def split_pool(
     strata: dict[str, list[Item]] = defaultdict(list)
     for it in items:
         strata[(it.label or "") if stratify else ""].append(it)
+    counts = {key: (round(test * len(s)), round(valid * len(s))) for key, s in strata.items()}
+    largest = max(sorted(strata), key=lambda key: len(strata[key]))  # the first of the largest labels
+    n_test, n_valid = _at_least_one(len(strata[largest]), test, valid)
+    if not any(c[0] for c in counts.values()):
+        counts[largest] = (n_test, counts[largest][1])
+    if not any(c[1] for c in counts.values()):
+        counts[largest] = (counts[largest][0], n_valid)
     tr, va, te = [], [], []
     for key in sorted(strata):
         s = list(strata[key])
         rng.shuffle(s)
-        n_test, n_valid = round(test * len(s)), round(valid * len(s))
+        n_test, n_valid = counts[key]
         te += s[:n_test]
         va += s[n_test : n_test + n_valid]
         tr += s[n_test + n_valid :]
@@ -279,9 +300,12 @@ def plan_splits(scan: Scan, cfg: ShardCommon, seed: int) -> dict[str, list[Item]
     """Seeded splits of every pool, in writing order: ``pretrain`` then each task's train/valid/test.
 
     Each split's items are shuffled (so every shard mixes sources); labels are dropped in ``pretrain``.
+    With ``unlabelled+labelled``, pretraining takes each input of the tasks' train and valid splits once
+    (an input with a label and a transcript is in both tasks) and none that any task holds out for test.
     """
     splits: dict[str, list[Item]] = {}
     extra_pretrain: list[Item] = []
+    held_out: set[str] = set()
     for name in sorted(scan.tasks):
         task = scan.tasks[name]
         stratify = task.target == "label"
@@ -289,6 +313,7 @@ def plan_splits(scan: Scan, cfg: ShardCommon, seed: int) -> dict[str, list[Item]
         tr, va, te = split_pool(task.items, cfg.valid, test_frac, rng_for(seed, "split", name), stratify)
         if task.test_items is not None:
             te = list(task.test_items)
+        held_out.update(it.name for it in te)
         if cfg.pretrain_from == "unlabelled+labelled":
             extra_pretrain += tr + va  # before the max_train cap: that cap is about labels
         if cfg.max_train is not None and len(tr) > cfg.max_train:
@@ -298,6 +323,7 @@ def plan_splits(scan: Scan, cfg: ShardCommon, seed: int) -> dict[str, list[Item]
             tr = order[: cfg.max_train]
         for split, part in (("train", tr), ("valid", va), ("test", te)):
             splits[task.prefix + split] = part
+    extra_pretrain = [it for it in {it.name: it for it in extra_pretrain}.values() if it.name not in held_out]
     pretrain = [replace(it, label=None, transcript=None) for it in list(scan.unlabelled) + extra_pretrain]
     rng_for(seed, "pretrain").shuffle(pretrain)
     if cfg.max_pretrain is not None:

@@ -170,3 +170,37 @@ def test_skip_reason_replaces_only_the_absolute_path(tmp_path):
     assert clean_reason("bad jsonl record in file /data/files/a.jsonl", text) == (
         "bad jsonl record in file files/a.jsonl:3"
     )
+
+
+@pytest.mark.parametrize("groups", [None, 5])
+def test_a_fraction_that_rounds_to_nothing_still_gets_one_group_or_item(groups):
+    """5 speakers at valid 0.1 (or 3 items a label at test 0.1) round to empty splits, which the evaluate stage
+    cannot use: each still gets one, train keeps the rest; fractions of zero stay empty."""
+    pool = items(15, labels=5, groups=groups)  # 3 items a label; 5 groups
+    tr, va, te = split_pool(pool, 0.1, 0.1, random.Random(0), stratify=True)
+    if groups is None:
+        assert len(te) == 1 and len(va) == 1 and len(tr) == 13
+    else:
+        assert [len({it.group for it in part}) for part in (tr, va, te)] == [3, 1, 1]
+    tr, va, te = split_pool(pool, 0.0, 0.1, random.Random(0), stratify=True)
+    assert not va and te and len(tr) + len(te) == 15
+    two = items(2, labels=1, groups=None if groups is None else 2)
+    tr, va, te = split_pool(two, 0.1, 0.1, random.Random(0), stratify=True)
+    assert len(tr) == 1 and len(te) == 1 and not va  # train keeps one
+
+
+def test_pretraining_takes_each_input_once_and_no_task_s_test_input():
+    """An input with a label and a transcript is in both tasks, split by each with its own draw: pretraining
+    takes it once, and never when either task holds it out for test."""
+    both = [Item(f"a{i:02d}", i, label=str(i % 2), transcript="x y", group=f"s{i % 10}") for i in range(40)]
+    scan = Scan(
+        unlabelled=items(4, labels=1, prefix="u"),
+        tasks={"classification": Task(both, "label"), "ctc": Task(both, "transcript", prefix="ctc_")},
+    )
+    out = plan_splits(scan, ShardCommon(pretrain_from="unlabelled+labelled"), seed=0)
+    names = [it.name for it in out["pretrain"]]
+    assert len(names) == len(set(names))
+    held_out = {it.name for it in out["test"] + out["ctc_test"]}
+    assert held_out and not held_out & set(names)
+    kept = {it.name for s in ("train", "valid", "ctc_train", "ctc_valid") for it in out[s]} - held_out
+    assert set(names) == kept | {f"u{i:03d}" for i in range(4)}
