@@ -66,6 +66,15 @@ class FinetuneConfig(loop.LoopConfig):
     """L2 penalty of that regression (on standardised features, as the probe's ``probe_l2``). Larger than the
     probe's: a few labels are linearly separable, and an unpenalised fit would start fine-tuning with
     saturated logits. Even so the text head's first train-mode losses are large (benchmarks/RESULTS.md)."""
+    head_init_features: Literal["eval", "train"] = "eval"
+    """The features that regression is fitted on. 'eval': the encoder in eval mode (LP-FT's frozen features).
+    'train': in train mode, dropout and drop-path drawn as in fine-tuning's forward passes
+    (``TRAIN_MODE_DRAWS`` draws of each item), so that the fitted layer sees the features it is then trained
+    on. Where the training items' features barely differ from one another (a few items, an encoder that
+    pools them to nearly one vector), standardising each feature scales the eval-mode fit up until dropout's
+    noise alone swings the first train-mode logits by thousands (text's demo encoder: first losses ~11,
+    chance 1.6). Measured for text and image, where the demo uses it (benchmarks/RESULTS.md, stop 27); speech,
+    not yet measured, keeps 'eval'."""
     head_init_items: int = 4096
     """At most this many training items (in the loader's fixed order) are used for the fit: the fit costs one
     forward pass over them, so the all-labels budget does not pay for a pass over the whole split."""
@@ -105,27 +114,42 @@ def modality_options(cfg: FinetuneConfig, modality: str) -> tuple[HeadConfig, An
     return head, from_dict(mask_cls, cfg.mask, f"{where}.mask")
 
 
+TRAIN_MODE_DRAWS = 4
+"""Dropout draws of each item that ``head_init_features: train`` fits on: one draw overfits its own noise
+(text, 5 labels/class, 3 seeds: 55.2 +- 7.7 % with one, 56.7 +- 4.6 with four; benchmarks/RESULTS.md)."""
+
+
 @torch.no_grad()
 def fit_output_layer(
-    model: SequenceClassifier, batches: Iterable[dict[str, Any]], *, l2: float, max_items: int
+    model: SequenceClassifier,
+    batches: Iterable[dict[str, Any]],
+    *,
+    l2: float,
+    max_items: int,
+    features: Literal["eval", "train"] = "eval",
 ) -> float:
     """Set ``model.output`` to the logistic regression (:func:`d2v.metrics.fit_logistic`) of the labels on
-    ``model.features`` (eval mode) of the first ``max_items`` items of ``batches``; returns its training
-    accuracy. Deterministic: the same items give the same layer."""
+    ``model.features`` (in ``features`` mode; ``TRAIN_MODE_DRAWS`` draws of each item in 'train') of the first
+    ``max_items`` items of ``batches``; returns its training accuracy. Deterministic: the same items (and, for 'train', the same torch RNG state) give the
+    same layer."""
     was_training = model.training
-    model.eval()
+    model.train(features == "train")
     device = next(model.parameters()).device
-    xs, ys, n = [], [], 0
+    draws = TRAIN_MODE_DRAWS if features == "train" else 1
+    kept, xs, ys, n = [], [], [], 0  # kept: the batches (as loaded) for the further draws
     for batch in batches:
-        batch = loop.to_device(batch, device)
-        xs.append(model.features(batch).float().cpu())
+        kept += [batch] * (draws > 1)
+        xs.append(model.features(loop.to_device(batch, device)).float().cpu())
         ys.append(batch["labels"].cpu())
         n += len(ys[-1])
         if n >= max_items:
             break
     if not ys:
         raise ValueError("finetune.head_init: probe: the training split yielded no items")
-    x, y = torch.cat(xs)[:max_items], torch.cat(ys)[:max_items]
+    further = [torch.cat([model.features(loop.to_device(b, device)).float().cpu() for b in kept])
+               for _ in range(draws - 1)]  # fmt: skip
+    x = torch.cat([d[:max_items] for d in (torch.cat(xs), *further)])
+    y = torch.cat(ys)[:max_items].repeat(draws)
     assert model.num_classes is not None
     W_FC, b_C = fit_logistic(x, y, model.num_classes, l2=l2)
     out = model.output
@@ -161,8 +185,14 @@ def finetune_job(
     def on_start(step: int) -> None:
         if step == 0 and cfg.head_init == "probe":
             assert head_items is not None and isinstance(model, SequenceClassifier)
-            acc = fit_output_layer(model, head_items(), l2=cfg.head_init_l2, max_items=cfg.head_init_items)
-            print(f"finetune: output layer fitted on frozen features (train accuracy {acc:.3f})", flush=True)
+            acc = fit_output_layer(
+                model, head_items(), l2=cfg.head_init_l2, max_items=cfg.head_init_items,
+                features=cfg.head_init_features,
+            )  # fmt: skip
+            print(
+                f"finetune: output layer fitted on frozen {cfg.head_init_features}-mode features (train "
+                f"accuracy {acc:.3f})", flush=True,
+            )  # fmt: skip
         model.set_encoder_trainable(step >= cfg.freeze_encoder_steps)
 
     return runner.Job(

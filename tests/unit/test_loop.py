@@ -392,6 +392,46 @@ def test_head_init_probe_puts_the_fitted_regression_into_the_output_layer(modali
     assert acc > 0.5  # 8 items, 3 classes, a wider feature space: the fit beats chance on its own items
 
 
+def test_head_init_on_train_mode_features_keeps_the_first_train_mode_logits_sane():
+    """Items whose pooled features barely differ (one text repeated but for a token): standardising each feature
+    scales the eval-mode fit up until dropout alone swings the train-mode logits; fitted on train-mode
+    features (``head_init_features: train``, dropout drawn), the layer is the regression on exactly those
+    draws and the first train-mode logits stay small."""
+    import torch.nn.functional as F
+
+    from d2v.finetune import TRAIN_MODE_DRAWS, fit_output_layer
+    from d2v.load import build_finetune_model
+    from d2v.metrics import fit_logistic
+
+    mod = get("text")
+    torch.manual_seed(0)
+    model = build_finetune_model("text", mod.build_encoder(mod.model_config({"preset": "tiny"})),
+                                 "classification", 2, None)  # fmt: skip
+    base = torch.randint(5, 200, (1, 48), generator=torch.Generator().manual_seed(0))
+    x = torch.cat([torch.zeros(8, 1, dtype=torch.long), base.repeat(8, 1)], 1)
+    x[:, -1] = torch.arange(8) + 5  # the items differ in their last token only
+    batches = [{"inputs": x, "labels": torch.arange(8) % 2}]
+
+    def first_train_mode_loss() -> float:
+        model.train()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return F.cross_entropy(model.logits(batches[0]), batches[0]["labels"]).item()
+
+    fit_output_layer(model, batches, l2=1e-2, max_items=8, features="eval")
+    eval_fit = first_train_mode_loss()
+    torch.manual_seed(0)
+    fit_output_layer(model, batches, l2=1e-2, max_items=8, features="train")
+    train_fit = first_train_mode_loss()
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = [model.features(batches[0]) for _ in range(TRAIN_MODE_DRAWS)]
+        W, _ = fit_logistic(torch.cat(draws), batches[0]["labels"].repeat(TRAIN_MODE_DRAWS), 2, l2=1e-2)
+    torch.testing.assert_close(model.output.weight.double(), W.T, rtol=1e-5, atol=1e-6)
+    assert eval_fit > 20 * train_fit and train_fit < 5  # chance is ln 2 = 0.69
+
+
 def test_head_init_probe_fits_once_and_a_resumed_run_keeps_its_checkpointed_head(tmp_path, monkeypatch):
     from d2v import finetune as ft
     from d2v.load import build_finetune_model
