@@ -65,7 +65,7 @@ class FinetuneConfig(loop.LoopConfig):
     head_init_l2: float = 1e-2
     """L2 penalty of that regression (on standardised features, as the probe's ``probe_l2``). Larger than the
     probe's: a few labels are linearly separable, and an unpenalised fit would start fine-tuning with
-    saturated logits. Even so the text head's first train-mode losses are large (benchmarks/RESULTS.md)."""
+    saturated logits. Even so dropout can swing the first train-mode logits: ``head_init_features``."""
     head_init_features: Literal["eval", "train"] = "eval"
     """The features that regression is fitted on. 'eval': the encoder in eval mode (LP-FT's frozen features).
     'train': in train mode, dropout and drop-path drawn as in fine-tuning's forward passes
@@ -130,15 +130,16 @@ def fit_output_layer(
 ) -> float:
     """Set ``model.output`` to the logistic regression (:func:`d2v.metrics.fit_logistic`) of the labels on
     ``model.features`` (in ``features`` mode; ``TRAIN_MODE_DRAWS`` draws of each item in 'train') of the first
-    ``max_items`` items of ``batches``; returns its training accuracy. Deterministic: the same items (and, for 'train', the same torch RNG state) give the
-    same layer."""
+    ``max_items`` items of ``batches``; returns its training accuracy. Deterministic: the same items (and,
+    for 'train', the same torch RNG state) give the same layer."""
     was_training = model.training
     model.train(features == "train")
     device = next(model.parameters()).device
     draws = TRAIN_MODE_DRAWS if features == "train" else 1
     kept, xs, ys, n = [], [], [], 0  # kept: the batches (as loaded) for the further draws
     for batch in batches:
-        kept += [batch] * (draws > 1)
+        if draws > 1:
+            kept.append(batch)
         xs.append(model.features(loop.to_device(batch, device)).float().cpu())
         ys.append(batch["labels"].cpu())
         n += len(ys[-1])

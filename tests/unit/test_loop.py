@@ -429,7 +429,7 @@ def test_head_init_on_train_mode_features_keeps_the_first_train_mode_logits_sane
         draws = [model.features(batches[0]) for _ in range(TRAIN_MODE_DRAWS)]
         W, _ = fit_logistic(torch.cat(draws), batches[0]["labels"].repeat(TRAIN_MODE_DRAWS), 2, l2=1e-2)
     torch.testing.assert_close(model.output.weight.double(), W.T, rtol=1e-5, atol=1e-6)
-    assert eval_fit > 20 * train_fit and train_fit < 5  # chance is ln 2 = 0.69
+    assert eval_fit > 100 * train_fit  # 9,525 against 4.4 when written (chance: ln 2 = 0.69)
 
 
 def test_head_init_probe_fits_once_and_a_resumed_run_keeps_its_checkpointed_head(tmp_path, monkeypatch):
