@@ -41,9 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from d2v import gpu_conv
 from d2v.config import from_dict
 from d2v.data import build_loader, data_module, prepare_raw, shard
+from d2v.data2vec import ema_decay
 from d2v.loop import to_device
 from d2v.modalities import get
-from d2v.model import ema_decay
 from d2v.optim import OptimConfig, build_optimizer
 from d2v.runner import compile_model, tune_backends
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
+from d2v.data2vec import ema_decay
 from d2v.modalities import get
-from d2v.model import ema_decay
 from d2v.optim import OptimConfig
 
 _CLASSES = {"audio": "Data2VecAudio", "image": "Data2VecVision", "text": "Data2VecText"}

@@ -56,13 +56,13 @@ from flops import flop_counter  # noqa: E402
 from d2v import loop  # noqa: E402
 from d2v.config import load_params, section  # noqa: E402
 from d2v.data.stages import data_module  # noqa: E402
+from d2v.data2vec import ema_decay  # noqa: E402
 from d2v.hostmem import retain_freed_memory  # noqa: E402
 from d2v.modalities import MODALITIES, get  # noqa: E402
-from d2v.model import ema_decay  # noqa: E402
 from d2v.optim import build_optimizer, build_scheduler  # noqa: E402
 from d2v.precision import cpu_bf16  # noqa: E402
+from d2v.pretrain import PretrainConfig  # noqa: E402
 from d2v.runner import compile_model  # noqa: E402
-from d2v.train import PretrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

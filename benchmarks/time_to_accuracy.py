@@ -37,7 +37,7 @@ from d2v.config import PathsConfig, load_params, section, to_dict
 from d2v.data.loader import build_loader, read_manifest
 from d2v.evaluate import EvaluateConfig, probe
 from d2v.modalities import MODALITIES, get
-from d2v.train import PretrainConfig, pretrain
+from d2v.pretrain import PretrainConfig, pretrain
 
 ALGORITHMS = ("data2vec", "data2vec2")
 

@@ -22,7 +22,7 @@ from d2v.sweep import INITS, PRETRAINED
 STAGES: dict[str, tuple[str, str, str]] = {
     "prepare": ("d2v.data.stages", "cli_prepare", "materialise raw data for a modality"),
     "shard": ("d2v.data.stages", "cli_shard", "write WebDataset shards + manifest.json"),
-    "pretrain": ("d2v.train", "cli_pretrain", "data2vec pretraining on the pretrain shards"),
+    "pretrain": ("d2v.pretrain", "cli_pretrain", "data2vec pretraining on the pretrain shards"),
     "finetune": ("d2v.finetune", "cli_finetune", "fine-tune a pretrained (or fresh) encoder"),
     "evaluate": ("d2v.evaluate", "cli_evaluate", "evaluate a fine-tuned model; writes metrics"),
     "report": ("d2v.report", "cli_report", "render reports/benchmark.{md,html}"),

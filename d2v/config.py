@@ -283,11 +283,38 @@ class ReportConfig:
             raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys on top, nested mappings merged key by key (``over`` wins)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def preset_config(
+    cls: type[T],
+    d: dict[str, Any] | None,
+    where: str,
+    presets: dict[str, dict[str, Any]],
+    v2: dict[str, Any],
+    v2_presets: dict[str, dict[str, Any]],
+) -> T:
+    """A modality's ``model.<m>`` section as ``cls``: its preset's values, then (for ``algorithm:
+    data2vec2``) the 2.0 recipe's (``v2``, then ``v2_presets[preset]``), then the user's keys on top.
+
+    The one place that resolves ``model.<m>.preset``, so that every modality layers its presets the same
+    way and a user's key always wins.
+    """
+    d = dict(d or {})
+    name = d.get("preset", cls.preset)  # type: ignore[attr-defined]
+    if not isinstance(name, str) or name not in presets:
+        raise ConfigError(f"{where}.preset: {name!r} is not one of {list(presets)}")
+    merged = deep_merge(to_dict(cls()), presets[name])
+    if d.get("algorithm") == "data2vec2":
+        merged = deep_merge(deep_merge(merged, v2), v2_presets[name])
+    merged = deep_merge(merged, d)
+    merged["preset"] = name
+    return from_dict(cls, merged, where)
 
 
 class Params(dict):
@@ -333,7 +360,7 @@ def load_params(path: str | Path = "params.yaml", profile: str | None = None) ->
                 "itself; set them at the top level instead"
             )
         own = raw
-        raw = _deep_merge(raw, profiles[name])
+        raw = deep_merge(raw, profiles[name])
     out = Params(raw, profile=name or "default")
     out.own = own
     return out

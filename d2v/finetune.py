@@ -218,7 +218,7 @@ def finetune(
 ) -> list[dict[str, float]]:
     """Fine-tune ``model`` to ``cfg.steps`` updates, resuming from ``run_dir``; returns the logged history."""
     job = finetune_job(model, cfg, make_loader, run_dir, meta, files=files, head_items=head_items)
-    return runner.train(job, seed=seed, info=info, tracker=tracker, clock=clock)
+    return runner.fit(job, seed=seed, info=info, tracker=tracker, clock=clock)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

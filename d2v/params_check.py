@@ -9,8 +9,8 @@ from d2v.config import ConfigError, PathsConfig, ReportConfig, TrackingConfig, s
 from d2v.evaluate import EvaluateConfig
 from d2v.finetune import FinetuneConfig, modality_options
 from d2v.modalities import MODALITIES, get
+from d2v.pretrain import PretrainConfig
 from d2v.sweep import SweepConfig
-from d2v.train import PretrainConfig
 
 
 def check_all(params: dict[str, Any], quiet: bool = False) -> int:

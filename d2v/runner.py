@@ -1,6 +1,6 @@
 """The one stage runner of pretraining and fine-tuning: resume, train, guard, checkpoint, time, write, track.
 
-``pretrain`` (``d2v.train``) and ``finetune`` (``d2v.finetune``) build a model, a loader and a :class:`Job`
+``pretrain`` (``d2v.pretrain``) and ``finetune`` (``d2v.finetune``) build a model, a loader and a :class:`Job`
 saying only what differs between them (the optimizer's parameter groups, what runs after each update, the
 guards, the logged curve); :func:`train` runs it and :func:`run_stage` wraps it as a CLI stage. A killed
 run resumes bit-exactly from its last checkpoint: weights, optimizer, scheduler, RNG states, the data
@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,7 +72,6 @@ class Outputs:
     curve: Path
     batch_size: int = 1
     """Samples per update over all ranks: ``samples_per_s`` = steps x batch / seconds."""
-    seconds_before: float = field(default=0.0, init=False)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -193,7 +192,7 @@ def halt_note(run_dir: Path) -> Iterator[None]:
 # -------------------------------------------------------------------------------------------- train
 
 
-def train(
+def fit(
     job: Job,
     *,
     seed: int = 0,
@@ -310,7 +309,7 @@ def run_stage(
         tracker = tracking.start(params, job.kind, modality, config=config, name=name, rank=info.rank)
         clock = loop.Stopwatch()
         try:
-            history = train(job, seed=seed, info=info, tracker=tracker, outputs=outputs, clock=clock)
+            history = fit(job, seed=seed, info=info, tracker=tracker, outputs=outputs, clock=clock)
         except BaseException:
             tracker.finish(exit_code=1)
             raise

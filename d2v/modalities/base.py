@@ -3,7 +3,7 @@
 Shape legend: B batch, N raw input length (samples / pixels / tokens), T tokens, P prefix tokens
 (``num_prefix_tokens``), D width, K top-K layers.
 
-The data2vec recipe is modality-blind (``d2v/model.py``); a modality supplies an :class:`Encoder` subclass
+The data2vec recipe is modality-blind (``d2v/data2vec.py``); a modality supplies an :class:`Encoder` subclass
 (local feature encoder, how the student sees masked tokens, positions + block stack + norms), its
 masking strategy (run by its ``collate`` in the data loader), its regression head (§1.8) and its target and
 loss settings as a :class:`Data2VecTargets` in its config (§1.4-1.7).
@@ -71,8 +71,8 @@ class Encoder(nn.Module):
     and ``transformer``, and implements ``check_inputs``, ``local_features``, ``add_positions`` and
     ``encode_tokens`` (and ``apply_mask`` when the default, which needs a ``mask_emb`` parameter [D], does
     not fit). The step is ``features = contextualize(local_features(inputs))`` with ``contextualize =
-    encode_tokens(add_positions(x))``: ``d2v.model.Data2Vec`` and the fine-tuning heads call the halves
-    separately, masking in between; ``d2v.model2.Data2Vec2`` adds positions on the whole sequence, keeps
+    encode_tokens(add_positions(x))``: ``d2v.data2vec.Data2Vec`` and the fine-tuning heads call the halves
+    separately, masking in between; ``d2v.data2vec2.Data2Vec2`` adds positions on the whole sequence, keeps
     the unmasked tokens and runs ``encode_tokens`` on those only. Its Transformer blocks are a
     ``d2v.transformer.TransformerStack`` (parameter names ``...blocks.<i>.``: layer-wise LR decay,
     ``d2v.heads.layer_id``, finds them by name). The teacher is a ``copy.deepcopy`` of the student.

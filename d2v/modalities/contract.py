@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     from d2v.data.loader import Mode
     from d2v.data.shards import Encoded, Item, Scan, ShardCommon
     from d2v.data.stages import PrepareCommon
+    from d2v.data2vec import Data2Vec
     from d2v.heads import FinetuneModel, HeadConfig, Task
     from d2v.modalities.base import Encoder
-    from d2v.model import Data2Vec
 
 
 class ModalityModel(Protocol):
@@ -87,7 +87,7 @@ class ModalityModel(Protocol):
         ...
 
     def build_pretrain_model(self, cfg: Any) -> Data2Vec:
-        """``d2v.model.Data2Vec`` of ``build_encoder(cfg)``, the modality's regression head, ``cfg.targets``
+        """``d2v.data2vec.Data2Vec`` of ``build_encoder(cfg)``, the modality's regression head, ``cfg.targets``
         and ``cfg.ema``; the teacher starts as an exact copy of the student.
 
         ``model(batch) -> (loss, metrics)`` on a ``collate(..., mode="pretrain")`` batch: ``loss`` a finite

@@ -43,7 +43,7 @@ def _figure(ncols: int, width_per_panel: float, height: float) -> tuple[Figure, 
 
 
 PRETRAIN_COLUMNS = ("step", "loss", "target_var", "pred_var", "lr", "tau")
-"""Columns of ``<plots>/pretrain/<m>.csv`` (``d2v.train.CURVE_FIELDS``) the report reads."""
+"""Columns of ``<plots>/pretrain/<m>.csv`` (``d2v.pretrain.CURVE_FIELDS``) the report reads."""
 
 PRETRAIN_PANELS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("loss", ("loss",), True),

@@ -19,7 +19,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def _gpu_run(run_dir: Path, parallel: str, precision: str = "fp32") -> dict[str, torch.Tensor]:
     from d2v.optim import OptimConfig
-    from d2v.train import PretrainConfig, pretrain
+    from d2v.pretrain import PretrainConfig, pretrain
 
     mod = get("image")
     cfg = mod.model_config({"preset": "tiny"})

@@ -117,7 +117,7 @@ def test_validator_errors_name_the_full_key_path_and_value(data, message):
 
 
 def test_yaml_1_1_exponent_strings_are_read_as_floats(tmp_path):
-    from d2v.train import PretrainConfig
+    from d2v.pretrain import PretrainConfig
 
     p = tmp_path / "params.yaml"
     p.write_text("pretrain:\n  image:\n    optim: {lr: 1e-3, eps: 5E-9, weight_decay: .05}\n")
@@ -146,3 +146,16 @@ def test_load_params_keeps_the_file_own_sections_beside_the_profile(tmp_path):
     smoke = load_params(p, "smoke")
     assert smoke["pretrain"]["image"]["steps"] == 3 and smoke.own["pretrain"]["image"]["steps"] == 100
     assert "own" not in smoke and load_params(p).own is None  # an attribute, not a key; no profile: None
+
+
+@pytest.mark.parametrize("m", ["audio", "image", "text"])
+def test_a_partial_nested_override_keeps_the_rest_of_the_modalitys_defaults(m):
+    """``model.<m>.v2.decoder.layers`` alone changes that key; the decoder's other keys stay the modality's
+    own data2vec 2.0 defaults, not the generic ``DecoderConfig``'s."""
+    from d2v.config import to_dict
+    from d2v.modalities import get
+
+    model_config = get(m).model_config
+    recipe = to_dict(model_config({"algorithm": "data2vec2"}))["v2"]["decoder"]
+    changed = to_dict(model_config({"algorithm": "data2vec2", "v2": {"decoder": {"layers": 1}}}))["v2"]["decoder"]
+    assert changed == {**recipe, "layers": 1}

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from d2v.data2vec2 import Data2Vec2, decoder_input, gather_tokens, keep_indices
 from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities import MODALITIES, get
-from d2v.model2 import Data2Vec2, decoder_input, gather_tokens, keep_indices
 
 B = 3
 
@@ -62,7 +62,7 @@ def test_the_student_encodes_only_the_kept_tokens(modality):
     assert seen["teacher"] == [(B, P + T, cfg.transformer.dim)]  # one pass per original sample, all tokens
     assert K < T and torch.isfinite(loss) and metrics["loss"] == loss.detach()
     loss.backward()
-    assert model.head.proj.weight.grad is not None  # the decoder trains
+    assert all(p.grad is not None for p in model.head.proj.parameters())  # the decoder trains
     assert all(p.grad is None for p in model.teacher.parameters())
 
 

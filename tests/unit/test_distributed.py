@@ -30,7 +30,7 @@ DRIVER = textwrap.dedent(
     from d2v import distributed
     from d2v.modalities import get
     from d2v.optim import OptimConfig
-    from d2v.train import PretrainConfig, pretrain
+    from d2v.pretrain import PretrainConfig, pretrain
 
     run_dir, parallel, steps, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from d2v.config import ConfigError
+from d2v.data2vec import build_targets
 from d2v.modalities.image import (
     ImageEncoder,
     ModelConfig,
@@ -18,7 +19,6 @@ from d2v.modalities.image import (
     make_mask,
     model_config,
 )
-from d2v.model import build_targets
 
 POSITIONS = {
     "shared": {"position": "relative"},

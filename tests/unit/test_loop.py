@@ -12,11 +12,11 @@ from torch import nn
 from d2v import checkpoint, loop
 from d2v import precision as prec
 from d2v.config import ConfigError, to_dict
+from d2v.data2vec import ema_decay
 from d2v.load import load_finetune_model
 from d2v.modalities import get
-from d2v.model import ema_decay
 from d2v.optim import OptimConfig, build_optimizer, build_scheduler
-from d2v.train import CURVE_FIELDS, PretrainConfig, collapse_check, pretrain
+from d2v.pretrain import CURVE_FIELDS, PretrainConfig, collapse_check, pretrain
 
 
 def synthetic_batch(modality: str, cfg, B: int, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -24,11 +24,11 @@ from torch import Tensor
 from d2v.config import ConfigError, to_dict
 from d2v.data.shards import ShardCommon
 from d2v.data.stages import PrepareCommon, data_module
+from d2v.data2vec import Data2Vec
 from d2v.heads import HeadConfig as BaseHeadConfig
 from d2v.modalities import MODALITIES, get
 from d2v.modalities.base import Encoder
 from d2v.modalities.contract import ModalityData, ModalityModel
-from d2v.model import Data2Vec
 
 each_modality = pytest.mark.parametrize("m", MODALITIES)
 

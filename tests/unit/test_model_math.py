@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from d2v.data2vec import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
 from d2v.modalities.base import Data2VecTargets
-from d2v.model import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
 from d2v.transformer import Attention, attend, attention_mask, dropout, keep_mask
 
 

@@ -143,7 +143,7 @@ def test_params_sections_parse_to_the_given_values():
     """A YAML-like section round-trips (fixed-length tuples such as betas included)."""
     from d2v.config import section
     from d2v.finetune import FinetuneConfig
-    from d2v.train import PretrainConfig
+    from d2v.pretrain import PretrainConfig
 
     params = {
         "pretrain": {"image": {"optim": {"betas": [0.9, 0.999], "eps": 1e-8, "schedule": "cosine"}}},
@@ -167,7 +167,7 @@ def test_params_sections_parse_to_the_given_values():
 )
 def test_bad_optim_value_is_named_by_its_full_key_and_value(bad, message):
     from d2v.config import section
-    from d2v.train import PretrainConfig
+    from d2v.pretrain import PretrainConfig
 
     with pytest.raises(ConfigError) as e:
         section({"pretrain": {"image": {"optim": bad}}}, "pretrain", PretrainConfig, "image")

@@ -31,7 +31,7 @@ def test_the_paper_profiles_are_among_the_checked_ones():
 def test_a_paper_profile_is_the_base_recipe_of_its_algorithm_on_the_users_data(profile):
     from d2v.config import section
     from d2v.modalities import MODALITIES, get
-    from d2v.train import PretrainConfig
+    from d2v.pretrain import PretrainConfig
 
     params = load_params(ROOT / "params.yaml", profile)
     for m in MODALITIES:

@@ -27,7 +27,7 @@ DRIVER = textwrap.dedent(
     import torch
     from d2v.modalities import get
     from d2v.optim import OptimConfig
-    from d2v.train import PretrainConfig, pretrain
+    from d2v.pretrain import PretrainConfig, pretrain
 
     run_dir, steps, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
@@ -92,7 +92,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_weights(tmp_path):
 
 def test_a_finished_run_is_not_retrained(tmp_path):
     from d2v.modalities import get
-    from d2v.train import PretrainConfig, pretrain
+    from d2v.pretrain import PretrainConfig, pretrain
 
     mod = get("image")
     cfg = mod.model_config({"preset": "tiny"})
@@ -118,7 +118,7 @@ def test_a_finished_run_is_not_retrained(tmp_path):
 def tiny_pretrain(run_dir: Path, steps: int = 6, init_seed: int = 0, after_step=None):
     """A tiny image pretraining run in-process (checkpoints every 2 steps, all kept)."""
     from d2v.modalities import get
-    from d2v.train import PretrainConfig, pretrain
+    from d2v.pretrain import PretrainConfig, pretrain
 
     mod = get("image")
     cfg = mod.model_config({"preset": "tiny", "transformer": {"dropout": 0.1}})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from d2v import tracking
-from d2v.train import PretrainConfig, pretrain
+from d2v.pretrain import PretrainConfig, pretrain
 
 WANDB = str(Path(sys.executable).parent / "wandb")
 WANDB_VARS = ("WANDB_MODE", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR",

@@ -555,8 +555,8 @@ def collate(
     padding = padding_or_none(n, N)
     batch = {"inputs": wav} if padding is None else {"inputs": wav, "padding_mask": padding}
     if mode in ("pretrain", "finetune"):  # training only: the data stages never load the masking code
+        from d2v.data2vec2 import keep_indices
         from d2v.modalities.audio.masking import finetune_masks, make_mask
-        from d2v.model2 import keep_indices
 
     if mode == "pretrain":
         batch["mask"] = make_mask(n, model_cfg, generator)

@@ -39,7 +39,6 @@ TASKS = ("classification", "ctc")
 CTC_VOCAB: tuple[str, ...] = ("<pad>", "|", *"abcdefghijklmnopqrstuvwxyz", "'")
 """CTC output symbols: blank ``<pad>`` = 0 (as HF), word boundary ``|``, a-z, apostrophe (fairseq ``ltr``)."""
 BLANK = 0
-WORD_BOUNDARY = 1
 _INDEX = {c: i for i, c in enumerate(CTC_VOCAB)}
 FROZEN = ("encoder.feature_extractor.",)
 """The conv feature encoder ([FS] ``feature_grad_mult: 0``)."""

@@ -397,8 +397,8 @@ def collate(
     # in place, two passes over the batch (the workers' largest cost after decoding at 224 px)
     batch = {"inputs": x.sub_(shift).mul_(scale)}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
+        from d2v.data2vec2 import keep_indices
         from d2v.modalities.image.masking import make_mask
-        from d2v.model2 import keep_indices
 
         batch["mask"] = make_mask(len(xs), model_cfg, generator)
         if model_cfg.algorithm == "data2vec2":  # the kept patches' indices, read here on the CPU

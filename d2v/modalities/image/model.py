@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict, to_dict
+from d2v.config import ConfigError, TransformerConfig, preset_config
+from d2v.data2vec import Data2Vec, EMAConfig
+from d2v.data2vec2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
-from d2v.model import Data2Vec, EMAConfig
-from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.transformer import Dropout, Tap, TransformerStack
 
 Position = Literal["relative", "sincos", "absolute"]
@@ -201,17 +201,8 @@ _V2_PRESETS: dict[str, dict[str, Any]] = {
 
 def model_config(d: dict[str, Any] | None, where: str = "model.image") -> ModelConfig:
     """``ModelConfig`` from a params dict: the named preset's values (and, for ``algorithm: data2vec2``,
-    that recipe's) under the user's keys (user wins)."""
-    d = dict(d or {})
-    name = d.get("preset", "small")
-    if name not in _PRESETS:
-        raise ConfigError(f"{where}.preset: {name!r} is not one of {sorted(_PRESETS)}")
-    merged = _deep_merge(to_dict(ModelConfig()), _PRESETS[name])
-    if d.get("algorithm") == "data2vec2":
-        merged = _deep_merge(_deep_merge(merged, _V2), _V2_PRESETS[name])
-    merged = _deep_merge(merged, d)
-    merged["preset"] = name
-    return from_dict(ModelConfig, merged, where)
+    that recipe's) under the user's keys (user wins; :func:`d2v.config.preset_config`)."""
+    return preset_config(ModelConfig, d, where, _PRESETS, _V2, _V2_PRESETS)
 
 
 # ------------------------------------------------------------------------------------------ positions

@@ -553,8 +553,8 @@ def collate(
     padding = padding_or_none(torch.tensor([len(x) for x in xs]), T)
     batch = {"inputs": ids} if padding is None else {"inputs": ids, "padding_mask": padding}
     if mode == "pretrain":  # training only: the data stages never load the masking code (nor the model)
+        from d2v.data2vec2 import keep_indices
         from d2v.modalities.text.masking import make_mask
-        from d2v.model2 import keep_indices
 
         student, batch["mask"] = make_mask(ids, padding, model_cfg, generator)
         if model_cfg.algorithm == "data2vec2":  # masked tokens are dropped, not replaced by <mask>

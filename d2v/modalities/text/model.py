@@ -17,11 +17,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from d2v.config import ConfigError, TransformerConfig, _deep_merge, from_dict
+from d2v.config import ConfigError, TransformerConfig, from_dict, preset_config
+from d2v.data2vec import Data2Vec, EMAConfig
+from d2v.data2vec2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.decoder import ConvDecoder, DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder, EncoderOutput, Preset
-from d2v.model import Data2Vec, EMAConfig
-from d2v.model2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.transformer import Dropout, Tap, TransformerStack, init_bert_params
 
 # ----------------------------------------------------------------------------------------------- config
@@ -215,16 +215,9 @@ _V2_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def model_config(d: dict[str, Any] | None, where: str = "model.text") -> ModelConfig:
-    """``ModelConfig`` from a params section: the preset's values (and, for ``algorithm: data2vec2``, that
-    recipe's) under the user's keys (user wins)."""
-    d = dict(d or {})
-    preset = d.get("preset", ModelConfig.preset)
-    if preset not in PRESETS:
-        raise ConfigError(f"{where}.preset: {preset!r} is not one of {list(PRESETS)}")
-    merged = PRESETS[preset]
-    if d.get("algorithm") == "data2vec2":
-        merged = _deep_merge(_deep_merge(merged, _V2), _V2_PRESETS[preset])
-    return from_dict(ModelConfig, _deep_merge(merged, d), where)
+    """``ModelConfig`` from a params dict: the named preset's values (and, for ``algorithm: data2vec2``,
+    that recipe's) under the user's keys (user wins; :func:`d2v.config.preset_config`)."""
+    return preset_config(ModelConfig, d, where, PRESETS, _V2, _V2_PRESETS)
 
 
 # ---------------------------------------------------------------------------------------------- encoder

@@ -20,8 +20,8 @@ import torch
 from d2v import checkpoint, distributed, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import build_loader, read_manifest
+from d2v.data2vec import Data2Vec, ema_decay
 from d2v.modalities import get
-from d2v.model import Data2Vec, ema_decay
 from d2v.optim import OptimConfig
 
 CURVE_FIELDS = ("step", "loss", "target_var", "pred_var", "lr", "tau")
@@ -117,10 +117,10 @@ def pretrain(
     """Pretrain ``model`` to ``cfg.steps`` updates, resuming from ``run_dir``; returns the logged history.
 
     ``make_loader(epoch)`` yields this rank's batches of one epoch; ``meta`` goes into every checkpoint's
-    meta.json and ``files`` are copied next to the weights (see ``d2v.runner.train``).
+    meta.json and ``files`` are copied next to the weights (see ``d2v.runner.fit``).
     """
     job = pretrain_job(model, cfg, make_loader, run_dir, meta, files=files, after_step=after_step)
-    return runner.train(job, seed=seed, info=info, tracker=tracker, clock=clock)
+    return runner.fit(job, seed=seed, info=info, tracker=tracker, clock=clock)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

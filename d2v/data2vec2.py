@@ -4,7 +4,7 @@ sample is masked M times against one teacher pass (spec §5; [P2]; [FS] ``models
 Shape legend: B original samples, M clones per sample, T tokens, K kept tokens per row, P prefix tokens
 (vision's CLS), D width.
 
-One step (spec §5.1), everything else as in data2vec 1.0 (``d2v/model.py``: EMA teacher, top-K targets):
+One step (spec §5.1), everything else as in data2vec 1.0 (``d2v/data2vec.py``: EMA teacher, top-K targets):
 1. ``local_features`` once per original sample; the teacher's targets once per original sample;
 2. clone features M times (``repeat_interleave``), one mask per clone (the loader draws them);
 3. zero the masked tokens, add positions on the full sequence (speech: the conv positions then never see
@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from d2v.config import ConfigError
+from d2v.data2vec import Data2Vec, EMAConfig, masked_std, regression_loss
 from d2v.decoder import DecoderConfig
 from d2v.modalities.base import Data2VecTargets, Encoder
-from d2v.model import Data2Vec, EMAConfig, masked_std, regression_loss
 
 Algorithm = Literal["data2vec", "data2vec2"]
 """``model.<m>.algorithm``: which recipe pretrains the encoder; fine-tuning and embedding are the same."""
