@@ -15,8 +15,8 @@ For each modality, the step of ``benchmarks/step.py`` (data2vec 1.0, the demo's 
 - ``--fusion``: what fusing the element-wise work could gain, two regions of a block at the step's token
   count, forward + backward, eager against ``torch.compile`` (inductor's fused C++ kernels): residual +
   layer-scale x drop-path + LayerNorm, and bias + GELU after the FFN's first matmul.
-torch.profiler's per-op CPU times were misleading here (GELU's backward read 13 ms a call in the step,
-2 ms timed this way), hence the wall-clock mode.
+torch.profiler's per-op CPU times can charge one op with time that is not its own (benchmarks/RESULTS.md),
+hence the wall-clock mode.
 """
 
 from __future__ import annotations

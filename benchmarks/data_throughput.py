@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from d2v.config import from_dict
-from d2v.data import build_loader, data_module, iter_shard, prepare_raw, read_manifest, shard
+from d2v.data import LoaderSpec, build_loader, data_module, iter_shard, prepare_raw, read_manifest, shard
 from d2v.modalities import get
 
 SAMPLE = {  # default-data sizes that prepare in seconds
@@ -66,8 +66,8 @@ def bench(modality: str, raw: Path, out: Path, batch_size: int) -> dict[str, flo
 
     model_cfg = get(modality).model_config(MODEL[modality])
     for workers in (0, 2):
-        loader = build_loader(out, split, model_cfg, batch_size=batch_size, mode=mode, seed=0,
-                              num_workers=workers, **LOADER[modality])  # fmt: skip
+        spec = LoaderSpec(batch_size=batch_size, mode=mode, seed=0, num_workers=workers, **LOADER[modality])
+        loader = build_loader(out, split, model_cfg, spec)
         t = time.perf_counter()
         seen = sum(len(b["keys"]) for b in loader)
         dt = time.perf_counter() - t

@@ -8,8 +8,8 @@
 pretrained encoder and the same architecture at random init (``--init scratch`` of ``d2v finetune``) with
 ``finetune.<m>`` of that params.yaml, changed by ``--set`` (dotted keys under ``finetune.<m>``, YAML values:
 ``--set optim.lr=2e-5 head_init=probe``), then scores each on the whole test split. It prints every
-accuracy, each arm's mean and sample std, the difference, and whether it clears issue 13's bar (more than
-twice the larger std). Runs go to a temporary folder; nothing in the project changes.
+accuracy, each arm's mean and sample std, the difference, and whether it clears the bar (a difference of more
+than twice the larger std). Runs go to a temporary folder; nothing in the project changes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import yaml
 
 from d2v import checkpoint
 from d2v.config import from_dict, load_params
-from d2v.data.loader import build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.evaluate import predict_split, split_of
 from d2v.finetune import FinetuneConfig, finetune, modality_options, task_info
 from d2v.load import build_finetune_model, load_checkpoint_encoder
@@ -71,20 +71,20 @@ def run(
             model = build_finetune_model(m, encoder, cfg.task, num_classes, head)
 
             def make_loader(epoch: int, seed: int = seed, model_cfg: Any = model_cfg):
-                return build_loader(
-                    shard_dir, split, model_cfg, batch_size=cfg.batch_size, mode="finetune", seed=seed,
-                    max_len=cfg.max_len, label_budget=budget, epoch=epoch, finetune_mask=mask,
-                )  # fmt: skip
+                return build_loader(shard_dir, split, model_cfg, LoaderSpec(
+                    batch_size=cfg.batch_size, mode="finetune", seed=seed, max_len=cfg.max_len,
+                    label_budget=budget, epoch=epoch, finetune_mask=mask,
+                ))  # fmt: skip
 
             def head_items(seed: int = seed, model_cfg: Any = model_cfg):
-                return build_loader(shard_dir, split, model_cfg, batch_size=cfg.batch_size, mode="eval",
-                                    seed=seed, label_budget=budget)  # fmt: skip
+                spec = LoaderSpec(batch_size=cfg.batch_size, mode="eval", seed=seed, label_budget=budget)
+                return build_loader(shard_dir, split, model_cfg, spec)
 
             with tempfile.TemporaryDirectory(prefix="d2v-recipe-") as tmp:
                 finetune(model, cfg, make_loader, tmp, {"modality": m}, seed=seed, head_items=head_items)
             model.eval()
             test = build_loader(
-                shard_dir, split_of(entry, "test"), model_cfg, batch_size=64, mode="eval", seed=0
+                shard_dir, split_of(entry, "test"), model_cfg, LoaderSpec(batch_size=64, mode="eval", seed=0)
             )
             preds, targets = predict_split(model, test, device)
             a = task_metrics(cfg.task, preds, targets, num_classes)["accuracy"]

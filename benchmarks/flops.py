@@ -3,9 +3,11 @@ and one kernel added.
 
 torch 2.11's formula for ``aten.convolution_backward`` counts a grouped convolution's weight gradient
 ``groups`` times: it sizes that gradient as a dense conv of the transposed shapes, where the group division
-is lost (pytorch/pytorch#183405, merged after 2.11). A grouped conv's backward then counts (1 + groups) x its
-forward instead of 2 x. d2v's grouped convs (speech's positional convs and every data2vec 2.0 decoder, 16
-groups) were over-counted by that, and so was their share of the machine's peak.
+is lost (pytorch/pytorch#183405, merged after 2.11), so a grouped conv's backward counts (1 + groups) x its
+forward instead of 2 x. Here it counts 2 x (d2v's grouped convs: speech's positional convs and every
+data2vec 2.0 decoder, 16 groups). torch 2.11 has no formula for SDPA's fused CPU kernel (where the EMA
+teacher's attention runs on CPU) and counts it 0; here it counts as torch counts SDPA's CUDA kernels (the
+forward: the two ``bmm``s of the math path).
 """
 
 from __future__ import annotations

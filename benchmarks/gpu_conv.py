@@ -2,7 +2,7 @@
 cuDNN, forward + backward, at the ``base`` presets' shapes, in bf16; and the max error of each against
 cuDNN in fp32.
 
-    python benchmarks/gpu_conv.py [--images 128] [--reps 20]
+    python benchmarks/gpu_conv.py [--images 128] [--frames 500] [--clips 64] [--reps 20] [--json out.json]
 
 Shapes: image (16 clones of ``--images`` images, 14 x 14 patches, 768 channels, 16 groups, 3 x 3; six such
 layers make the decoder), audio (first layer 768 -> 384 and then 384 -> 384, 16 groups, kernel 7, over

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from d2v import gpu_conv
 from d2v.config import from_dict
-from d2v.data import build_loader, data_module, prepare_raw, shard
+from d2v.data import LoaderSpec, build_loader, data_module, prepare_raw, shard
 from d2v.data2vec import ema_decay
 from d2v.loop import to_device
 from d2v.modalities import get
@@ -199,8 +199,10 @@ def main() -> None:
                 step = step_fn(model, opt)
 
                 def loader(epoch: int, B=B, cfg=cfg):
-                    return build_loader(shards, "pretrain", cfg, batch_size=B, mode="pretrain", seed=0,
-                                        num_workers=args.workers, epoch=epoch)  # fmt: skip
+                    spec = LoaderSpec(
+                        batch_size=B, mode="pretrain", seed=0, num_workers=args.workers, epoch=epoch
+                    )
+                    return build_loader(shards, "pretrain", cfg, spec)
 
                 def endless():
                     epoch = 0

@@ -1,35 +1,41 @@
 """What each layer of an encoder keeps: linear-probe accuracy and the share of its variance that is position.
 
-    .venv/bin/python benchmarks/layer_diagnostics.py checkpoints/pretrain/audio [more checkpoints ...]
-        [--budget 100] [--eval-per-class 100] [--frames 25] [--json out.json]
+    python benchmarks/layer_diagnostics.py CHECKPOINT [CHECKPOINT ...] [--shards DIR] [--budget 100]
+        [--eval-per-class 100] [--frames 25] [--json out.json]
 
-For each checkpoint, and for the same architecture at random init (seed 0), on the probe task of the
-checkpoint's shards (``data/shards/<m>``: train -> test, ``--budget`` labels per class), every item alone
-(no padding), at every depth: 0 = the local features (conv stack / patches / embeddings, before positions),
-1 = the input of the first block (positions added: speech's positional convs), 2.. = each block's output.
-Per depth it prints:
+e.g. ``python benchmarks/layer_diagnostics.py checkpoints/pretrain/audio`` after ``dvc repro``. CHECKPOINT
+is a pretraining checkpoint (a run folder: its latest step; or a step folder). For each, and for the same
+architecture at random init (seed 0), on the probe task of the checkpoint modality's shards (``--shards``,
+default ``data/shards/<m>``: train -> test, ``--budget`` labels per class to train on, at most
+``--eval-per-class`` per class to test on), every item alone (no padding), at every depth: 0 = the local
+features (conv stack / patches / embeddings, before positions), 1 = the input of the first block (positions
+added: speech's positional convs), 2.. = each block's output. Per depth it prints:
 
 - ``probe``: test accuracy of logistic regression on the mean-pooled features (``d2v.metrics.linear_probe``);
+  the blocks' rows are what ``d2v evaluate``'s per-layer probe reports, here beside depths 0 and 1;
 - ``pos``: the share of the features' variance explained by the token's position alone: over items with at
-  least ``--frames`` tokens, the first ``--frames`` tokens, sum over channels of the variance across positions
-  of the per-position mean, over the total variance. Near 1: every item gets the same pattern over time, so
-  a mean-pooled feature carries little of the item (what data2vec's context targets can reward on short
-  clips); near 0: position plays no part.
+  least ``--frames`` tokens (at least 8 such items, else ``-``), their first ``--frames`` tokens, the sum over
+  channels of the variance across positions of the per-position mean, over the total variance. Near 1: every
+  item gets the same pattern over its positions, so a mean-pooled feature carries little of the item (what a
+  teacher's targets that depend on position alone could reward); near 0: position plays no part.
 
-Written for issue 13 (point 6): whether pretraining makes the context network trade content for position.
+Pretrained against random init, per depth: whether pretraining makes the context network trade content for
+position (``probe`` down where ``pos`` goes up). ``--json``: ``{"<step>:<pretrained|scratch>": [{"depth",
+"probe", "pos"}, ...]}``. A diagnostic on CPU, no timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from d2v import checkpoint
-from d2v.data.loader import build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.evaluate import _probe_task, split_of
 from d2v.load import load_checkpoint_encoder
 from d2v.metrics import accuracy, linear_probe
@@ -71,12 +77,13 @@ def diagnose(encoder: Encoder, shard_dir: Path, args: argparse.Namespace) -> lis
     n = len(entry["labels"])
 
     def split(name: str, budget):
-        loader = build_loader(shard_dir, split_of(entry, name), encoder.config, batch_size=32, mode="eval",
-                              seed=0, label_budget=budget)  # fmt: skip
+        spec = LoaderSpec(batch_size=32, mode="eval", seed=0, label_budget=budget)
+        loader = build_loader(shard_dir, split_of(entry, name), encoder.config, spec)
         return depth_tokens(encoder, loader)
 
     train, train_y = split("train", args.budget)
-    test, test_y = split("test", args.eval_per_class)
+    counts = (manifest["splits"].get(split_of(entry, "test")) or {}).get("label_counts") or {}
+    test, test_y = split("test", min(args.eval_per_class, *counts.values()))  # as many as the smallest class
     rows = []
     for d in range(len(train[0])):
         tr = torch.stack([f[d].mean(0) for f in train])
@@ -89,7 +96,7 @@ def diagnose(encoder: Encoder, shard_dir: Path, args: argparse.Namespace) -> lis
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--shards", default=None, help="shard folder (default data/shards/<modality>)")
@@ -97,7 +104,7 @@ def main() -> None:
     ap.add_argument("--eval-per-class", type=int, default=100)
     ap.add_argument("--frames", type=int, default=25, help="tokens per item for the position share")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.manual_seed(0)
     results = {}
     for ck in args.checkpoints:
@@ -114,7 +121,8 @@ def main() -> None:
             print("  pos   " + " ".join("     -" if r["pos"] is None else f"{r['pos']:6.3f}" for r in rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

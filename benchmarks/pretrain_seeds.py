@@ -10,8 +10,8 @@ from the top of params.yaml, YAML values: ``--set model.audio.ema.tau0=0.99``), 
 there, then fine-tunes that encoder with ``finetune_recipe.run`` at ``--budget`` for every fine-tuning seed.
 The scratch arm (the same architecture at random init, fine-tuned alike) does not depend on the pretraining
 seed, so it runs once. It prints, per pretraining seed, the final pretraining loss, the pretrained arm's
-mean and sample std, the difference to scratch and whether it clears issue 13's bar (more than twice the
-larger std). Nothing in the project changes; the temporary projects are deleted (``--keep`` keeps them).
+mean and sample std, the difference to scratch and whether it clears the bar (a difference of more than
+twice the larger std). Nothing in the project changes; the temporary projects are deleted (``--keep`` keeps them).
 """
 
 from __future__ import annotations

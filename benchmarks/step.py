@@ -270,15 +270,15 @@ def synthetic_shards(m: str, tmp: Path) -> Path:
 def loader_rate(m: str, model_cfg: Any, pcfg: PretrainConfig, shard_dir: Path, seconds: float) -> float:
     """Samples/s of ``build_loader`` (the stage's settings: workers, crops, buckets, masks), epoch after
     epoch for about ``seconds`` (the first batch, i.e. worker start-up, excluded)."""
-    from d2v.data import build_loader
+    from d2v.data import LoaderSpec, build_loader
 
     n, t0, epoch = 0, None, 0
     while True:
-        loader = build_loader(
-            shard_dir, "pretrain", model_cfg, batch_size=pcfg.batch_size, mode="pretrain", seed=0,
-            num_workers=pcfg.num_workers, shuffle_buffer=pcfg.shuffle_buffer, max_len=pcfg.max_len,
-            epoch=epoch, length_buckets=pcfg.length_buckets,
-        )  # fmt: skip
+        loader = build_loader(shard_dir, "pretrain", model_cfg, LoaderSpec(
+            batch_size=pcfg.batch_size, mode="pretrain", seed=0, num_workers=pcfg.num_workers,
+            shuffle_buffer=pcfg.shuffle_buffer, max_len=pcfg.max_len, epoch=epoch,
+            length_buckets=pcfg.length_buckets,
+        ))  # fmt: skip
         for batch in loader:
             if t0 is None:
                 t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from d2v.config import PathsConfig, load_params, section, to_dict
-from d2v.data.loader import build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.evaluate import EvaluateConfig, probe
 from d2v.modalities import MODALITIES, get
 from d2v.pretrain import PretrainConfig, pretrain
@@ -63,10 +63,10 @@ def measure(modality: str, algorithm: str, args: argparse.Namespace) -> dict:
     device = torch.device("cpu")
 
     def make_loader(epoch: int):
-        return build_loader(
-            shard_dir, "pretrain", model_cfg, batch_size=cfg.batch_size, mode="pretrain", seed=seed,
-            max_len=cfg.max_len, min_len=cfg.min_len, epoch=epoch, length_buckets=cfg.length_buckets,
-        )  # fmt: skip
+        return build_loader(shard_dir, "pretrain", model_cfg, LoaderSpec(
+            batch_size=cfg.batch_size, mode="pretrain", seed=seed, max_len=cfg.max_len, min_len=cfg.min_len,
+            epoch=epoch, length_buckets=cfg.length_buckets,
+        ))  # fmt: skip
 
     scratch = Path(args.tmp) / f"{modality}-{algorithm}"
     shutil.rmtree(scratch, ignore_errors=True)  # never resume an earlier benchmark's checkpoint
@@ -220,7 +220,9 @@ def main() -> None:
         results[m] = {"runs": runs, "summary": summarize(runs)}
         (out / f"{m}.json").write_text(json.dumps(results[m], indent=2) + "\n")
     plot(results, out / "time_to_accuracy.png")
-    print("\nmodality  algorithm  steps  samples/s  peak MB  probe at step 1  final probe  gain  s to 1.0's final")
+    print(
+        "\nmodality  algorithm  steps  samples/s  peak MB  probe at step 1  final probe  gain  s to 1.0's final"
+    )
     for m, r in results.items():
         s = r["summary"]
         for alg, x in r["runs"].items():

@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
+from d2v import timing
 from d2v.config import ConfigError, load_params
 from d2v.hostmem import retain_freed_memory
 from d2v.modalities import MODALITIES
@@ -89,6 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p = sub.add_parser("check-params", help="validate every section of params.yaml", parents=[debug])
     _add_common(p)
+    p = sub.add_parser(
+        "show-params",
+        help="print every key of the resolved params (defaults included) as a params file",
+        description="Print the configuration a run uses: params.yaml, -S overrides, the profile and every "
+        "default the file leaves out, as YAML that `d2v check-params --params` accepts (profile applied, "
+        "so `profile: default`). Meaning of each key: docs/params.md.",
+        parents=[debug],
+    )
+    _add_common(p)
+    p.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a key before the profile is applied, the value read as YAML, as `dvc exp run -S` "
+        "(repeatable; e.g. -S pretrain.audio.steps=10)",
+    )
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p = sub.add_parser(
+        "params-doc",
+        help="write docs/params.md from the config dataclasses' docstrings",
+        description="Write docs/params.md (every params.yaml key: type, default, meaning) from the config "
+        "dataclasses' field docstrings; --check exits 1 if the file is out of date.",
+        parents=[debug],
+    )
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/params.md is out of date")
+    p.add_argument("--out", default=None, help="file to write or check (default: docs/params.md)")
     return parser
 
 
@@ -127,13 +156,23 @@ def main(argv: list[str] | None = None) -> int:
             # (pretrain.imgae) fails every stage, not only the one that would read it
             _call("d2v.params_check", "check_all")(params, quiet=True)
             module, func, _ = STAGES[args.command]
-            return _call(module, func)(params, args) or 0
+            rc = _call(module, func)(params, args) or 0
+            if rc == 0:
+                stage = timing.stage_name(args.command, getattr(args, "modality", None),
+                                          getattr(args, "budget", None), getattr(args, "seed", None),
+                                          getattr(args, "init", None))  # fmt: skip
+                timing.record(stage, timing.process_seconds())
+            return rc
         if args.command == "embed":
             return _call("d2v.embed", "cli_embed")(args) or 0
         if args.command == "export-hf":
             return export_hf(args.checkpoint, args.out_dir)
         if args.command == "check-params":
             return _call("d2v.params_check", "check_all")(load_params(args.params, args.profile)) or 0
+        if args.command == "show-params":
+            return _call("d2v.params_show", "cli_show")(args) or 0
+        if args.command == "params-doc":
+            return _call("d2v.params_doc", "run")(check=args.check, out=args.out)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if args.debug:
             raise

@@ -201,7 +201,9 @@ class TransformerConfig:
     dropout: float = 0.1
     """Residual-branch dropout."""
     attention_dropout: float = 0.1
+    """Dropout on the attention weights (wav2vec 2.0 / RoBERTa Base 0.1)."""
     activation_dropout: float = 0.0
+    """Dropout after the FFN activation (0 in the data2vec Base configs)."""
     layerdrop: float = 0.0
     """Probability of skipping a whole block per batch in training (speech 0.05)."""
     drop_path: float = 0.0
@@ -209,7 +211,9 @@ class TransformerConfig:
     layer_scale_init: float | None = None
     """BEiT layer-scale init (0.1 for HF vision, 1e-4 in [DV] ViT-B); None disables it."""
     norm_eps: float = 1e-5
+    """LayerNorm epsilon (PyTorch's 1e-5; BEiT vision uses 1e-6)."""
     activation: Literal["gelu", "gelu_new", "relu"] = "gelu"
+    """FFN activation: exact GELU as the papers; 'gelu_new' (tanh) and 'relu' for imported HF models."""
 
     def __post_init__(self) -> None:
         # messages name keys relative to this section; from_dict puts the section's path in front
@@ -243,11 +247,17 @@ class PathsConfig:
     """Where each stage reads and writes; dvc.yaml templates its deps/outs from these (declared once)."""
 
     raw: str = "data/raw"
+    """``prepare`` writes each modality's raw inputs to ``<raw>/<m>``."""
     shards: str = "data/shards"
+    """``shard`` writes WebDataset shards and ``manifest.json`` to ``<shards>/<m>``."""
     checkpoints: str = "checkpoints"
+    """Run folders: ``<checkpoints>/pretrain/<m>`` and ``<checkpoints>/finetune/<m>/<run>``."""
     metrics: str = "metrics"
+    """JSON metrics of every stage (DVC ``metrics:``)."""
     plots: str = "plots"
+    """CSV curves and tables (DVC ``plots:``)."""
     reports: str = "reports"
+    """The rendered benchmark report (``reports/benchmark.{md,html}``) and its figures."""
 
 
 @dataclass(frozen=True)
@@ -255,8 +265,11 @@ class TrackingConfig:
     """W&B settings. Offline by default; ``mode: online`` once the user has run ``wandb login``."""
 
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """'offline' (needs no account or network), 'online' after ``wandb login``, 'disabled': no W&B."""
     project: str = "d2v"
+    """W&B project the runs are logged to."""
     entity: str | None = None
+    """W&B team or user; None: the logged-in user's default entity."""
     dir: str = "wandb"
     """Local W&B directory (offline runs live in ``<dir>/wandb/offline-run-*``)."""
     artifacts: Literal["none", "final"] = "none"

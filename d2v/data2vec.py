@@ -34,8 +34,12 @@ class EMAConfig:
     """Teacher decay schedule (§1.2): tau rises linearly from tau0 to tau_end over tau_n updates."""
 
     tau0: float = 0.999
+    """Teacher decay at the first update ([P1] §3.3): a lower one follows the student faster."""
     tau_end: float = 0.9999
+    """Decay reached after ``tau_n`` updates and kept to the end ([P1] §3.3)."""
     tau_n: int = 30_000
+    """Updates of the linear rise from tau0 to tau_end; 0: tau_end throughout. The defaults are speech's
+    0.999 -> 0.9999 over 30k ([P1] §4.2); each modality's ``ModelConfig`` sets its own."""
 
     def __post_init__(self) -> None:
         for name in ("tau0", "tau_end"):  # messages relative to the section (from_dict adds its path)

@@ -67,14 +67,13 @@ def conv_channels_last(conv: nn.Conv1d | nn.Conv2d, x_BHWC: Tensor) -> Tensor:
     """``conv`` (stride 1, same padding) of a channels-last [B, h, w, C] (1-D: h = 1) -> [B, h, w, C'].
 
     The conv runs on the channels-last view (NCHW shape, NHWC memory), which oneDNN keeps channels-last,
-    so the norm and GELU after it read contiguous channels: the channels-first form spent more time in
-    strided element-wise kernels and layout copies than in the convs (decoder forward + backward 1.85x
-    faster for text, 1.45x audio, 1.1x image; 8 clones of the small presets, bf16, 1 thread).
+    so the norm and GELU after it read contiguous channels: the channels-first form spends more time in
+    strided element-wise kernels and layout copies than in the convs (benchmarks/RESULTS.md).
     """
     if isinstance(conv, nn.Conv2d) and conv.groups > 1 and gpu_conv.available(x_BHWC, conv.weight):
-        # The image decoder's grouped 3 x 3 convs on CUDA: 1.66x cuDNN's forward + backward on an H100 (9.3 against
-        # 15.5 ms at 128 images x 16 clones; benchmarks/gpu_conv.py). Not the 1-D convs: there cuDNN is faster
-        # (0.74-0.89x), and dense ones (text) are cuDNN's strength.
+        # The image decoder's grouped 3 x 3 convs on CUDA, where cuDNN's own layout transposes cost more than
+        # the convs (benchmarks/gpu_conv.py, benchmarks/RESULTS.md). Not the 1-D convs: there cuDNN is faster,
+        # and dense ones (text) are cuDNN's strength.
         y = gpu_conv.conv_nhwc(x_BHWC, conv.weight, conv.groups)
         return y if conv.bias is None else y + conv.bias.to(y.dtype)  # as the conv's own bias under autocast
     w = conv.weight if conv.weight.dim() == 4 else conv.weight[:, :, None]

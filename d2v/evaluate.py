@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from d2v import checkpoint, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
-from d2v.data.loader import build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.heads import FinetuneModel
 from d2v.load import load_checkpoint_encoder, load_finetune_model
 from d2v.metrics import (
@@ -113,6 +115,27 @@ def _device() -> torch.device:
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def eval_spec(cfg: EvaluateConfig, seed: int, label_budget: int | float | None = None) -> LoaderSpec:
+    """How the stage reads a split: in shard order, ``LENGTH_BUCKETS`` buckets, an optional label budget."""
+    return LoaderSpec(
+        batch_size=cfg.batch_size, mode="eval", seed=seed, num_workers=cfg.num_workers,
+        label_budget=label_budget, length_buckets=LENGTH_BUCKETS,
+    )  # fmt: skip
+
+
+def progress(
+    batches: Iterable[dict[str, Any]], desc: str, manifest: dict[str, Any] | None = None, split: str = ""
+) -> Iterator[dict[str, Any]]:
+    """``batches`` as they are, with a bar of the items scored on stderr (the stage runs for minutes on a
+    slow CPU; nothing is printed to stdout). The total is the split's size in ``manifest`` when given."""
+    total = ((manifest or {}).get("splits", {}).get(split) or {}).get("samples") if manifest else None
+    with tqdm(total=total, desc=desc, unit="item", file=sys.stderr, mininterval=2.0, leave=False) as bar:
+        for batch in batches:
+            yield batch
+            first = next((v for v in batch.values() if isinstance(v, (Tensor, list))), [])
+            bar.update(len(first))
 
 
 def split_of(task_entry: dict[str, Any], kind: str) -> str:
@@ -205,10 +228,7 @@ def preflight(
         pre_meta = checkpoint.read_meta(step)
         pre_cfg = get(modality).model_config(pre_meta["model_config"], f"{step}/meta.json")
         for split, budget in probes:  # a budget larger than a class or split fails here, not after the runs
-            build_loader(
-                shard_dir, split, pre_cfg, batch_size=cfg.batch_size, mode="eval", seed=seed,
-                label_budget=budget,
-            )  # fmt: skip
+            build_loader(shard_dir, split, pre_cfg, eval_spec(cfg, seed, budget))
         pretrain_step = step if cfg.probe_inits and labelled else None
     metas = {r.name: checkpoint.read_meta(finetune_dir / r.name) for r in runs}
     want = to_dict(model_cfg)["transformer"] if model_cfg is not None else None
@@ -266,10 +286,8 @@ def evaluate(
     for (task, test), group in groups.items():
         entry = entries[task]
         models = [load_finetune_model(finetune_dir / run.name, modality)[0].to(device) for run in group]
-        loader = build_loader(
-            shard_dir, test, models[0].encoder.config, batch_size=cfg.batch_size, mode="eval", seed=seed,
-            num_workers=cfg.num_workers, length_buckets=LENGTH_BUCKETS,
-        )  # fmt: skip
+        loader = build_loader(shard_dir, test, models[0].encoder.config, eval_spec(cfg, seed))
+        loader = progress(loader, f"evaluate {modality}: {len(group)} runs on {test}", manifest, test)
         with autocast(cfg.precision, device):
             all_preds, targets = predict_many(models, loader, device)
         del models
@@ -344,11 +362,9 @@ def probe(
     n = len(entry["labels"])
 
     def features(split: str, budget: int | float | None, draw: int) -> tuple[Tensor, Tensor]:
-        loader = build_loader(
-            shard_dir, split, encoder.config, batch_size=cfg.batch_size, mode="eval", seed=draw,
-            num_workers=cfg.num_workers, label_budget=budget, length_buckets=LENGTH_BUCKETS,
-        )  # fmt: skip
-        return layer_features(encoder, loader, device)
+        loader = build_loader(shard_dir, split, encoder.config, eval_spec(cfg, draw, budget))
+        total = None if budget is not None else manifest
+        return layer_features(encoder, progress(loader, f"probe features: {split}", total, split), device)
 
     was_training = encoder.training
 
@@ -409,11 +425,9 @@ def ctc_probe_metrics(
     def features(
         encoder: Encoder, split: str, budget: int | None, draw: int
     ) -> tuple[list[Tensor], list[str]]:
-        loader = build_loader(
-            shard_dir, split, encoder.config, batch_size=cfg.batch_size, mode="eval", seed=draw,
-            num_workers=cfg.num_workers, label_budget=budget, length_buckets=LENGTH_BUCKETS,
-        )  # fmt: skip
-        return frame_features(encoder, loader, device)
+        loader = build_loader(shard_dir, split, encoder.config, eval_spec(cfg, draw, budget))
+        total = None if budget is not None else manifest
+        return frame_features(encoder, progress(loader, f"CTC probe features: {split}", total, split), device)
 
     for init in cfg.probe_inits:
         encoder = load_checkpoint_encoder(step, pretrained=init == PRETRAINED, seed=seed)

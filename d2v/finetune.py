@@ -15,7 +15,7 @@ updates (fairseq ``freeze_finetune_updates``); the audio conv feature encoder is
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import torch
 
 from d2v import checkpoint, distributed, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, from_dict, section, to_dict
-from d2v.data.loader import build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.heads import FinetuneModel, HeadConfig, SequenceClassifier
 from d2v.load import build_finetune_model, head_config, load_checkpoint_encoder
 from d2v.metrics import fit_logistic
@@ -72,9 +72,8 @@ class FinetuneConfig(loop.LoopConfig):
     (``TRAIN_MODE_DRAWS`` draws of each item), so that the fitted layer sees the features it is then trained
     on. Where the training items' features barely differ from one another (a few items, an encoder that
     pools them to nearly one vector), standardising each feature scales the eval-mode fit up until dropout's
-    noise alone swings the first train-mode logits by thousands (text's demo encoder: first losses ~11,
-    chance 1.6). Measured for text and image, where the demo uses it (benchmarks/RESULTS.md, stop 27); speech,
-    not yet measured, keeps 'eval'."""
+    noise alone swings the first train-mode logits far from chance. The demo's image and text use 'train',
+    speech 'eval' (benchmarks/RESULTS.md, "Why the defaults are what they are")."""
     head_init_items: int = 4096
     """At most this many training items (in the loader's fixed order) are used for the fit: the fit costs one
     forward pass over them, so the all-labels budget does not pay for a pass over the whole split."""
@@ -116,7 +115,7 @@ def modality_options(cfg: FinetuneConfig, modality: str) -> tuple[HeadConfig, An
 
 TRAIN_MODE_DRAWS = 4
 """Dropout draws of each item that ``head_init_features: train`` fits on: one draw overfits its own noise
-(text, 5 labels/class, 3 seeds: 55.2 +- 7.7 % with one, 56.7 +- 4.6 with four; benchmarks/RESULTS.md)."""
+(a wider spread over fine-tuning seeds at 5 labels/class: benchmarks/RESULTS.md)."""
 
 
 @torch.no_grad()
@@ -274,18 +273,18 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     info = distributed.init()
     per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"finetune.{m}")
 
+    spec = LoaderSpec(
+        batch_size=per_rank, mode="finetune", seed=seed, num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len, label_budget=run.budget, rank=info.rank,
+        world_size=info.world_size, finetune_mask=mask,
+    )  # fmt: skip
+
     def make_loader(epoch: int):
-        return build_loader(
-            shard_dir, split, model_cfg, batch_size=per_rank, mode="finetune", seed=seed,
-            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len,
-            label_budget=run.budget, rank=info.rank, world_size=info.world_size, epoch=epoch,
-            finetune_mask=mask,
-        )  # fmt: skip
+        return build_loader(shard_dir, split, model_cfg, replace(spec, epoch=epoch))
 
     def head_items():  # the budget's items, no augmentation or masks, every rank the same order
-        return build_loader(
-            shard_dir, split, model_cfg, batch_size=per_rank, mode="eval", seed=seed, label_budget=run.budget
-        )
+        items = LoaderSpec(batch_size=per_rank, mode="eval", seed=seed, label_budget=run.budget)
+        return build_loader(shard_dir, split, model_cfg, items)
 
     if cfg.head_init == "probe" and info.world_size > 1 and cfg.parallel == "fsdp":
         raise ConfigError(

@@ -1,9 +1,9 @@
 """Grouped k x k convolutions of channels-last tensors on CUDA, as Triton kernels (the data2vec 2.0 decoder).
 
 The image decoder's convs (spec §5.3: 16 groups of C/16 channels, 3 x 3 over the patch grid) are a small share
-of a step's FLOPs but were most of its GPU time: cuDNN has no fast channels-last kernel for them in bf16 and
-transposes every operand itself (stop 17's profile of the ``base`` image step: 49 ms a step in
-``tensorTransformGeneric`` against 13 ms in the conv kernels; the decoder 79 of a compiled 126 ms step).
+of a step's FLOPs but most of its GPU time under cuDNN: it has no fast channels-last kernel for them in bf16
+and transposes every operand itself, which takes longer than the convs (the ``base`` image step's profile,
+benchmarks/RESULTS.md).
 Here each conv is an implicit GEMM over the [B, H, W, C] tensor the decoder already holds: a tile of pixels
 times one group's [k*k*C/G, C'/G] weight, the k*k shifted reads masked at the borders (zero padding, stride 1).
 
@@ -14,10 +14,9 @@ times one group's [k*k*C/G, C'/G] weight, the k*k shifted reads masked at the bo
 - weight gradient: ``_wgrad_kernel``, each program summing dy^T x over a slice of the pixels for one group
   and tap; the slices' fp32 partial sums are added in a fixed order, so it is deterministic.
 
-On an H100 at the ``base`` image step's shape (128 images x 16 clones, 768 channels; bf16;
-``python benchmarks/gpu_conv.py``): forward 1.63 ms against cuDNN's 3.05, input gradient 1.66 against 3.08,
-weight gradient 2.58 against 5.91; one conv's forward + backward in a module 9.3 against 15.5 ms. Over 1-D
-sequences (the speech decoder's kernel 7) cuDNN is faster, so the decoder uses these for 2-D convs only.
+At the ``base`` image step's shape (128 images x 16 clones, 768 channels; bf16) each part beats cuDNN's
+(``python benchmarks/gpu_conv.py``; figures in benchmarks/RESULTS.md). Over 1-D sequences (the speech
+decoder's kernel 7) cuDNN is faster, so the decoder uses these for 2-D convs only.
 
 Exposed as the custom ops ``d2v::conv_nhwc`` and ``d2v::conv_nhwc_wgrad`` with an autograd formula: opaque
 to ``torch.compile``, which still fuses the bias, norm and GELU around them. ``available`` says whether they
@@ -53,9 +52,8 @@ def available(x: Tensor, weight: Tensor) -> bool:
 
 if triton is not None:
     # (BLOCK_M pixels, BLOCK_N out channels, BLOCK_K in channels, warps, stages), autotuned per shape. The taps x
-    # channel chunks are one runtime loop, which Triton software-pipelines. (A first version, with that loop
-    # unrolled, 64-bit offsets and 4 weight-gradient programs per SM, ran at 0.64x cuDNN on an H100:
-    # benchmarks/results/gpu_conv_h100_v1.json.)
+    # channel chunks are one runtime loop, which Triton software-pipelines (unrolled, with 64-bit offsets and
+    # fewer weight-gradient programs per SM, the kernels were slower than cuDNN's: benchmarks/RESULTS.md).
     _CONFIGS = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
         for m, n, k, w, st in [

@@ -4,10 +4,9 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its mmap 
 first, raised up to 32 MiB as such blocks are freed) with a fresh ``mmap`` and unmaps it on ``free``, and
 trims the heap's free top above a trim threshold. A training step allocates and frees the same large
 activations every time, so each step faults every page of them in again (the kernel zeroes each 4 KiB page
-first): 7,000 to 37,000 page faults per step of the CPU presets. Raising both thresholds once keeps those
-blocks in the heap; measured on the 2-core Xeon, one process alternating the settings step by step
-(``benchmarks/step.py`` shapes, data2vec 1.0): fp32 audio 667 -> 521 ms, image 968 -> 904, text 731 -> 672;
-bf16 audio 465 -> 402. The cost is that the process's resident memory stays at its high-water mark, which a
+first): thousands of page faults per step of the CPU presets. Raising both thresholds once keeps those
+blocks in the heap, and the step gets faster (``benchmarks/step_ab.py hostmem``; figures in
+benchmarks/RESULTS.md). The cost is that the process's resident memory stays at its high-water mark, which a
 training process reaches anyway. jemalloc / tcmalloc (``LD_PRELOAD``) do the same and more, but need a
 package and a preload; this needs neither. No-op where the C library is not glibc.
 """

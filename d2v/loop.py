@@ -5,7 +5,7 @@ The step does no host sync: metrics stay tensors and are summed on the device; t
 optimizer step reseeds torch from ``(seed, step, rank)``, so dropout / LayerDrop draws do not depend on
 where a run was interrupted and resumed (the data position is restored by ``EpochStream``); Python's and
 NumPy's global RNGs too, so the RNG states a checkpoint saves are the same in every process (a new process
-starts them from OS entropy, which made ``train_state.pt`` differ between two runs of the same params).
+starts them from OS entropy, which would make ``train_state.pt`` differ between two runs of the same params).
 """
 
 from __future__ import annotations

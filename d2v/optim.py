@@ -156,8 +156,8 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over ``param_groups``, fused (one kernel per parameter, no host sync) on CUDA and on CPU.
 
-    On CPU torch's default is a Python loop of ~10 ops per parameter: measured 6x slower than the fused
-    kernel for the small presets (130-180 ms against 22 ms an update, 2 cores), i.e. 10-20% of a step.
+    On CPU torch's default is a Python loop of ~10 ops per parameter, a noticeable share of a small preset's
+    step (benchmarks/RESULTS.md).
     """
     groups = param_groups(model, cfg, layer_ids, depth)
     if not groups:

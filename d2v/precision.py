@@ -24,10 +24,10 @@ def cpu_bf16() -> bool:
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``precision`` on ``device``, None for fp32.
 
-    'bf16' autocasts on CUDA and on a CPU with bf16 hardware (:func:`cpu_bf16`; measured on a 2-core AMX
-    Xeon: the small presets' step 1.5-1.9x faster than fp32, loss curves within 0.2% over 20 steps);
-    elsewhere it runs fp32. As on CUDA, autocast lowers the matmuls/convs only: weights, optimizer state,
-    the EMA teacher's weights, the targets and the loss stay fp32 (``d2v.data2vec`` computes them so).
+    'bf16' autocasts on CUDA and on a CPU with bf16 hardware (:func:`cpu_bf16`: there the step is faster than
+    fp32's and the loss curve follows fp32's, benchmarks/RESULTS.md); elsewhere it runs fp32. As on CUDA,
+    autocast lowers the matmuls/convs only: weights, optimizer state, the EMA teacher's weights, the targets
+    and the loss stay fp32 (``d2v.data2vec`` computes them so).
     """
     if precision != "bf16":
         return None

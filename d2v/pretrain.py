@@ -11,7 +11,7 @@ the collapse guards.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from d2v import checkpoint, distributed, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
-from d2v.data.loader import build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.data2vec import Data2Vec, ema_decay
 from d2v.modalities import get
 from d2v.optim import OptimConfig
@@ -139,13 +139,15 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     info = distributed.init()
     per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"pretrain.{m}")
 
+    spec = LoaderSpec(
+        batch_size=per_rank, mode="pretrain", seed=seed, num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len, min_len=cfg.min_len,
+        resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
+        length_buckets=cfg.length_buckets,
+    )  # fmt: skip
+
     def make_loader(epoch: int):
-        return build_loader(
-            shard_dir, "pretrain", model_cfg, batch_size=per_rank, mode="pretrain", seed=seed,
-            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len,
-            min_len=cfg.min_len, resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank,
-            world_size=info.world_size, epoch=epoch, length_buckets=cfg.length_buckets,
-        )  # fmt: skip
+        return build_loader(shard_dir, "pretrain", model_cfg, replace(spec, epoch=epoch))
 
     make_loader(0)  # fail now (empty split, model/shard mismatch) rather than after the model is built
     torch.manual_seed(seed)  # the same initial weights on every rank

@@ -2,7 +2,7 @@
 
 ``pretrain`` (``d2v.pretrain``) and ``finetune`` (``d2v.finetune``) build a model, a loader and a :class:`Job`
 saying only what differs between them (the optimizer's parameter groups, what runs after each update, the
-guards, the logged curve); :func:`train` runs it and :func:`run_stage` wraps it as a CLI stage. A killed
+guards, the logged curve); :func:`fit` runs it and :func:`run_stage` wraps it as a CLI stage. A killed
 run resumes bit-exactly from its last checkpoint: weights, optimizer, scheduler, RNG states, the data
 position of every rank and the loss history are restored (``d2v.loop`` reseeds every update).
 
@@ -79,10 +79,10 @@ class Outputs:
 
 def compile_model(model: nn.Module) -> None:
     """``torch.compile`` the model's whole forward in place (``nn.Module.compile``: state-dict names
-    unchanged): the student, the teacher's targets, the decoder and the loss in one graph. The blocks alone
-    gained nothing measurable on an H100 (data2vec 2.0, base image preset, 64 images x 16 masks: 296 img/s
-    either way); the whole forward lets inductor fuse the norms, activations and residuals of the decoder and
-    the loss around them (``benchmarks/gpu_profile.py``, benchmarks/RESULTS.md)."""
+    unchanged): the student, the teacher's targets, the decoder and the loss in one graph. Compiling the
+    blocks alone gains nothing measurable; the whole forward lets inductor fuse the norms, activations and
+    residuals of the decoder and the loss around them (``benchmarks/gpu_profile.py``,
+    benchmarks/RESULTS.md)."""
     model.compile()
 
 

@@ -130,7 +130,7 @@ def start(
 
 
 def teardown() -> None:
-    """Stop W&B's background service (it outlives ``run.finish()``): end of a process or test session."""
+    """Stop W&B's background service (it outlives ``run.finish()``): end of a process or of a test run."""
     try:
         import wandb
     except ImportError:

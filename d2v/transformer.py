@@ -56,8 +56,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Inverted dropout (``F.dropout``) whose keep mask on CPU is :func:`keep_mask` (16 random bits an element).
 
     ``F.dropout`` draws with ``bernoulli_`` and ``torch.rand`` costs one Mersenne-Twister draw per element,
-    both single-threaded on CPU: they were the largest cost after the matmuls of the text step (17 %, then 12 %
-    of it in fp32). Other devices, and a compiled graph (its own fused RNG), keep ``F.dropout``.
+    both single-threaded on CPU: their draws cost more of the text step than anything but the matmuls
+    (benchmarks/RESULTS.md). Other devices, and a compiled graph (its own fused RNG), keep ``F.dropout``.
     """
     if not training or p == 0.0:
         return x
@@ -71,14 +71,13 @@ def keep_mask(shape: Sequence[int], p: float, dtype: torch.dtype) -> Tensor:
     1 / (1 - q), so the expectation is unchanged. One full-range int64 draw of the global generator
     gives four 16-bit lanes; a lane below q (counted from the bottom of its range) drops its element.
 
-    1.6-1.7x cheaper than ``torch.rand(shape).ge_(p)`` (4 elements a 64-bit draw against 1 a 32-bit draw):
-    the text step 3 % faster in fp32, 8 % in bf16 (``benchmarks/step_ab.py dropout-mask``). A different
-    random stream from ``rand``'s; speech pretraining at 8 clips an update turned out to depend on its
-    stream (benchmarks/RESULTS.md, stops 19 and 23), at 16 it clears the bar on seeds 0-3 (stop 24).
+    Cheaper than ``torch.rand(shape).ge_(p)`` (4 elements a 64-bit draw against 1 a 32-bit draw). A
+    different random stream from ``rand``'s: speech pretraining at 8 clips an update depends on which
+    stream, at 16 it clears the bar on pretraining seeds 0-3 (benchmarks/RESULTS.md).
     """
     n, drop = math.prod(shape), min(round(p * 65536), 65535)
     lanes = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
-    keep = lanes.ge(drop - 32768).view(torch.uint8)  # bool -> float is 2.6x slower than uint8 -> float
+    keep = lanes.ge(drop - 32768).view(torch.uint8)  # uint8 -> float is cheaper than bool -> float
     return keep.to(dtype).mul_(65536 / (65536 - drop)).view(shape)
 
 
@@ -99,7 +98,7 @@ class Dropout(nn.Module):
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the gradient contiguous once. The attention output's gradient arrives
     as a transposed view ([B, T, H, d] read as [B, H, T, d]), and both matmuls of ``p @ v``'s backward
-    would copy it (the text step: 6 copies a step fewer, ~2.6 ms under the op timer)."""
+    would copy it (six copies fewer in a text step)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -119,7 +118,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Te
 
     ``k`` is made contiguous before its transpose: the matmul then reads it as a transposed operand,
     where copying the strided ``k^T`` itself is a transposing copy and an untransposed matmul, slower
-    together (bit-identical scores; ``benchmarks/step_ab.py attention-layout``)."""
+    together (bit-identical scores; benchmarks/RESULTS.md)."""
     s = (q * q.shape[-1] ** -0.5) @ k.contiguous().transpose(-2, -1)
     if mask is None:
         w = s.softmax(-1)
@@ -132,10 +131,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float) -> Te
 
 def math_path(q: Tensor) -> bool:
     """Whether attention with gradients runs :func:`attend` on CPU rather than SDPA: SDPA's fused CPU kernel
-    has a slow backward for the short sequences of the CPU presets, and it falls back to its own math path
-    (with the safe softmax) for a bias that needs a gradient. Forward + backward, 2 threads, T 50-128:
-    fp32 1.1-1.35x faster (e.g. [64, 4, 50, 64] with a learned bias 9.0 -> 6.8 ms), bf16 1.6-4.2x
-    ([16, 4, 128, 64] 16.8 -> 6.0 ms). Above 1024 tokens the [T, T] weights it keeps would grow too large."""
+    has a slow backward for the short sequences of the CPU presets (this path is faster in fp32 and bf16:
+    benchmarks/RESULTS.md), and it falls back to its own math path (with the safe softmax) for a bias that
+    needs a gradient. Above 1024 tokens the [T, T] weights it keeps would grow too large."""
     return q.shape[-2] <= 1024
 
 

@@ -3,7 +3,7 @@
 Everything that differs per modality lives in ``d2v/modalities/<m>/data.py``; this package only calls it.
 """
 
-from d2v.data.loader import ShardLoader, budget_keys, build_loader
+from d2v.data.loader import LoaderSpec, ShardLoader, budget_keys, build_loader
 from d2v.data.shards import (
     BadInput,
     ShardCommon,
@@ -17,6 +17,7 @@ from d2v.data.stages import PrepareCommon, cli_prepare, cli_shard, data_module, 
 
 __all__ = [
     "BadInput",
+    "LoaderSpec",
     "PrepareCommon",
     "ShardCommon",
     "ShardError",

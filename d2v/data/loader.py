@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,7 +29,6 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from d2v.data.stages import data_module
 from d2v.data.shards import (
     LABELS_SUFFIX,
     ShardError,
@@ -38,6 +38,7 @@ from d2v.data.shards import (
     read_manifest,
     split_shards,
 )
+from d2v.data.stages import data_module
 
 Mode = Literal["pretrain", "finetune", "eval"]
 
@@ -117,8 +118,8 @@ def budget_keys(shard_dir: Path, split: str, label_budget: int | float, seed: in
 
 SUBSET_CACHE_MAX = 5000
 """A label budget of at most this many samples keeps its raw samples in memory after the first pass: a few
-labels per class are spread over every shard, and re-reading all of them each epoch made a 5-labels-per-class
-image fine-tuning step 10x slower (measured: 10 samples/s). Same samples in the same order either way."""
+labels per class are spread over every shard, and re-reading all of them each epoch would take most of a
+few-label fine-tuning step (benchmarks/RESULTS.md). Same samples in the same order either way."""
 _SUBSET_CACHE: dict[tuple[Path, int], list[dict[str, Any]]] = {}
 
 
@@ -271,29 +272,67 @@ class ShardLoader(wds.WebLoader):
         self.stream.epoch = epoch
 
 
-def build_loader(
-    shard_dir: Path,
-    split: str,
-    model_cfg: Any,
-    *,
-    batch_size: int,
-    mode: Mode,
-    seed: int,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    max_len: int | None = None,
-    min_len: int | None = None,
-    resampled: bool = False,
-    epoch_len: int | None = None,
-    label_budget: int | float | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    epoch: int = 0,
-    augment: bool | None = None,
-    length_buckets: int = 0,
-    finetune_mask: Any = None,
-) -> ShardLoader:
-    """A loader of batches (dicts of tensors) from ``<shard_dir>/<split>-*.tar``.
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How :func:`build_loader` turns a split into batches: everything but the shards and the model config.
+
+    Arguments that cannot work together (an unknown mode, ``resampled`` without ``epoch_len``) are a
+    ValueError here, when the spec is made. ``dataclasses.replace(spec, epoch=e)`` gives the next epoch's.
+    """
+
+    batch_size: int
+    """Samples per batch (per rank)."""
+    mode: Mode
+    """'pretrain' -> ``inputs`` (+ ``padding_mask``), ``mask`` (+ text ``student_inputs``);
+    'finetune' / 'eval' -> ``inputs`` (+ ``padding_mask``) and ``labels`` int64 [B] or ``transcripts``
+    list[str]. Every batch also has ``keys`` (list[str], sample ids). 'eval' never shuffles or augments."""
+    seed: int
+    """Seeds shard order, shuffle buffer, crops, augmentation and masks (with epoch, rank, worker)."""
+    num_workers: int = 0
+    """DataLoader worker processes (each reads whole shards)."""
+    shuffle_buffer: int = 1000
+    """Samples in the per-worker shuffle buffer (pretrain / finetune)."""
+    max_len: int | None = None
+    """Audio: samples (a seeded random crop in pretrain, the head in finetune for classification; CTC clips
+    and eval are never cut); text: tokens (a random window in pretrain, the head otherwise; default
+    ``model_cfg.max_positions``); images: ignored."""
+    min_len: int | None = None
+    """Skip examples shorter than this, in the unit of ``max_len`` (speech pretraining: [FS]
+    ``min_sample_size``), before any crop; None keeps all."""
+    resampled: bool = False
+    """Draw shards with replacement forever (needs ``epoch_len``); for multi-GPU training."""
+    epoch_len: int | None = None
+    """Batches per epoch (per rank) via ``WebLoader.with_epoch``; None: one pass over the data."""
+    label_budget: int | float | None = None
+    """Labelled splits only: labels per class (int) or fraction of each class (float), a seeded subset
+    independent of the epoch."""
+    rank: int | None = None
+    """This process's place among data-parallel ranks; None with ``world_size`` None: torch.distributed's."""
+    world_size: int | None = None
+    """Data-parallel ranks; see ``rank``."""
+    epoch: int = 0
+    """Seeds this pass (``loader.set_epoch(e)`` changes it for the next ``iter``)."""
+    augment: bool | None = None
+    """Images: random-resized crop + flip; None means on in 'pretrain' mode only."""
+    length_buckets: int = 0
+    """k > 1 sorts pools of k batches by length before cutting batches (emitted in seeded random order):
+    less padding, and for speech rows of similar length, so ``require_same_masks`` does not trim every
+    row's mask to the shortest row's (fairseq instead crops each batch to its shortest clip). 0: off."""
+    finetune_mask: Any = None
+    """'finetune' mode: a :class:`d2v.modalities.audio.FinetuneMask` -> ``mask`` [B, T] and ``channel_mask``
+    [B, D] per batch, for modalities whose ``collate`` takes one (speech)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(Mode):
+            raise ValueError(f"mode {self.mode!r}: expected one of {list(get_args(Mode))}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.resampled and not self.epoch_len:
+            raise ValueError("resampled=True streams forever: pass epoch_len (batches per epoch)")
+
+
+def build_loader(shard_dir: Path, split: str, model_cfg: Any, spec: LoaderSpec) -> ShardLoader:
+    """A loader of batches (dicts of tensors) from ``<shard_dir>/<split>-*.tar``, cut as ``spec`` says.
 
     Every shard it will read and the manifest's side files are first checked against the sha256 the
     manifest records (once per file and process, :func:`d2v.data.shards.check_files`): a corrupt shard is a
@@ -303,39 +342,9 @@ def build_loader(
         shard_dir: ``<paths.shards>/<modality>`` (with ``manifest.json``; the modality is read from it).
         split: ``pretrain``, ``train``, ``valid``, ``test`` (speech also ``ctc_train`` ...).
         model_cfg: the modality's ``ModelConfig`` (masking parameters; checked against the shards' format).
-        batch_size: samples per batch (per rank).
-        mode: 'pretrain' -> ``inputs`` (+ ``padding_mask``), ``mask`` (+ text ``student_inputs``);
-            'finetune' / 'eval' -> ``inputs`` (+ ``padding_mask``) and ``labels`` int64 [B] or
-            ``transcripts`` list[str]. Every batch also has ``keys`` (list[str], sample ids).
-            'eval' never shuffles or augments.
-        seed: seeds shard order, shuffle buffer, crops, augmentation and masks (with epoch, rank, worker).
-        num_workers: DataLoader worker processes (each reads whole shards).
-        shuffle_buffer: samples in the per-worker shuffle buffer (pretrain / finetune).
-        max_len: audio: samples (a seeded random crop in pretrain, the head in finetune for
-            classification; CTC clips and eval are never cut); text: tokens (a random window in pretrain,
-            the head otherwise; default ``model_cfg.max_positions``); images: ignored.
-        min_len: skip examples shorter than this, in the unit of ``max_len`` (speech pretraining: [FS]
-            ``min_sample_size``), before any crop; None keeps all.
-        resampled: draw shards with replacement forever (needs ``epoch_len``); for multi-GPU training.
-        epoch_len: batches per epoch (per rank) via ``WebLoader.with_epoch``; None: one pass over the data.
-        label_budget: labelled splits only: labels per class (int) or fraction of each class (float),
-            a seeded subset independent of the epoch.
-        rank, world_size: this process's place among data-parallel ranks (default: torch.distributed).
-        epoch: seeds this pass (``loader.set_epoch(e)`` changes it for the next ``iter``).
-        augment: images: random-resized crop + flip; None means on in 'pretrain' mode only.
-        length_buckets: k > 1 sorts pools of k batches by length before cutting batches (emitted in seeded
-            random order): less padding, and for speech rows of similar length, so ``require_same_masks``
-            does not trim every row's mask to the shortest row's (fairseq instead crops each batch to its
-            shortest clip). 0: off.
-        finetune_mask: 'finetune' mode: a :class:`d2v.heads.FinetuneMask` -> ``mask`` [B, T] and
-            ``channel_mask`` [B, D] per batch, for modalities whose ``collate`` takes one (speech).
+        spec: batch size, mode, seeds, workers, crops, budget, ranks, ... (see :class:`LoaderSpec`).
     """
-    if mode not in get_args(Mode):
-        raise ValueError(f"mode {mode!r}: expected one of {list(get_args(Mode))}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if resampled and not epoch_len:
-        raise ValueError("resampled=True streams forever: pass epoch_len (batches per epoch)")
+    mode = spec.mode
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     modality = manifest["modality"]
@@ -353,14 +362,14 @@ def build_loader(
         raise ValueError(
             f"split {split!r} has no labels or transcripts; use mode='pretrain' or a labelled split"
         )
-    rank, world_size = _dist(rank, world_size)
-    if world_size > 1 and not resampled and len(shards) < world_size:
+    rank, world_size = _dist(spec.rank, spec.world_size)
+    if world_size > 1 and not spec.resampled and len(shards) < world_size:
         raise ValueError(
             f"{split}: {len(shards)} shard(s) for {world_size} ranks: some ranks would get no data. Lower "
             f"shard.{modality}.samples_per_shard, or use resampled=True with epoch_len"
         )
     data = _data(modality)
-    if finetune_mask is not None and (mode != "finetune" or not getattr(data, "FINETUNE_MASK", False)):
+    if spec.finetune_mask is not None and (mode != "finetune" or not getattr(data, "FINETUNE_MASK", False)):
         raise ValueError(
             f"{modality}: masking while fine-tuning is a speech recipe (wav2vec 2.0 fine-tuning); "
             f"{modality} fine-tunes without it (drop finetune.{modality}.mask)"
@@ -371,8 +380,8 @@ def build_loader(
     data.check_model(prep, model_cfg)
     check_files(shard_dir, manifest, sorted(manifest["files"]))  # labels, tokenizer: before they are read
     keys = None
-    if label_budget is not None:
-        keys = budget_keys(shard_dir, split, label_budget, seed)
+    if spec.label_budget is not None:
+        keys = budget_keys(shard_dir, split, spec.label_budget, spec.seed)
         kept, start = [], 0
         for path, n in shards:  # skip shards that hold none of the kept keys
             if any(f"{split}-{i:07d}" in keys for i in range(start, start + n)):
@@ -389,22 +398,22 @@ def build_loader(
         mode=mode,
         model_cfg=model_cfg,
         prep=prep,
-        batch_size=batch_size,
-        seed=seed,
-        epoch=epoch,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        epoch=spec.epoch,
         rank=rank,
         world_size=world_size,
         shuffle=mode != "eval",
-        shuffle_buffer=shuffle_buffer,
-        resampled=resampled,
-        max_len=max_len,
-        min_len=min_len,
-        augment=(mode == "pretrain") if augment is None else (augment and mode != "eval"),
+        shuffle_buffer=spec.shuffle_buffer,
+        resampled=spec.resampled,
+        max_len=spec.max_len,
+        min_len=spec.min_len,
+        augment=(mode == "pretrain") if spec.augment is None else (spec.augment and mode != "eval"),
         target=manifest["tasks"][entry["task"]]["target"] if "task" in entry else None,
-        length_buckets=length_buckets,
-        finetune_mask=finetune_mask,
+        length_buckets=spec.length_buckets,
+        finetune_mask=spec.finetune_mask,
     )
-    loader = ShardLoader(stream, num_workers=num_workers, manifest=manifest)
-    if epoch_len:
-        loader = loader.with_epoch(epoch_len)
+    loader = ShardLoader(stream, num_workers=spec.num_workers, manifest=manifest)
+    if spec.epoch_len:
+        loader = loader.with_epoch(spec.epoch_len)
     return loader

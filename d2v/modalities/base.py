@@ -159,9 +159,9 @@ class Encoder(nn.Module):
         ``encode_tokens(add_positions(x))``, an :class:`EncoderOutput` over P+T tokens; ``tap`` ('ffn' /
         'block') collects each block's target tap, ``generator`` draws LayerDrop in training.
 
-        Valid tokens never attend to padding. Positional modules may still carry padding into valid tokens
-        (speech's stacked positional convs, as in fairseq and transformers), so a padded row's output can
-        differ from the row alone. Deterministic in eval mode (the teacher's mode).
+        Valid tokens never attend to padding, and no positional module carries padding into them (speech's
+        stacked positional convs zero it after every layer, unlike fairseq and transformers): a padded row's
+        output is the row alone's, up to rounding. Deterministic in eval mode (the teacher's mode).
         """
         return self.encode_tokens(self.add_positions(x_BTD, padding_BT), padding_BT, tap, generator)
 

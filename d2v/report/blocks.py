@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from d2v import timing
 from d2v.report.build import ModalityResult, Plot, Report
 from d2v.report.fmt import budget_phrase, fmt_cell, fmt_diff, fmt_num
 from d2v.report.narrative import summary_sentences
@@ -216,6 +217,28 @@ def runtime_rows(rep: Report) -> list[tuple[str, ...]]:
     return rows
 
 
+def stage_time_blocks(rep: Report) -> list:
+    """Wall time per kind of stage and per stage (``timings/``: process start to end, start-up included),
+    so that a slow machine shows where its time goes."""
+    times = rep.stage_times
+    if not times:
+        return [P("No stage wall times (`timings/` is empty: stages write it when run through `d2v`).")]
+    kinds = timing.by_kind(times)
+    total = sum(s for _, _, s in kinds)
+    slowest = sorted(times.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    return [
+        H(2, "Stage wall times"),
+        P(
+            f"{len(times)} stages, {fmt_num(total)} s in all ({total / 60:.1f} min): each stage's own process "
+            "from start to end (imports and start-up included; DVC's bookkeeping between stages is not), "
+            "as its last run on this machine measured it."
+        ),
+        Table(("stage", "runs", "wall s", "share"),
+              tuple((k, str(n), fmt_num(s), f"{100 * s / total:.0f}%" if total else "—") for k, n, s in kinds)),
+        Details("The 10 slowest stages", (Table(("stage", "wall s"), tuple((k, fmt_num(v)) for k, v in slowest)),)),
+    ]  # fmt: skip
+
+
 def data_blocks(rep: Report) -> list:
     blocks: list = [H(2, "Data")]
     for r in rep.modalities:
@@ -278,6 +301,7 @@ def report_blocks(rep: Report) -> list:
             ),
             tuple(runtime_rows(rep)),
         ),
+        *stage_time_blocks(rep),
         H(2, "Provenance"),
         P("**Code**"),
         _kv_table(rep.code, ("", "")),

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from d2v import timing
 from d2v.config import ConfigError, PathsConfig, ReportConfig, section
 from d2v.report import plots
 from d2v.report.fmt import budget_phrase
@@ -63,6 +64,8 @@ class Report:
     machine: list[tuple[str, str]]
     lock_rows: list[tuple[str, str, str]]
     sources: list[Source]
+    stage_times: dict[str, float] = field(default_factory=dict)
+    """Each stage's wall seconds (``d2v.timing``: process start to end, its last run), by dvc.yaml name."""
 
     @property
     def figures(self) -> list[Plot]:
@@ -175,4 +178,5 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> Report:
         machine=hardware(),
         lock_rows=lock_rows,
         sources=inputs.sources,
+        stage_times=timing.read_all(root),
     )

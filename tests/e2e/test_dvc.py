@@ -4,8 +4,7 @@ One `dvc repro` in a committed copy of the project, then: a second repro is a no
 is `{}`: `dvc status` exits 0 even when stale), one modality's param invalidates only that modality's
 stages, the offline W&B runs hold the config and metrics, the report was rendered from the metrics, and
 data2vec 2.0 pretrains and fine-tunes every modality on the same shards, and `benchmarks/pretrain_seeds.py`
-runs on them. One test, one project copy: the
-data stages run once (the suite's time bound, issue 9).
+runs on them. One test, one project copy: the data stages run once (the suite's time bound).
 """
 
 import json
@@ -62,6 +61,13 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     assert [r for r in times.splitlines() if r.startswith("| audio")] and "—" not in times, times
     html = (project_copy / "reports/benchmark.html").read_text()
     assert "## Results" in md and "<img" in html and 'src="http' not in html
+    # every stage before the report recorded its wall time, and the report sums them by kind
+    lock = yaml.safe_load((project_copy / "dvc.lock").read_text())["stages"]
+    timed = {f.stem for f in (project_copy / "timings").glob("*.json")}
+    assert set(lock) - {"report"} <= timed, sorted(set(lock) - timed)
+    walls = md.split("## Stage wall times", 1)[1].split("\n## ", 1)[0]
+    for kind in ("prepare", "shard", "pretrain", "finetune", "evaluate"):
+        assert any(r.startswith(f"| {kind} |") for r in walls.splitlines()), walls
 
     # a second repro is a no-op: nothing stale, nothing rerun
     assert status(project_copy) == {}

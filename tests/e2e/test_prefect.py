@@ -43,7 +43,7 @@ def _start(cmd: list[str], log: Path, cwd: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT, twice (a Prefect worker once ignored SIGTERM for minutes), then SIGKILL."""
+    """SIGINT, twice (a Prefect worker can ignore SIGTERM for minutes), then SIGKILL."""
     for sig, wait_s in ((signal.SIGINT, 10), (signal.SIGINT, 5), (signal.SIGKILL, 5)):
         if proc.poll() is not None:
             return
@@ -86,7 +86,7 @@ def prefect_server(
     cmd = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(free_port), "--analytics-off"]
     proc = _start(cmd, log, tmp_path)
     try:
-        deadline = time.monotonic() + 120  # 4-9 s measured; 22 s on a fresh database under load
+        deadline = time.monotonic() + 120  # seconds usually; a fresh database under load takes longer
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"prefect server exited {proc.returncode}:\n{_tail(log)}")

@@ -47,75 +47,49 @@ def test_step_harness_times_the_compiled_model_with_the_same_flops(tmp_path: Pat
     assert rows["d2v-compiled"]["gflop_per_sample"] == rows["d2v"]["gflop_per_sample"]
 
 
-@pytest.mark.parametrize("change", ["dropout-mask", "time-windows", "attention-layout"])
-def test_step_ab_times_both_arms_and_restores_the_current_one(change: str, capsys) -> None:
-    """One row per modality x dtype with both arms' milliseconds; afterwards the module holds d2v's arm."""
+def load_step_ab() -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        ab = runpy.run_path(str(ROOT / "benchmarks/step_ab.py"))
-        module, attr, arms = ab["CHANGES"][change]
-        current = getattr(module, attr)
-        assert list(arms.values())[-1] is current
-        argv = [change, "--preset", "tiny", "--modalities", "audio", "--dtypes", "fp32", "--rounds", "1"]
-        assert ab["main"](argv) == 0
-        assert getattr(module, attr) is current
+        return runpy.run_path(str(ROOT / "benchmarks/step_ab.py"))
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| audio")]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[0] == "audio fp32" and float(cells[1]) > 0 and float(cells[2]) > 0
 
 
-@pytest.mark.parametrize("modality", ["image", "text"])
-def test_attention_layout_arms_give_the_same_step_to_the_bit(modality: str) -> None:
-    """``step_ab.py attention-layout`` compares two layouts of one computation: the loss and every gradient
-    of a data2vec step (image: a relative-position bias; text: attention dropout) are bit-identical, in fp32
-    and under bf16 autocast."""
-    from d2v import transformer
-    from d2v.config import load_params
-    from d2v.modalities import get
+def test_step_ab_alternates_the_arms_and_switches_back_to_the_current_one() -> None:
+    """Each round: every arm switched in, its settling steps, one timed step; afterwards (an error too) the
+    last arm, the current code's, is in place."""
+    from types import SimpleNamespace
 
-    current = transformer.Attention.forward
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        ab = runpy.run_path(str(ROOT / "benchmarks/step_ab.py"))
-        step = sys.modules["step"]
-        model_cfg, pcfg = step.configs(load_params(ROOT / "params.yaml"), modality, "tiny", "data2vec")
-        (batch,) = step.make_batches(modality, model_cfg, pcfg, 1)
-        for amp in (False, True):
-            runs = []
-            for forward in (ab["permuted_attention"], current):
-                transformer.Attention.forward = forward
-                torch.manual_seed(0)
-                model = get(modality).build_pretrain_model(model_cfg).train()
-                torch.manual_seed(1)
-                with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-                    loss, _ = model(batch)
-                loss.backward()
-                runs.append([loss.detach(), *(p.grad for p in model.parameters() if p.grad is not None)])
-            transformer.Attention.forward = current
-            assert len(runs[0]) == len(runs[1]) > 10
-            assert all(torch.equal(a, b) for a, b in zip(*runs))
-    finally:
-        transformer.Attention.forward = current
-        sys.path.remove(str(ROOT / "benchmarks"))
+    ab = load_step_ab()
+    module = SimpleNamespace(impl="current")
+    change = ab["Change"](
+        {"old": ab["patch"](module, "impl", "old"), "current": ab["patch"](module, "impl", "current")},
+        ("text",), settle=1,
+    )  # fmt: skip
+    seen: list[str] = []
+    med = ab["alternate"](change, lambda: seen.append(module.impl), 3)
+    assert seen == ["old", "old", "current", "current"] * 3 and module.impl == "current"
+    assert list(med) == ["old", "current"] and all(s >= 0 and n >= 0 for s, n in med.values())
+
+    def failing() -> None:
+        raise RuntimeError(module.impl)
+
+    with pytest.raises(RuntimeError, match="old"):
+        ab["alternate"](change, failing, 1)
+    assert module.impl == "current"
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_hostmem_ab_times_both_malloc_settings(capsys) -> None:
+def test_step_ab_hostmem_times_both_malloc_settings(capsys) -> None:
     """One row per modality x dtype, with milliseconds and page faults for both settings."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        ab = runpy.run_path(str(ROOT / "benchmarks/hostmem_ab.py"))
-        assert (
-            ab["main"](["--preset", "tiny", "--modalities", "image", "--dtypes", "fp32", "--rounds", "1"])
-            == 0
-        )
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    ab = load_step_ab()
+    argv = ["hostmem", "--preset", "tiny", "--modalities", "image", "--dtypes", "fp32", "--rounds", "1"]
+    assert ab["main"](argv) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| image")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:2] == ["image", "fp32"] and float(cells[2]) > 0 and float(cells[4]) > 0
+    assert cells[0] == "image fp32" and float(cells[1]) > 0 and float(cells[3]) > 0
+    assert int(cells[2].replace(",", "")) >= 0 and int(cells[4].replace(",", "")) >= 0
+    assert cells[5].endswith("x")
 
 
 def test_counted_flops_of_a_grouped_conv_backward_are_twice_its_forward() -> None:
@@ -255,3 +229,44 @@ def test_cpu_breakdown_sums_the_steps_ops_by_kind(capsys) -> None:
     (total,) = [line for line in out.splitlines() if line.strip().startswith("all ") and "calls:" in line]
     assert int(total.split()[1]) >= len(rates)
     assert "that do not grow with the batch" in out
+
+
+def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Path, capsys) -> None:
+    """On tiny image shards (the test split: 10 items, more than the 8 the position share needs) and a tiny
+    pretraining checkpoint: per init, one row per depth (local features, positions added, each block), a
+    probe accuracy in [0, 1] and a position share in [0, 1]; fewer test items per class than asked for are
+    all used."""
+    import numpy as np
+    from PIL import Image
+
+    from d2v import checkpoint
+    from d2v.config import to_dict
+    from d2v.data.stages import data_module, shard
+    from d2v.modalities import get
+
+    raw = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["dark", "grey", "light"]):
+        (raw / "files" / name).mkdir(parents=True)
+        for i in range(20):
+            arr = np.clip(rng.normal(60 + 70 * c, 20, (28, 28)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr, mode="L").save(raw / "files" / name / f"{i}.png")
+    shards = tmp_path / "shards"
+    manifest = shard("image", data_module("image").ShardConfig(samples_per_shard=8), raw, shards, 0)
+    cfg = get("image").model_config({"preset": "tiny"})
+    torch.manual_seed(0)
+    sd = {f"student.{k}": v for k, v in get("image").build_encoder(cfg).state_dict().items()}
+    meta = {"modality": "image", "kind": "pretrain", "model_config": to_dict(cfg), "encoder_prefix": "student.",
+            "preprocessing": manifest["preprocessing"]}  # fmt: skip
+    checkpoint.save(tmp_path / "ck", 1, sd, meta)
+    out = tmp_path / "layers.json"
+    ld = runpy.run_path(str(ROOT / "benchmarks/layer_diagnostics.py"))
+    argv = [str(tmp_path / "ck"), "--shards", str(shards), "--budget", "3", "--frames", "4", "--json", str(out)]  # fmt: skip
+    assert ld["main"](argv) == 0
+    results = json.loads(out.read_text())
+    assert sorted(k.split(":")[-1] for k in results) == ["pretrained", "scratch"]
+    for rows in results.values():
+        assert [r["depth"] for r in rows] == list(range(cfg.transformer.depth + 2))
+        assert all(0 <= r["probe"] <= 1 and 0 <= r["pos"] <= 1 for r in rows)
+    printed = capsys.readouterr().out
+    assert printed.count("  probe ") == printed.count("  pos   ") == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from d2v.data import build_loader, iter_shard, prepare_raw, shard
+from d2v.data import LoaderSpec, build_loader, iter_shard, prepare_raw, shard
 from d2v.data.shards import Item, plan_splits
 from d2v.modalities import audio
 from d2v.modalities.audio import data as A
@@ -200,7 +201,7 @@ def test_an_all_transcribed_tree_says_how_to_pretrain_on_it(tmp_path):
     prepare_raw("audio", PrepareConfig(source=str(src)), raw, seed=0)
     shard("audio", ShardConfig(samples_per_shard=4), raw, tmp_path / "audio", seed=0)
     with pytest.raises(ValueError, match="'pretrain' is empty.*shard.audio.pretrain_from: unlabelled"):
-        build_loader(tmp_path / "audio", "pretrain", TINY, batch_size=2, mode="pretrain", seed=0)
+        build_loader(tmp_path / "audio", "pretrain", TINY, LoaderSpec(batch_size=2, mode="pretrain", seed=0))
 
 
 def test_a_librispeech_tree_with_a_tsv_as_well_is_explained(tmp_path):
@@ -250,7 +251,8 @@ def test_wav_missing_bytes_reads_the_header_not_libsndfile(tmp_path):
 
 def test_pretrain_batches_crop_normalise_and_mask(sharded):
     out, _ = sharded
-    b = next(iter(build_loader(out, "pretrain", TINY, batch_size=3, mode="pretrain", seed=0, max_len=8000)))
+    spec = LoaderSpec(batch_size=3, mode="pretrain", seed=0, max_len=8000)
+    b = next(iter(build_loader(out, "pretrain", TINY, spec)))
     x = b["inputs"]
     assert x.shape == (3, 8000) and "padding_mask" not in b  # 2 s clips cropped to 0.5 s: no padding
     # normalised over the whole 2 s utterance before cropping: a crop of a pure tone stays ~unit variance
@@ -264,7 +266,7 @@ def test_pretraining_skips_clips_under_min_len(tmp_path):
     out, _ = run(tmp_path, *user_folder(tmp_path / "src"), pretrain_from="unlabelled+labelled")
 
     def lengths(**kw) -> list[int]:
-        loader = build_loader(out, "pretrain", TINY, batch_size=1, mode="pretrain", seed=0, **kw)
+        loader = build_loader(out, "pretrain", TINY, LoaderSpec(batch_size=1, mode="pretrain", seed=0, **kw))
         return sorted(int(b["inputs"].shape[1]) for b in loader)
 
     every = lengths()
@@ -278,11 +280,12 @@ def test_finetune_and_ctc_batches(sharded):
     # 2 CTC speakers of 2 clips: round(0.2 x 2) = 0 rounds test up to one speaker (train keeps the other),
     # and leaves valid empty (no third speaker for it)
     assert [m["splits"][f"ctc_{s}"]["samples"] for s in ("train", "valid", "test")] == [2, 0, 2]
-    b = next(iter(build_loader(out, "train", TINY, batch_size=8, mode="finetune", seed=0, max_len=8000)))
+    head = LoaderSpec(batch_size=8, mode="finetune", seed=0, max_len=8000)
+    b = next(iter(build_loader(out, "train", TINY, head)))
     assert b["labels"].dtype == torch.int64 and b["inputs"].shape[1] == 8000  # 0.6 s clips cut to the head
     assert "padding_mask" not in b  # every clip cut to 8000 samples: rows of one length
     assert float(b["inputs"][0].mean()) == pytest.approx(0.0, abs=0.05)
-    ctc = list(build_loader(out, "ctc_train", TINY, batch_size=8, mode="finetune", seed=0, max_len=4000))
+    ctc = list(build_loader(out, "ctc_train", TINY, replace(head, max_len=4000)))
     transcripts = sorted(t for b in ctc for t in b["transcripts"])
     assert len(transcripts) == 2 and all(t.startswith("one two") for t in transcripts)
     assert max(b["inputs"].shape[1] for b in ctc) > 4000  # CTC clips are never cut
@@ -293,17 +296,16 @@ def test_finetune_batches_carry_the_finetune_masks(sharded):
     from d2v.modalities.audio import FinetuneMask
 
     out, _ = sharded
-    spec = FinetuneMask(channel_length=4)  # tiny: D = 16, 1 or 2 spans
-    b = next(
-        iter(build_loader(out, "train", TINY, batch_size=4, mode="finetune", seed=0, finetune_mask=spec))
-    )
+    mask = FinetuneMask(channel_length=4)  # tiny: D = 16, 1 or 2 spans
+    spec = LoaderSpec(batch_size=4, mode="finetune", seed=0, finetune_mask=mask)
+    b = next(iter(build_loader(out, "train", TINY, spec)))
     T = int(audio.feature_lengths(torch.tensor(b["inputs"].shape[1]), TINY))
     assert b["mask"].shape == (4, T) and bool(b["mask"].any())
     assert b["channel_mask"].shape == (4, TINY.transformer.dim) and bool(b["channel_mask"].any())
-    plain = next(iter(build_loader(out, "train", TINY, batch_size=4, mode="finetune", seed=0)))
+    plain = next(iter(build_loader(out, "train", TINY, LoaderSpec(batch_size=4, mode="finetune", seed=0))))
     assert "mask" not in plain and "channel_mask" not in plain
     with pytest.raises(ValueError, match="mode='finetune'"):
-        build_loader(out, "test", TINY, batch_size=4, mode="eval", seed=0, finetune_mask=spec)
+        build_loader(out, "test", TINY, LoaderSpec(batch_size=4, mode="eval", seed=0, finetune_mask=mask))
 
 
 def test_missing_tools_say_how_to_install_them(tmp_path, monkeypatch):

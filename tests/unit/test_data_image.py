@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2v.data import build_loader, prepare_raw, read_manifest, shard, verify_shards
+from d2v.data import LoaderSpec, build_loader, prepare_raw, read_manifest, shard, verify_shards
 from d2v.modalities import image
 from d2v.modalities.image.data import FASHION_MNIST_DIR, PrepareConfig, ShardConfig
 
@@ -160,7 +160,8 @@ def shards(tmp_path) -> Path:
 
 
 def test_pretrain_batches(shards):
-    batch = next(iter(build_loader(shards, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)))
+    spec = LoaderSpec(batch_size=4, mode="pretrain", seed=0)
+    batch = next(iter(build_loader(shards, "pretrain", TINY, spec)))
     assert batch["inputs"].shape == (4, 3, 28, 28) and batch["inputs"].dtype == torch.float32
     assert batch["mask"].shape == (4, 16) and batch["mask"].dtype == torch.bool
     assert "padding_mask" not in batch and "labels" not in batch
@@ -168,7 +169,7 @@ def test_pretrain_batches(shards):
 
 def test_eval_batches_are_normalised_with_the_manifest_stats(shards):
     m = read_manifest(shards)
-    batches = list(build_loader(shards, "train", TINY, batch_size=100, mode="eval", seed=0))
+    batches = list(build_loader(shards, "train", TINY, LoaderSpec(batch_size=100, mode="eval", seed=0)))
     x = torch.cat([b["inputs"] for b in batches])
     prep = m["preprocessing"]
     raw = x * torch.tensor(prep["std"]).view(1, 3, 1, 1) + torch.tensor(prep["mean"]).view(1, 3, 1, 1)
@@ -181,8 +182,10 @@ def test_eval_batches_are_normalised_with_the_manifest_stats(shards):
 
 def test_model_image_size_must_match_the_shards(shards):
     with pytest.raises(ValueError, match="image_size"):
-        build_loader(shards, "train", image.model_config({"preset": "tiny", "image_size": 14}), batch_size=2,
-                     mode="eval", seed=0)  # fmt: skip
+        build_loader(
+            shards, "train", image.model_config({"preset": "tiny", "image_size": 14}),
+            LoaderSpec(batch_size=2, mode="eval", seed=0),
+        )  # fmt: skip
 
 
 def test_inference_preprocessing_matches_the_shards(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2v.data import ShardError, build_loader, prepare_raw, read_manifest, shard
+from d2v.data import LoaderSpec, ShardError, build_loader, prepare_raw, read_manifest, shard
 from d2v.data.shards import sha256_file
 from d2v.modalities import image
 from d2v.modalities.image.data import PrepareConfig, ShardConfig
@@ -48,16 +49,18 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once(shards, mode, split
     n = read_manifest(shards)["splits"][split]["samples"]
     seen = []
     for rank in (0, 1):
-        loader = build_loader(shards, split, TINY, batch_size=3, mode=mode, seed=0, num_workers=2, rank=rank,
-                              world_size=2)  # fmt: skip
+        spec = LoaderSpec(batch_size=3, mode=mode, seed=0, num_workers=2, rank=rank, world_size=2)
+        loader = build_loader(shards, split, TINY, spec)
         seen += keys(loader)
     assert len(seen) == n and len(set(seen)) == n
 
 
 def test_same_seed_same_batches_and_epochs_differ(shards):
     def run(epoch: int, workers: int = 2):
-        loader = build_loader(shards, "pretrain", TINY, batch_size=4, mode="pretrain", seed=3,
-                              num_workers=workers, shuffle_buffer=8, epoch=epoch)  # fmt: skip
+        spec = LoaderSpec(
+            batch_size=4, mode="pretrain", seed=3, num_workers=workers, shuffle_buffer=8, epoch=epoch
+        )
+        loader = build_loader(shards, "pretrain", TINY, spec)
         return [(b["keys"], b["mask"], b["inputs"]) for b in loader]
 
     a, b = run(0), run(0)
@@ -69,44 +72,45 @@ def test_same_seed_same_batches_and_epochs_differ(shards):
 
 
 def test_set_epoch_reseeds_the_next_pass(shards):
-    loader = build_loader(shards, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, epoch=0)
+    spec = LoaderSpec(batch_size=4, mode="pretrain", seed=0, epoch=0)
+    loader = build_loader(shards, "pretrain", TINY, spec)
     first = keys(loader)
     loader.set_epoch(1)
     second = keys(loader)
     assert second != first and sorted(second) == sorted(first)
-    assert (
-        keys(build_loader(shards, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, epoch=1)) == second
-    )
+    assert keys(build_loader(shards, "pretrain", TINY, replace(spec, epoch=1))) == second
 
 
 def test_eval_reads_in_shard_order(shards):
-    got = keys(build_loader(shards, "test", TINY, batch_size=5, mode="eval", seed=0))
+    got = keys(build_loader(shards, "test", TINY, LoaderSpec(batch_size=5, mode="eval", seed=0)))
     assert got == sorted(got)
 
 
 def test_resampled_mode_has_a_fixed_epoch_length(shards):
     for rank in (0, 1):
-        loader = build_loader(shards, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, resampled=True,
-                              epoch_len=7, rank=rank, world_size=2, num_workers=2)  # fmt: skip
+        spec = LoaderSpec(
+            batch_size=4, mode="pretrain", seed=0, resampled=True, epoch_len=7, rank=rank, world_size=2,
+            num_workers=2,
+        )  # fmt: skip
+        loader = build_loader(shards, "pretrain", TINY, spec)
         batches = list(loader)
         assert len(batches) == 7 and {len(b["keys"]) for b in batches} == {4}
 
 
 def test_label_budget(shards):
-    loader = build_loader(shards, "train", TINY, batch_size=4, mode="finetune", seed=0, label_budget=2)
-    labels = torch.cat([b["labels"] for b in loader])
+    spec = LoaderSpec(batch_size=4, mode="finetune", seed=0, label_budget=2)
+    labels = torch.cat([b["labels"] for b in build_loader(shards, "train", TINY, spec)])
     assert Counter(labels.tolist()) == {0: 2, 1: 2, 2: 2}
     with pytest.raises(ValueError, match="only 9 samples"):
-        build_loader(shards, "train", TINY, batch_size=4, mode="finetune", seed=0, label_budget=10)
+        build_loader(shards, "train", TINY, replace(spec, label_budget=10))
 
 
 def test_finetune_masks_are_speech_only(shards):
     from d2v.modalities.audio import FinetuneMask
 
     with pytest.raises(ValueError, match=r"speech recipe.*finetune.image.mask"):
-        build_loader(
-            shards, "train", TINY, batch_size=4, mode="finetune", seed=0, finetune_mask=FinetuneMask()
-        )
+        spec = LoaderSpec(batch_size=4, mode="finetune", seed=0, finetune_mask=FinetuneMask())
+        build_loader(shards, "train", TINY, spec)
 
 
 def test_corrupt_shard_raises_an_error_naming_it_not_a_hang(shards, tmp_path):
@@ -115,7 +119,8 @@ def test_corrupt_shard_raises_an_error_naming_it_not_a_hang(shards, tmp_path):
     victim = sorted(bad.glob("pretrain-*.tar"))[1]
     victim.write_bytes(victim.read_bytes()[:1800])
     with pytest.raises(ShardError, match=victim.name):
-        keys(build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, num_workers=2))
+        spec = LoaderSpec(batch_size=4, mode="pretrain", seed=0, num_workers=2)
+        keys(build_loader(bad, "pretrain", TINY, spec))
 
 
 @pytest.mark.parametrize("split, mode", [("pretrain", "pretrain"), ("train", "finetune"), ("test", "eval")])
@@ -131,14 +136,14 @@ def test_flipped_bytes_are_caught_before_any_batch(shards, tmp_path, split, mode
     with pytest.raises(
         ShardError, match=rf"{victim}: sha256 differs .*`dvc repro -f shard@image` \(or `d2v shard image`\)"
     ):
-        build_loader(bad, split, TINY, batch_size=4, mode=mode, seed=0)
+        build_loader(bad, split, TINY, LoaderSpec(batch_size=4, mode=mode, seed=0))
     (bad / "tokenizer.json").write_text("{}")  # side files too (not listed in an image manifest: ignored)
     (bad / "train.labels.txt").write_text("0\n")
     with pytest.raises(ShardError, match=r"train\.labels\.txt: sha256 differs"):
-        build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)
+        build_loader(bad, "pretrain", TINY, LoaderSpec(batch_size=4, mode="pretrain", seed=0))
     (bad / "train.labels.txt").unlink()
     with pytest.raises(ShardError, match=r"train\.labels\.txt: missing"):
-        build_loader(bad, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)
+        build_loader(bad, "pretrain", TINY, LoaderSpec(batch_size=4, mode="pretrain", seed=0))
 
 
 def test_each_file_is_hashed_once_per_process_unless_it_changes(shards, tmp_path, monkeypatch):
@@ -150,14 +155,14 @@ def test_each_file_is_hashed_once_per_process_unless_it_changes(shards, tmp_path
     real = shards_module.sha256_file
     monkeypatch.setattr(shards_module, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
     for epoch in range(3):  # the stages rebuild the loader every epoch
-        build_loader(copy, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0, epoch=epoch)
+        build_loader(copy, "pretrain", TINY, LoaderSpec(batch_size=4, mode="pretrain", seed=0, epoch=epoch))
     manifest = read_manifest(copy)
     n = len(manifest["splits"]["pretrain"]["shards"]) + len(manifest["files"])  # shards + labels files
     assert len(hashed) == len(set(hashed)) == n
     first = copy / "pretrain-000000.tar"
     first.write_bytes(first.read_bytes())  # rewritten (same bytes, new mtime): hashed again, and passes
     hashed.clear()
-    build_loader(copy, "pretrain", TINY, batch_size=4, mode="pretrain", seed=0)
+    build_loader(copy, "pretrain", TINY, LoaderSpec(batch_size=4, mode="pretrain", seed=0))
     assert hashed == ["pretrain-000000.tar"]
 
 
@@ -180,7 +185,7 @@ def test_a_sample_that_cannot_be_decoded_names_shard_and_key(shards, tmp_path):
     manifest["splits"]["test"]["shards"][0]["sha256"] = sha256_file(bad / entry["file"])
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match=r"test-000000\.tar: sample test-0000000 cannot be decoded"):
-        keys(build_loader(bad, "test", TINY, batch_size=4, mode="eval", seed=0))
+        keys(build_loader(bad, "test", TINY, LoaderSpec(batch_size=4, mode="eval", seed=0)))
 
 
 @pytest.mark.parametrize(
@@ -198,4 +203,4 @@ def test_bad_arguments_are_explained(shards, kwargs, match):
     args = {"split": "train", "mode": "eval", **kwargs}
     split = args.pop("split")
     with pytest.raises(ValueError, match=match):
-        build_loader(shards, split, TINY, batch_size=2, seed=0, **args)
+        build_loader(shards, split, TINY, LoaderSpec(batch_size=2, seed=0, **args))

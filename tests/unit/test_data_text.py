@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v.data import build_loader, iter_shard, prepare_raw, read_manifest, shard
+from d2v.data import LoaderSpec, build_loader, iter_shard, prepare_raw, read_manifest, shard
 from d2v.modalities import text
 from d2v.modalities.text.data import PrepareConfig, ShardConfig, load_tokenizer
 
@@ -111,7 +111,8 @@ def test_strict_mode_names_the_first_bad_input(tmp_path):
 
 def test_pretrain_batches_carry_student_ids_and_masks(sharded):
     out, _ = sharded
-    b = next(iter(build_loader(out, "pretrain", MODEL, batch_size=4, mode="pretrain", seed=0, max_len=16)))
+    spec = LoaderSpec(batch_size=4, mode="pretrain", seed=0, max_len=16)
+    b = next(iter(build_loader(out, "pretrain", MODEL, spec)))
     assert b["inputs"].dtype == torch.int64 and b["inputs"].shape[1] <= 16
     assert b["padding_mask"].shape == b["inputs"].shape == b["student_inputs"].shape == b["mask"].shape
     assert torch.equal(
@@ -124,7 +125,7 @@ def test_pretrain_batches_carry_student_ids_and_masks(sharded):
 
 def test_finetune_batches_truncate_to_the_model_positions(sharded):
     out, m = sharded
-    batches = list(build_loader(out, "train", MODEL, batch_size=64, mode="finetune", seed=0))
+    batches = list(build_loader(out, "train", MODEL, LoaderSpec(batch_size=64, mode="finetune", seed=0)))
     assert sum(len(b["keys"]) for b in batches) == m["splits"]["train"]["samples"]
     assert all(b["inputs"].shape[1] <= MODEL.max_positions for b in batches)
     assert batches[0]["labels"].dtype == torch.int64
@@ -134,7 +135,7 @@ def test_model_vocab_smaller_than_the_tokenizer_is_an_error(sharded):
     out, _ = sharded
     small = text.model_config({"preset": "tiny", "vocab_size": 300})
     with pytest.raises(ValueError, match="vocab_size"):
-        build_loader(out, "train", small, batch_size=2, mode="eval", seed=0)
+        build_loader(out, "train", small, LoaderSpec(batch_size=2, mode="eval", seed=0))
 
 
 def test_default_corpora(tmp_path):

@@ -251,12 +251,11 @@ def test_accuracy_matches_the_models_own_predictions(image_project):
     root, _, _ = image_project
     ft = root / "checkpoints" / "finetune" / "image"
     model, _ = load_finetune_model(ft / "b2-s0-pretrained", "image")
-    from d2v.data.loader import build_loader
+    from d2v.data.loader import LoaderSpec, build_loader
 
     shards = root / "shards" / "image"
-    batch = next(
-        iter(build_loader(shards, "test", model.encoder.config, batch_size=100, mode="eval", seed=0))
-    )
+    spec = LoaderSpec(batch_size=100, mode="eval", seed=0)
+    batch = next(iter(build_loader(shards, "test", model.encoder.config, spec)))
     pred = model.predict(batch)
     cfg = EvaluateConfig(batch_size=2, probe_inits=())  # other batching, same numbers
     metrics, rows = evaluate("image", [Run("pretrained", 2, 0)], shards, root / "nowhere", ft, cfg)

@@ -1,4 +1,4 @@
-"""HF Data2VecVision parity: import (``d2v.hf.load_encoder``) and export (``d2v.hf.export_hf``).
+"""HF Data2VecVision parity: import (``d2v.hf.load_hf_encoder``) and export (``d2v.hf.export_hf``).
 
 Tolerance: 1e-4 absolute in fp32, eval mode. Both sides run the same math (SDPA vs SDPA, fused vs split
 qkv), so differences are float reassociation; 1e-4 leaves margin on O(1) activations.

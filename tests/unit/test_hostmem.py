@@ -33,7 +33,7 @@ def placement(mode: str) -> tuple[bool, bool]:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_large_blocks_come_from_the_heap_and_stay_there_when_freed():
     """glibc's defaults: a 64 MiB block is a fresh mmap, unmapped on free (so a training step faults its
-    pages in again every step: 7,000-37,000 faults a step of the CPU presets measured); after
+    pages in again every step: thousands of faults a step of the CPU presets); after
     ``retain_freed_memory`` it comes from the heap, and freeing it does not shrink the heap."""
     assert placement("default") == (False, False)
     assert placement("retain") == (True, True)

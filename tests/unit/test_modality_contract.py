@@ -290,8 +290,8 @@ def test_taps_give_one_layer_per_block(m):
 
 @each_modality
 def test_padding_never_reaches_the_local_features(m):
-    """At its valid tokens a padded row has the local features of the same row alone (fp32: 1e-5).
-    ``contextualize`` need not keep this: speech's stacked positional convs carry padding inward."""
+    """At its valid tokens a padded row has the local features of the same row alone (fp32: 1e-5); the
+    whole encoder keeps it too (``test_an_items_frozen_features_do_not_depend_on_its_batch``)."""
     r = eval_run(m)
     if r.pad is None:
         pytest.skip(f"{m} batches have no padding")

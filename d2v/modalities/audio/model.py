@@ -37,8 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "conv_dim": [16] * 7, "pos_conv_groups": 2, "targets": {"top_k": 2},
     },
     # CPU default (5.4 M parameters). The conv stack is narrowed to 128 channels (same kernels/strides, so
-    # still 20 ms frames): at 512 it dominates on CPU (2 threads, 4 x 5 s: a pre-training step took ~1 s with
-    # 128 channels, 7-15 s with 512, most of it in the conv stack).
+    # still 20 ms frames): at 512 it takes most of a CPU step (benchmarks/RESULTS.md).
     "small": {
         "transformer": {"dim": 256, "depth": 6, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
                         "attention_dropout": 0.1, "activation_dropout": 0.0, "layerdrop": 0.05},
@@ -224,11 +223,11 @@ def time_windows(x_BTC: Tensor, k: int, s: int) -> Tensor:
     """The conv windows of channels-last frames: [B, T, C] -> [B, T', C * k], T' = (T - k) // s + 1,
     channel-major like a Conv1d weight [C', C, k] flattened: ``x.unfold(1, k, s).flatten(2)``.
 
-    Its own backward: aten's ``unfold_backward`` is a generic scatter, 13 % of the small speech step in
-    fp32 (6 calls, 49 ms, 29 ms for the first [8, 6399, 128] one); one strided copy of each window's first
-    ``s`` frames and ``k - s`` strided adds are 3.5-7x faster (the small stack's shapes, stop 24). Where
-    a frame is in at most two windows (k <= 2 s: every layer of the wav2vec 2.0 stack) the sums are aten's,
-    bit for bit; with more overlap they may differ in rounding (a different order of the adds)."""
+    Its own backward: aten's ``unfold_backward`` is a generic scatter, a large share of the small speech
+    step; one strided copy of each window's first ``s`` frames and ``k - s`` strided adds are several times
+    faster (benchmarks/RESULTS.md). Where a frame is in at most two windows (k <= 2 s: every layer of the
+    wav2vec 2.0 stack) the sums are aten's, bit for bit; with more overlap they may differ in rounding (a
+    different order of the adds)."""
     return _TimeWindows.apply(x_BTC, k, s)
 
 
@@ -237,8 +236,8 @@ class ConvLayer(nn.Module):
 
     Runs channels-last, [B, T, C] -> [B, T', C']: the conv is one matmul over the unfolded windows (the
     conv's own sums, an ``nn.Conv1d`` weight), so the LayerNorm and GELU see contiguous channels. The
-    channels-first form (conv, then LN/GELU on a transposed view) spent most of the step in strided
-    element-wise kernels and layout copies: this stack's forward + backward is 2.5x faster (8 x 2 s, small).
+    channels-first form (conv, then LN/GELU on a transposed view) spends most of the stack's time in strided
+    element-wise kernels and layout copies (benchmarks/RESULTS.md).
     """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, bias: bool) -> None:
@@ -314,8 +313,8 @@ class PosConv(nn.Module):
     [FS] and [HF], which zero the padding once, before the first layer: after one conv + LN + GELU the
     padded frames hold bias and neighbours again, and the later layers carry them up to
     ``(pos_conv_layers - 1) * (kernel // 2)`` frames into the clip (36 frames, 0.7 s, at 5 x 19), so a
-    clip's features depended on the lengths it was batched with. Pretraining crops every batch to one
-    length (no padding), so this only changes padded fine-tuning and evaluation batches: they now see what
+    clip's features would depend on the lengths it is batched with. Pretraining crops every batch to one
+    length (no padding), so this matters for padded fine-tuning and evaluation batches: they see what
     pretraining saw."""
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -357,8 +357,8 @@ def random_resized_crop(x_CHW: Tensor, rng: random.Random, scale: tuple[float, f
     top, left, h, w = box
     crop = x_CHW[None, :, top : top + h, left : left + w]
     # uint8 in, uint8 out (rounded, as torchvision's crop of a PIL or uint8 image): torch's uint8 antialiased
-    # bilinear kernel on channels-last input is ~19x faster than the float one (0.1 against 1.9 ms for a
-    # 224 px RGB crop, one thread), which the GPU's data workers need (benchmarks/RESULTS.md)
+    # bilinear kernel on channels-last input is much faster than the float one, which the GPU's data workers
+    # need (benchmarks/RESULTS.md)
     return F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False, antialias=True)[0]
 
 

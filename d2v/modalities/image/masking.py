@@ -89,8 +89,8 @@ def exactly_k(kept_NT: Tensor, k: int, generator: torch.Generator) -> Tensor:
     drops uniformly random True entries or adds uniformly random others): a uniform subset of its True
     entries when it has more, all of them and a uniform subset of the rest when fewer -> bool [N, T].
 
-    One top-k of (kept + U[0, 1)) draws every row at once (a per-row multinomial loop cost the GPU's data
-    workers ~1.5 ms an image at 16 masks of 14 x 14 patches).
+    One top-k of (kept + U[0, 1)) draws every row at once: a per-row multinomial loop is a large share of a
+    GPU data worker's time per image (benchmarks/RESULTS.md).
     """
     score_NT = kept_NT.float() + torch.rand(kept_NT.shape, generator=generator)
     out_NT = torch.zeros_like(kept_NT)
