@@ -131,7 +131,7 @@ def progress(
     """``batches`` as they are, with a bar of the items scored on stderr (the stage runs for minutes on a
     slow CPU; nothing is printed to stdout). The total is the split's size in ``manifest`` when given."""
     total = ((manifest or {}).get("splits", {}).get(split) or {}).get("samples") if manifest else None
-    with tqdm(total=total, desc=desc, unit="item", file=sys.stderr, mininterval=2.0, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="item", file=sys.stderr, mininterval=2.0, delay=1.0, leave=False) as bar:
         for batch in batches:
             yield batch
             first = next((v for v in batch.values() if isinstance(v, (Tensor, list))), [])

@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from d2v.sweep import FINETUNE_STAGE
+
 TIMINGS_DIR = Path("timings")
 """Relative to the project (the directory the stage runs in, as under ``dvc repro``)."""
 
@@ -41,7 +43,7 @@ def stage_name(command: str, modality: str | None = None, budget: str | None = N
     if modality is None:
         return command
     if command == "finetune" and budget is not None and seed is not None and init is not None:
-        return f"{command}@{modality}-{budget}-{seed}-{init}"
+        return FINETUNE_STAGE.format(modality=modality, budget=budget, seed=seed, init=init)
     return f"{command}@{modality}"
 
 

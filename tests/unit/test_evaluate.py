@@ -334,3 +334,12 @@ def test_predict_many_reads_the_split_once_and_predicts_as_each_model_alone():
     ctc = ah.build_finetune_model(a.build_encoder(a.model_config({"preset": "tiny"})), "ctc", None)
     with pytest.raises(ValueError, match="different tasks"):
         predict_many([models[0], ctc], [], torch.device("cpu"))
+
+
+def test_the_progress_bar_passes_batches_through_and_prints_nothing_to_stdout(capsys):
+    from d2v.evaluate import progress
+
+    batches = [{"labels": torch.arange(3), "transcripts": ["a", "b", "c"]}, {"inputs": torch.zeros(2, 5)}]
+    manifest = {"splits": {"test": {"samples": 5}}}
+    assert list(progress(iter(batches), "scoring", manifest, "test")) == batches
+    assert capsys.readouterr().out == ""

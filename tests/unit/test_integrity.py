@@ -8,6 +8,7 @@ copied for each test.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -47,8 +48,13 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
     path.write_bytes(bytes(data))
 
 
+PROGRESS = re.compile(r"\d+%\||\d+ ?(?:item|it)/s|\?(?:item|it)/s")
+"""A tqdm bar's line: ``... 35%|###  | 7/20 [00:01<00:02, 6.1item/s]``."""
+
+
 def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    """The one line of stderr besides progress bars (tqdm's, and the blanks that clear them)."""
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS.search(line)]
     assert len(err) == 1, err
     return err[0]
 
