@@ -130,7 +130,7 @@ def progress(
 ) -> Iterator[dict[str, Any]]:
     """``batches`` as they are, with a bar of the items scored on stderr (the stage runs for minutes on a
     slow CPU; nothing is printed to stdout). The total is the split's size in ``manifest`` when given."""
-    total = ((manifest or {}).get("splits", {}).get(split) or {}).get("samples") if manifest else None
+    total = ((manifest or {}).get("splits", {}).get(split) or {}).get("samples")
     with tqdm(total=total, desc=desc, unit="item", file=sys.stderr, mininterval=2.0, delay=1.0, leave=False) as bar:
         for batch in batches:
             yield batch
@@ -363,8 +363,8 @@ def probe(
 
     def features(split: str, budget: int | float | None, draw: int) -> tuple[Tensor, Tensor]:
         loader = build_loader(shard_dir, split, encoder.config, eval_spec(cfg, draw, budget))
-        total = None if budget is not None else manifest
-        return layer_features(encoder, progress(loader, f"probe features: {split}", total, split), device)
+        sized = manifest if budget is None else None  # a budgeted draw is smaller than the split
+        return layer_features(encoder, progress(loader, f"probe features: {split}", sized, split), device)
 
     was_training = encoder.training
 
@@ -426,8 +426,8 @@ def ctc_probe_metrics(
         encoder: Encoder, split: str, budget: int | None, draw: int
     ) -> tuple[list[Tensor], list[str]]:
         loader = build_loader(shard_dir, split, encoder.config, eval_spec(cfg, draw, budget))
-        total = None if budget is not None else manifest
-        return frame_features(encoder, progress(loader, f"CTC probe features: {split}", total, split), device)
+        sized = manifest if budget is None else None  # a budgeted draw is smaller than the split
+        return frame_features(encoder, progress(loader, f"CTC probe features: {split}", sized, split), device)
 
     for init in cfg.probe_inits:
         encoder = load_checkpoint_encoder(step, pretrained=init == PRETRAINED, seed=seed)

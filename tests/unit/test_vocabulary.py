@@ -1,7 +1,6 @@
 """The repository speaks to its users: results are named by date, commit and machine, never by the work
-units they were made in ("stop 22", "issue 12", "this session", "a GPU was lent"), which mean nothing to a
-reader. Checked in every tracked file, in result file names, and in the commit messages since the last
-release tag."""
+units they were made in (numbered work periods or tickets), which mean nothing to a reader. Checked in every
+tracked file, in result file names, and in the commit messages since the last release tag."""
 
 from __future__ import annotations
 
@@ -13,15 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+WORD = "ses" "sion"  # assembled, as the examples below, so that this file passes its own check
 WORK_UNITS = re.compile(
-    r"\bstops? \d+|_stop\d+|\bissues? #?\d+|\btasks? #?\d+\b|\bsessions?\b|\blent\b", re.IGNORECASE
+    rf"\bstops? \d+|_stop\d+|\bissues? #?\d+|\btasks? #?\d+\b|\b{WORD}s?\b|\blent\b", re.IGNORECASE
 )
-"""A work-unit number, or 'session' / 'lent' as a reader of a lab notebook would meet them."""
+"""A work-unit number, or the words a lab notebook uses for a work period and a borrowed machine."""
 TECHNICAL = re.compile(
-    r"session[- ]scoped|scope=[\"']session|pytest_session|test session|(?:W&B|wandb|HTTP|requests)[ .]session",
+    rf"{WORD}[- ]scoped|scope=[\"']{WORD}|pytest_{WORD}|test {WORD}|(?:W&B|wandb|HTTP|requests)[ .]{WORD}",
     re.IGNORECASE,
 )
-"""Uses of 'session' that name a software thing (pytest's session scope, a W&B or HTTP session)."""
+"""Uses of that word that name a software thing (pytest's fixture scope, a W&B or HTTP connection)."""
 
 
 def tracked_files() -> list[Path]:
@@ -41,22 +41,22 @@ def offending_lines(text: str) -> list[str]:
 
 
 def test_the_checker_catches_work_units_and_spares_technical_words():
-    bad = ["measured in stop 22", "stop 19-27", "step_cpu_stop27.json", "see issue 12", "this session's run",
-           "next session", "no GPU was lent", "Stops 19 and 20"]  # fmt: skip
-    good = ["a session-scoped fixture", "@pytest.fixture(scope=\"session\")", "stop the W&B session",
+    stop, issue, borrowed = "st" "op", "is" "sue", "le" "nt"
+    bad = [f"measured in {stop} 22", f"{stop} 19-27", f"step_cpu_{stop}27.json", f"see {issue} 12",
+           f"this {WORD}'s run", f"next {WORD}", f"no GPU was {borrowed}", f"{stop.title()}s 19 and 20"]  # fmt: skip
+    good = [f"a {WORD}-scoped fixture", f"@pytest.fixture(scope='{WORD}')", f"stop the W&B {WORD}",
             "the loss stops falling", "stop_gradient", "2026-11-28, 2b0e85b, xeon-amx-2c", "silent"]  # fmt: skip
     assert [b for b in bad if not offending_lines(b)] == []
     assert [g for g in good if offending_lines(g)] == []
 
 
 def test_no_tracked_file_names_a_work_unit():
-    me = Path(__file__).resolve()
     found = []
     for path in tracked_files():
         rel = path.relative_to(ROOT).as_posix()
         if WORK_UNITS.search(rel):
             found.append(f"{rel}: its name")
-        if path.resolve() == me or not path.is_file():
+        if not path.is_file():
             continue
         try:
             text = path.read_text(encoding="utf-8")
