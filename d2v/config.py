@@ -242,6 +242,16 @@ DVC_TEMPLATED = ("paths", "modalities", "sweep")
 profile may not override them (the stages DVC runs would disagree with the params the code reads)."""
 
 
+TRANSFORMER_ARCHITECTURE: tuple[str, ...] = tuple(
+    f"transformer.{k}"
+    for k in ("dim", "depth", "heads", "ffn_dim", "layer_norm_first", "norm_eps", "activation")
+)
+"""The block stack's keys a published model fixes (each modality's ``ARCHITECTURE`` adds its own)."""
+
+FROM_INIT = "from_init"
+"""``model.<m>.preset: from_init``: the architecture of ``pretrain.<m>.init``'s model (``d2v.initialize``)."""
+
+
 @dataclass(frozen=True)
 class PathsConfig:
     """Where each stage reads and writes; dvc.yaml templates its deps/outs from these (declared once)."""
@@ -258,6 +268,9 @@ class PathsConfig:
     """CSV curves and tables (DVC ``plots:``)."""
     reports: str = "reports"
     """The rendered benchmark report (``reports/benchmark.{md,html}``) and its figures."""
+    published: str = "published"
+    """Published models a run starts from (``pretrain.<m>.init``, ``shard.<m>.preprocess_like``) go in
+    ``<published>/<m>/``: dvc.yaml lists that folder as a dependency of the stages that read it."""
 
 
 @dataclass(frozen=True)
@@ -321,7 +334,8 @@ def preset_config(
     d = dict(d or {})
     name = d.get("preset", cls.preset)  # type: ignore[attr-defined]
     if not isinstance(name, str) or name not in presets:
-        raise ConfigError(f"{where}.preset: {name!r} is not one of {list(presets)}")
+        hint = " (with pretrain.<m>.init set)" if name == FROM_INIT else ""
+        raise ConfigError(f"{where}.preset: {name!r}{hint} is not one of {list(presets)}")
     merged = deep_merge(to_dict(cls()), presets[name])
     if d.get("algorithm") == "data2vec2":
         merged = deep_merge(deep_merge(merged, v2), v2_presets[name])

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from d2v import checkpoint, tracking
+from d2v import checkpoint, initialize, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.heads import FinetuneModel
-from d2v.load import load_checkpoint_encoder, load_finetune_model
+from d2v.load import arm_encoder, load_finetune_model
 from d2v.metrics import (
     accuracy,
     ctc_probe,
@@ -45,7 +45,7 @@ from d2v.metrics import (
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
 from d2v.precision import Precision, autocast
-from d2v.sweep import INITS, PRETRAINED, Init, Run, SweepConfig, planned_runs, probe_key
+from d2v.sweep import DEFAULT_INITS, PRETRAINED, Init, Run, SweepConfig, planned_runs, probe_key
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -60,7 +60,7 @@ class EvaluateConfig:
 
     batch_size: int = 32
     """Test items per forward pass (no gradients; memory is the only limit)."""
-    probe_inits: tuple[Init, ...] = INITS
+    probe_inits: tuple[Init, ...] = DEFAULT_INITS
     """Encoders the linear probe compares: the pretrained one and the same architecture freshly
     initialised with the params seed; () switches the probe off."""
     probe_budget: int | float | None = None
@@ -335,7 +335,7 @@ def probe_metrics(
 
     out: dict[str, float] = {}
     for init in cfg.probe_inits:
-        encoder = load_checkpoint_encoder(pretrain_step, pretrained=init == PRETRAINED, seed=seed)
+        encoder = arm_encoder(init, pretrain_step, seed)
         for metric, value in probe(encoder, manifest, shard_dir, cfg, seed, device).items():
             if "/" in metric:  # the per-seed values; the report computes means, spreads and intervals
                 out[probe_key(init, metric)] = value
@@ -430,7 +430,7 @@ def ctc_probe_metrics(
         return frame_features(encoder, progress(loader, f"CTC probe features: {split}", sized, split), device)
 
     for init in cfg.probe_inits:
-        encoder = load_checkpoint_encoder(step, pretrained=init == PRETRAINED, seed=seed)
+        encoder = arm_encoder(init, step, seed)
         test_x, test_text = features(encoder, split_of(entry, "test"), None, seed)
         for s in cfg.probe_seeds:
             train_x, train_text = features(encoder, split_of(entry, "train"), cfg.ctc_probe_budget, seed + s)
@@ -463,8 +463,8 @@ def cli_evaluate(params: dict[str, Any], args: Any) -> int:
     paths = section(params, "paths", PathsConfig)
     seed = int(params.get("seed", 0))
     runs = planned_runs(section(params, "sweep", SweepConfig), args.budget, args.seed, args.init)
-    model_cfg = get(m).model_config((params.get("model") or {}).get(m), f"model.{m}")
     ckpts = Path(paths.checkpoints)
+    model_cfg = initialize.stage_model_config(params, m, ckpts / "pretrain" / m)
     metrics, rows = evaluate(
         m, runs, Path(paths.shards) / m, ckpts / "pretrain" / m, ckpts / "finetune" / m, cfg,
         model_cfg=model_cfg, seed=seed,

@@ -21,15 +21,15 @@ from typing import Any, Literal
 
 import torch
 
-from d2v import checkpoint, distributed, loop, runner, tracking
+from d2v import checkpoint, distributed, initialize, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, from_dict, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.heads import FinetuneModel, HeadConfig, SequenceClassifier
-from d2v.load import build_finetune_model, head_config, load_checkpoint_encoder
+from d2v.load import arm_encoder, build_finetune_model, head_config
 from d2v.metrics import fit_logistic
 from d2v.modalities import get
 from d2v.optim import OptimConfig
-from d2v.sweep import PRETRAINED, Run, SweepConfig, parse_budget
+from d2v.sweep import PRETRAINED, PUBLISHED, Run, SweepConfig, parse_budget
 
 CURVE_FIELDS = ("step", "loss", "accuracy", "lr")
 
@@ -240,7 +240,6 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     """``d2v finetune <m>``: checkpoint, shards and budget are checked before any work."""
     m = args.modality
     mod = get(m)
-    model_cfg = mod.model_config((params.get("model") or {}).get(m), f"model.{m}")
     cfg = section(params, "finetune", FinetuneConfig, m)
     head, mask = modality_options(cfg, m)
     seed = int(params.get("seed", 0)) if args.seed is None else int(args.seed)
@@ -252,11 +251,12 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     paths = section(params, "paths", PathsConfig)
     shard_dir = Path(paths.shards) / m
     pretrain_dir = Path(paths.checkpoints) / "pretrain" / m
+    model_cfg = initialize.stage_model_config(params, m, pretrain_dir)
 
     manifest = read_manifest(shard_dir)
     split, num_classes, task_entry = task_info(manifest, cfg.task, shard_dir)
     source = None
-    if run.init == PRETRAINED:
+    if run.init in (PRETRAINED, PUBLISHED):
         if checkpoint.latest(pretrain_dir) is None:
             raise ValueError(
                 f"{pretrain_dir}: no pretrained {m} checkpoint; run `d2v pretrain {m}` first, or fine-tune "
@@ -264,7 +264,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
             )
         source = checkpoint.resolve(pretrain_dir)
         checkpoint.check_compatible(source, m, model_cfg, "pretrain")
-        encoder = load_checkpoint_encoder(source, pretrained=True)
+        encoder = arm_encoder(run.init, source, seed)
     else:
         torch.manual_seed(seed)
         encoder = mod.build_encoder(model_cfg)
@@ -295,7 +295,10 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     fingerprint = {
         "model_config": to_dict(model.encoder.config), "config": runner.resume_relevant(cfg), "seed": seed,
         "budget": run.budget, "init": run.init, "data": checkpoint.file_sha256(shard_dir / "manifest.json"),
-        "pretrained": source_meta.get("fingerprint"), "pretrained_step": source_meta.get("step"),
+        # the published arm depends on the folder only, not on how far its continued pretraining got
+        "pretrained": (source_meta.get("init") or {}).get("sha256") if run.init == PUBLISHED
+        else source_meta.get("fingerprint"),
+        "pretrained_step": None if run.init == PUBLISHED else source_meta.get("step"),
     }  # fmt: skip
     meta = {
         "modality": m, "kind": "finetune", "model_config": to_dict(model.encoder.config),

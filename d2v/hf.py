@@ -63,6 +63,15 @@ def backbone_state_dict(sd: dict[str, torch.Tensor], model_type: str) -> dict[st
     return sd
 
 
+def hf_encoder_state(path: str | Path, cfg) -> dict[str, torch.Tensor]:
+    """The d2v encoder state dict of an HF folder's weights (a ``For<Task>`` model's backbone), for an
+    encoder of ``cfg`` (its ``ModelConfig``); ValueError naming the file when it is missing or unreadable."""
+    path = Path(path)
+    model_type = json.loads((path / CONFIG_FILE).read_text())["model_type"]
+    mod = get(_modality_for(model_type, path))
+    return mod.state_dict_from_hf(backbone_state_dict(read_hf_weights(path), model_type), cfg)
+
+
 def load_hf_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
     path = Path(path)
     cfg_file = path / "config.json"
@@ -75,7 +84,7 @@ def load_hf_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) ->
     torch.manual_seed(seed)
     encoder = mod.build_encoder(cfg)
     if pretrained:
-        sd = mod.state_dict_from_hf(backbone_state_dict(read_hf_weights(path), model_type), cfg)
+        sd = hf_encoder_state(path, cfg)
         missing, unexpected = encoder.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(

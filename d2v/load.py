@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2v import checkpoint
+from d2v import checkpoint, initialize, published
 from d2v.config import from_dict
 from d2v.heads import FinetuneModel, HeadConfig
 from d2v.hf import is_hf_dir, load_hf_encoder
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
 from d2v.preprocessing import attach_preprocessing
+from d2v.sweep import PRETRAINED, PUBLISHED
 
 
 def head_config(modality: str, d: dict[str, Any] | HeadConfig | None, where: str) -> HeadConfig:
@@ -106,3 +107,36 @@ def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> En
     else:
         encoder = load_checkpoint_encoder(path, pretrained=pretrained, seed=seed)
     return attach_preprocessing(encoder, path)
+
+
+def published_encoder(pretrain_step: Path) -> Any:
+    """The encoder of the model the pretrain run in ``pretrain_step`` started from, as it is (the sweep's
+    ``published`` arm): its folder is read again and checked against the run's record of it. ValueError
+    saying what to do when the run did not start from one, or the folder changed since."""
+    meta = checkpoint.read_meta(pretrain_step)
+    rec = meta.get("init")
+    m = meta.get("modality")
+    if not rec:
+        raise ValueError(
+            f"{pretrain_step}: this {m} pretraining started from random init, so there is no published model "
+            f"to fine-tune; set pretrain.{m}.init (and rerun `d2v pretrain {m}`) or drop 'published' from "
+            "sweep.inits"
+        )
+    src = published.source(rec["path"], m, f"pretrain.{m}.init")
+    if src.record()["sha256"] != rec["sha256"]:
+        raise ValueError(
+            f"{src.path} changed since {pretrain_step} started from it; rerun `d2v pretrain {m}` (dvc repro "
+            "does when the folder is under published/)"
+        )
+    mod = get(m)
+    encoder = mod.build_encoder(mod.model_config(meta["model_config"], f"{pretrain_step}/meta.json"))
+    encoder.load_state_dict(initialize.encoder_state(src, encoder.config))
+    return encoder.eval()
+
+
+def arm_encoder(init: str, pretrain_step: Path, seed: int) -> Any:
+    """The encoder of sweep arm ``init`` (pretrained | scratch | published) around the pretrain checkpoint
+    ``pretrain_step``; ``scratch`` is its architecture initialised from ``seed``."""
+    if init == PUBLISHED:
+        return published_encoder(pretrain_step)
+    return load_checkpoint_encoder(pretrain_step, pretrained=init == PRETRAINED, seed=seed)

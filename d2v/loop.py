@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -67,10 +67,14 @@ class LoopConfig:
     max_len: int | None = None
     """Crop length of an example in the modality's raw unit (audio samples, text tokens); None: loader's."""
 
+    min_steps: ClassVar[int] = 1
+    """The fewest ``steps`` a section accepts (pretraining from a published model takes 0: use it as is)."""
+
     def __post_init__(self) -> None:
         # messages name keys relative to this section; from_dict puts the section's path in front
+        if self.steps < self.min_steps:
+            raise ConfigError(f"steps must be >= {self.min_steps}, got {self.steps}")
         for name in (
-            "steps",
             "batch_size",
             "grad_accum",
             "log_every",

@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from d2v import initialize
 from d2v.config import SECTIONS, ConfigError, PathsConfig, ReportConfig, TrackingConfig, section, to_dict
 from d2v.evaluate import EvaluateConfig
 from d2v.finetune import FinetuneConfig, modality_options
-from d2v.modalities import MODALITIES, get
+from d2v.modalities import MODALITIES
 from d2v.pretrain import PretrainConfig
 from d2v.sweep import SweepConfig
 
@@ -26,7 +27,9 @@ def check_all(params: dict[str, Any], quiet: bool = False) -> int:
     own = getattr(params, "own", None)
     if own is not None:
         try:
-            _check_sections(own)
+            # the values one by one; their fit to a published model is the effective params' to check (a
+            # profile such as published-base sets model.<m>.preset: from_init for the file's init folders)
+            resolve(own, with_folders=False)
         except ConfigError as e:
             raise ConfigError(
                 f"{e} (in the file's own sections: profile {params.get('profile')!r} overrides this value, "
@@ -45,7 +48,7 @@ PER_MODALITY = ("prepare", "shard", "model", "pretrain", "finetune", "evaluate")
 """Sections with one entry per modality (every modality's, whatever ``modalities:`` runs)."""
 
 
-def resolve(params: dict[str, Any]) -> dict[str, Any]:
+def resolve(params: dict[str, Any], with_folders: bool = True) -> dict[str, Any]:
     """Every section of ``params`` (a profile already applied) built as the stages build it, as a plain dict:
     every key with its value, the defaults a section leaves out included (``model.<m>`` through its preset,
     ``finetune.<m>.head`` / ``mask`` through the modality's ``HeadConfig`` / ``FinetuneMask``).
@@ -78,10 +81,10 @@ def resolve(params: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{name}: unknown modality key(s) {extra}; expected {list(MODALITIES)}")
         out[name] = {}
     for m in MODALITIES:
-        mod, data = get(m), importlib.import_module(f"d2v.modalities.{m}.data")
+        data = importlib.import_module(f"d2v.modalities.{m}.data")
         out["prepare"][m] = to_dict(section(params, "prepare", data.PrepareConfig, m))
         out["shard"][m] = to_dict(section(params, "shard", data.ShardConfig, m))
-        out["model"][m] = to_dict(mod.model_config((params.get("model") or {}).get(m), f"model.{m}"))
+        out["model"][m] = initialize.checked_model_section(params, m, with_folders)
         out["pretrain"][m] = to_dict(section(params, "pretrain", PretrainConfig, m))
         finetune = section(params, "finetune", FinetuneConfig, m)
         head, mask = modality_options(finetune, m)

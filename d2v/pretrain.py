@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from d2v import checkpoint, distributed, loop, runner, tracking
+from d2v import checkpoint, distributed, initialize, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.data2vec import Data2Vec, ema_decay
@@ -51,9 +51,19 @@ class PretrainConfig(loop.LoopConfig):
     """Draw shards with replacement, ``epoch_len`` batches per epoch: for many ranks and few shards."""
     epoch_len: int | None = None
     """Batches per epoch and rank (needed with ``resampled``); None: one pass over the shards."""
+    init: str | None = None
+    """A Hugging Face data2vec folder (e.g. ``facebook/data2vec-audio-base``, downloaded once; a
+    fine-tuned one's head is ignored) or a d2v checkpoint: the student starts from its encoder and the
+    teacher as its copy (continued, "domain-adaptive" pretraining; ``d2v.initialize``). With ``steps: 0``
+    the stage writes it as a d2v checkpoint unchanged. Put it under ``<paths.published>/<m>/``, which
+    dvc.yaml lists as a dependency. None: random init."""
+
+    min_steps: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.steps == 0 and self.init is None:
+            raise ConfigError("steps must be >= 1, got 0 (0 means: use init as is, and init is not set)")
         if self.min_len is not None and self.min_len < 1:
             raise ConfigError(f"min_len must be >= 1 or null, got {self.min_len}")
 
@@ -126,16 +136,30 @@ def pretrain(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def init_outside_published(init: str, paths: PathsConfig, modality: str) -> str | None:
+    """A warning when ``init`` is outside ``<paths.published>/<m>``, the folder dvc.yaml tracks."""
+    tracked = (Path(paths.published) / modality).resolve()
+    if tracked == Path(init).resolve() or tracked in Path(init).resolve().parents:
+        return None
+    return (
+        f"pretrain.{modality}.init: {init} is outside {paths.published}/{modality}, the folder dvc.yaml "
+        "lists as this stage's dependency: DVC will not rerun the stage when that folder changes"
+    )
+
+
 def cli_pretrain(params: dict[str, Any], args) -> int:
     """``d2v pretrain <modality>``: config, shards and an existing checkpoint are checked before any work."""
     m = args.modality
     mod = get(m)
-    model_cfg = mod.model_config((params.get("model") or {}).get(m), f"model.{m}")
     cfg = section(params, "pretrain", PretrainConfig, m)
+    src = initialize.init_source(cfg.init, m)
+    model_cfg = initialize.model_config((params.get("model") or {}).get(m), m, src)
     seed = int(params.get("seed", 0))
     paths = section(params, "paths", PathsConfig)
     shard_dir = Path(paths.shards) / m  # split "pretrain": <shards>/<m>/pretrain-*.tar
     manifest = read_manifest(shard_dir)
+    if src is not None:
+        initialize.check_preprocessing(src, manifest, shard_dir)
     info = distributed.init()
     per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"pretrain.{m}")
 
@@ -152,20 +176,33 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     make_loader(0)  # fail now (empty split, model/shard mismatch) rather than after the model is built
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = mod.build_pretrain_model(model_cfg)
+    init = None
+    if src is not None:
+        initialize.start_from(model, src)
+        init = src.record()
+        if info.is_main:
+            for note in (initialize.head_note(src), init_outside_published(cfg.init, paths, m)):
+                if note:
+                    print(note)
     meta = {
         "modality": m, "kind": "pretrain", "model_config": to_dict(model_cfg), "encoder_prefix": "student.",
-        "config": to_dict(cfg), "seed": seed, "preprocessing": manifest.get("preprocessing"),
+        "config": to_dict(cfg), "seed": seed, "preprocessing": manifest.get("preprocessing"), "init": init,
     }  # fmt: skip
     fingerprint = {
         "model_config": to_dict(model_cfg), "config": runner.resume_relevant(cfg), "seed": seed,
         "data": checkpoint.file_sha256(shard_dir / "manifest.json"),
+        "init": init["sha256"] if init else None,
     }  # fmt: skip
     run_dir = Path(paths.checkpoints) / "pretrain" / m
     job = pretrain_job(model, cfg, make_loader, run_dir, meta,
                        files=runner.preprocessing_files(manifest, shard_dir))  # fmt: skip
+    started = {} if src is None else {
+        "init": str(src.path), "init_model_type": src.model_type,
+        "init_size": f"{model_cfg.transformer.depth} x {model_cfg.transformer.dim}",
+    }  # fmt: skip
     outputs = runner.Outputs(
         Path(paths.metrics) / "pretrain" / f"{m}.json", Path(paths.plots) / "pretrain" / f"{m}.csv",
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size, info=started,
     )  # fmt: skip
     runner.run_stage(
         job, params=params, modality=m, fingerprint=fingerprint, outputs=outputs, seed=seed, info=info,

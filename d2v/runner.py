@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,6 +72,8 @@ class Outputs:
     curve: Path
     batch_size: int = 1
     """Samples per update over all ranks: ``samples_per_s`` = steps x batch / seconds."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Fixed entries added to the metrics JSON (``<kind>/<key>``): where a pretraining run started."""
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -151,6 +153,7 @@ def write_outputs(history: list[dict[str, float]], prefix: str, out: Outputs, se
     steps = metrics[f"{prefix}/steps"] = int(last.get("step", 0))
     metrics[f"{prefix}/seconds"] = seconds
     metrics[f"{prefix}/samples_per_s"] = steps * out.batch_size / seconds if seconds > 0 else 0.0
+    metrics.update({f"{prefix}/{k}": v for k, v in out.info.items()})
     out.metrics.parent.mkdir(parents=True, exist_ok=True)
     out.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     out.curve.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +253,8 @@ def fit(
             start_step=step, rank=info.rank, world_size=info.world_size, after_step=job.after_step,
             on_log=on_log, on_save=on_save,
         )  # fmt: skip
+        if cfg.steps == 0 and not state:
+            on_save(0)  # nothing to train (a published model used as is): its weights as a checkpoint
     return history
 
 

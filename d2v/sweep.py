@@ -16,10 +16,14 @@ from typing import Literal, get_args
 
 from d2v.config import ConfigError
 
-Init = Literal["pretrained", "scratch"]
-"""'pretrained': start from the pretrain stage's encoder; 'scratch': the same architecture, random init."""
-PRETRAINED, SCRATCH = get_args(Init)
-INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH)
+Init = Literal["pretrained", "scratch", "published"]
+"""'pretrained': start from the pretrain stage's encoder; 'scratch': the same architecture, random init;
+'published': the model ``pretrain.<m>.init`` names, as it is (before the pretrain stage's continued
+pretraining)."""
+PRETRAINED, SCRATCH, PUBLISHED = get_args(Init)
+INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH, PUBLISHED)
+DEFAULT_INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH)
+"""What the sweep compares unless told otherwise (``published`` needs ``pretrain.<m>.init``)."""
 Budget = int | float
 """Labels per class (an int >= 1) or a fraction of each class's training labels (a float in (0, 1])."""
 
@@ -72,8 +76,9 @@ class SweepConfig:
     """Label budgets: an int is labels per class, a float in (0, 1] a fraction of the train split."""
     seeds: tuple[int, ...] = (0,)
     """Fine-tuning seeds (head init, data order, dropout)."""
-    inits: tuple[Init, ...] = INITS
-    """Which encoders to fine-tune: the pretrained one and/or the from-scratch baseline."""
+    inits: tuple[Init, ...] = DEFAULT_INITS
+    """Which encoders to fine-tune: the pretrained one, the from-scratch baseline, and (when pretraining
+    starts from ``pretrain.<m>.init``) the published model as it is."""
 
     def __post_init__(self) -> None:
         if not self.budgets or not self.seeds or not self.inits:

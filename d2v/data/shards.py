@@ -62,6 +62,7 @@ from typing import Any, Literal, NamedTuple
 import webdataset as wds
 from tqdm import tqdm
 
+from d2v import published
 from d2v.config import ConfigError, to_dict
 
 MANIFEST = "manifest.json"
@@ -179,6 +180,12 @@ class ShardCommon:
     """True: a bad input (corrupt, unsupported, empty, silent ...) is an error naming the file, not a skip."""
     workers: int = 1
     """Processes that encode inputs (decode, resample, FLAC/PNG); sample order does not depend on it."""
+    preprocess_like: str | None = None
+    """A Hugging Face data2vec folder or a d2v checkpoint whose preprocessing the shards take instead of
+    their own (text: its tokenizer; images: its size, resize and mean/std; audio: its sample rate and
+    normalisation), so that a run starting from it (``pretrain.<m>.init``) sees inputs as it was trained
+    on. The manifest records it. None: ``pretrain.<m>.init``'s folder when that is set, else the
+    modality's own preprocessing."""
 
     def __post_init__(self) -> None:
         # messages name keys relative to this section; from_dict puts the section's path in front
@@ -589,6 +596,10 @@ def write_shards(
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"{raw_dir}: no raw data; run `d2v prepare {modality}` first")
+    # checked before any work: a folder that is not a data2vec model of this modality stops here
+    like = published.source(cfg.preprocess_like, modality, f"shard.{modality}.preprocess_like") if (
+        cfg.preprocess_like is not None
+    ) else None  # fmt: skip
     scan = data.scan(raw_dir, cfg)
     if cfg.strict and scan.skipped:
         raise _strict_error(scan.skipped[0])
@@ -614,6 +625,7 @@ def write_shards(
             "tasks": label_maps,
             "files": files,
             "preprocessing": data.preprocessing(ctx, {s: e["stats"] for s, e in entries.items()}),
+            "preprocess_like": like.record() if like is not None else None,
             "skipped": [{"input": s.input, "kind": s.kind, "reason": s.reason} for s in all_skipped],
             "skipped_counts": dict(sorted(Counter(s.kind for s in all_skipped).items())),
             "info": scan.info,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -102,9 +102,18 @@ def cli_prepare(params: dict[str, Any], args: Any) -> int:
     return 0
 
 
+def like_init(cfg: Any, params: dict[str, Any], modality: str) -> Any:
+    """``cfg`` with ``preprocess_like`` set to ``pretrain.<m>.init`` when that is set and it is not: shards
+    for a run that starts from a published model are made as that model expects by default."""
+    init = ((params.get("pretrain") or {}).get(modality) or {}).get("init")
+    if cfg.preprocess_like is not None or init is None:
+        return cfg
+    return replace(cfg, preprocess_like=str(init))
+
+
 def cli_shard(params: dict[str, Any], args: Any) -> int:
     m = args.modality
-    cfg = section(params, "shard", data_module(m).ShardConfig, m)
+    cfg = like_init(section(params, "shard", data_module(m).ShardConfig, m), params, m)
     paths = section(params, "paths", PathsConfig)
     manifest = shard(m, cfg, Path(paths.raw) / m, Path(paths.shards) / m, _seed(params))
     counts = {s: e["samples"] for s, e in manifest["splits"].items()}

@@ -173,6 +173,19 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
     return blocks
 
 
+def started_from(r: ModalityResult) -> str | None:
+    """Where the ``pretrained`` arm of ``r`` came from, when not from random init (``pretrain.<m>.init``)."""
+    m = r.pretrain or {}
+    if not m.get("pretrain/init"):
+        return None
+    steps = int(m.get("pretrain/steps", 0))
+    then = f"then {steps:,} steps of continued pretraining on these shards" if steps else "used as is"
+    return (
+        f"**{r.name}**: the `pretrained` arm starts from `{m['pretrain/init']}` "
+        f"({m.get('pretrain/init_model_type')}, {m.get('pretrain/init_size')} layers x width), {then}."
+    )
+
+
 def pretrain_blocks(rep: Report) -> list:
     have = [r for r in rep.modalities if r.pretrain is not None]
     blocks: list = [H(2, "Pretraining")]
@@ -190,6 +203,7 @@ def pretrain_blocks(rep: Report) -> list:
         ),
         Table(("metric", *(r.name for r in have)), rows),
     ]
+    blocks += [P(line) for line in (started_from(r) for r in have) if line]
     blocks += [Img(f) for r in rep.modalities for f in r.figures if f.name.startswith("pretrain_")]
     return blocks
 

@@ -16,8 +16,9 @@ from d2v.report.stats import (
     PayOff,
     init_key,
     pay_off,
+    welch_ci,
 )
-from d2v.sweep import PRETRAINED, SCRATCH
+from d2v.sweep import PRETRAINED, PUBLISHED, SCRATCH
 
 
 def _seeds_phrase(p: Cell, s: Cell) -> str:
@@ -48,6 +49,23 @@ def _diff_text(c: Comparison, g: MetricGroup) -> str:
     return f"pretrained is worse than scratch at {budget_phrase(c.budget, g.task)} {what} ({ci})"
 
 
+def _continued_text(c: Comparison, g: MetricGroup) -> str | None:
+    """What continued pretraining added to a published model (pretrained − published), when both ran."""
+    p, q = c.cells.get(PRETRAINED), c.cells.get(PUBLISHED)
+    if p is None or q is None:
+        return None
+    unit = diff_unit(g.is_rate)
+    ci = welch_ci(p, q)
+    spread = (
+        f"95% CI {fmt_diff(ci[0], g.is_rate)} to {fmt_diff(ci[1], g.is_rate)}"
+        if ci
+        else _seeds_phrase(p, q) + ": no spread to compare it with"
+    )
+    return (
+        f"continued pretraining − the published model {fmt_diff(p.mean - q.mean, g.is_rate)}{unit} ({spread})"
+    )
+
+
 def group_sentence(m: str, g: MetricGroup) -> str:
     parts = []
     for c in g.rows:
@@ -56,6 +74,8 @@ def group_sentence(m: str, g: MetricGroup) -> str:
             parts.append(f"at {budget_phrase(c.budget, g.task)} only {have} runs exist, nothing to compare")
         else:
             parts.append(_diff_text(c, g))
+        if (continued := _continued_text(c, g)) is not None:
+            parts.append(continued)
     return f"**{m}** ({g.label}): " + "; ".join(parts) + "."
 
 

@@ -85,10 +85,10 @@ def test_a_bad_value_hidden_by_the_profile_is_still_an_error(tmp_path, capsys):
     with pytest.raises(ConfigError) as e:
         check_all(load_params(bad, "smoke"))
     assert str(e.value).startswith(
-        "pretrain.audio.steps must be >= 1, got -5 (in the file's own sections: profile 'smoke' overrides"
+        "pretrain.audio.steps must be >= 0, got -5 (in the file's own sections: profile 'smoke' overrides"
     )
     assert main(["check-params", "--params", str(bad), "--profile", "smoke"]) == 2
-    assert "pretrain.audio.steps must be >= 1, got -5" in capsys.readouterr().err
+    assert "pretrain.audio.steps must be >= 0, got -5" in capsys.readouterr().err
 
 
 def test_check_all_can_be_quiet(capsys):

@@ -3,7 +3,14 @@
 Implements the modality contract (``d2v.modalities.contract``).
 """
 
-from d2v.modalities.audio.data import PrepareConfig, ShardConfig, digit_voices, inference_inputs, load_audio
+from d2v.modalities.audio.data import (
+    PrepareConfig,
+    ShardConfig,
+    digit_voices,
+    inference_inputs,
+    like_preprocessing,
+    load_audio,
+)
 from d2v.modalities.audio.frames import SAMPLE_RATE, feature_lengths, normalize_waveform, receptive_field
 from d2v.modalities.audio.heads import (
     CTC_VOCAB,
@@ -38,6 +45,7 @@ __all__ = [
     "ShardConfig",
     "digit_voices",
     "inference_inputs",
+    "like_preprocessing",
     "load_audio",
     "SAMPLE_RATE",
     "feature_lengths",

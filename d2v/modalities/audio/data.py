@@ -21,15 +21,20 @@ all-zero clips are skipped and counted. Splits: ``pretrain``; ``train``/``valid`
 classification, ``cls``) and ``ctc_train``/``ctc_valid``/``ctc_test`` (digit strings, ``transcript.txt``),
 both split by speaker.
 
-Batches: ``inputs`` float [B, N] (per-utterance zero mean / unit variance when the model's
-``normalize_waveform`` is on), ``padding_mask`` bool [B, N] (True = padding); pretrain adds ``mask``
-[B, T frames] from the audio ``make_mask``.
+With ``shard.audio.preprocess_like`` (a published model's folder) the manifest records whether that model
+normalises each utterance (``normalize``: its ``Wav2Vec2FeatureExtractor``'s ``do_normalize``, or the d2v
+checkpoint's recorded entry); its sampling rate must be 16 kHz (:func:`like_preprocessing`).
+
+Batches: ``inputs`` float [B, N] (per-utterance zero mean / unit variance when the manifest's ``normalize``
+says so; manifests without it: when the model's ``normalize_waveform`` is on), ``padding_mask`` bool [B, N]
+(True = padding); pretrain adds ``mask`` [B, T frames] from the audio ``make_mask``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import random
 import re
@@ -48,6 +53,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from d2v import published
 from d2v.config import ConfigError
 from d2v.data.loader import padding_or_none
 from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, item_file, rng_for
@@ -66,7 +72,10 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f
 KLETTRES_DIR = Path("/usr/share/klettres")
 KTUBERLING_DIR = Path("/usr/share/ktuberling/sounds")
 
-__all__ = ["PrepareConfig", "ShardConfig", "load_audio", "to_waveform", "inference_inputs", "digit_voices"]
+__all__ = [
+    "PrepareConfig", "ShardConfig", "load_audio", "to_waveform", "inference_inputs", "digit_voices",
+    "like_preprocessing",
+]  # fmt: skip
 
 STRING_ITEMS = False
 """A ``str`` item given to ``embed`` is a file path (only text reads strings as content)."""
@@ -402,9 +411,21 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
     return out
 
 
-def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> None:
-    """Nothing to fit for audio."""
-    return None
+LIKE_KEY = "shard.audio.preprocess_like"
+
+
+@dataclass(frozen=True)
+class Context:
+    like: dict[str, Any] | None = None
+    """The ``preprocessing`` entry that ``shard.audio.preprocess_like`` dictates (:func:`like_preprocessing`);
+    None: d2v's own."""
+
+
+def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> Context:
+    """Nothing to fit for audio; with ``preprocess_like``, the folder's preprocessing (checked: 16 kHz)."""
+    if cfg.preprocess_like is None:
+        return Context()
+    return Context(like_preprocessing(published.source(cfg.preprocess_like, "audio", LIKE_KEY)))
 
 
 def resample(x: Tensor, rate: int, sample_rate: int = SAMPLE_RATE) -> Tensor:
@@ -460,7 +481,7 @@ def to_pcm16(x: Tensor) -> np.ndarray:
     return np.round(x.clamp(-1.0, 1.0).numpy() * 32767.0).astype(np.int16)
 
 
-def encode(item: Item, ctx: None) -> list[Encoded]:
+def encode(item: Item, ctx: Context | None) -> list[Encoded]:
     """One clip as 16 kHz mono 16-bit FLAC; BadInput when unreadable, too short or all zero."""
     pcm = to_pcm16(load_audio(item.ref))
     if len(pcm) < MIN_SAMPLES:
@@ -473,7 +494,8 @@ def encode(item: Item, ctx: None) -> list[Encoded]:
     return [Encoded({"flac": buf.getvalue()}, {"clips": 1, "seconds": seconds, "hours": seconds / 3600})]
 
 
-def preprocessing(ctx: None, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def own_preprocessing() -> dict[str, Any]:
+    """The manifest entry of shards made without ``preprocess_like`` (normalisation: the model's own)."""
     return {
         "sample_rate": SAMPLE_RATE,
         "channels": 1,
@@ -483,13 +505,124 @@ def preprocessing(ctx: None, stats: dict[str, dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def preprocessing(ctx: Context | None, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What inference repeats: 16 kHz mono FLAC; with ``preprocess_like``, exactly what the folder dictates
+    (``like_preprocessing``: adds ``normalize``)."""
+    if ctx is not None and ctx.like is not None:
+        return dict(ctx.like)
+    return own_preprocessing()
+
+
+# ------------------------------------------------------------------------ a published model's preprocessing
+
+PROCESSOR_FILE = "preprocessor_config.json"
+SAVE_HINT = (
+    "transformers.AutoFeatureExtractor.from_pretrained('<the model, e.g. facebook/data2vec-audio-base>')"
+    ".save_pretrained('{folder}')"
+)
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """What a Data2VecAudio ``Wav2Vec2FeatureExtractor`` does to a waveform (its ``preprocessor_config.json``)."""
+
+    sample_rate: int
+    """``sampling_rate``: the rate it expects (Hz)."""
+    normalize: bool
+    """``do_normalize``: zero mean, unit variance per utterance."""
+
+
+def read_feature_extractor(f: Path) -> ExtractorSpec:
+    """The settings of a Data2VecAudio ``preprocessor_config.json`` ``f``; ValueError naming the file, the
+    setting and what d2v supports (transformers' defaults for keys the file omits)."""
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{f}: cannot be read as JSON ({type(e).__name__}: {e}); save the feature extractor into the "
+            "folder again with save_pretrained"
+        ) from None
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"{f}: holds a JSON {type(d).__name__}, not an object of feature extractor settings; save the "
+            "feature extractor into the folder again with save_pretrained"
+        )
+    kind = d.get("feature_extractor_type")
+    if kind not in (None, "Wav2Vec2FeatureExtractor"):
+        raise ValueError(f"{f}: a {kind}; d2v reads the Wav2Vec2FeatureExtractor of Data2VecAudio models")
+    if d.get("feature_size", 1) != 1:
+        raise ValueError(f"{f}: feature_size {d['feature_size']}; a waveform feature extractor has 1")
+    rate = d.get("sampling_rate", 16_000)
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+        raise ValueError(f"{f}: sampling_rate must be a positive integer (Hz), got {rate!r}")
+    normalize = d.get("do_normalize", True)  # transformers' default
+    if not isinstance(normalize, bool):
+        raise ValueError(f"{f}: do_normalize must be true or false, got {normalize!r}")
+    return ExtractorSpec(rate, normalize)
+
+
+def like_preprocessing(src: published.Source, key: str = LIKE_KEY) -> dict[str, Any]:
+    """The manifest ``preprocessing`` entry of shards made like the model folder ``src``
+    (``shard.audio.preprocess_like``): what ``preprocessing`` writes for them, from the folder alone.
+
+    A Hugging Face folder: d2v's 16 kHz entry plus ``normalize`` = its feature extractor's ``do_normalize``.
+    A d2v checkpoint: the entry of the shards it was trained on, as meta.json records it. Either way the
+    rate must be 16 kHz, the rate data2vec's conv encoder is built for. ValueError naming ``key``, the file
+    and what to do.
+    """
+    if src.kind == "d2v":
+        prep, f = src.config.get("preprocessing"), src.path / "meta.json"
+        if not isinstance(prep, dict) or "sample_rate" not in prep:
+            raise ValueError(
+                f"{key}: {f} records no audio preprocessing (sample_rate, of its shards); use a checkpoint "
+                "written by `d2v pretrain audio` or `d2v finetune audio`, or a Hugging Face data2vec-audio folder"
+            )
+        prep, rate = json.loads(json.dumps(prep)), prep["sample_rate"]  # a JSON copy, as a manifest reads
+    else:
+        f = src.path / PROCESSOR_FILE
+        if not f.is_file():
+            raise ValueError(
+                f"{key}: {src.path} has no {PROCESSOR_FILE}, which says at what rate the model hears and "
+                f"whether it normalises each clip; save it into the folder: {SAVE_HINT.format(folder=src.path)}"
+            )
+        try:
+            spec = read_feature_extractor(f)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+        prep, rate = {**own_preprocessing(), "normalize": spec.normalize}, spec.sample_rate
+    if rate != SAMPLE_RATE:
+        raise ValueError(
+            f"{key}: {f} says {rate} Hz, but data2vec's audio encoder runs at {SAMPLE_RATE} Hz (its conv "
+            f"frames are 20 ms there) and audio shards hold {SAMPLE_RATE} Hz clips: use a {SAMPLE_RATE} Hz "
+            "data2vec-audio model"
+        )
+    return prep
+
+
 # --------------------------------------------------------------------------------------------------- load
+
+
+def normalizes(prep: dict[str, Any], model_cfg: Any) -> bool:
+    """Whether clips are normalised per utterance: the manifest's ``normalize`` (shards made with
+    ``preprocess_like``), else the model's ``normalize_waveform`` (older manifests, d2v's own shards)."""
+    if prep.get("normalize") is not None:
+        return bool(prep["normalize"])
+    return bool(getattr(model_cfg, "normalize_waveform", False))
 
 
 def check_model(prep: dict[str, Any], model_cfg: Any) -> None:
     if prep["sample_rate"] != SAMPLE_RATE:
         raise ValueError(
             f"shards hold {prep['sample_rate']} Hz audio; the audio encoder expects {SAMPLE_RATE} Hz"
+        )
+    norm, model = prep.get("normalize"), getattr(model_cfg, "normalize_waveform", None)
+    if norm is not None and model is not None and bool(norm) != bool(model):
+        said = "normalised" if norm else "not normalised"
+        raise ValueError(
+            f"the shards' clips are {said} per utterance (manifest preprocessing normalize: "
+            f"{str(bool(norm)).lower()}, as the shard.audio.preprocess_like folder's model does), but "
+            f"model.audio.normalize_waveform is {str(bool(model)).lower()}: set model.audio.normalize_waveform: "
+            f"{str(bool(norm)).lower()} (or re-run `d2v shard audio` with another shard.audio.preprocess_like)"
         )
 
 
@@ -511,11 +644,12 @@ def transform(
     model_cfg: Any,
     target: str | None = None,
 ) -> Tensor:
-    """Normalise the whole utterance (fairseq normalises before cropping), then fit ``max_len`` samples:
-    a random crop in pretraining ([FS] ``RawAudioDataset.crop_to_max_size``), the head in fine-tuning
-    (classification only; CTC targets would no longer match), nothing in eval."""
-    if getattr(model_cfg, "normalize_waveform", False):
-        x = normalize_waveform(x[None], None, model_cfg.normalize_eps)[0]
+    """Normalise the whole utterance (fairseq normalises before cropping) when ``normalizes`` says so, then
+    fit ``max_len`` samples: a random crop in pretraining ([FS] ``RawAudioDataset.crop_to_max_size``), the
+    head in fine-tuning (classification only; CTC targets would no longer match), nothing in eval."""
+    if normalizes(prep, model_cfg):
+        eps = {"eps": model_cfg.normalize_eps} if hasattr(model_cfg, "normalize_eps") else {}
+        x = normalize_waveform(x[None], None, **eps)[0]
     if max_len is None or len(x) <= max_len or mode == "eval" or target == "transcript":
         return x
     start = rng.randrange(len(x) - max_len + 1) if mode == "pretrain" else 0

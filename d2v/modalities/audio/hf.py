@@ -9,7 +9,6 @@ stripped there. HF keeps q/k/v separate; we fuse them into one ``qkv`` projectio
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from d2v.config import ConfigError, TransformerConfig, replace
+from d2v.modalities.audio.data import PROCESSOR_FILE, collate, read_feature_extractor, to_waveform
 from d2v.modalities.audio.model import PRESETS, AudioEncoder, ModelConfig
 
 HF_MODEL_TYPE = "data2vec-audio"
@@ -211,8 +211,8 @@ def to_hf(encoder: AudioEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 # ---------------------------------------------------------------------------------- feature extractor
-
-PROCESSOR_FILE = "preprocessor_config.json"
+# The file is parsed by ``d2v/modalities/audio/data.py`` (``read_feature_extractor``), which the shard stage
+# also reads for ``preprocess_like`` shards.
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,6 @@ class FeatureExtractor:
     sample_rate: int
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
-        from d2v.modalities.audio.data import collate, to_waveform
-
         xs = [to_waveform(item, self.sample_rate) for item in items]
         return collate(xs, mode="eval", model_cfg=None, prep={}, generator=torch.Generator())
 
@@ -247,19 +245,11 @@ def processor_from_hf(folder: Path, cfg: ModelConfig) -> FeatureExtractor:
             "transformers.Wav2Vec2FeatureExtractor.from_pretrained('facebook/data2vec-audio-base-960h')"
             f".save_pretrained('{folder}'), or pass preprocessing= to embed"
         )
-    d = json.loads(f.read_text(encoding="utf-8"))
-    kind = d.get("feature_extractor_type")
-    if kind not in (None, "Wav2Vec2FeatureExtractor"):
-        raise ValueError(f"{f}: a {kind}; d2v reads the Wav2Vec2FeatureExtractor of Data2VecAudio models")
-    if d.get("feature_size", 1) != 1:
-        raise ValueError(f"{f}: feature_size {d['feature_size']}; a waveform feature extractor has 1")
+    spec = read_feature_extractor(f)
     # transformers' default is true, and every data2vec-audio checkpoint normalises
-    if not d.get("do_normalize", True):
+    if not spec.normalize:
         raise ValueError(
             f"{f}: do_normalize is false, but the d2v audio encoder normalises every utterance itself "
             "(data2vec's recipe): set do_normalize to true, or pass preprocessing= to embed"
         )
-    rate = d.get("sampling_rate", 16_000)
-    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
-        raise ValueError(f"{f}: sampling_rate must be a positive integer (Hz), got {rate!r}")
-    return FeatureExtractor(rate)
+    return FeatureExtractor(spec.sample_rate)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.config import ConfigError, TransformerConfig, preset_config
+from d2v.config import TRANSFORMER_ARCHITECTURE, ConfigError, TransformerConfig, preset_config
 from d2v.data2vec import Data2Vec, EMAConfig
 from d2v.data2vec2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.decoder import ConvDecoder, DecoderConfig
@@ -175,6 +175,14 @@ _V2_PRESETS: dict[str, dict[str, Any]] = {
     "large": {"v2": {"clones": 12, "decoder": {"dim": 768}}, "mask_prob": 0.55,
               "targets": {"top_k": 16}, "transformer": {"layerdrop": 0.0}},
 }  # fmt: skip
+
+
+ARCHITECTURE: tuple[str, ...] = (
+    *TRANSFORMER_ARCHITECTURE, "conv_dim", "conv_kernel", "conv_stride", "conv_bias", "pos_conv_layers",
+    "pos_conv_kernel", "pos_conv_groups", "normalize_waveform", "normalize_eps",
+)  # fmt: skip
+"""The ``model.audio`` keys a published model fixes (its weights' shapes and what its forward computes):
+``preset: from_init`` takes them from ``pretrain.audio.init``, and a value that contradicts it is an error."""
 
 
 def model_config(d: dict[str, Any] | None, where: str = "model.audio") -> ModelConfig:

@@ -4,7 +4,7 @@ Implements the modality contract (``d2v.modalities.contract``).
 """
 
 from d2v.heads import HeadConfig
-from d2v.modalities.image.data import PrepareConfig, ShardConfig, inference_inputs
+from d2v.modalities.image.data import PrepareConfig, ShardConfig, inference_inputs, like_preprocessing
 from d2v.modalities.image.heads import (
     TASKS,
     Data2VecVisionForImageClassification,
@@ -38,6 +38,7 @@ __all__ = [
     "PrepareConfig",
     "ShardConfig",
     "inference_inputs",
+    "like_preprocessing",
     "Data2VecVisionForImageClassification",
     "build_finetune_model",
     "prepare_for_finetuning",

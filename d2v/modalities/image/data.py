@@ -11,10 +11,13 @@ Raw layout written by ``prepare`` under ``<paths.raw>/image/`` (and read by ``sh
 
 Shards (``d2v/data/shards.py``): field ``png`` (grey 'L' or 'RGB', resized to ``image_size``: shorter side
 bicubic, then centre crop) and ``cls`` in labelled splits. Splits: ``pretrain`` (labels dropped), ``train``,
-``valid``, ``test``.
+``valid``, ``test``. With ``shard.image.preprocess_like`` (a published model's folder) the PNGs are resized as
+its BEiT image processor resizes (``preprocessor_config.json``: straight to height x width or shorter side,
+its filter, its centre crop) and the manifest takes its mean/std instead of the data's
+(:func:`like_preprocessing`).
 
-Batches: ``inputs`` float [B, 3, H, W] normalised with the pretrain split's per-channel mean/std (grey
-repeated to 3 channels); pretrain adds ``mask`` [B, h*w] (BEiT block masking, CLS excluded).
+Batches: ``inputs`` float [B, 3, H, W] normalised with the manifest's per-channel mean/std (grey repeated to
+3 channels); pretrain adds ``mask`` [B, h*w] (BEiT block masking, CLS excluded).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from d2v import published
 from d2v.config import ConfigError
 from d2v.data.shards import (
     BadInput,
@@ -59,7 +64,7 @@ CROP_SCALE = (0.35, 1.0)
 """Area range of the pretraining random-resized crop. [DV] uses (0.08, 1) at 224 px; a 28 px image keeps
 too little of the object below ~1/3 of its area."""
 
-__all__ = ["PrepareConfig", "ShardConfig", "inference_inputs", "to_image"]
+__all__ = ["PrepareConfig", "ShardConfig", "inference_inputs", "like_preprocessing", "to_image"]
 
 STRING_ITEMS = False
 """A ``str`` item given to ``embed`` is a file path (only text reads strings as content)."""
@@ -220,14 +225,30 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
     return out
 
 
+LIKE_KEY = "shard.image.preprocess_like"
+
+
 @dataclass(frozen=True)
 class Context:
     image_size: int
+    like: dict[str, Any] | None = None
+    """The ``preprocessing`` entry that ``shard.image.preprocess_like`` dictates (:func:`like_preprocessing`);
+    None: d2v's own resize and the data's mean/std."""
 
 
 def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> Context:
-    """Nothing to fit for images."""
-    return Context(cfg.image_size)
+    """Nothing to fit for images; with ``preprocess_like``, the folder's preprocessing, whose output size
+    must be ``image_size`` (ValueError naming both)."""
+    if cfg.preprocess_like is None:
+        return Context(cfg.image_size)
+    like = like_preprocessing(published.source(cfg.preprocess_like, "image", LIKE_KEY))
+    if like["image_size"] != cfg.image_size:
+        raise ValueError(
+            f"{LIKE_KEY}: {cfg.preprocess_like} preprocesses images to {like['image_size']} px but "
+            f"shard.image.image_size is {cfg.image_size}: set shard.image.image_size: {like['image_size']} "
+            f"(and model.image.image_size: {like['image_size']}), or leave {LIKE_KEY} unset"
+        )
+    return Context(cfg.image_size, like)
 
 
 _ARRAYS: dict[str, np.ndarray] = {}
@@ -269,9 +290,17 @@ def to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray((x >> 8).astype(np.uint8))
 
 
+GREY_MODES = ("L", "1", "I;16", "I", "F")
+
+
+def grey_or_rgb(im: Image.Image) -> Image.Image:
+    """Grey modes as 'L', anything else as 'RGB' (alpha dropped, palettes expanded)."""
+    return im.convert("L") if im.mode in GREY_MODES else im.convert("RGB")
+
+
 def resize_image(im: Image.Image, size: int) -> Image.Image:
     """Grey stays 'L', anything else becomes 'RGB'; shorter side to ``size`` (bicubic), centre crop."""
-    im = im.convert("L") if im.mode in ("L", "1", "I;16", "I", "F") else im.convert("RGB")
+    im = grey_or_rgb(im)
     w, h = im.size
     if (w, h) == (size, size):
         return im
@@ -282,8 +311,25 @@ def resize_image(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def encode_image(im: Image.Image, size: int) -> Encoded:
-    im = resize_image(im, size)
+def resize_like(im: Image.Image, prep: dict[str, Any]) -> Image.Image:
+    """``im`` as the shards of manifest entry ``prep`` store it ('L' or 'RGB', ``image_size`` square): the
+    image processor's resize and crop when ``prep`` has ``resize_to`` (shards made like an HF folder), else
+    d2v's own (``resize_image``: old manifests and shards without ``preprocess_like``)."""
+    if "resize_to" not in prep:
+        return resize_image(im, prep["image_size"])
+    a = np.array(grey_or_rgb(im))  # grey: one channel, resized as each of the RGB copies the processor makes
+    x_CHW = torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1)
+    x_CHW = processor_resize(
+        x_CHW, size_from_json(prep["resize_to"]), prep["resample"], size_from_json(prep["center_crop"])
+    )
+    out = x_CHW.permute(1, 2, 0).numpy()
+    return Image.fromarray(out[..., 0] if out.shape[-1] == 1 else np.ascontiguousarray(out))
+
+
+def encode_image(im: Image.Image, size: int, like: dict[str, Any] | None = None) -> Encoded:
+    """One PNG sample of ``im``: resized to ``size`` by d2v's rule, or as the ``preprocessing`` entry
+    ``like`` says (``resize_like``)."""
+    im = resize_like(im, like if like is not None else {"image_size": size})
     buf = io.BytesIO()
     im.save(buf, format="PNG", compress_level=6)
     x = np.asarray(im, dtype=np.float64) / 255.0
@@ -298,11 +344,14 @@ def encode_image(im: Image.Image, size: int) -> Encoded:
 
 
 def encode(item: Item, ctx: Context) -> list[Encoded]:
-    return [encode_image(load_image(item.ref), ctx.image_size)]
+    return [encode_image(load_image(item.ref), ctx.image_size, ctx.like)]
 
 
 def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Size and per-channel mean/std (of the pretrain split, else train) for the loader and ``embed``."""
+    """Size and per-channel mean/std (of the pretrain split, else train) for the loader and ``embed``; with
+    ``preprocess_like``, exactly what the folder dictates (``like_preprocessing``: no data statistics)."""
+    if ctx.like is not None:
+        return dict(ctx.like)
     name = "pretrain" if stats.get("pretrain", {}).get("images") else "train"
     s = stats.get(name, {})
     n = s.get("pixels", 0.0)
@@ -319,6 +368,294 @@ def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, A
         "stats_from": name,
         "resize": "shorter side to image_size (bicubic), centre crop; grey repeated to 3 channels",
     }
+
+
+# ------------------------------------------------------------------------ a published model's preprocessing
+
+PROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_TYPES = ("BeitImageProcessor", "BeitImageProcessorFast", "BeitFeatureExtractor")
+"""What transformers saves for Data2VecVision (``BeitFeatureExtractor``: before transformers 4.26; its PIL
+backend saves itself as ``BeitImageProcessor`` too, and transformers 5 loads that as the torchvision one)."""
+PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_resize": True, "size": {"height": 224, "width": 224}, "resample": 3, "do_center_crop": False,
+    "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}  # fmt: skip
+"""transformers 5's ``BeitImageProcessor`` class defaults: what it uses for a key the file omits."""
+INTERPOLATION = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+"""PIL resample codes -> the torchvision modes transformers maps them to (``pil_torch_interpolation_mapping``)."""
+CHANNELS = 3
+"""Batches are RGB (grey repeated), so a model whose preprocessing shards take has 3 input channels."""
+SAVE_HINT = (
+    "transformers.AutoImageProcessor.from_pretrained('<the model, e.g. facebook/data2vec-vision-base>')"
+    ".save_pretrained('{folder}')"
+)
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """What transformers' BEiT image processor does to an image (its ``preprocessor_config.json``, as
+    transformers 5's ``BeitImageProcessor`` with its torchvision backend reads it)."""
+
+    size: tuple[int, int] | int | None
+    """(height, width), or an int: the shorter side (aspect kept); None: no resize."""
+    resample: str
+    """torchvision interpolation mode (antialiased, as transformers calls it)."""
+    crop: tuple[int, int] | None
+    """Centre crop (height, width), transformers' rounding and zero padding; None: no crop."""
+    rescale: float | None
+    """Pixel scale (1/255); None: none."""
+    mean: tuple[float, ...] | None
+    """Per-channel mean and std after rescaling; None: no normalisation."""
+    std: tuple[float, ...] | None
+
+
+def read_json_object(f: Path) -> dict[str, Any]:
+    """The JSON object in file ``f``; ValueError naming it when it cannot be read or is not an object."""
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{f}: cannot be read as JSON ({type(e).__name__}: {e}); save the processor into the folder "
+            "again with save_pretrained"
+        ) from None
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"{f}: holds a JSON {type(d).__name__}, not an object of processor settings; save the processor "
+            "into the folder again with save_pretrained"
+        )
+    return d
+
+
+def _hw(v: Any, key: str, where: Path) -> tuple[int, int] | int:
+    """A processor size: {"height", "width"} or an int (square) -> (h, w); {"shortest_edge"} -> int."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, dict) and set(v) >= {"height", "width"}:
+        return (int(v["height"]), int(v["width"]))
+    if isinstance(v, dict) and set(v) == {"shortest_edge"} and key == "size":
+        return int(v["shortest_edge"])
+    raise ValueError(
+        f"{where}: {key} {v!r} is not supported; expected an int, {{'height', 'width'}} or (size only) "
+        "{'shortest_edge'}"
+    )
+
+
+def _per_channel(x: float | Sequence[float], channels: int) -> tuple[float, ...]:
+    """A processor's image_mean / image_std: one value for every channel, or one per channel."""
+    return (float(x),) * channels if isinstance(x, (int, float)) else tuple(float(c) for c in x)
+
+
+def read_image_processor(f: Path, channels: int = CHANNELS) -> ProcessorSpec:
+    """The settings of a Data2VecVision ``preprocessor_config.json`` ``f`` (``BeitImageProcessor``) for a
+    model of ``channels`` input channels; ValueError naming the file, the setting and what d2v supports."""
+    d = read_json_object(f)
+    kind = d.get("image_processor_type", d.get("feature_extractor_type"))
+    if kind is not None and kind not in PROCESSOR_TYPES:
+        raise ValueError(
+            f"{f}: a {kind}; d2v reads the image processors of Data2VecVision, {PROCESSOR_TYPES}"
+        )
+    v = {**PROCESSOR_DEFAULTS, **{k: x for k, x in d.items() if x is not None}}
+    resample = v["resample"]
+    if v["do_resize"] and resample not in INTERPOLATION:
+        raise ValueError(
+            f"{f}: resample {resample!r} is not supported; expected one of {sorted(INTERPOLATION)} "
+            "(PIL nearest, bilinear, bicubic)"
+        )
+    mean, std = _per_channel(v["image_mean"], channels), _per_channel(v["image_std"], channels)
+    if v["do_normalize"] and (len(mean) != channels or len(std) != channels):
+        raise ValueError(f"{f}: image_mean and image_std need {channels} values (the model's channels)")
+    if v["do_normalize"] and min(std) <= 0.0:
+        raise ValueError(f"{f}: image_std {list(std)} must be > 0")
+    return ProcessorSpec(
+        size=_hw(v["size"], "size", f) if v["do_resize"] else None,
+        resample=INTERPOLATION.get(resample, "bicubic"),
+        crop=_hw(v["crop_size"], "crop_size", f) if v["do_center_crop"] else None,  # (h, w): never an int
+        rescale=float(v["rescale_factor"]) if v["do_rescale"] else None,
+        mean=mean if v["do_normalize"] else None,
+        std=std if v["do_normalize"] else None,
+    )
+
+
+def resize_shape(hw: Sequence[int], size: tuple[int, int] | int) -> tuple[int, int]:
+    """Output (height, width): ``size`` itself, or an int for the shorter side with the longer one scaled
+    and truncated (transformers ``get_resize_output_image_size(default_to_square=False)``)."""
+    if isinstance(size, tuple):
+        return size
+    h, w = int(hw[0]), int(hw[1])
+    if w <= h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def resize(x_CHW: Tensor, hw: tuple[int, int], mode: str) -> Tensor:
+    """uint8 [C, H, W] -> uint8 [C, h, w]: torchvision's antialiased resize, the call transformers makes."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    return tvF.resize(x_CHW, list(hw), interpolation=InterpolationMode(mode), antialias=True)
+
+
+def center_crop(x_CHW: Tensor, h: int, w: int) -> Tensor:
+    """The centre h x w (top/left = int((H - h) / 2), as transformers); zero-padded first if smaller."""
+    H, W = x_CHW.shape[-2:]
+    if h > H or w > W:
+        dh, dw = max(h - H, 0), max(w - W, 0)
+        x_CHW = F.pad(x_CHW, (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2))
+        H, W = x_CHW.shape[-2:]
+    top, left = int((H - h) / 2.0), int((W - w) / 2.0)
+    return x_CHW[..., top : top + h, left : left + w]
+
+
+def processor_resize(
+    x_CHW: Tensor, size: tuple[int, int] | int | None, resample: str, crop: tuple[int, int] | None
+) -> Tensor:
+    """uint8 [C, H, W] -> uint8 [C, h, w]: the processor's resize (to (h, w), or the shorter side to an
+    int), then its centre crop; the uint8 pixels its rescale and normalisation then read."""
+    if size is not None:
+        x_CHW = resize(x_CHW, resize_shape(x_CHW.shape[-2:], size), resample)
+    if crop is not None:
+        x_CHW = center_crop(x_CHW, *crop)
+    return x_CHW
+
+
+def size_to_json(v: tuple[int, int] | int | None) -> dict[str, int] | None:
+    """A processor size as the manifest keeps it (transformers' own spelling)."""
+    if v is None:
+        return None
+    return {"height": v[0], "width": v[1]} if isinstance(v, tuple) else {"shortest_edge": v}
+
+
+def size_from_json(v: dict[str, int] | None) -> tuple[int, int] | int | None:
+    """Inverse of ``size_to_json``."""
+    if v is None:
+        return None
+    return (int(v["height"]), int(v["width"])) if "height" in v else int(v["shortest_edge"])
+
+
+def processor_preprocessing(spec: ProcessorSpec, f: Path) -> dict[str, Any]:
+    """The manifest ``preprocessing`` entry of shards made with processor ``spec`` (read from ``f``): its
+    square output size, resize and crop, and its rescale + mean/std folded into the loader's
+    ``(x / 255 - mean) / std``; ValueError naming ``f`` when the images it makes differ in shape or are not
+    square (shards and the ViT take one square size)."""
+    out = spec.crop if spec.crop is not None else spec.size
+    if not isinstance(out, tuple):
+        how = "do_resize false" if spec.size is None else f"size {{'shortest_edge': {spec.size}}}"
+        raise ValueError(
+            f"{f}: {how} without do_center_crop gives each image its own shape, but shards hold "
+            "image_size x image_size images: set do_center_crop: true with a square crop_size"
+        )
+    if out[0] != out[1]:
+        raise ValueError(
+            f"{f}: makes {out[0]} x {out[1]} (height x width) images; d2v image shards and models are square: "
+            f"make {'crop_size' if spec.crop is not None else 'size'} square"
+        )
+    # (x * rescale - m) / s == (x / 255 - m / k) / (s / k) with k = 255 * rescale (1 for the usual 1/255)
+    k = 255.0 * spec.rescale if spec.rescale is not None else 255.0
+    k = 1.0 if math.isclose(k, 1.0, rel_tol=1e-9) else k
+    mean = spec.mean if spec.mean is not None else (0.0,) * CHANNELS
+    std = spec.std if spec.std is not None else (1.0,) * CHANNELS
+    steps = []
+    if isinstance(spec.size, tuple):
+        steps.append(f"straight to {spec.size[0]}x{spec.size[1]} ({spec.resample}, antialiased)")
+    elif spec.size is not None:
+        steps.append(f"shorter side to {spec.size} ({spec.resample}, antialiased)")
+    if spec.crop is not None:
+        steps.append(f"centre crop {spec.crop[0]}x{spec.crop[1]}")
+    return {
+        "image_size": out[0],
+        "channels": CHANNELS,
+        "mean": [m / k for m in mean],
+        "std": [s / k for s in std],
+        "resize": ", ".join(steps) + "; grey repeated to 3 channels (transformers' BeitImageProcessor)",
+        "resize_to": size_to_json(spec.size),
+        "resample": spec.resample if spec.size is not None else None,
+        "center_crop": size_to_json(spec.crop),
+    }
+
+
+def _side(v: Any, key: str, where: Path) -> int:
+    """A config.json size (an int or a square [h, w]) as an int; ValueError naming the file otherwise."""
+    if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] == v[1]:
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{where}: {key} {v!r} is not supported; d2v takes square images (an int)")
+    return v
+
+
+def _check_patch_grid(size: Any, patch: Any, out: int, where: str, key: str) -> None:
+    """ValueError unless the model's ``image_size`` is ``out`` and a whole number of ``patch`` px patches."""
+    if size is None or patch is None or (size == out and size % patch == 0):
+        return
+    todo = (
+        "use a model whose image_size is a multiple of its patch_size"
+        if size % patch
+        else f"use a folder whose config.json image_size is its processor's output size ({out})"
+    )
+    raise ValueError(
+        f"{key}: {where}: an image model whose patch grid does not fit the shards' image size: a "
+        f"{size / patch:g} x {size / patch:g} grid of {patch} px patches (image_size {size}) for {out} px images; "
+        f"{todo}"
+    )
+
+
+def _recorded_preprocessing(src: published.Source, key: str) -> dict[str, Any]:
+    """The image ``preprocessing`` entry a d2v checkpoint's meta.json records, checked; ValueError naming
+    the file when it lacks one the loader can use."""
+    prep, meta = src.config.get("preprocessing"), src.path / "meta.json"
+    ok = (
+        isinstance(prep, dict)
+        and isinstance(prep.get("image_size"), int)
+        and all(isinstance(prep.get(k), list) and len(prep[k]) == CHANNELS for k in ("mean", "std"))
+    )
+    if ok and "resize_to" in prep:
+        try:  # the recipe ``resize_like`` reads back
+            for k in ("resize_to", "center_crop"):
+                size_from_json(prep.get(k))
+            ok = prep["resize_to"] is None or prep.get("resample") in INTERPOLATION.values()
+        except (KeyError, TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"{key}: {meta} records no usable image preprocessing (image_size, mean, std of its shards); "
+            "use a checkpoint written by `d2v pretrain image` or `d2v finetune image`, or a Hugging Face "
+            "data2vec-vision folder"
+        )
+    return json.loads(json.dumps(prep))  # a JSON copy: equal to what a manifest reads back
+
+
+def like_preprocessing(src: published.Source, key: str = LIKE_KEY) -> dict[str, Any]:
+    """The manifest ``preprocessing`` entry of shards made like the model folder ``src``
+    (``shard.image.preprocess_like``): what ``preprocessing`` writes for them, from the folder alone.
+
+    A Hugging Face folder: its ``preprocessor_config.json`` (``processor_preprocessing``: output size,
+    resize, crop, mean/std); its config.json must have that image size and a whole patch grid. A d2v
+    checkpoint: the entry of the shards it was trained on, as meta.json records it. ValueError naming
+    ``key``, the file and what to do.
+    """
+    if src.kind == "d2v":
+        prep = _recorded_preprocessing(src, key)
+        model = src.config.get("model_config") or {}
+        where = f"{src.path / 'meta.json'} model_config"
+        _check_patch_grid(model.get("image_size"), model.get("patch_size"), prep["image_size"], where, key)
+        return prep
+    f, cfg_file = src.path / PROCESSOR_FILE, src.path / "config.json"
+    if not f.is_file():
+        raise ValueError(
+            f"{key}: {src.path} has no {PROCESSOR_FILE}, which says how the model's images were resized and "
+            f"normalised; save it into the folder: {SAVE_HINT.format(folder=src.path)}"
+        )
+    try:
+        prep = processor_preprocessing(read_image_processor(f, CHANNELS), f)
+        channels = src.config.get("num_channels", CHANNELS)
+        if channels != CHANNELS:
+            raise ValueError(f"{cfg_file}: num_channels {channels!r}; d2v image batches are RGB (3 channels)")
+        size = _side(src.config.get("image_size", 224), "image_size", cfg_file)  # transformers' defaults
+        patch = _side(src.config.get("patch_size", 16), "patch_size", cfg_file)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+    _check_patch_grid(size, patch, prep["image_size"], str(cfg_file), key)
+    return prep
 
 
 # --------------------------------------------------------------------------------------------------- load
@@ -459,10 +796,11 @@ def to_image(item: Any) -> Image.Image:
 
 def inference_inputs(items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
     """uint8 [C, H, W] images for ``embed`` (items as ``to_image`` reads them), preprocessed exactly as at
-    shard time: resize + centre crop, then the PNG round trip (feed them to ``collate``)."""
+    shard time (``resize_like``: the manifest's resize + centre crop), then the PNG round trip (feed them
+    to ``collate``)."""
     out = []
     for item in items:
         buf = io.BytesIO()
-        resize_image(to_image(item), prep["image_size"]).save(buf, format="PNG")
+        resize_like(to_image(item), prep).save(buf, format="PNG")
         out.append(decode({"png": buf.getvalue()}))
     return out

@@ -22,7 +22,6 @@ dropped: d2v features are HF's ``last_hidden_state``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from d2v.modalities.image.data import PROCESSOR_FILE, processor_resize, read_image_processor, to_image
 from d2v.modalities.image.model import ImageEncoder, ModelConfig, model_config, sincos_2d
 
 HF_MODEL_TYPE = "data2vec-vision"
@@ -215,19 +214,8 @@ def to_hf(encoder: ImageEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 # ------------------------------------------------------------------------------------- image processor
-
-PROCESSOR_FILE = "preprocessor_config.json"
-PROCESSOR_TYPES = ("BeitImageProcessor", "BeitImageProcessorFast", "BeitFeatureExtractor")
-"""What transformers saves for Data2VecVision (``BeitFeatureExtractor``: before transformers 4.26; its PIL
-backend saves itself as ``BeitImageProcessor`` too, and transformers 5 loads that as the torchvision one)."""
-_PROCESSOR_DEFAULTS: dict[str, Any] = {
-    "do_resize": True, "size": {"height": 224, "width": 224}, "resample": 3, "do_center_crop": False,
-    "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
-    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-}  # fmt: skip
-"""transformers 5's ``BeitImageProcessor`` class defaults: what it uses for a key the file omits."""
-_INTERPOLATION = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
-"""PIL resample codes -> the torchvision modes transformers maps them to (``pil_torch_interpolation_mapping``)."""
+# The file is parsed, and images resized, by ``d2v/modalities/image/data.py`` (``read_image_processor``,
+# ``processor_resize``): the shard stage makes ``preprocess_like`` shards with the same code, without the model.
 
 
 @dataclass(frozen=True)
@@ -252,8 +240,6 @@ class ImageProcessor:
     channels: int
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
-        from d2v.modalities.image.data import to_image
-
         xs = [self.pixels(to_image(item)) for item in items]
         shapes = sorted({tuple(x.shape) for x in xs})
         if len(shapes) > 1:
@@ -267,41 +253,8 @@ class ImageProcessor:
         """float32 [C, H, W] model input of one PIL image."""
         a = np.array(im.convert("RGB" if self.channels == 3 else "L"))
         x = torch.from_numpy(a).permute(2, 0, 1) if a.ndim == 3 else torch.from_numpy(a)[None]
-        if self.size is not None:
-            x = resize(x, resize_shape(x.shape[-2:], self.size), self.resample)
-        if self.crop is not None:
-            x = center_crop(x, *self.crop)
+        x = processor_resize(x, self.size, self.resample, self.crop)
         return rescale_and_normalize(x, self.rescale, self.mean, self.std)
-
-
-def resize_shape(hw: Sequence[int], size: tuple[int, int] | int) -> tuple[int, int]:
-    """Output (height, width): ``size`` itself, or an int for the shorter side with the longer one scaled
-    and truncated (transformers ``get_resize_output_image_size(default_to_square=False)``)."""
-    if isinstance(size, tuple):
-        return size
-    h, w = int(hw[0]), int(hw[1])
-    if w <= h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
-
-
-def resize(x_CHW: Tensor, hw: tuple[int, int], mode: str) -> Tensor:
-    """uint8 [C, H, W] -> uint8 [C, h, w]: torchvision's antialiased resize, the call transformers makes."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as tvF
-
-    return tvF.resize(x_CHW, list(hw), interpolation=InterpolationMode(mode), antialias=True)
-
-
-def center_crop(x_CHW: Tensor, h: int, w: int) -> Tensor:
-    """The centre h x w (top/left = int((H - h) / 2), as transformers); zero-padded first if smaller."""
-    H, W = x_CHW.shape[-2:]
-    if h > H or w > W:
-        dh, dw = max(h - H, 0), max(w - W, 0)
-        x_CHW = F.pad(x_CHW, (dw // 2, (dw + 1) // 2, dh // 2, (dh + 1) // 2))
-        H, W = x_CHW.shape[-2:]
-    top, left = int((H - h) / 2.0), int((W - w) / 2.0)
-    return x_CHW[..., top : top + h, left : left + w]
 
 
 def rescale_and_normalize(
@@ -317,20 +270,6 @@ def rescale_and_normalize(
     return (x_CHW.float() - m.view(-1, 1, 1)) / s.view(-1, 1, 1)
 
 
-def _hw(v: Any, key: str, where: Path) -> tuple[int, int] | int:
-    """A processor size: {"height", "width"} or an int (square) -> (h, w); {"shortest_edge"} -> int."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, dict) and set(v) >= {"height", "width"}:
-        return (int(v["height"]), int(v["width"]))
-    if isinstance(v, dict) and set(v) == {"shortest_edge"} and key == "size":
-        return int(v["shortest_edge"])
-    raise ValueError(
-        f"{where}: {key} {v!r} is not supported; expected an int, {{'height', 'width'}} or (size only) "
-        "{'shortest_edge'}"
-    )
-
-
 def processor_from_hf(folder: Path, cfg: ModelConfig) -> ImageProcessor:
     """The ``embed`` preprocessing of an HF Data2VecVision folder: its ``preprocessor_config.json``
     (``BeitImageProcessor``); ValueError naming the file and what to do when it is missing or unsupported."""
@@ -342,36 +281,8 @@ def processor_from_hf(folder: Path, cfg: ModelConfig) -> ImageProcessor:
             "transformers.BeitImageProcessor.from_pretrained('facebook/data2vec-vision-base')"
             f".save_pretrained('{folder}'), or pass preprocessing= to embed"
         )
-    d = json.loads(f.read_text(encoding="utf-8"))
-    kind = d.get("image_processor_type", d.get("feature_extractor_type"))
-    if kind is not None and kind not in PROCESSOR_TYPES:
-        raise ValueError(
-            f"{f}: a {kind}; d2v reads the image processors of Data2VecVision, {PROCESSOR_TYPES}"
-        )
-    v = {**_PROCESSOR_DEFAULTS, **{k: x for k, x in d.items() if x is not None}}
-    resample = int(v["resample"])
-    if v["do_resize"] and resample not in _INTERPOLATION:
-        raise ValueError(
-            f"{f}: resample {resample} is not supported; expected one of {sorted(_INTERPOLATION)} "
-            "(PIL nearest, bilinear, bicubic)"
-        )
-    mean, std = _per_channel(v["image_mean"], cfg.in_channels), _per_channel(v["image_std"], cfg.in_channels)
-    if v["do_normalize"] and (len(mean) != cfg.in_channels or len(std) != cfg.in_channels):
-        raise ValueError(
-            f"{f}: image_mean and image_std need {cfg.in_channels} values (the model's channels)"
-        )
-    crop = _hw(v["crop_size"], "crop_size", f) if v["do_center_crop"] else None  # (h, w): never an int
+    spec = read_image_processor(f, cfg.in_channels)
     return ImageProcessor(
-        size=_hw(v["size"], "size", f) if v["do_resize"] else None,
-        resample=_INTERPOLATION.get(resample, "bicubic"),
-        crop=crop,
-        rescale=float(v["rescale_factor"]) if v["do_rescale"] else None,
-        mean=mean if v["do_normalize"] else None,
-        std=std if v["do_normalize"] else None,
-        channels=cfg.in_channels,
-    )
-
-
-def _per_channel(x: float | Sequence[float], channels: int) -> tuple[float, ...]:
-    """A processor's image_mean / image_std: one value for every channel, or one per channel."""
-    return (float(x),) * channels if isinstance(x, (int, float)) else tuple(float(c) for c in x)
+        size=spec.size, resample=spec.resample, crop=spec.crop, rescale=spec.rescale, mean=spec.mean,
+        std=spec.std, channels=cfg.in_channels,
+    )  # fmt: skip

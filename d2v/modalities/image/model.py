@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2v.config import ConfigError, TransformerConfig, preset_config
+from d2v.config import TRANSFORMER_ARCHITECTURE, ConfigError, TransformerConfig, preset_config
 from d2v.data2vec import Data2Vec, EMAConfig
 from d2v.data2vec2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.decoder import ConvDecoder, DecoderConfig
@@ -197,6 +197,14 @@ _V2_PRESETS: dict[str, dict[str, Any]] = {
               "v2": {"decoder": {"layers": 3, "kernel": 5, "dim": 1024}},
               "ema": {"tau_n": 150_000}},
 }  # fmt: skip
+
+
+ARCHITECTURE: tuple[str, ...] = (
+    *TRANSFORMER_ARCHITECTURE, "transformer.layer_scale_init", "image_size", "patch_size", "in_channels",
+    "position", "relative_per_layer", "final_norm", "embed_norm",
+)  # fmt: skip
+"""The ``model.image`` keys a published model fixes (its weights' shapes and what its forward computes):
+``preset: from_init`` takes them from ``pretrain.image.init``, and a value that contradicts it is an error."""
 
 
 def model_config(d: dict[str, Any] | None, where: str = "model.image") -> ModelConfig:

@@ -4,9 +4,25 @@ Implements the modality contract (``d2v.modalities.contract``).
 """
 
 from d2v.heads import HeadConfig
-from d2v.modalities.text.data import SPECIALS, PrepareConfig, ShardConfig, inference_inputs, load_tokenizer
+from d2v.modalities.text.data import (
+    SPECIALS,
+    PrepareConfig,
+    ShardConfig,
+    inference_inputs,
+    like_preprocessing,
+    like_tokenizer_json,
+    load_tokenizer,
+    special_ids,
+)
 from d2v.modalities.text.heads import TASKS, Data2VecTextForSequenceClassification, build_finetune_model
-from d2v.modalities.text.hf import HF_MODEL_TYPE, config_from_hf, processor_from_hf, state_dict_from_hf, to_hf
+from d2v.modalities.text.hf import (
+    HF_MODEL_TYPE,
+    config_from_folder,
+    config_from_hf,
+    processor_from_hf,
+    state_dict_from_hf,
+    to_hf,
+)
 from d2v.modalities.text.masking import make_mask
 from d2v.modalities.text.model import (
     PRESETS,
@@ -29,7 +45,10 @@ __all__ = [
     "PrepareConfig",
     "ShardConfig",
     "inference_inputs",
+    "like_preprocessing",
+    "like_tokenizer_json",
     "load_tokenizer",
+    "special_ids",
     "Data2VecTextForSequenceClassification",
     "build_finetune_model",
     "HF_MODEL_TYPE",
@@ -38,6 +57,7 @@ __all__ = [
     "TextEncoder",
     "build_encoder",
     "build_pretrain_model",
+    "config_from_folder",
     "config_from_hf",
     "processor_from_hf",
     "make_head",

@@ -14,13 +14,18 @@ documents) and ``business/ entertainment/ politics/ sports/ tech/`` (BBC News, r
 Shard: exact duplicates within a pool are skipped (BBC News has 98) and counted; empty / non-UTF-8 /
 malformed inputs are skipped and counted. A byte-level BPE tokenizer ([P1] §4.3: RoBERTa's GPT-2 scheme, here
 trained on the ``pretrain`` split) is saved as ``tokenizer.json``; specials at fixed ids ``<s>`` 0,
-``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4 (RoBERTa order). Samples: ``ids.npy`` (uint16 when the
-vocabulary fits, else int32) = ``<s> ... </s>``; pretraining documents are cut into chunks of at most
-``max_tokens`` ids; labelled documents are kept whole (the loader truncates). Splits: ``pretrain``,
-``train``, ``valid``, ``test`` (stratified by label, after de-duplication).
+``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4 (RoBERTa order). With ``shard.text.preprocess_like`` (a
+Hugging Face data2vec-text folder or a d2v text checkpoint) nothing is trained: that model's tokenizer is
+saved instead, with its own special ids (RoBERTa's ``<mask>`` is its last id, 50264), so the shards feed it
+as it was trained (:func:`like_preprocessing` gives the manifest entries it dictates). The manifest's
+``preprocessing`` records the ids by role (``special_ids``: bos, pad, eos, unk, mask) and by token
+(``specials``); the loader, ``check_model`` and inference read them from there (:func:`special_ids`).
+Samples: ``ids.npy`` (uint16 when the vocabulary fits, else int32) = ``<s> ... </s>``; pretraining documents
+are cut into chunks of at most ``max_tokens`` ids; labelled documents are kept whole (the loader truncates).
+Splits: ``pretrain``, ``train``, ``valid``, ``test`` (stratified by label, after de-duplication).
 
-Batches: ``inputs`` int64 [B, T] padded with ``<pad>``, ``padding_mask`` bool [B, T]; pretrain adds
-``student_inputs`` (corrupted ids) and ``mask`` from the text ``make_mask``.
+Batches: ``inputs`` int64 [B, T] padded with the shards' ``<pad>`` id, ``padding_mask`` bool [B, T];
+pretrain adds ``student_inputs`` (corrupted ids) and ``mask`` from the text ``make_mask``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from d2v import published
 from d2v.config import ConfigError
 from d2v.data.loader import padding_or_none
 from d2v.data.shards import (
@@ -53,14 +59,27 @@ from d2v.data.shards import (
     Task,
     item_file,
     rng_for,
-    sha256_file,
 )
 from d2v.data.stages import PrepareCommon, copy_source
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 """Special tokens at ids 0..4 (RoBERTa's order; agreed with the text model: bos 0, pad 1, eos 2, mask 4)."""
 BOS, PAD, EOS, UNK, MASK = range(5)
+ROLE_TOKENS = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
+"""Special tokens by role, RoBERTa's names: how manifests written before ``special_ids`` are read."""
+OWN_IDS = {"bos": BOS, "pad": PAD, "eos": EOS, "unk": UNK, "mask": MASK}
+"""Special ids by role of the tokenizer the shard stage trains."""
+NEEDED_ROLES = ("bos", "pad", "eos", "mask")
+"""Roles the text model needs an id for (``<unk>`` is kept when the tokenizer has one)."""
+LIKE_KEY = "shard.text.preprocess_like"
 TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILES = ("vocab.json", "merges.txt")
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+ROBERTA_SPECIALS = {
+    "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>", "unk_token": "<unk>",
+    "pad_token": "<pad>", "mask_token": "<mask>",
+}  # fmt: skip
+"""``RobertaTokenizer``'s special tokens, for a key the folder's files do not set."""
 TEXT_SUFFIXES = (".txt", ".jsonl")
 PIECE_CHARS = 1 << 16
 """Documents are tokenised (and the tokenizer trained) in pieces of at most this many characters: the
@@ -73,7 +92,10 @@ memory per item stays bounded (read whole, a file's bytes, text, int64 ids and e
 once: several times its size). A span ends at a document (blank line) or line end, so only the last
 pretraining chunk of each span is short."""
 
-__all__ = ["PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "to_text", "inference_inputs"]
+__all__ = [
+    "PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "to_text", "inference_inputs",
+    "like_preprocessing", "like_tokenizer_json", "special_ids",
+]  # fmt: skip
 
 STRING_ITEMS = True
 """A ``str`` item given to ``embed`` is the text itself; a file to read is a ``pathlib.Path``."""
@@ -96,9 +118,10 @@ class ShardConfig(ShardCommon):
     """The ``shard.text`` section."""
 
     vocab_size: int = 8192
-    """BPE vocabulary size including the 5 specials and the 256 byte symbols (must be <= model vocab_size)."""
+    """BPE vocabulary size including the 5 specials and the 256 byte symbols (must be <= model vocab_size);
+    unused with ``preprocess_like`` (the folder's tokenizer is taken as it is)."""
     min_frequency: int = 2
-    """A merge must occur at least this often in the pretraining corpus."""
+    """A merge must occur at least this often in the pretraining corpus (unused with ``preprocess_like``)."""
     max_tokens: int = 512
     """Pretraining chunk length in tokens, ``<s>``/``</s>`` included (RoBERTa ``tokens_per_sample``)."""
     samples_per_shard: int = 500
@@ -376,11 +399,39 @@ def _last_cut(text: str, lo: int, hi: int) -> int:
     return hi
 
 
-def token_ids(tok: Any, text: str, size: int = PIECE_CHARS) -> np.ndarray:
-    """int64 ids of ``text`` without specials, tokenised piece by piece (``text_pieces``: bounded memory)."""
-    pieces = text_pieces(text, size)
+def token_ids(tok: Any, text: str, size: int | None = PIECE_CHARS) -> np.ndarray:
+    """int64 ids of ``text`` without specials, tokenised piece by piece (``text_pieces``: bounded memory);
+    ``size`` None: the text whole (for a tokenizer ``text_pieces`` does not fit, see ``piece_chars``)."""
+    pieces = [text] if size is None else text_pieces(text, size)
     parts = [np.asarray(tok.encode(p, add_special_tokens=False).ids, dtype=np.int64) for p in pieces]
     return np.concatenate(parts)
+
+
+def piece_chars(spec: dict[str, Any]) -> int | None:
+    """The piece size ``token_ids`` may cut texts to for the tokenizer of JSON ``spec``: ``PIECE_CHARS``
+    for GPT-2's byte-level pre-tokenizer (regex on, no prefix space) without a normalizer, ours and
+    RoBERTa's; else None (whole texts), since a prefix space or a normalizer would treat each piece as a new
+    text and change the ids at the cuts."""
+    pre = spec.get("pre_tokenizer") or {}
+    fits = (
+        pre.get("type") == "ByteLevel"
+        and not pre.get("add_prefix_space", True)
+        and pre.get("use_regex", True)
+    )
+    return PIECE_CHARS if fits and spec.get("normalizer") is None else None
+
+
+def describe_tokenization(spec: dict[str, Any], bos: str, eos: str) -> str:
+    """One line naming the scheme of the tokenizer of JSON ``spec`` and the framing of a document, e.g.
+    ``byte-level BPE (no prefix space); <s> ids </s>`` (the line our own tokenizer always had)."""
+    model = (spec.get("model") or {}).get("type", "unknown model")
+    pre = spec.get("pre_tokenizer") or {}
+    if model == "BPE" and pre.get("type") == "ByteLevel" and spec.get("normalizer") is None:
+        scheme = f"byte-level BPE ({'' if pre.get('add_prefix_space') else 'no '}prefix space)"
+    else:
+        norm = (spec.get("normalizer") or {}).get("type")
+        scheme = f"{model} (pre-tokenizer {pre.get('type')}, normalizer {norm})"
+    return f"{scheme}; {bos} ids {eos}"
 
 
 def train_tokenizer(texts, vocab_size: int, min_frequency: int):
@@ -412,16 +463,305 @@ def load_tokenizer(path: Path):
     return Tokenizer.from_file(str(path))
 
 
+# ---------------------------------------------------------------------- a published model's tokenizer
+
+
+def special_tokens(folder: Path) -> dict[str, Any]:
+    """Special tokens and tokenizer options of the folder's ``tokenizer_config.json`` and
+    ``special_tokens_map.json`` (the latter wins), over RoBERTa's; tokens may be saved as ``{"content": ...}``."""
+    out: dict[str, Any] = {**ROBERTA_SPECIALS, "add_prefix_space": False, "trim_offsets": True}
+    for name in SPECIAL_TOKEN_FILES:
+        f = folder / name
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text(encoding="utf-8"))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{f}: not a JSON object")
+            out |= {k: d[k] for k in out if d.get(k) is not None}
+    return {k: v["content"] if isinstance(v, dict) else v for k, v in out.items()}
+
+
+def roberta_processing(tok: Any, specials: dict[str, Any]):
+    """``RobertaProcessing`` that frames a text ``cls ... sep`` with the folder's tokens (as transformers'
+    ``RobertaTokenizer`` does); ValueError when either is not in the vocabulary."""
+    from tokenizers import processors
+
+    cls, sep = specials["cls_token"], specials["sep_token"]
+    missing = [t for t in (cls, sep) if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"the framing tokens {missing} (cls_token / sep_token) are not in the vocabulary")
+    return processors.RobertaProcessing(
+        (sep, tok.token_to_id(sep)),
+        (cls, tok.token_to_id(cls)),
+        trim_offsets=bool(specials["trim_offsets"]),
+        add_prefix_space=bool(specials["add_prefix_space"]),
+    )
+
+
+def roberta_bpe(vocab: Path, merges: Path, specials: dict[str, Any]):
+    """RoBERTa's byte-level BPE from ``vocab.json`` + ``merges.txt``, built as transformers'
+    ``RobertaTokenizer`` builds it: BPE without prefixes, byte-level pre-tokenizer and decoder, the specials
+    that are in the vocabulary kept whole, and ``<s> ... </s>`` added by a ``RobertaProcessing``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(specials["add_prefix_space"]))
+    tok.decoder = decoders.ByteLevel()
+    names = dict.fromkeys(v for k, v in specials.items() if k in ROBERTA_SPECIALS)
+    missing = [n for n in names if tok.token_to_id(n) is None]
+    if missing:
+        raise ValueError(f"{vocab}: the special tokens {missing} are not in the vocabulary")
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    tok.post_processor = roberta_processing(tok, specials)
+    return tok
+
+
+def tokenizer_file(folder: Path) -> Path | None:
+    """The file a folder's tokenizer is read from: ``tokenizer.json``, else ``vocab.json`` (with
+    ``merges.txt``); None when it has neither."""
+    if (folder / TOKENIZER_FILE).is_file():
+        return folder / TOKENIZER_FILE
+    if all((folder / f).is_file() for f in VOCAB_FILES):
+        return folder / VOCAB_FILES[0]
+    return None
+
+
+def read_tokenizer(folder: Path):
+    """The folder's tokenizer (``tokenizers.Tokenizer``, no padding or truncation of its own); ValueError
+    naming the file when there is none or it does not read as a tokenizer."""
+    from tokenizers import Tokenizer
+
+    file = tokenizer_file(folder)
+    if file is None:
+        raise ValueError(
+            f"{folder}: no {TOKENIZER_FILE}, nor {' + '.join(VOCAB_FILES)}; embed needs the tokenizer of a "
+            "Data2VecText model (RoBERTa's byte-level BPE). Save it into the folder, e.g. "
+            "transformers.AutoTokenizer.from_pretrained('facebook/data2vec-text-base')"
+            f".save_pretrained('{folder}'), or pass preprocessing= to embed"
+        )
+    try:
+        if file.name == TOKENIZER_FILE:
+            tok = Tokenizer.from_file(str(file))
+        else:
+            tok = roberta_bpe(folder / VOCAB_FILES[0], folder / VOCAB_FILES[1], special_tokens(folder))
+    except ValueError:
+        raise
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise ValueError(f"{file}: not a readable tokenizer ({type(e).__name__}: {e})") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def config_token_id(d: dict[str, Any], key: str, default: int) -> int:
+    """A special id from config.json; the RoBERTa layout's id when it is absent, null or a list."""
+    v = d.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def hf_special_ids(tok: Any, specials: dict[str, Any]) -> dict[str, int | None]:
+    """Special ids by role of an HF folder's tokenizer: bos / eos as it frames a text (``encode("")``; None
+    when it does not add exactly two ids), pad / unk / mask from the folder's special tokens (None when not
+    in the vocabulary)."""
+    framed = tok.encode("").ids
+    bos, eos = framed if len(framed) == 2 else (None, None)
+    ids: dict[str, int | None] = {r: tok.token_to_id(specials[f"{r}_token"]) for r in ("pad", "unk", "mask")}
+    return {"bos": bos, "eos": eos, **ids}
+
+
+def hf_fit_problem(tok: Any, specials: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Why an HF folder's tokenizer is not its model's (config.json ``config``), or None: more tokens than
+    the model has embedding rows, a framing other than config.json's ``<s>`` / ``</s>`` ids, another pad
+    id, or another mask id where config.json records one."""
+    rows, n = config.get("vocab_size"), tok.get_vocab_size()
+    if isinstance(rows, int) and n > rows:
+        return f"{n} tokens, more than the model's vocab_size {rows} (ids >= {rows} have no embedding row)"
+    ids = hf_special_ids(tok, specials)
+    bos, eos = config_token_id(config, "bos_token_id", BOS), config_token_id(config, "eos_token_id", EOS)
+    if (ids["bos"], ids["eos"]) != (bos, eos):
+        return (
+            f"the tokenizer frames a text as {tok.encode('').ids}, but config.json has bos_token_id {bos} "
+            f"and eos_token_id {eos}"
+        )
+    wants = {"pad": config_token_id(config, "pad_token_id", PAD)}
+    if isinstance(config.get("mask_token_id"), int):  # data2vec-text configs usually record none
+        wants["mask"] = config["mask_token_id"]
+    for role, want in wants.items():
+        if ids[role] != want:
+            token = specials[f"{role}_token"]
+            return f"{role} token {token!r} has id {ids[role]}, but config.json has {role}_token_id {want}"
+    return None
+
+
+def _like_error(what: str, fix: str) -> ValueError:
+    return ValueError(f"{LIKE_KEY}: {what}; {fix}, then re-run `d2v shard text`")
+
+
+def _hf_tokenizer(src: published.Source) -> tuple[str, dict[str, int]]:
+    """``(tokenizer JSON, special ids by role)`` of an HF data2vec-text folder, checked against its
+    config.json; ValueError naming ``shard.text.preprocess_like``, the file and what to do."""
+    folder = src.path
+    file = tokenizer_file(folder)
+    resave = (
+        "save the model's own tokenizer into the folder, e.g. transformers.AutoTokenizer.from_pretrained("
+        f"'facebook/data2vec-text-base').save_pretrained('{folder}')"
+    )
+    if file is None:
+        raise _like_error(
+            f"{folder} has no tokenizer ({TOKENIZER_FILE}, or {' + '.join(VOCAB_FILES)}), and the shards must "
+            "be tokenised as the model was trained",
+            resave,
+        )
+    try:
+        specials = special_tokens(folder)
+        tok = read_tokenizer(folder)
+    except ValueError as e:  # each names its file
+        raise _like_error(str(e), resave) from None
+    if not tok.encode("").ids:  # a tokenizer.json without a post-processor: frame as RobertaTokenizer does
+        try:
+            tok.post_processor = roberta_processing(tok, specials)
+        except ValueError as e:
+            raise _like_error(f"{file}: {e}", resave) from None
+    problem = hf_fit_problem(tok, specials, src.config)
+    if problem is not None:
+        raise _like_error(f"{file} does not fit {folder / 'config.json'}: {problem}", resave)
+    ids = hf_special_ids(tok, specials)
+    missing = [specials[f"{r}_token"] for r in NEEDED_ROLES if ids[r] is None]
+    if missing:
+        raise _like_error(f"{file}: the special tokens {missing} are not in the vocabulary", resave)
+    return tok.to_str(pretty=True), {r: i for r, i in ids.items() if i is not None}
+
+
+def _checkpoint_tokenizer(src: published.Source) -> tuple[str, dict[str, int]]:
+    """``(tokenizer JSON, special ids by role)`` of a d2v text checkpoint: the tokenizer file of its step
+    directory, checked against meta.json's ``preprocessing`` (sha256) and ``model_config`` (ids, vocabulary);
+    ValueError naming ``shard.text.preprocess_like``, the file and what to do."""
+    step, meta = src.path, src.config
+    prep = meta.get("preprocessing")
+    restore = f"copy the tokenizer.json of the shards the checkpoint was trained with into {step}"
+    if not isinstance(prep, dict) or "tokenizer_sha256" not in prep:
+        raise _like_error(
+            f"{step / 'meta.json'} records no text tokenizer in its preprocessing",
+            "give a checkpoint written by `d2v pretrain text` / `d2v finetune text`, or a Hugging Face "
+            "data2vec-text folder",
+        )
+    file = step / Path(prep.get("tokenizer", TOKENIZER_FILE)).name
+    if file.is_file():
+        content = file.read_bytes()
+    elif isinstance(prep.get("tokenizer_json"), str):
+        content = prep["tokenizer_json"].encode("utf-8")
+    else:
+        raise _like_error(f"{file} is missing (meta.json's preprocessing names it)", restore)
+    got = hashlib.sha256(content).hexdigest()
+    if got != prep["tokenizer_sha256"]:
+        raise _like_error(
+            f"{file} is not the tokenizer meta.json records (sha256 {got[:12]}..., recorded "
+            f"{str(prep['tokenizer_sha256'])[:12]}...): it was changed or replaced",
+            restore,
+        )
+    try:
+        text = content.decode("utf-8")
+        tok = _tokenizer_from(text)
+    except Exception as e:  # UnicodeDecodeError, or the tokenizers library's bare Exception
+        raise _like_error(f"{file}: not a readable tokenizer ({type(e).__name__}: {e})", restore) from None
+    ids = special_ids(prep)
+    unknown = {r: i for r, i in ids.items() if tok.id_to_token(i) is None}
+    if unknown:
+        raise _like_error(f"{file} has no tokens with the special ids {unknown} meta.json records", restore)
+    model = meta.get("model_config") or {}
+    bad = {
+        f"{r}_id": (model[f"{r}_id"], ids[r])
+        for r in NEEDED_ROLES
+        if isinstance(model.get(f"{r}_id"), int) and model[f"{r}_id"] != ids[r]
+    }
+    rows = model.get("vocab_size")
+    if bad or (isinstance(rows, int) and rows < tok.get_vocab_size()):
+        raise _like_error(
+            f"{step / 'meta.json'}: the model (vocab_size {rows}, (model, tokenizer) ids {bad}) does not fit "
+            f"its tokenizer {file} ({tok.get_vocab_size()} tokens)",
+            "give a checkpoint whose model_config matches its shards' tokenizer",
+        )
+    return text, ids
+
+
+def like_tokenizer(src: published.Source) -> tuple[str, dict[str, int]]:
+    """``(tokenizer JSON content, special ids by role)`` that shards made with ``preprocess_like`` = ``src``
+    take: an HF folder's tokenizer (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``, framed
+    ``<s> ... </s>`` as ``RobertaTokenizer`` frames), or a d2v checkpoint's ``tokenizer.json`` as it is.
+    Deterministic; ValueError naming ``shard.text.preprocess_like``, the file and what to do."""
+    if src.modality != "text":
+        raise ValueError(f"{LIKE_KEY}: {src.path} is a {src.modality} model, not a text one")
+    return _hf_tokenizer(src) if src.kind == "hf" else _checkpoint_tokenizer(src)
+
+
+def like_tokenizer_json(src: published.Source) -> str:
+    """The tokenizer JSON content of the model folder ``src`` (HF or d2v), as shards made like it save it
+    (e.g. to write it into a checkpoint that starts from ``src``)."""
+    return like_tokenizer(src)[0]
+
+
+def tokenizer_entries(content: str, ids: dict[str, int]) -> dict[str, Any]:
+    """The manifest ``preprocessing`` entries a tokenizer (JSON ``content``, special ``ids`` by role)
+    dictates: its sha256, vocabulary size, special ids by role (``special_ids``) and by token
+    (``specials``, the entry older code reads) and how it tokenises (``tokenization``)."""
+    tok = _tokenizer_from(content)
+    return {
+        "tokenizer_sha256": hashlib.sha256(content.encode("utf-8")).hexdigest(),
+        "vocab_size": tok.get_vocab_size(),
+        "special_ids": dict(ids),
+        "specials": {tok.id_to_token(i): i for i in ids.values()},
+        "tokenization": describe_tokenization(
+            json.loads(content), tok.id_to_token(ids["bos"]), tok.id_to_token(ids["eos"])
+        ),
+    }
+
+
+def like_preprocessing(src: published.Source) -> dict[str, Any]:
+    """The ``preprocessing`` entries of a shard manifest that the model folder ``src`` dictates
+    (``tokenizer_sha256``, ``vocab_size``, ``special_ids``, ``specials``, ``tokenization``): equal to those
+    ``preprocessing`` writes for shards made with ``shard.text.preprocess_like`` = that folder, so a
+    manifest whose entries differ holds shards the model was not trained to read."""
+    return tokenizer_entries(*like_tokenizer(src))
+
+
+def special_ids(prep: dict[str, Any]) -> dict[str, int]:
+    """Special ids by role (bos, pad, eos, mask; unk when the tokenizer has one) of shards made with
+    ``prep``: its ``special_ids``; for manifests and checkpoints written before that entry, ``specials``
+    read with RoBERTa's token names (those shards all had ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<mask>`` 4)."""
+    if isinstance(prep.get("special_ids"), dict):
+        return {r: int(i) for r, i in prep["special_ids"].items()}
+    by_token = prep.get("specials") or {}
+    return {role: int(by_token.get(token, OWN_IDS[role])) for role, token in ROLE_TOKENS.items()}
+
+
+# ------------------------------------------------------------------------------------------ shard stage
+
+
 @dataclass(frozen=True)
 class Context:
     tokenizer_json: str
     tokenizer_sha256: str
     max_tokens: int
     vocab_size: int
+    special_ids: dict[str, int]
+    """By role: bos, pad, eos, unk, mask."""
+    piece_chars: int | None
+    """``token_ids``' piece size for this tokenizer (``piece_chars``); None: whole texts."""
+
+
+def _context(content: str, ids: dict[str, int], max_tokens: int) -> Context:
+    tok = _tokenizer_from(content)
+    sha = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    return Context(
+        content, sha, max_tokens, tok.get_vocab_size(), dict(ids), piece_chars(json.loads(content))
+    )
 
 
 def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed: int) -> Context:
-    """Train the tokenizer on the ``pretrain`` split (streamed) and save ``tokenizer.json``."""
+    """Save the shards' tokenizer as ``tokenizer.json``: with ``preprocess_like``, that folder's
+    (``like_tokenizer``; nothing is trained), else one trained on the ``pretrain`` split (streamed)."""
 
     def texts():
         for it in splits["pretrain"]:
@@ -430,27 +770,32 @@ def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed:
             except BadInput:
                 continue
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked encode workers must not deadlock
+    path = work_dir / TOKENIZER_FILE
+    if cfg.preprocess_like is not None:
+        content, ids = like_tokenizer(published.source(cfg.preprocess_like, "text", LIKE_KEY))
+        path.write_bytes(content.encode("utf-8"))  # bytes as given: a checkpoint's keeps its sha256
+        return _context(content, ids, cfg.max_tokens)
     if not splits["pretrain"]:
         raise ValueError(
             "shard.text: the pretrain split is empty, so there is no corpus to train the tokenizer on: add "
             "unlabelled text or set shard.text.pretrain_from: unlabelled+labelled"
         )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked encode workers must not deadlock
     tok = train_tokenizer(texts(), cfg.vocab_size, cfg.min_frequency)
-    path = work_dir / TOKENIZER_FILE
     tok.save(str(path), pretty=True)
-    return Context(path.read_text(encoding="utf-8"), sha256_file(path), cfg.max_tokens, tok.get_vocab_size())
+    return _context(path.read_bytes().decode("utf-8"), OWN_IDS, cfg.max_tokens)
 
 
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _tokenizer(ctx: Context):
-    key = hashlib.sha256(ctx.tokenizer_json.encode()).hexdigest()
+def _tokenizer_from(content: str):
+    """A ``tokenizers.Tokenizer`` of JSON ``content``, parsed once per process (encode workers reuse it)."""
+    key = hashlib.sha256(content.encode("utf-8")).hexdigest()
     if key not in _TOKENIZERS:
         from tokenizers import Tokenizer
 
-        _TOKENIZERS[key] = Tokenizer.from_str(ctx.tokenizer_json)
+        _TOKENIZERS[key] = Tokenizer.from_str(content)
     return _TOKENIZERS[key]
 
 
@@ -461,8 +806,9 @@ def _ids_bytes(ids: Any, vocab_size: int) -> bytes:
 
 
 def encode(item: Item, ctx: Context) -> list[Encoded]:
-    """Token ids of one document: whole when labelled, else chunks of at most ``max_tokens``."""
-    ids = token_ids(_tokenizer(ctx), read_text(item.ref))
+    """Token ids of one document: whole when labelled, else chunks of at most ``max_tokens``; each framed
+    with the tokenizer's bos / eos ids."""
+    ids = token_ids(_tokenizer_from(ctx.tokenizer_json), read_text(item.ref), ctx.piece_chars)
     if not len(ids):
         raise BadInput("empty", "no tokens")
     if item.label is not None or item.transcript is not None:
@@ -470,9 +816,10 @@ def encode(item: Item, ctx: Context) -> list[Encoded]:
     else:
         n = ctx.max_tokens - 2
         chunks = [ids[i : i + n] for i in range(0, len(ids), n)]  # numpy views, not copies
+    bos, eos = ctx.special_ids["bos"], ctx.special_ids["eos"]
     out = []
     for j, c in enumerate(chunks):
-        full = np.concatenate(([BOS], c, [EOS]))
+        full = np.concatenate(([bos], c, [eos]))
         out.append(
             Encoded(
                 {"ids.npy": _ids_bytes(full, ctx.vocab_size)}, {"documents": int(j == 0), "tokens": len(full)}
@@ -482,13 +829,12 @@ def encode(item: Item, ctx: Context) -> list[Encoded]:
 
 
 def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest entry: the tokenizer file, ``max_tokens`` and ``tokenizer_entries`` (which
+    ``like_preprocessing`` gives for a ``preprocess_like`` folder)."""
     return {
         "tokenizer": TOKENIZER_FILE,
-        "tokenizer_sha256": ctx.tokenizer_sha256,
-        "vocab_size": ctx.vocab_size,
-        "specials": {s: i for i, s in enumerate(SPECIALS)},
         "max_tokens": ctx.max_tokens,
-        "tokenization": "byte-level BPE (no prefix space); <s> ids </s>",
+        **tokenizer_entries(ctx.tokenizer_json, ctx.special_ids),
     }
 
 
@@ -496,17 +842,26 @@ def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, A
 
 
 def check_model(prep: dict[str, Any], model_cfg: Any) -> None:
-    vocab = getattr(model_cfg, "vocab_size", None)
-    if vocab is not None and vocab < prep["vocab_size"]:
+    """ValueError saying what to change when the shards' tokenizer (``prep``) cannot feed a text model of
+    ``model_cfg``: more ids than it has embedding rows, or special ids (pad, bos, eos, mask) other than the
+    tokenizer's (``special_ids``)."""
+    vocab, n = getattr(model_cfg, "vocab_size", None), prep.get("vocab_size")
+    if vocab is not None and n is not None and vocab < n:
         raise ValueError(
-            f"the tokenizer has {prep['vocab_size']} ids but model.text.vocab_size is {vocab}: raise the "
-            f"model's "
-            f"vocab_size or set shard.text.vocab_size <= {vocab} and re-run `d2v shard text`"
+            f"the shards' tokenizer has {n} ids but model.text.vocab_size is {vocab}: raise the model's "
+            f"vocab_size to >= {n}, or re-run `d2v shard text` with shard.text.vocab_size <= {vocab} (or with "
+            "shard.text.preprocess_like set to the model's folder)"
         )
-    want = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "mask_id": MASK}
+    ids = special_ids(prep)
+    want = {f"{r}_id": ids[r] for r in NEEDED_ROLES if r in ids}
     bad = {k: getattr(model_cfg, k) for k, v in want.items() if getattr(model_cfg, k, v) != v}
     if bad:
-        raise ValueError(f"model.text special ids {bad} differ from the tokenizer's {want}")
+        fix = ", ".join(f"model.text.{k}: {want[k]}" for k in bad)
+        raise ValueError(
+            f"model.text special ids {bad} differ from the shards' tokenizer's {want} (manifest.json "
+            f"preprocessing.special_ids): set {fix}, or re-run `d2v shard text` with "
+            "shard.text.preprocess_like set to the model's folder so the shards take its tokenizer"
+        )
 
 
 def decode(sample: dict[str, bytes]) -> Tensor:
@@ -547,7 +902,7 @@ def collate(
     """Right-padded ``inputs`` + ``padding_mask`` (absent when no row is padded: see ``padding_or_none``);
     pretrain: ``student_inputs`` and ``mask`` (make_mask)."""
     T = max(len(x) for x in xs)
-    ids = torch.full((len(xs), T), PAD, dtype=torch.int64)
+    ids = torch.full((len(xs), T), special_ids(prep)["pad"], dtype=torch.int64)
     for i, x in enumerate(xs):
         ids[i, : len(x)] = x
     padding = padding_or_none(torch.tensor([len(x) for x in xs]), T)
@@ -581,12 +936,11 @@ def to_text(item: Any) -> str:
 
 
 def inference_inputs(items: list[Any], prep: dict[str, Any], shard_dir: Path | None = None) -> list[Tensor]:
-    """Token ids ``<s> ... </s>`` for ``embed`` of items as ``to_text`` reads them, stripped of surrounding
-    whitespace as the shards' documents were. The tokenizer comes from ``prep["tokenizer_json"]`` (its
-    content, e.g. stored in a checkpoint) or ``<shard_dir>/tokenizer.json``; either is checked against the
-    manifest's sha256."""
-    from tokenizers import Tokenizer
-
+    """int64 [N] ids ``<s> ... </s>`` for ``embed`` of items as ``to_text`` reads them, stripped of
+    surrounding whitespace and framed with the shards' bos / eos ids, as the shards' documents were. The
+    tokenizer comes from ``prep["tokenizer_json"]`` (its content, e.g. stored in a checkpoint) or
+    ``<shard_dir>/tokenizer.json`` (a shard folder or a checkpoint's step directory); either is checked
+    against the manifest's sha256."""
     if "tokenizer_json" in prep:
         content = prep["tokenizer_json"].encode("utf-8")
     elif shard_dir is not None:
@@ -596,5 +950,7 @@ def inference_inputs(items: list[Any], prep: dict[str, Any], shard_dir: Path | N
     if hashlib.sha256(content).hexdigest() != prep["tokenizer_sha256"]:
         raise ValueError("the tokenizer differs from the one the shards were made with (sha256 mismatch)")
     texts = [to_text(item).strip() for item in items]  # read every item before tokenizing: errors come first
-    tok = Tokenizer.from_str(content.decode("utf-8"))
-    return [torch.tensor(tok.encode(t).ids, dtype=torch.int64) for t in texts]
+    spec = content.decode("utf-8")
+    tok, size, ids = _tokenizer_from(spec), piece_chars(json.loads(spec)), special_ids(prep)
+    framed = [np.concatenate(([ids["bos"]], token_ids(tok, t, size), [ids["eos"]])) for t in texts]
+    return [torch.from_numpy(x.astype(np.int64)) for x in framed]

@@ -12,13 +12,14 @@ position row (exact, the sum feeds the embedding LayerNorm either way); on expor
 The pooler (Dense + tanh on <s>) is not part of data2vec: it is ignored on import.
 
 ``processor_from_hf`` reads the folder's tokenizer (``tokenizer.json``, or RoBERTa's ``vocab.json`` +
-``merges.txt``) for ``embed``, with the ``tokenizers`` library (transformers is not needed).
+``merges.txt``) for ``embed``, with the ``tokenizers`` library (transformers is not needed). The readers
+themselves (``read_tokenizer``, ``special_tokens``) live in ``data.py``, which imports no model code: the
+shard stage reads the same files for ``shard.text.preprocess_like``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from d2v.config import TransformerConfig, from_dict
 from d2v.modalities.base import Data2VecTargets
+from d2v.modalities.text.data import config_token_id, read_tokenizer, special_tokens, to_text, tokenizer_file
 from d2v.modalities.text.model import PRESETS, ModelConfig, TextEncoder
 
 HF_MODEL_TYPE = "data2vec-text"
@@ -50,12 +52,6 @@ def _need(d: dict[str, Any], key: str) -> Any:
     if key not in d:
         raise ValueError(f"config.json of a {HF_MODEL_TYPE} model lacks {key!r}; it must list every size")
     return d[key]
-
-
-def _token_id(d: dict[str, Any], key: str, default: int) -> int:
-    """A special id from config.json; the RoBERTa layout's id when it is absent, null or a list."""
-    v = d.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) else default
 
 
 def _preset_label(t: TransformerConfig) -> str:
@@ -95,7 +91,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     )
     preset = _preset_label(transformer)
     k = PRESETS[preset]["targets"]["top_k"]
-    mask_id = _token_id(d, "mask_token_id", 4)
+    mask_id = config_token_id(d, "mask_token_id", 4)
     return ModelConfig(
         preset=preset,
         transformer=transformer,
@@ -103,8 +99,8 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         max_positions=_need(d, "max_position_embeddings") - pad - 1,
         pad_id=pad,
         mask_id=mask_id,
-        bos_id=_token_id(d, "bos_token_id", 0),
-        eos_id=_token_id(d, "eos_token_id", 2),
+        bos_id=config_token_id(d, "bos_token_id", 0),
+        eos_id=config_token_id(d, "eos_token_id", 2),
         # RoBERTa's dictionary puts <mask> last (50264): then only <s> <pad> </s> <unk> are special
         num_special=5 if mask_id == 4 else 4,
         targets=from_dict(
@@ -216,14 +212,6 @@ def to_hf(encoder: TextEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 # ------------------------------------------------------------------------------------------- tokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
-VOCAB_FILES = ("vocab.json", "merges.txt")
-SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-ROBERTA_SPECIALS = {
-    "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>", "unk_token": "<unk>",
-    "pad_token": "<pad>", "mask_token": "<mask>",
-}  # fmt: skip
-"""``RobertaTokenizer``'s special tokens, for a key the folder's files do not set."""
 _TOKENIZERS: dict[str, Any] = {}
 
 
@@ -239,8 +227,6 @@ class TokenizerPreprocessing:
     max_positions: int
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
-        from d2v.modalities.text.data import to_text
-
         texts = [to_text(item) for item in items]
         tok = _tokenizer(self.tokenizer_json)
         ids = [truncate(tok.encode(t).ids, self.max_positions) for t in texts]
@@ -266,68 +252,12 @@ def _tokenizer(content: str):
     return _TOKENIZERS[key]
 
 
-def special_tokens(folder: Path) -> dict[str, Any]:
-    """Special tokens and tokenizer options of the folder's ``tokenizer_config.json`` and
-    ``special_tokens_map.json`` (the latter wins), over RoBERTa's; tokens may be saved as ``{"content": ...}``."""
-    out: dict[str, Any] = {**ROBERTA_SPECIALS, "add_prefix_space": False, "trim_offsets": True}
-    for name in SPECIAL_TOKEN_FILES:
-        f = folder / name
-        if f.is_file():
-            d = json.loads(f.read_text(encoding="utf-8"))
-            out |= {k: d[k] for k in out if d.get(k) is not None}
-    return {k: v["content"] if isinstance(v, dict) else v for k, v in out.items()}
-
-
-def roberta_bpe(vocab: Path, merges: Path, specials: dict[str, Any]):
-    """RoBERTa's byte-level BPE from ``vocab.json`` + ``merges.txt``, built as transformers'
-    ``RobertaTokenizer`` builds it: BPE without prefixes, byte-level pre-tokenizer and decoder, the specials
-    that are in the vocabulary kept whole, and ``<s> ... </s>`` added by a ``RobertaProcessing``."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(specials["add_prefix_space"]))
-    tok.decoder = decoders.ByteLevel()
-    names = dict.fromkeys(v for k, v in specials.items() if k in ROBERTA_SPECIALS)
-    missing = [n for n in names if tok.token_to_id(n) is None]
-    if missing:
-        raise ValueError(f"{vocab}: the special tokens {missing} are not in the vocabulary")
-    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
-    cls, sep = specials["cls_token"], specials["sep_token"]
-    tok.post_processor = processors.RobertaProcessing(
-        (sep, tok.token_to_id(sep)),
-        (cls, tok.token_to_id(cls)),
-        trim_offsets=bool(specials["trim_offsets"]),
-        add_prefix_space=bool(specials["add_prefix_space"]),
-    )
-    return tok
-
-
-def read_tokenizer(folder: Path):
-    """The folder's tokenizer (``tokenizers.Tokenizer``, no padding or truncation of its own)."""
-    from tokenizers import Tokenizer
-
-    if (folder / TOKENIZER_FILE).is_file():
-        tok = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-    elif all((folder / f).is_file() for f in VOCAB_FILES):
-        tok = roberta_bpe(folder / VOCAB_FILES[0], folder / VOCAB_FILES[1], special_tokens(folder))
-    else:
-        raise ValueError(
-            f"{folder}: no {TOKENIZER_FILE}, nor {' + '.join(VOCAB_FILES)}; embed needs the tokenizer of a "
-            "Data2VecText model (RoBERTa's byte-level BPE). Save it into the folder, e.g. "
-            "transformers.AutoTokenizer.from_pretrained('facebook/data2vec-text-base')"
-            f".save_pretrained('{folder}'), or pass preprocessing= to embed"
-        )
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
 def processor_from_hf(folder: Path, cfg: ModelConfig) -> TokenizerPreprocessing:
     """The ``embed`` preprocessing of an HF Data2VecText folder: its tokenizer, checked against the model
     (``<s>`` / ``</s>`` / ``<pad>`` ids of config.json, vocabulary size); ValueError naming what is wrong."""
     folder = Path(folder)
     tok = read_tokenizer(folder)
-    where = folder / TOKENIZER_FILE if (folder / TOKENIZER_FILE).is_file() else folder / VOCAB_FILES[0]
+    where = tokenizer_file(folder)
     framed = tok.encode("").ids
     if framed != [cfg.bos_id, cfg.eos_id]:
         raise ValueError(
@@ -345,3 +275,22 @@ def processor_from_hf(folder: Path, cfg: ModelConfig) -> TokenizerPreprocessing:
             f"{where}: {tok.get_vocab_size()} tokens, more than the model's vocab_size {cfg.vocab_size}"
         )
     return TokenizerPreprocessing(tok.to_str(), cfg.pad_id, cfg.max_positions)
+
+
+def config_from_folder(cfg: ModelConfig, src: Any) -> ModelConfig:
+    """``config_from_hf``'s config with the special ids of the folder's tokenizer (a ``d2v.published.Source``):
+    config.json has no ``<mask>`` id and RoBERTa's is its last (50264), which pretraining masks with.
+    A folder without a tokenizer keeps config.json's ids (its shards cannot be made: ``preprocess_like``
+    says so)."""
+    from dataclasses import replace
+
+    from d2v.modalities.text.data import like_tokenizer
+
+    try:
+        _, ids = like_tokenizer(src)
+    except ValueError:
+        return cfg
+    mask = ids.get("mask", cfg.mask_id)
+    # ids below num_special are never masked nor drawn as random tokens: <s> <pad> </s> <unk>, and <mask>
+    # with them only when it sits among them (d2v's own tokenizer: 4)
+    return replace(cfg, mask_id=mask, num_special=5 if mask == 4 else 4)

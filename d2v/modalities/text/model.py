@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from d2v.config import ConfigError, TransformerConfig, from_dict, preset_config
+from d2v.config import TRANSFORMER_ARCHITECTURE, ConfigError, TransformerConfig, from_dict, preset_config
 from d2v.data2vec import Data2Vec, EMAConfig
 from d2v.data2vec2 import Algorithm, Data2Vec2, Data2Vec2Config
 from d2v.decoder import ConvDecoder, DecoderConfig
@@ -212,6 +212,14 @@ _V2_PRESETS: dict[str, dict[str, Any]] = {
     "large": {"targets": {"top_k": 24, "layer_norm": "layer", "final_norm": "instance"}, "mask_prob": 0.5,
               "v2": {"decoder": {"dim": 1024}}},
 }  # fmt: skip
+
+
+ARCHITECTURE: tuple[str, ...] = (
+    *TRANSFORMER_ARCHITECTURE, "vocab_size", "max_positions", "pad_id", "mask_id", "bos_id", "eos_id",
+    "num_special",
+)  # fmt: skip
+"""The ``model.text`` keys a published model fixes (its weights' shapes, its tokenizer's ids): ``preset:
+from_init`` takes them from ``pretrain.text.init``, and a value that contradicts it is an error."""
 
 
 def model_config(d: dict[str, Any] | None, where: str = "model.text") -> ModelConfig:
