@@ -378,6 +378,12 @@ def build_loader(shard_dir: Path, split: str, model_cfg: Any, spec: LoaderSpec) 
         )
     prep = manifest["preprocessing"]
     data.check_model(prep, model_cfg)
+    positions = getattr(model_cfg, "max_positions", None)  # a model with a position table (text)
+    if spec.max_len is not None and positions is not None and spec.max_len > positions:
+        raise ValueError(
+            f"{mode}.{modality}.max_len {spec.max_len} is longer than the model's {positions} positions "
+            f"(model.{modality}.max_positions, or its init folder's): lower max_len to {positions} or less"
+        )
     check_files(shard_dir, manifest, sorted(manifest["files"]))  # labels, tokenizer: before they are read
     keys = None
     if spec.label_budget is not None:

@@ -29,7 +29,7 @@ from d2v.metrics import (
     wer,
 )
 from d2v.modalities import get
-from d2v.sweep import INITS, Run
+from d2v.sweep import DEFAULT_INITS, Run
 
 PRED = torch.tensor([0, 0, 1, 2, 2, 2])
 TARGET = torch.tensor([0, 1, 1, 2, 2, 0])
@@ -198,7 +198,7 @@ def image_project(tmp_path_factory):
     torch.manual_seed(0)
     ck = root / "checkpoints"
     _save_pretrain(ck / "pretrain" / "image", cfg, mod.build_encoder(cfg), manifest["preprocessing"])
-    for init in INITS:
+    for init in DEFAULT_INITS:
         enc = load_checkpoint_encoder(ck / "pretrain" / "image", pretrained=init == "pretrained", seed=1)
         model = build_finetune_model("image", enc, "classification", 3, HeadConfig())
         _save_finetune(ck / "finetune" / "image" / f"b2-s0-{init}", model, manifest)
@@ -221,13 +221,13 @@ def test_evaluate_stage_writes_namespaced_metrics_and_confusion(image_project, c
     root, params, manifest = image_project
     assert cli_evaluate(params, _args()) == 0
     metrics = json.loads((root / "metrics" / "image.json").read_text())
-    want = {f"evaluate/{i}/b2/s0/{m}" for i in INITS for m in ("accuracy", "macro_f1")}
+    want = {f"evaluate/{i}/b2/s0/{m}" for i in DEFAULT_INITS for m in ("accuracy", "macro_f1")}
     # the probe: per seed, the layer chosen on valid (tiny: 2 blocks + the final output) and every layer
     per_seed = ("accuracy", "macro_f1", "layer", "layer1_accuracy", "layer2_accuracy", "layer3_accuracy")
-    want |= {f"probe/{i}/s{s}/{m}" for i in INITS for s in (0, 1, 2) for m in per_seed}
+    want |= {f"probe/{i}/s{s}/{m}" for i in DEFAULT_INITS for s in (0, 1, 2) for m in per_seed}
     assert set(metrics) == want
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("/layer"))
-    assert all(metrics[f"probe/{i}/s{s}/layer"] in (1.0, 2.0, 3.0) for i in INITS for s in (0, 1, 2))
+    assert all(metrics[f"probe/{i}/s{s}/layer"] in (1.0, 2.0, 3.0) for i in DEFAULT_INITS for s in (0, 1, 2))
     # brightness classes 70 grey levels apart (3.5 noise std): mean-pooled features separate them linearly
     assert all(metrics[f"probe/pretrained/s{s}/accuracy"] == 1.0 for s in (0, 1, 2))
     with (root / "plots" / "evaluate" / "image_confusion.csv").open() as f:

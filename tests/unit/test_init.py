@@ -265,3 +265,31 @@ def test_shards_of_another_preprocessing_are_refused_naming_both(workspace, publ
 
     with pytest.raises(ValueError, match=r"expects other inputs than the shards in shards/image .*Re-shard"):
         cli_pretrain(load_params("params.yaml"), type("A", (), {"modality": "image"}))
+
+
+def test_the_published_arm_is_the_folder_as_it_is_and_notices_a_change(workspace, published):
+    """``finetune --init published`` / the probe read the folder the pretrain run started from, checked
+    against the run's record of it; a run from random init has no published arm."""
+    from d2v.load import published_encoder
+
+    folder = workspace / "published" / "image" / "tiny"
+    published("image", folder)
+    raw_source("image", workspace / "source")
+    write_params(workspace, "image", str(folder), steps=2)
+    assert main(["prepare", "image"]) == 0 and main(["shard", "image"]) == 0 and main(["pretrain", "image"]) == 0
+    step = checkpoint.resolve(workspace / "ckpt" / "pretrain" / "image")
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = published_encoder(step).features(x)[0]
+        assert torch.equal(ours, load_encoder(folder).features(x)[0])
+        assert not torch.equal(ours, load_encoder(step).features(x)[0])  # continued pretraining moved it
+    assert main(["finetune", "image", "--init", "published", "--budget", "2"]) == 0
+    meta = checkpoint.read_meta(workspace / "ckpt" / "finetune" / "image" / "b2-s0-published")
+    assert meta["init"] == "published"
+    published("image", folder, seed=1)  # the folder replaced since pretraining
+    with pytest.raises(ValueError, match="changed since .* rerun `d2v pretrain image`"):
+        published_encoder(step)
+    write_params(workspace, "image", None, model={"preset": "tiny"}, steps=2)
+    assert main(["pretrain", "image"]) == 0
+    with pytest.raises(ValueError, match="started from random init, so there is no published model"):
+        published_encoder(checkpoint.resolve(workspace / "ckpt" / "pretrain" / "image"))
