@@ -2,7 +2,7 @@
 profile's amounts) with random Hugging Face data2vec folders in place of Meta's downloads.
 
     python benchmarks/published.py [--size tiny|base] [--modalities audio image text] [--steps 8]
-        [--batch 4] [--arms] [--workdir DIR] [--json out.json]
+        [--batch 4] [--precision fp32|bf16] [--arms] [--workdir DIR] [--json out.json]
 
 ``--size tiny``: toy-width folders (the tests' models): the plumbing, end to end, in seconds. ``--size base``:
 folders with the published Base configs (``facebook/data2vec-{audio,vision,text}-base``: 12 x 768; images
@@ -157,7 +157,7 @@ def stage(work: Path, *argv: str) -> dict[str, float]:
     return {"seconds": wall, "peak_mib": kb / 1024}
 
 
-def params_for(modality: str, size: str, folder: str, steps: int, batch: int) -> dict[str, Any]:
+def params_for(modality: str, size: str, folder: str, steps: int, batch: int, precision: str) -> dict[str, Any]:
     """The demo's params with the smoke profile's data amounts, the run starting from ``folder``."""
     own = yaml.safe_load((ROOT / "params.yaml").read_text())
     smoke = own["profiles"]["smoke"]
@@ -165,7 +165,7 @@ def params_for(modality: str, size: str, folder: str, steps: int, batch: int) ->
     if modality == "image":
         shard["image_size"] = CONFIGS[size]["image"].get("image_size", 224)
     pretrain = {"steps": steps, "batch_size": batch, "log_every": 1, "checkpoint_every": max(steps, 1),
-                "guard_after": 10**6, "init": folder, "precision": "fp32"}  # fmt: skip
+                "guard_after": 10**6, "init": folder, "precision": precision}  # fmt: skip
     if modality == "text":
         pretrain["max_len"] = 64 if size == "tiny" else 128  # within the tiny model's 64 positions
     if modality == "audio":
@@ -179,7 +179,7 @@ def params_for(modality: str, size: str, folder: str, steps: int, batch: int) ->
         "shard": {modality: shard},
         "model": {modality: {"preset": "from_init", "algorithm": "data2vec"}},
         "pretrain": {modality: pretrain},
-        "finetune": {modality: {**smoke["finetune"][modality], "precision": "fp32"}},
+        "finetune": {modality: {**smoke["finetune"][modality], "precision": precision}},
         "evaluate": {modality: {**smoke["evaluate"][modality], "probe_inits": ["pretrained", "scratch", "published"]}},
         "sweep": {"budgets": [5], "seeds": [0], "inits": ["pretrained", "scratch", "published"]},
     }  # fmt: skip
@@ -226,7 +226,7 @@ def one_modality(m: str, args: argparse.Namespace, base: Path) -> dict[str, Any]
     work.mkdir(parents=True)
     folder = f"published/{m}/data2vec-{m}-{args.size}"
     write_published(m, work / folder, size=args.size)
-    params = params_for(m, args.size, folder, 0, args.batch)
+    params = params_for(m, args.size, folder, 0, args.batch, args.precision)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     row: dict[str, Any] = {"modality": m, "size": args.size}
     row["prepare"] = stage(work, "prepare", m)
@@ -257,6 +257,7 @@ def main() -> int:
     ap.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES))
     ap.add_argument("--steps", type=int, default=8, help="continued pretraining updates")
     ap.add_argument("--batch", type=int, default=4, help="pretraining batch size")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="pretrain and finetune")
     ap.add_argument("--arms", action="store_true", help="also fine-tune and evaluate the sweep's three arms")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the workspaces here (default: temporary)")
     ap.add_argument("--json", type=Path, default=None)
@@ -266,7 +267,7 @@ def main() -> int:
         base = args.workdir or Path(tmp)
         rows = [one_modality(m, args, base) for m in args.modalities]
     head = "| modality | size | shard s | steps-0 s | parity max abs diff | pretrain s/update | pretrain peak MiB |"
-    print(f"published-model runs ({platform.processor() or platform.machine()}, torch threads default)\n")
+    print(f"published-model runs ({platform.machine()}, {args.precision}, batch {args.batch}, {args.steps} updates)\n")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:

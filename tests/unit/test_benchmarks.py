@@ -270,3 +270,21 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
         assert all(0 <= r["probe"] <= 1 and 0 <= r["pos"] <= 1 for r in rows)
     printed = capsys.readouterr().out
     assert printed.count("  probe ") == printed.count("  pos   ") == 2
+
+
+def test_published_harness_runs_a_published_image_model_through_the_stages(tmp_path: Path) -> None:
+    out = tmp_path / "published.json"
+    argv = ["published.py", "--modalities", "image", "--steps", "2", "--arms", "--workdir", str(tmp_path / "w"),
+            "--json", str(out)]  # fmt: skip
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / "benchmarks/published.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert exit_.value.code == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["parity_max_abs_diff"] < 1e-4 and row["pretrain_s_per_update"] > 0
+    assert row["pretrain"]["peak_mib"] > 100 and row["pretrain_loss"] > 0
+    assert all(0.0 <= row[f"accuracy_{a}"] <= 1.0 for a in ("published", "pretrained", "scratch"))
