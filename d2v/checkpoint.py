@@ -260,6 +260,16 @@ def load_train_state(path: str | Path, *, check: bool = True) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def state_mismatch(ref: dict[str, Tensor], sd: dict[str, Tensor]) -> str | None:
+    """What keeps ``sd`` from loading into a module whose state dict is ``ref`` (missing, unexpected and
+    other-shape keys, the first 4 of each), or None when it fits exactly."""
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    wrong = sorted(k for k in set(ref) & set(sd) if ref[k].shape != sd[k].shape)
+    if not (missing or unexpected or wrong):
+        return None
+    return f"missing {missing[:4]}, unexpected {unexpected[:4]}, other shape {wrong[:4]}"
+
+
 def _cpu_unshared(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU tensors; tied (memory-sharing) entries are cloned, which safetensors requires."""
     out, seen = {}, set()

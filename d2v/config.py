@@ -309,6 +309,18 @@ class ReportConfig:
             raise ConfigError(f"publish_timeout_s must be > 0, got {self.publish_timeout_s}")
 
 
+def leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key (``prefix.a.b``) -> value of every leaf of a nested dict (an empty dict is a leaf)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(leaves(v, key))
+        else:
+            out[key] = v
+    return out
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``over``'s keys on top, nested mappings merged key by key (``over`` wins)."""
     out = dict(base)

@@ -21,20 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from d2v import checkpoint, published
-from d2v.config import FROM_INIT, ConfigError, from_dict, to_dict
+from d2v.config import FROM_INIT, ConfigError, from_dict, leaves, to_dict
+from d2v.data.stages import data_module
 from d2v.hf import hf_encoder_state
 from d2v.modalities import get
-
-
-def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of a nested dict."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -70,8 +60,8 @@ def folder_model_config(src: published.Source) -> Any:
 
 
 def _contradictions(user: dict[str, Any], folder: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    mine = _leaves(user)
-    theirs = _leaves(folder)
+    mine = leaves(user)
+    theirs = leaves(folder)
     return [
         f"{k}: {mine[k]!r} (the folder's: {theirs[k]!r})" for k in keys if k in mine and mine[k] != theirs[k]
     ]
@@ -113,7 +103,7 @@ def model_config(user: dict[str, Any] | None, modality: str, src: published.Sour
         )  # fmt: skip
     recipe = to_dict(mod.model_config({**user, "preset": folder_cfg.preset}, where))
     for k in keys:
-        _set(recipe, k, _leaves(folder)[k])
+        _set(recipe, k, leaves(folder)[k])
     depth = folder_cfg.transformer.depth
     if "top_k" not in (user.get("targets") or {}) and recipe["targets"]["top_k"] > depth:
         recipe["targets"]["top_k"] = depth  # a preset's K for a shallower published model: all its layers
@@ -128,8 +118,6 @@ def model_config(user: dict[str, Any] | None, modality: str, src: published.Sour
 
 def check_preprocessing(src: published.Source, manifest: dict[str, Any], shard_dir: Path) -> None:
     """ValueError naming both when the shards were not preprocessed as the model in ``src`` expects."""
-    from d2v.data.stages import data_module
-
     want = data_module(src.modality).like_preprocessing(src)
     have = manifest.get("preprocessing") or {}
     diff = [k for k in sorted(want) if have.get(k) != want[k]]
@@ -173,13 +161,11 @@ def start_from(model: Any, src: published.Source) -> None:
     """Load ``src``'s encoder into the student of ``model`` (a ``d2v.data2vec.Data2Vec``) and make the
     teacher its copy. ValueError naming the folder when the weights do not fit."""
     sd = encoder_state(src, model.student.config)
-    ref = model.student.state_dict()
-    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-    wrong = sorted(k for k in set(ref) & set(sd) if ref[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
+    problem = checkpoint.state_mismatch(model.student.state_dict(), sd)
+    if problem:
         raise ValueError(
             f"pretrain.{src.modality}.init: the weights in {src.path} do not fit the model its config "
-            f"describes: missing {missing[:4]}, unexpected {unexpected[:4]}, other shape {wrong[:4]}"
+            f"describes: {problem}"
         )
     model.student.load_state_dict(sd)
     model.teacher.load_state_dict(model.student.state_dict())

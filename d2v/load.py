@@ -57,13 +57,11 @@ def load_checkpoint_encoder(path: str | Path, pretrained: bool = True, seed: int
     if pretrained:
         prefix = meta.get("encoder_prefix", "student.")
         sd = {k[len(prefix) :]: v for k, v in checkpoint.load_weights(step_dir).items() if k.startswith(prefix)}
-        ref = encoder.state_dict()
-        missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-        wrong = sorted(k for k in set(ref) & set(sd) if ref[k].shape != sd[k].shape)
-        if missing or unexpected or wrong:
+        problem = checkpoint.state_mismatch(encoder.state_dict(), sd)
+        if problem:
             raise ValueError(
                 f"{step_dir}: weights under {prefix!r} do not fit a {modality} encoder of its meta.json "
-                f"config: missing {missing[:4]}, unexpected {unexpected[:4]}, other shape {wrong[:4]}"
+                f"config: {problem}"
             )
         encoder.load_state_dict(sd)
     return encoder.eval()

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
-from d2v.config import PathsConfig, ReportConfig, TrackingConfig, to_dict
+from d2v.config import PathsConfig, ReportConfig, TrackingConfig, leaves, to_dict
 
 DOC_PATH = Path("docs/params.md")
 """Where ``render()`` is written, relative to the project root."""
@@ -185,22 +185,12 @@ def _walk(
             yield Entry(path, type_name(hints[f.name]), default[f.name], doc, where, extra)
 
 
-def _leaves(d: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_leaves(v, f"{prefix}.{k}"))
-        else:
-            out[f"{prefix}.{k}"] = v
-    return out
-
-
 def _model_variants(mod: types.ModuleType, prefix: str) -> dict[str, str]:
     """``{leaf path: "presets tiny `x`, base `y`; data2vec2: ..."}``: what the other presets and the
     data2vec 2.0 recipe set where they differ from the default (``small``, data2vec)."""
     presets = typing.get_args(typing.get_type_hints(mod.ModelConfig)["preset"])
     resolved = {
-        (p, a): _leaves(to_dict(mod.model_config({"preset": p, "algorithm": a})), prefix)
+        (p, a): leaves(to_dict(mod.model_config({"preset": p, "algorithm": a})), prefix)
         for p in presets
         for a in ("data2vec", "data2vec2")
     }

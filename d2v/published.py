@@ -108,3 +108,21 @@ def source(path: str | Path, modality: str, key: str) -> Source:
             f"{modality} one"
         )
     return Source("d2v", step, modality, f"d2v-{meta.get('kind')}", meta)
+
+
+def read_settings(f: Path, what: str) -> dict[str, Any]:
+    """The JSON object of a model folder's settings file ``f`` (``what``: "processor", "feature
+    extractor" ...); ValueError naming the file and what to do when it cannot be read or is not an object."""
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{f}: cannot be read as JSON ({type(e).__name__}: {e}); save the {what} into the folder again "
+            "with save_pretrained"
+        ) from None
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"{f}: holds a JSON {type(d).__name__}, not an object of {what} settings; save the {what} into the "
+            "folder again with save_pretrained"
+        )
+    return d

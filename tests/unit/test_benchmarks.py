@@ -14,21 +14,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_step(tmp_path: Path, *extra: str) -> list[dict]:
-    out = tmp_path / "step.json"
-    argv = [
-        "step.py", "--preset", "tiny", "--modalities", "image", "--algorithms", "data2vec", "--dtypes", "fp32",
-        "--rounds", "2", "--warmup", "1", "--no-memory", "--no-loader", "--no-alternative", "--json", str(out),
-        *extra,
-    ]  # fmt: skip
+def run_script(name: str, *argv: str) -> None:
+    """``python benchmarks/<name> <argv>`` in this process; it must exit 0."""
     old = sys.argv
-    sys.argv = argv
+    sys.argv = [name, *argv]
     try:
         with pytest.raises(SystemExit) as exit_:
-            runpy.run_path(str(ROOT / "benchmarks/step.py"), run_name="__main__")
+            runpy.run_path(str(ROOT / "benchmarks" / name), run_name="__main__")
     finally:
         sys.argv = old
     assert exit_.value.code == 0
+
+
+def run_step(tmp_path: Path, *extra: str) -> list[dict]:
+    out = tmp_path / "step.json"
+    run_script(
+        "step.py", "--preset", "tiny", "--modalities", "image", "--algorithms", "data2vec", "--dtypes", "fp32",
+        "--rounds", "2", "--warmup", "1", "--no-memory", "--no-loader", "--no-alternative", "--json", str(out),
+        *extra,
+    )  # fmt: skip
     return json.loads(out.read_text())["rows"]
 
 
@@ -274,16 +278,8 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
 
 def test_published_harness_runs_a_published_image_model_through_the_stages(tmp_path: Path) -> None:
     out = tmp_path / "published.json"
-    argv = ["published.py", "--modalities", "image", "--steps", "2", "--arms", "--workdir", str(tmp_path / "w"),
-            "--json", str(out)]  # fmt: skip
-    old = sys.argv
-    sys.argv = argv
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            runpy.run_path(str(ROOT / "benchmarks/published.py"), run_name="__main__")
-    finally:
-        sys.argv = old
-    assert exit_.value.code == 0
+    run_script("published.py", "--modalities", "image", "--steps", "2", "--arms", "--workdir", str(tmp_path / "w"),
+               "--json", str(out))  # fmt: skip
     (row,) = json.loads(out.read_text())["rows"]
     assert row["parity_max_abs_diff"] < 1e-4 and row["pretrain_s_per_update"] > 0
     assert row["pretrain"]["peak_mib"] > 100 and row["pretrain_loss"] > 0

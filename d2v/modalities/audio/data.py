@@ -535,18 +535,7 @@ class ExtractorSpec:
 def read_feature_extractor(f: Path) -> ExtractorSpec:
     """The settings of a Data2VecAudio ``preprocessor_config.json`` ``f``; ValueError naming the file, the
     setting and what d2v supports (transformers' defaults for keys the file omits)."""
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{f}: cannot be read as JSON ({type(e).__name__}: {e}); save the feature extractor into the "
-            "folder again with save_pretrained"
-        ) from None
-    if not isinstance(d, dict):
-        raise ValueError(
-            f"{f}: holds a JSON {type(d).__name__}, not an object of feature extractor settings; save the "
-            "feature extractor into the folder again with save_pretrained"
-        )
+    d = published.read_settings(f, "feature extractor")
     kind = d.get("feature_extractor_type")
     if kind not in (None, "Wav2Vec2FeatureExtractor"):
         raise ValueError(f"{f}: a {kind}; d2v reads the Wav2Vec2FeatureExtractor of Data2VecAudio models")

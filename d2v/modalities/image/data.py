@@ -410,23 +410,6 @@ class ProcessorSpec:
     std: tuple[float, ...] | None
 
 
-def read_json_object(f: Path) -> dict[str, Any]:
-    """The JSON object in file ``f``; ValueError naming it when it cannot be read or is not an object."""
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{f}: cannot be read as JSON ({type(e).__name__}: {e}); save the processor into the folder "
-            "again with save_pretrained"
-        ) from None
-    if not isinstance(d, dict):
-        raise ValueError(
-            f"{f}: holds a JSON {type(d).__name__}, not an object of processor settings; save the processor "
-            "into the folder again with save_pretrained"
-        )
-    return d
-
-
 def _hw(v: Any, key: str, where: Path) -> tuple[int, int] | int:
     """A processor size: {"height", "width"} or an int (square) -> (h, w); {"shortest_edge"} -> int."""
     if isinstance(v, int) and not isinstance(v, bool):
@@ -449,7 +432,7 @@ def _per_channel(x: float | Sequence[float], channels: int) -> tuple[float, ...]
 def read_image_processor(f: Path, channels: int = CHANNELS) -> ProcessorSpec:
     """The settings of a Data2VecVision ``preprocessor_config.json`` ``f`` (``BeitImageProcessor``) for a
     model of ``channels`` input channels; ValueError naming the file, the setting and what d2v supports."""
-    d = read_json_object(f)
+    d = published.read_settings(f, "processor")
     kind = d.get("image_processor_type", d.get("feature_extractor_type"))
     if kind is not None and kind not in PROCESSOR_TYPES:
         raise ValueError(

@@ -32,7 +32,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from d2v.modalities.image.data import PROCESSOR_FILE, processor_resize, read_image_processor, to_image
+from d2v.modalities.image.data import (
+    PROCESSOR_FILE,
+    ProcessorSpec,
+    processor_resize,
+    read_image_processor,
+    to_image,
+)
 from d2v.modalities.image.model import ImageEncoder, ModelConfig, model_config, sincos_2d
 
 HF_MODEL_TYPE = "data2vec-vision"
@@ -226,17 +232,8 @@ class ImageProcessor:
     Images are converted to the model's channels first (grey repeated to RGB, alpha dropped).
     """
 
-    size: tuple[int, int] | int | None
-    """(height, width), or an int: the shorter side (aspect kept); None: no resize."""
-    resample: str
-    """torchvision interpolation mode (antialiased, as transformers calls it)."""
-    crop: tuple[int, int] | None
-    """Centre crop (height, width), transformers' rounding and zero padding; None: no crop."""
-    rescale: float | None
-    """Pixel scale (1/255); None: none."""
-    mean: tuple[float, ...] | None
-    """Per-channel mean and std after rescaling; None: no normalisation."""
-    std: tuple[float, ...] | None
+    spec: ProcessorSpec
+    """The processor's settings (``data.read_image_processor``)."""
     channels: int
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Tensor]:
@@ -253,8 +250,9 @@ class ImageProcessor:
         """float32 [C, H, W] model input of one PIL image."""
         a = np.array(im.convert("RGB" if self.channels == 3 else "L"))
         x = torch.from_numpy(a).permute(2, 0, 1) if a.ndim == 3 else torch.from_numpy(a)[None]
-        x = processor_resize(x, self.size, self.resample, self.crop)
-        return rescale_and_normalize(x, self.rescale, self.mean, self.std)
+        p = self.spec
+        x = processor_resize(x, p.size, p.resample, p.crop)
+        return rescale_and_normalize(x, p.rescale, p.mean, p.std)
 
 
 def rescale_and_normalize(
@@ -281,8 +279,4 @@ def processor_from_hf(folder: Path, cfg: ModelConfig) -> ImageProcessor:
             "transformers.BeitImageProcessor.from_pretrained('facebook/data2vec-vision-base')"
             f".save_pretrained('{folder}'), or pass preprocessing= to embed"
         )
-    spec = read_image_processor(f, cfg.in_channels)
-    return ImageProcessor(
-        size=spec.size, resample=spec.resample, crop=spec.crop, rescale=spec.rescale, mean=spec.mean,
-        std=spec.std, channels=cfg.in_channels,
-    )  # fmt: skip
+    return ImageProcessor(read_image_processor(f, cfg.in_channels), cfg.in_channels)
