@@ -29,6 +29,7 @@ import yaml
 from d2v import checkpoint
 from d2v.config import from_dict, load_params
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.remote import shard_location
 from d2v.evaluate import predict_split, split_of
 from d2v.finetune import FinetuneConfig, finetune, modality_options, task_info
 from d2v.load import build_finetune_model, load_checkpoint_encoder
@@ -56,7 +57,7 @@ def run(
         set_dotted(section, k, v)
     cfg = from_dict(FinetuneConfig, section, f"finetune.{m}")
     head, mask = modality_options(cfg, m)
-    shard_dir = project / params["paths"]["shards"] / m
+    shard_dir = shard_location(params["paths"]["shards"], m, base=project)
     manifest = read_manifest(shard_dir)
     split, num_classes, entry = task_info(manifest, cfg.task, shard_dir)
     source = checkpoint.resolve(project / params["paths"]["checkpoints"] / "pretrain" / m)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from d2v import checkpoint
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.remote import location
 from d2v.evaluate import _probe_task, split_of
 from d2v.load import load_checkpoint_encoder
 from d2v.metrics import accuracy, linear_probe
@@ -99,7 +100,7 @@ def diagnose(encoder: Encoder, shard_dir: Path, args: argparse.Namespace) -> lis
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--shards", default=None, help="shard folder (default data/shards/<modality>)")
+    ap.add_argument("--shards", default=None, help="shard folder or URL (default data/shards/<modality>)")
     ap.add_argument("--budget", type=int, default=100, help="train labels per class for the probe")
     ap.add_argument("--eval-per-class", type=int, default=100)
     ap.add_argument("--frames", type=int, default=25, help="tokens per item for the position share")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for ck in args.checkpoints:
         step = checkpoint.resolve(ck)
         modality = checkpoint.read_meta(step)["modality"]
-        shard_dir = Path(args.shards or f"data/shards/{modality}")
+        shard_dir = location(args.shards or f"data/shards/{modality}")
         for init in ("pretrained", "scratch"):
             enc = load_checkpoint_encoder(step, pretrained=init == "pretrained", seed=0)
             rows = diagnose(enc, shard_dir, args)

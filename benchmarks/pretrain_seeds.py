@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from d2v.data.remote import is_url
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_recipe import run as finetune_arms  # noqa: E402
 from finetune_recipe import set_dotted  # noqa: E402
@@ -45,9 +47,12 @@ def pretrain(
     for k, v in changes.items():
         set_dotted(params, k, v)
     run_dir = where / f"seed{seed}"
-    shards = run_dir / params["paths"]["shards"]
-    shards.mkdir(parents=True)
-    (shards / m).symlink_to((project / params["paths"]["shards"] / m).resolve())
+    run_dir.mkdir(parents=True)
+    root = params["paths"]["shards"]
+    if not is_url(root):  # a folder is linked in; a URL (shards in object storage) is read where it is
+        shards = run_dir / root
+        shards.mkdir(parents=True)
+        (shards / m).symlink_to((project / root / m).resolve())
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(run_dir)}
     t = time.perf_counter()

@@ -55,6 +55,7 @@ from flops import flop_counter  # noqa: E402
 
 from d2v import loop  # noqa: E402
 from d2v.config import load_params, section  # noqa: E402
+from d2v.data.remote import is_url, shard_location  # noqa: E402
 from d2v.data.stages import data_module  # noqa: E402
 from d2v.data2vec import ema_decay  # noqa: E402
 from d2v.hostmem import retain_freed_memory  # noqa: E402
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.modalities:
             loader = None
             if args.loader:
-                shard_dir = Path(params["paths"]["shards"]) / m
-                if not (shard_dir / "manifest.json").is_file():
+                shard_dir = shard_location(params["paths"]["shards"], m)
+                if not is_url(shard_dir) and not (shard_dir / "manifest.json").is_file():
                     print(f"{m}: no shards in {shard_dir} (dvc repro shard@{m}); writing synthetic ones",
                           file=sys.stderr)  # fmt: skip
                     shard_dir = synthetic_shards(m, Path(tmp))

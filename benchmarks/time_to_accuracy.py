@@ -35,6 +35,7 @@ import torch
 
 from d2v.config import PathsConfig, load_params, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.remote import shard_location
 from d2v.evaluate import EvaluateConfig, probe
 from d2v.modalities import MODALITIES, get
 from d2v.pretrain import PretrainConfig, pretrain
@@ -47,7 +48,7 @@ def measure(modality: str, algorithm: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     params = load_params(args.params, args.profile)
     paths = section(params, "paths", PathsConfig)
-    shard_dir = Path(paths.shards) / modality
+    shard_dir = shard_location(paths.shards, modality)
     manifest = read_manifest(shard_dir)
     mod = get(modality)
     user = dict((params.get("model") or {}).get(modality) or {})

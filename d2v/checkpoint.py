@@ -289,7 +289,7 @@ def save(
     train_state: dict[str, Any] | None = None,
     *,
     keep: int = 3,
-    files: dict[str, Path] | None = None,
+    files: dict[str, Path | bytes] | None = None,
 ) -> Path:
     """Write ``<run_dir>/step-NNNNNNNN`` atomically, then delete all but the newest ``keep`` steps.
 
@@ -304,8 +304,11 @@ def save(
     save_file(_cpu_unshared(model_state), str(tmp / WEIGHTS))
     if train_state is not None:
         torch.save(train_state, tmp / STATE)
-    for name, src in (files or {}).items():
-        shutil.copyfile(src, tmp / name)
+    for name, src in (files or {}).items():  # a path, or bytes read (and checked) from a shard URL
+        if isinstance(src, bytes):
+            (tmp / name).write_bytes(src)
+        else:
+            shutil.copyfile(src, tmp / name)
     sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
     meta = {**meta, "step": step, CHECKSUMS: sums}
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

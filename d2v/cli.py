@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         if name != "report":
             p.add_argument("modality", choices=MODALITIES)
+        if name == "shard":
+            # Publishing is a flag of `shard`, not an `aws s3 sync` recipe: it checks every file's sha256
+            # before uploading (a damaged shard is never published), uploads manifest.json last (a reader
+            # that finds the manifest finds every object it lists; sync's order is its own), lists the
+            # result as the loader will, works for any fsspec URL (gs://, az://) without the AWS CLI, and
+            # takes the same root as paths.shards, so the printed line says what to set.
+            p.add_argument(
+                "--to",
+                default=None,
+                metavar="URL",
+                help="publish <paths.shards>/<m> (written by `d2v shard <m>`) to URL/<m> instead of sharding: "
+                "tars, side files, manifest.json last; then paths.shards: URL reads it (pip install 'd2v[s3]')",
+            )
         if name in ("finetune", "evaluate"):
             p.add_argument("--budget", default=None, help="label budget: labels per class (int) or fraction")
             p.add_argument("--seed", type=int, default=None, help="fine-tuning seed (default: params seed)")
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             _call("d2v.params_check", "check_all")(params, quiet=True)
             module, func, _ = STAGES[args.command]
             rc = _call(module, func)(params, args) or 0
-            if rc == 0:
+            if rc == 0 and not getattr(args, "to", None):  # an upload's time is not the shard stage's
                 stage = timing.stage_name(args.command, getattr(args, "modality", None),
                                           getattr(args, "budget", None), getattr(args, "seed", None),
                                           getattr(args, "init", None))  # fmt: skip

@@ -259,7 +259,9 @@ class PathsConfig:
     raw: str = "data/raw"
     """``prepare`` writes each modality's raw inputs to ``<raw>/<m>``."""
     shards: str = "data/shards"
-    """``shard`` writes WebDataset shards and ``manifest.json`` to ``<shards>/<m>``."""
+    """``shard`` writes WebDataset shards and ``manifest.json`` to ``<shards>/<m>``. The training stages also
+    read an fsspec URL (``s3://bucket/prefix``, after ``d2v shard <m> --to`` it; ``pip install 'd2v[s3]'``):
+    docs/recipes.md, "Shards in object storage"."""
     checkpoints: str = "checkpoints"
     """Run folders: ``<checkpoints>/pretrain/<m>`` and ``<checkpoints>/finetune/<m>/<run>``."""
     metrics: str = "metrics"

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from d2v import checkpoint, initialize, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.remote import Location, shard_location
 from d2v.heads import FinetuneModel
 from d2v.load import arm_encoder, load_finetune_model
 from d2v.metrics import (
@@ -192,7 +193,7 @@ def preflight(
     modality: str,
     runs: list[Run],
     manifest: dict[str, Any],
-    shard_dir: Path,
+    shard_dir: Location,
     pretrain_dir: Path,
     finetune_dir: Path,
     cfg: EvaluateConfig,
@@ -252,7 +253,7 @@ def preflight(
 def evaluate(
     modality: str,
     runs: list[Run],
-    shard_dir: Path,
+    shard_dir: Location,
     pretrain_dir: Path,
     finetune_dir: Path,
     cfg: EvaluateConfig,
@@ -324,7 +325,7 @@ def _probe_task(manifest: dict[str, Any]) -> str:
 def probe_metrics(
     modality: str,
     manifest: dict[str, Any],
-    shard_dir: Path,
+    shard_dir: Location,
     pretrain_step: Path,
     cfg: EvaluateConfig,
     seed: int,
@@ -345,7 +346,7 @@ def probe_metrics(
 def probe(
     encoder: Encoder,
     manifest: dict[str, Any],
-    shard_dir: Path,
+    shard_dir: Location,
     cfg: EvaluateConfig,
     seed: int,
     device: torch.device,
@@ -408,7 +409,7 @@ def probe(
 
 def ctc_probe_metrics(
     manifest: dict[str, Any],
-    shard_dir: Path,
+    shard_dir: Location,
     pretrain_dir: Path,
     cfg: EvaluateConfig,
     seed: int,
@@ -466,7 +467,7 @@ def cli_evaluate(params: dict[str, Any], args: Any) -> int:
     ckpts = Path(paths.checkpoints)
     model_cfg = initialize.stage_model_config(params, m, ckpts / "pretrain" / m)
     metrics, rows = evaluate(
-        m, runs, Path(paths.shards) / m, ckpts / "pretrain" / m, ckpts / "finetune" / m, cfg,
+        m, runs, shard_location(paths.shards, m), ckpts / "pretrain" / m, ckpts / "finetune" / m, cfg,
         model_cfg=model_cfg, seed=seed,
     )  # fmt: skip
     metrics_file = Path(paths.metrics) / f"{m}.json"

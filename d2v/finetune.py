@@ -24,6 +24,8 @@ import torch
 from d2v import checkpoint, distributed, initialize, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, from_dict, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.remote import Location, shard_location
+from d2v.data.shards import manifest_sha256, preprocessing_files
 from d2v.heads import FinetuneModel, HeadConfig, SequenceClassifier
 from d2v.load import arm_encoder, build_finetune_model, head_config
 from d2v.metrics import fit_logistic
@@ -166,7 +168,7 @@ def finetune_job(
     run_dir: str | Path,
     meta: dict[str, Any],
     *,
-    files: dict[str, Path] | None = None,
+    files: dict[str, Path | bytes] | None = None,
     head_items: Callable[[], Iterable[dict[str, Any]]] | None = None,
 ) -> runner.Job:
     """What fine-tuning adds to the runner: layer-wise LR decay, the encoder frozen for the first
@@ -211,7 +213,7 @@ def finetune(
     seed: int = 0,
     info: distributed.DistInfo | None = None,
     tracker: tracking.NullTracker | None = None,
-    files: dict[str, Path] | None = None,
+    files: dict[str, Path | bytes] | None = None,
     clock: loop.Stopwatch | None = None,
     head_items: Callable[[], Iterable[dict[str, Any]]] | None = None,
 ) -> list[dict[str, float]]:
@@ -223,7 +225,9 @@ def finetune(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def task_info(manifest: dict[str, Any], task: str, shard_dir: Path) -> tuple[str, int | None, dict[str, Any]]:
+def task_info(
+    manifest: dict[str, Any], task: str, shard_dir: Location
+) -> tuple[str, int | None, dict[str, Any]]:
     """``(train split, num_classes or None for CTC, the manifest's task entry)``."""
     tasks = manifest.get("tasks") or {}
     if task not in tasks:
@@ -249,7 +253,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
         seed,
     )
     paths = section(params, "paths", PathsConfig)
-    shard_dir = Path(paths.shards) / m
+    shard_dir = shard_location(paths.shards, m)
     pretrain_dir = Path(paths.checkpoints) / "pretrain" / m
     model_cfg = initialize.stage_model_config(params, m, pretrain_dir)
 
@@ -294,7 +298,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     source_meta = checkpoint.read_meta(source) if source else {}
     fingerprint = {
         "model_config": to_dict(model.encoder.config), "config": runner.resume_relevant(cfg), "seed": seed,
-        "budget": run.budget, "init": run.init, "data": checkpoint.file_sha256(shard_dir / "manifest.json"),
+        "budget": run.budget, "init": run.init, "data": manifest_sha256(shard_dir),
         # the published arm depends on the folder only, not on how far its continued pretraining got
         "pretrained": (source_meta.get("init") or {}).get("sha256") if run.init == PUBLISHED
         else source_meta.get("fingerprint"),
@@ -309,7 +313,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     }  # fmt: skip
     run_dir = Path(paths.checkpoints) / "finetune" / m / run.name
     job = finetune_job(model, cfg, make_loader, run_dir, meta,
-                       files=runner.preprocessing_files(manifest, shard_dir), head_items=head_items)  # fmt: skip
+                       files=preprocessing_files(manifest, shard_dir), head_items=head_items)  # fmt: skip
     outputs = runner.Outputs(
         Path(paths.metrics) / "finetune" / m / f"{run.name}.json",
         Path(paths.plots) / "finetune" / m / f"{run.name}.csv",

@@ -17,9 +17,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from d2v import checkpoint, distributed, initialize, loop, runner, tracking
+from d2v import distributed, initialize, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.remote import shard_location
+from d2v.data.shards import manifest_sha256, preprocessing_files
 from d2v.data2vec import Data2Vec, ema_decay
 from d2v.modalities import get
 from d2v.optim import OptimConfig
@@ -89,7 +91,7 @@ def pretrain_job(
     run_dir: str | Path,
     meta: dict[str, Any],
     *,
-    files: dict[str, Path] | None = None,
+    files: dict[str, Path | bytes] | None = None,
     after_step: Callable[[int], None] | None = None,
 ) -> runner.Job:
     """What pretraining adds to the runner: the EMA step after every update, the collapse guards.
@@ -120,7 +122,7 @@ def pretrain(
     seed: int = 0,
     info: distributed.DistInfo | None = None,
     tracker: tracking.NullTracker | None = None,
-    files: dict[str, Path] | None = None,
+    files: dict[str, Path | bytes] | None = None,
     after_step: Callable[[int], None] | None = None,
     clock: loop.Stopwatch | None = None,
 ) -> list[dict[str, float]]:
@@ -156,7 +158,7 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     model_cfg = initialize.model_config((params.get("model") or {}).get(m), m, src)
     seed = int(params.get("seed", 0))
     paths = section(params, "paths", PathsConfig)
-    shard_dir = Path(paths.shards) / m  # split "pretrain": <shards>/<m>/pretrain-*.tar
+    shard_dir = shard_location(paths.shards, m)  # split "pretrain": <shards>/<m>/pretrain-*.tar (or a URL)
     manifest = read_manifest(shard_dir)
     if src is not None:
         initialize.check_preprocessing(src, manifest, shard_dir)
@@ -190,12 +192,12 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     }  # fmt: skip
     fingerprint = {
         "model_config": to_dict(model_cfg), "config": runner.resume_relevant(cfg), "seed": seed,
-        "data": checkpoint.file_sha256(shard_dir / "manifest.json"),
+        "data": manifest_sha256(shard_dir),
         "init": init["sha256"] if init else None,
     }  # fmt: skip
     run_dir = Path(paths.checkpoints) / "pretrain" / m
     job = pretrain_job(model, cfg, make_loader, run_dir, meta,
-                       files=runner.preprocessing_files(manifest, shard_dir))  # fmt: skip
+                       files=preprocessing_files(manifest, shard_dir))  # fmt: skip
     started = {} if src is None else {
         "init": str(src.path), "init_model_type": src.model_type,
         "init_size": f"{model_cfg.transformer.depth} x {model_cfg.transformer.dim}",

@@ -53,7 +53,7 @@ class Job:
     meta: dict[str, Any]
     curve_fields: tuple[str, ...]
     """The logged metrics kept in the loss history (and the plots CSV), ``step`` first."""
-    files: dict[str, Path] | None = None
+    files: dict[str, Path | bytes] | None = None
     layer_ids: Callable[[], dict[str, int]] | None = None
     """Parameter name -> layer id for layer-wise LR decay (fine-tuning); None: no layer decay."""
     on_start: Callable[[int], None] = lambda step: None
@@ -259,14 +259,6 @@ def fit(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def preprocessing_files(manifest: dict[str, Any], shard_dir: Path) -> dict[str, Path]:
-    """Files the manifest's preprocessing section names (e.g. the tokenizer): copied into each checkpoint."""
-    prep = manifest.get("preprocessing") or {}
-    return {
-        Path(v).name: shard_dir / v for v in prep.values() if isinstance(v, str) and (shard_dir / v).is_file()
-    }
 
 
 def resume_relevant(cfg: Any) -> dict[str, Any]:

@@ -222,9 +222,10 @@ def _paths(params_path: str, profile: str | None) -> PathsConfig:
 
 def publish_shards(modality: str, params_path: str, profile: str | None) -> dict[str, int]:
     """The shard manifest's counts as a markdown artifact ``d2v-shards-<modality>``; returns samples/split."""
-    from d2v.data.shards import read_manifest  # lazily: it imports webdataset (and torch)
+    from d2v.data.remote import is_url, shard_location  # lazily: d2v.data imports webdataset (and torch)
+    from d2v.data.shards import read_manifest
 
-    shard_dir = PROJECT_DIR / _paths(params_path, profile).shards / modality
+    shard_dir = shard_location(_paths(params_path, profile).shards, modality, base=PROJECT_DIR)
     manifest = read_manifest(shard_dir)
     splits = manifest["splits"]
     samples = {split: entry["samples"] for split, entry in splits.items()}
@@ -233,7 +234,7 @@ def publish_shards(modality: str, params_path: str, profile: str | None) -> dict
         f"# d2v shards: {modality}\n\n| split | shards | samples |\n|---|---|---|\n{rows}\n\n"
         f"skipped inputs: {manifest['skipped_counts'] or 'none'}\n",
         key=f"d2v-shards-{modality}",
-        description=f"{shard_dir.relative_to(PROJECT_DIR)}/manifest.json",
+        description=f"{shard_dir if is_url(shard_dir) else shard_dir.relative_to(PROJECT_DIR)}/manifest.json",
     )
     return samples
 

@@ -29,13 +29,15 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from d2v.data.remote import Location, is_url, join, location, name_of
 from d2v.data.shards import (
     LABELS_SUFFIX,
     ShardError,
     check_files,
     derive_seed,
-    iter_shard,
     read_manifest,
+    read_shard,
+    remote_side_file,
     split_shards,
 )
 from d2v.data.stages import data_module
@@ -69,7 +71,27 @@ def _dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
-def budget_keys(shard_dir: Path, split: str, label_budget: int | float, seed: int) -> set[str]:
+def _split_labels(shard_dir: Location, split: str) -> list[int] | None:
+    """The label id of every sample of ``split`` (its ``.labels.txt``); a transcript split: one class;
+    None when the split has neither."""
+    if is_url(shard_dir):
+        manifest = read_manifest(shard_dir)
+        name = f"{split}{LABELS_SUFFIX}"
+        if name in manifest["files"]:
+            return [int(v) for v in remote_side_file(shard_dir, manifest, name).decode().split()]
+        entry = manifest["splits"].get(split)
+    else:
+        path = Path(shard_dir) / f"{split}{LABELS_SUFFIX}"
+        manifest_path = Path(shard_dir) / "manifest.json"
+        if path.exists():
+            return [int(v) for v in path.read_text().split()]
+        entry = json.loads(manifest_path.read_text())["splits"].get(split) if manifest_path.exists() else None
+    if not (entry and entry.get("task")):
+        return None
+    return [0] * entry["samples"]  # transcripts: one class
+
+
+def budget_keys(shard_dir: Location, split: str, label_budget: int | float, seed: int) -> set[str]:
     """Keys of a seeded, class-stratified label budget of ``split``.
 
     ``int``: that many samples per class; ``float`` in (0, 1]: that fraction of each class (at least one).
@@ -77,17 +99,11 @@ def budget_keys(shard_dir: Path, split: str, label_budget: int | float, seed: in
     is that many transcribed samples. ValueError when a class has fewer samples than asked, or the split
     has no labels.
     """
-    path = Path(shard_dir) / f"{split}{LABELS_SUFFIX}"
-    manifest = Path(shard_dir) / "manifest.json"
-    if path.exists():
-        labels = [int(v) for v in path.read_text().split()]
-    else:
-        entry = json.loads(manifest.read_text())["splits"].get(split) if manifest.exists() else None
-        if not (entry and entry.get("task")):
-            raise ValueError(
-                f"label_budget: split {split!r} has no labels ({path.name} missing in {shard_dir})"
-            )
-        labels = [0] * entry["samples"]  # transcripts: one class
+    labels = _split_labels(shard_dir, split)
+    if labels is None:
+        raise ValueError(
+            f"label_budget: split {split!r} has no labels ({split}{LABELS_SUFFIX} missing in {shard_dir})"
+        )
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)
@@ -120,7 +136,7 @@ SUBSET_CACHE_MAX = 5000
 """A label budget of at most this many samples keeps its raw samples in memory after the first pass: a few
 labels per class are spread over every shard, and re-reading all of them each epoch would take most of a
 few-label fine-tuning step (benchmarks/RESULTS.md). Same samples in the same order either way."""
-_SUBSET_CACHE: dict[tuple[Path, int], list[dict[str, Any]]] = {}
+_SUBSET_CACHE: dict[tuple[Location, int], list[dict[str, Any]]] = {}
 
 
 class ShardStream(IterableDataset):
@@ -131,7 +147,7 @@ class ShardStream(IterableDataset):
         self.spec = spec
         self.epoch = spec["epoch"]
 
-    def _shards(self, wid: int, nw: int) -> Iterator[tuple[Path, int]]:
+    def _shards(self, wid: int, nw: int) -> Iterator[tuple[Location, int]]:
         s = self.spec
         shards = list(s["shards"])
         if s["resampled"]:
@@ -149,7 +165,8 @@ class ShardStream(IterableDataset):
             if cache and (path, self.spec["keys_id"]) in _SUBSET_CACHE:
                 yield from _SUBSET_CACHE[path, self.spec["keys_id"]]
                 continue
-            kept = [s for s in iter_shard(path, expected) if keys is None or s["__key__"] in keys]
+            shard = read_shard(path, expected, self.spec["sha256"].get(path))  # a URL: read whole, checked
+            kept = [s for s in shard if keys is None or s["__key__"] in keys]
             if cache:
                 _SUBSET_CACHE[path, self.spec["keys_id"]] = kept
             yield from kept
@@ -331,21 +348,28 @@ class LoaderSpec:
             raise ValueError("resampled=True streams forever: pass epoch_len (batches per epoch)")
 
 
-def build_loader(shard_dir: Path, split: str, model_cfg: Any, spec: LoaderSpec) -> ShardLoader:
+def build_loader(shard_dir: Location, split: str, model_cfg: Any, spec: LoaderSpec) -> ShardLoader:
     """A loader of batches (dicts of tensors) from ``<shard_dir>/<split>-*.tar``, cut as ``spec`` says.
 
     Every shard it will read and the manifest's side files are first checked against the sha256 the
     manifest records (once per file and process, :func:`d2v.data.shards.check_files`): a corrupt shard is a
     :class:`ShardError` naming it before any batch.
 
+    At a URL (``s3://bucket/prefix/<m>``, any fsspec URL) the manifest and side files are read from it and
+    checked, and the folder is listed once: a missing shard, or one of another size, is a ShardError before
+    any batch. Each worker then reads whole shards and checks each one's sha256 before parsing it
+    (:func:`d2v.data.shards.read_shard`); the loader carries URL strings only, and every worker opens its
+    own filesystem object (:mod:`d2v.data.remote`).
+
     Args:
-        shard_dir: ``<paths.shards>/<modality>`` (with ``manifest.json``; the modality is read from it).
+        shard_dir: ``<paths.shards>/<modality>`` (with ``manifest.json``; the modality is read from it): a
+            folder, or a URL (``d2v.data.remote.shard_location``).
         split: ``pretrain``, ``train``, ``valid``, ``test`` (speech also ``ctc_train`` ...).
         model_cfg: the modality's ``ModelConfig`` (masking parameters; checked against the shards' format).
         spec: batch size, mode, seeds, workers, crops, budget, ranks, ... (see :class:`LoaderSpec`).
     """
     mode = spec.mode
-    shard_dir = Path(shard_dir)
+    shard_dir = location(shard_dir)
     manifest = read_manifest(shard_dir)
     modality = manifest["modality"]
     entry = manifest["splits"].get(split)
@@ -394,11 +418,16 @@ def build_loader(shard_dir: Path, split: str, model_cfg: Any, spec: LoaderSpec) 
                 kept.append((path, n))
             start += n
         shards = kept
-    check_files(shard_dir, manifest, [path.name for path, _ in shards])  # never train on a corrupt shard
+    check_files(shard_dir, manifest, [name_of(path) for path, _ in shards])  # never train on a corrupt shard
+    # a URL's shards are checked as each is read, in the worker that reads it: their sha256 travel along
+    sha256 = {
+        join(shard_dir, s["file"]): s["sha256"] for s in entry["shards"]
+    } if is_url(shard_dir) else {}  # fmt: skip
     keys_id = hash(frozenset(keys)) if keys is not None else None
     stream = ShardStream(
         modality=modality,
         shards=shards,
+        sha256=sha256,
         keys=keys,
         keys_id=keys_id,
         mode=mode,

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -64,6 +65,8 @@ from tqdm import tqdm
 
 from d2v import published
 from d2v.config import ConfigError, to_dict
+from d2v.data import remote
+from d2v.data.remote import Location, is_url, join, name_of, parent_of
 
 MANIFEST = "manifest.json"
 FORMAT = "d2v-shards/1"
@@ -637,28 +640,41 @@ def write_shards(
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def read_manifest(shard_dir: Path) -> dict[str, Any]:
-    """The manifest of a shard folder; a clear error when it is missing or of another format."""
+def _checked_format(manifest: dict[str, Any], where: Location, modality: str) -> dict[str, Any]:
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"{where}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
+            f"re-run `d2v shard {manifest.get('modality', modality)}`"
+        )
+    return manifest
+
+
+def read_manifest(shard_dir: Location) -> dict[str, Any]:
+    """The manifest of a shard folder or URL; a clear error when it is missing or of another format."""
+    if is_url(shard_dir):
+        url = join(shard_dir, MANIFEST)
+        try:
+            raw = remote.read_bytes(url)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{url} not found: no shards at {shard_dir}; publish a shard folder there with "
+                f"`d2v shard {name_of(shard_dir)} --to {parent_of(shard_dir)}`"
+            ) from None
+        return _checked_format(json.loads(raw.decode("utf-8")), url, name_of(shard_dir))
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: no shards in {shard_dir}; run `d2v shard {shard_dir.name}` first"
         )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
-            f"re-run `d2v shard {manifest.get('modality', shard_dir.name)}`"
-        )
-    return manifest
+    return _checked_format(json.loads(path.read_text(encoding="utf-8")), path, shard_dir.name)
 
 
-def split_shards(shard_dir: Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
-    """``[(shard path, sample count)]`` of ``split``; ValueError listing the splits that exist."""
+def split_shards(shard_dir: Location, manifest: dict[str, Any], split: str) -> list[tuple[Location, int]]:
+    """``[(shard path or URL, sample count)]`` of ``split``; ValueError listing the splits that exist."""
     if split not in manifest["splits"]:
         raise ValueError(f"{shard_dir}: no split {split!r}; the manifest has {sorted(manifest['splits'])}")
-    return [(Path(shard_dir) / s["file"], s["samples"]) for s in manifest["splits"][split]["shards"]]
+    return [(join(shard_dir, s["file"]), s["samples"]) for s in manifest["splits"][split]["shards"]]
 
 
 _VERIFIED: dict[tuple[str, int, int, int, int], str] = {}
@@ -669,9 +685,9 @@ def rebuild_hint(modality: str) -> str:
     return f"rebuild the shards with `dvc repro -f shard@{modality}` (or `d2v shard {modality}`)"
 
 
-def check_files(shard_dir: Path, manifest: dict[str, Any], names: Iterable[str]) -> None:
+def check_files(shard_dir: Location, manifest: dict[str, Any], names: Iterable[str]) -> None:
     """Check files of a shard folder against the sha256 its manifest records: :class:`ShardError` naming
-    the first one that is missing or differs, and how to rebuild it.
+    the first one that is missing or differs, and how to rebuild it. A URL: :func:`check_remote`.
 
     Each file is hashed once per process (the stages rebuild their loader every epoch), again only when it
     changed: the memo is keyed by (path, inode, size, mtime_ns). No cache file outlives the process: one
@@ -679,6 +695,9 @@ def check_files(shard_dir: Path, manifest: dict[str, Any], names: Iterable[str])
     DVC output that holds only what the shard stage wrote. The cost is one read per file and stage
     process (sha256 runs at about 1 GB/s on one core).
     """
+    if is_url(shard_dir):
+        check_remote(shard_dir, manifest, names)
+        return
     shard_dir = Path(shard_dir)
     expected = {s["file"]: s["sha256"] for e in manifest["splits"].values() for s in e["shards"]}
     expected.update({name: f["sha256"] for name, f in manifest["files"].items()})
@@ -707,6 +726,132 @@ def verify_shards(shard_dir: Path) -> None:
     check_files(shard_dir, manifest, sorted([*names, *manifest["files"]]))
 
 
+def manifest_sha256(shard_dir: Location) -> str:
+    """sha256 of ``manifest.json`` (a run's data fingerprint): the same for a folder and its published copy,
+    so a run resumes whether it reads the shards from the folder or from their URL."""
+    if is_url(shard_dir):
+        return hashlib.sha256(remote.read_bytes(join(shard_dir, MANIFEST))).hexdigest()
+    return sha256_file(Path(shard_dir) / MANIFEST)
+
+
+def preprocessing_files(manifest: dict[str, Any], shard_dir: Location) -> dict[str, Path | bytes]:
+    """Files the manifest's preprocessing section names (e.g. the tokenizer), copied into each checkpoint:
+    paths in a folder; from a URL, their checked bytes (:func:`remote_side_file`)."""
+    prep = manifest.get("preprocessing") or {}
+    if is_url(shard_dir):
+        names = [v for v in prep.values() if isinstance(v, str) and v in manifest["files"]]
+        return {Path(v).name: remote_side_file(shard_dir, manifest, v) for v in names}
+    return {
+        Path(v).name: shard_dir / v for v in prep.values() if isinstance(v, str) and (shard_dir / v).is_file()
+    }
+
+
+# ------------------------------------------------------------------------------- shards at a URL (fsspec)
+
+
+def publish_hint(shard_url: str) -> str:
+    """What to do about a missing or damaged object under the shard URL ``<root>/<m>``."""
+    return (
+        f"publish the shard folder again with `d2v shard {name_of(shard_url)} --to {parent_of(shard_url)}` "
+        "(docs/recipes.md, Shards in object storage)"
+    )
+
+
+def fetch_verified(url: str, sha256: str) -> bytes:
+    """The whole object at ``url``, once its sha256 is the one the manifest records.
+
+    A mismatch is read once more (a read garbled on the way), then it is a :class:`ShardError` naming the
+    URL. The object store's own checksums cannot stand in: for a multipart upload S3's ETag (and checksum)
+    is computed per part, not over the file.
+    """
+    shard_url = str(url).rsplit("/", 1)[0]
+    for _ in range(2):
+        try:
+            data = remote.read_bytes(url)
+        except FileNotFoundError:
+            raise ShardError(f"{url}: missing (manifest.json lists it); {publish_hint(shard_url)}") from None
+        except OSError as e:
+            raise ShardError(
+                f"{url}: cannot be read ({type(e).__name__}: {e}); check the URL and the store's credentials "
+                "(AWS_* variables for S3)"
+            ) from e
+        if hashlib.sha256(data).hexdigest() == sha256:
+            return data
+    raise ShardError(
+        f"{url}: sha256 differs from manifest.json on two reads (corrupt or modified object); "
+        f"{publish_hint(shard_url)}"
+    )
+
+
+_FETCHED: dict[tuple[str, str], bytes] = {}
+"""(URL, sha256) -> the checked bytes of a side file (labels, tokenizer: small), read once per process."""
+
+
+def remote_side_file(shard_url: str, manifest: dict[str, Any], name: str) -> bytes:
+    """The checked bytes of the side file ``name`` (a key of the manifest's ``files``) under ``shard_url``."""
+    key = (str(join(shard_url, name)), manifest["files"][name]["sha256"])
+    if key not in _FETCHED:
+        _FETCHED[key] = fetch_verified(*key)
+    return _FETCHED[key]
+
+
+def check_remote(shard_url: str, manifest: dict[str, Any], names: Iterable[str]) -> None:
+    """:func:`check_files` for a URL, before any batch: side files are read whole and checked against their
+    sha256; the shards are listed (one listing of the folder) and each must be there with the manifest's
+    size. :class:`ShardError` naming the object and what to do.
+
+    A shard's sha256 is checked when a loader worker reads it (:func:`read_shard`), not here: hashing every
+    shard up front would download the split twice.
+    """
+    files = manifest["files"]
+    names = list(names)
+    for name in names:
+        if name in files:
+            remote_side_file(shard_url, manifest, name)
+    shards = [n for n in names if n not in files]
+    if not shards:
+        return
+    listed = remote.list_sizes(shard_url)
+    size = {s["file"]: s.get("bytes") for e in manifest["splits"].values() for s in e["shards"]}
+    for name in shards:
+        url = join(shard_url, name)
+        if name not in listed:
+            raise ShardError(f"{url}: missing (manifest.json lists it); {publish_hint(shard_url)}")
+        if size[name] is not None and listed[name] != size[name]:
+            raise ShardError(
+                f"{url}: {listed[name]} bytes, manifest.json says {size[name]} (an unfinished or other "
+                f"upload); {publish_hint(shard_url)}"
+            )
+
+
+def read_shard(path: Location, expected: int | None, sha256: str | None) -> Iterator[dict[str, Any]]:
+    """Samples of one shard (:func:`iter_shard`). At a URL the object is read whole and checked against
+    ``sha256`` first: no sample of a shard that differs from the manifest is ever parsed."""
+    if not is_url(path):
+        return iter_shard(path, expected)
+    assert sha256 is not None, "a shard URL is read with its manifest sha256"
+    return iter_shard(path, expected, content=fetch_verified(str(path), sha256))
+
+
+def publish_shards(shard_dir: Path, shard_url: str) -> list[str]:
+    """Upload the shard folder ``shard_dir`` to ``shard_url`` under the same plain names; returns them.
+
+    Every file is checked against the manifest first (:func:`verify_shards`): a damaged shard is never
+    published. The tars go first, the side files next and ``manifest.json`` last, so a new reader that
+    finds the manifest finds every object it lists; then the URL is checked as a loader will check it.
+    Objects already there that the manifest does not list are left alone (no reader opens them).
+    """
+    shard_dir = Path(shard_dir)
+    verify_shards(shard_dir)
+    manifest = read_manifest(shard_dir)
+    shards = [s["file"] for e in manifest["splits"].values() for s in e["shards"]]
+    names = [*shards, *sorted(manifest["files"]), MANIFEST]
+    for name in names:
+        remote.upload(shard_dir / name, str(join(shard_url, name)))
+    check_remote(shard_url, manifest, [*shards, *sorted(manifest["files"])])
+    return names
+
+
 class ShardError(ValueError):
     """A shard that cannot be read as written (corrupt, truncated, missing); the message names it.
 
@@ -714,17 +859,21 @@ class ShardError(ValueError):
     """
 
 
-def iter_shard(path: Path, expected: int | None = None) -> Iterator[dict[str, Any]]:
+def iter_shard(
+    path: Location, expected: int | None = None, content: bytes | None = None
+) -> Iterator[dict[str, Any]]:
     """Samples of one tar shard as ``{"__key__", "__shard__", <suffix>: bytes}``, in file order.
 
     Members are grouped by key (the basename up to its first dot). Any read error, or a sample count that
     differs from ``expected`` (a shard cut at a member boundary reads as a shorter valid tar), raises
-    :class:`ShardError` naming the shard.
+    :class:`ShardError` naming the shard. ``content``: the shard's bytes, already read (``path`` then only
+    names them).
     """
     n = 0
     current: dict[str, Any] | None = None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        f = open(path, "rb") if content is None else io.BytesIO(content)  # noqa: SIM115 (closed by the with)
+        with f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 if not info.isreg():
                     continue

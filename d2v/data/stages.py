@@ -3,7 +3,9 @@
 ``prepare`` materialises a modality's raw data under ``<paths.raw>/<m>/``: the embedded default data
 (synthesised or extracted from Debian/PyPI packages) or a copy of the user's files, in one layout per
 modality that ``shard`` reads (see the modality's ``data.py``), plus ``prepare.json`` (what was made).
-``shard`` turns that folder into ``<paths.shards>/<m>/*.tar`` + ``manifest.json`` (``d2v.data.shards``).
+``shard`` turns that folder into ``<paths.shards>/<m>/*.tar`` + ``manifest.json`` (``d2v.data.shards``);
+``d2v shard <m> --to URL`` publishes that folder to object storage, where the training stages read it when
+``paths.shards`` is that URL.
 
 Both write into a temporary folder and rename it into place at the end.
 """
@@ -18,7 +20,8 @@ from types import ModuleType
 from typing import Any
 
 from d2v.config import PathsConfig, section, to_dict
-from d2v.data.shards import staging_dir, write_json, write_shards
+from d2v.data.remote import is_url, shard_location
+from d2v.data.shards import publish_shards, staging_dir, write_json, write_shards
 from d2v.modalities import MODALITIES
 
 
@@ -111,11 +114,37 @@ def like_init(cfg: Any, params: dict[str, Any], modality: str) -> Any:
     return replace(cfg, preprocess_like=str(init))
 
 
+def cli_publish(m: str, paths: PathsConfig, to: str) -> int:
+    """``d2v shard <m> --to URL``: upload ``<paths.shards>/<m>`` (made by ``d2v shard <m>``) to ``URL/<m>``."""
+    if not is_url(to):
+        raise ValueError(
+            f"--to {to!r}: expected a URL such as s3://bucket/prefix (for a folder, set paths.shards)"
+        )
+    if is_url(paths.shards):
+        raise ValueError(
+            f"paths.shards is a URL ({paths.shards}): --to publishes a local shard folder; run it with "
+            "paths.shards set to the folder `d2v shard` wrote"
+        )
+    src, dst = shard_location(paths.shards, m), str(shard_location(to, m))
+    names = publish_shards(src, dst)
+    print(f"shard {m}: published {src} -> {dst} ({len(names)} files, manifest.json last); "
+          f"read it with paths.shards: {to}")  # fmt: skip
+    return 0
+
+
 def cli_shard(params: dict[str, Any], args: Any) -> int:
     m = args.modality
     cfg = like_init(section(params, "shard", data_module(m).ShardConfig, m), params, m)
     paths = section(params, "paths", PathsConfig)
-    manifest = shard(m, cfg, Path(paths.raw) / m, Path(paths.shards) / m, _seed(params))
+    if getattr(args, "to", None):
+        return cli_publish(m, paths, args.to)
+    if is_url(paths.shards):
+        raise ValueError(
+            f"paths.shards is a URL ({paths.shards}): `d2v shard` writes a local folder; set paths.shards to "
+            f"a folder to write the shards, then publish them with `d2v shard {m} --to {paths.shards}`"
+        )
+    shard_dir = shard_location(paths.shards, m)
+    manifest = shard(m, cfg, Path(paths.raw) / m, shard_dir, _seed(params))
     counts = {s: e["samples"] for s, e in manifest["splits"].items()}
-    print(f"shard {m}: {Path(paths.shards) / m} {counts}; skipped {manifest['skipped_counts'] or 0}")
+    print(f"shard {m}: {shard_dir} {counts}; skipped {manifest['skipped_counts'] or 0}")
     return 0

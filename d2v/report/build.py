@@ -130,10 +130,12 @@ def collect_modality(m: str, paths: PathsConfig, inputs: Inputs, sweep: dict, dp
     rows = inputs.csv(f"{paths.plots}/evaluate/{m}_confusion.csv", "confusion rows", ("actual", "predicted"))
     if rows is not None:
         r.confusion = confusion_counts(rows)
+    # joined as a string, not with d2v.data.remote.shard_location (that import loads torch): a URL's
+    # "//" survives, and the same text names the file in the report
     mpath = f"{paths.shards}/{m}/manifest.json"
-    r.manifest = inputs.json(mpath, "shard manifest")
-    if r.manifest is not None:
-        r.manifest_sha256 = hashlib.sha256((inputs.root / mpath).read_bytes()).hexdigest()
+    r.manifest, raw = inputs.json_and_bytes(mpath, "shard manifest")
+    if raw is not None:
+        r.manifest_sha256 = hashlib.sha256(raw).hexdigest()
 
     if r.groups:
         png = plots.budget_png(f"{m}: pretrained vs from scratch", _budget_panels(r.groups), dpi)

@@ -20,6 +20,10 @@ from d2v.report import plots
 
 SourceStatus = Literal["ok", "missing", "unreadable"]
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+"""``d2v.data.remote.is_url``'s test, repeated: importing ``d2v.data`` loads torch, which the report needs
+only when ``paths.shards`` is a URL."""
+
 
 @dataclass(frozen=True)
 class Source:
@@ -42,20 +46,39 @@ class Inputs:
         self.sources.append(Source(path, what, status, detail))
 
     def json(self, path: str, what: str) -> dict[str, Any] | None:
-        p = self.root / path
-        if not p.is_file():
-            self._note(path, what, "missing")
-            return None
+        return self.json_and_bytes(path, what)[0]
+
+    def json_and_bytes(self, path: str, what: str) -> tuple[dict[str, Any] | None, bytes | None]:
+        """The JSON object in ``path`` (relative to ``root``, or a URL: shards in object storage) and the
+        bytes it was read from; ``(None, None)`` when it is missing or unreadable (noted either way)."""
         try:
-            data = json.loads(p.read_text())
+            raw = self._read_bytes(path)
+        except FileNotFoundError:
+            self._note(path, what, "missing")
+            return None, None
         except (OSError, ValueError) as e:
             self._note(path, what, "unreadable", f"{type(e).__name__}: {e}")
-            return None
+            return None, None
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            self._note(path, what, "unreadable", f"{type(e).__name__}: {e}")
+            return None, None
         if not isinstance(data, dict):
             self._note(path, what, "unreadable", "expected a JSON object at the top level")
-            return None
+            return None, None
         self._note(path, what, "ok")
-        return data
+        return data, raw
+
+    def _read_bytes(self, path: str) -> bytes:
+        if _URL.match(path):
+            from d2v.data import remote  # only here: it loads torch
+
+            return remote.read_bytes(path)
+        p = self.root / path
+        if not p.is_file():
+            raise FileNotFoundError(p)
+        return p.read_bytes()
 
     def csv(self, path: str, what: str, required: tuple[str, ...]) -> list[dict[str, str]] | None:
         p = self.root / path
