@@ -274,7 +274,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
         encoder = mod.build_encoder(model_cfg)
     torch.manual_seed(seed)  # head init
     model = build_finetune_model(m, encoder, cfg.task, num_classes, head)
-    info = distributed.init()
+    info = distributed.init(timeout_s=cfg.dist_timeout_s)
     per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"finetune.{m}")
 
     spec = LoaderSpec(

@@ -54,6 +54,12 @@ class LoopConfig:
     of an epoch) run eagerly rather than recompile (``train_step``)."""
     parallel: distributed.Parallel = "ddp"
     """Multi-GPU strategy under torchrun: 'ddp', or 'fsdp' (FSDP2 ``fully_shard``, for the large preset)."""
+    dist_timeout_s: float = distributed.TIMEOUT_S
+    """Under torchrun: how long a collective waits for the other ranks before the run fails (the process
+    group's ``timeout``). Long enough for the legitimate waits (rank 0 writing a checkpoint to shared storage
+    while the others wait at a barrier, a first ``compile``, a slow shard from object storage); short enough
+    that a run with a hung or lost node fails, and torchrun restarts it, within half an hour rather than idling
+    for hours. Leaves the trained weights unchanged."""
     log_every: int = 10
     """Read the metrics (one host sync), log them and run the guards every this many updates."""
     checkpoint_every: int = 500
@@ -83,6 +89,8 @@ class LoopConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size must be a multiple of grad_accum ({self.grad_accum}), got {self.batch_size}"

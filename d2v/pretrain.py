@@ -162,7 +162,7 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     manifest = read_manifest(shard_dir)
     if src is not None:
         initialize.check_preprocessing(src, manifest, shard_dir)
-    info = distributed.init()
+    info = distributed.init(timeout_s=cfg.dist_timeout_s)
     per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"pretrain.{m}")
 
     spec = LoaderSpec(

@@ -4,7 +4,8 @@
 saying only what differs between them (the optimizer's parameter groups, what runs after each update, the
 guards, the logged curve); :func:`fit` runs it and :func:`run_stage` wraps it as a CLI stage. A killed
 run resumes bit-exactly from its last checkpoint: weights, optimizer, scheduler, RNG states, the data
-position of every rank and the loss history are restored (``d2v.loop`` reseeds every update).
+position of every rank and the loss history are restored (``d2v.loop`` reseeds every update), at the world
+size that wrote it (another one is refused: :func:`data_position`).
 
 Timings never enter a checkpoint (the same params give byte-identical checkpoints, so DVC keeps everything
 downstream): a run's wall seconds live in its stage metrics file, rewritten at every checkpoint, and a
@@ -31,7 +32,7 @@ from d2v.modalities.base import Encoder
 from d2v.optim import build_optimizer, build_scheduler
 
 Kind = Literal["pretrain", "finetune"]
-RESUME_NEUTRAL = ("log_every", "checkpoint_every", "keep_checkpoints")
+RESUME_NEUTRAL = ("log_every", "checkpoint_every", "keep_checkpoints", "dist_timeout_s")
 """Stage-config fields that do not change the trained weights: a change keeps the run resumable."""
 
 
@@ -98,21 +99,45 @@ def tune_backends(model: nn.Module, device: torch.device) -> None:
 def train_state(
     model: nn.Module, opt, sched, stream: loop.EpochStream, step: int, history: list
 ) -> dict[str, Any]:
-    """What a resume needs besides the weights; the data position of every rank (a collective)."""
+    """What a resume needs besides the weights; the data position of every rank (a collective) and the world
+    size that wrote them."""
+    data = distributed.gather_objects(stream.position())
     return {
         "step": step,
         "optimizer": distributed.optimizer_state(model, opt),
         "scheduler": sched.state_dict(),
         "rng": checkpoint.rng_state(),
-        "data": distributed.gather_objects(stream.position()),
+        "data": data,
+        "world_size": len(data),
         "history": history,
     }
 
 
-def data_position(state: dict[str, Any], info: distributed.DistInfo) -> dict[str, int]:
-    """This rank's saved data position (rank 0's if the world size changed; epoch 0 for a new run)."""
-    saved = state.get("data") or [{}]
-    return saved[info.rank] if len(saved) == info.world_size else saved[0]
+def data_position(
+    state: dict[str, Any], info: distributed.DistInfo, run_dir: Path, finished: bool = False
+) -> dict[str, int]:
+    """This rank's saved data position (epoch 0 for a new run, or for a ``finished`` one).
+
+    A position is a place in one rank's slice of the shards, read in that rank's seeded order with that
+    world size's per-rank batch, so no other world size can continue it: resuming at another one is refused
+    with a CheckpointError saying what to do, unless nothing is left to train. Checkpoints from before
+    ``world_size`` was recorded hold one position per rank: their length is the same record.
+    """
+    if not state:
+        return {}
+    saved = state["data"]
+    written = int(state.get("world_size", len(saved)))
+    if written == info.world_size:
+        return saved[info.rank]
+    if finished:
+        return {}
+    raise checkpoint.CheckpointError(
+        run_dir,
+        f"its checkpoint of step {state['step']} was written by {written} process(es), this run has "
+        f"{info.world_size}: each rank's data position belongs to that world size",
+        todo=f"rerun with {written} process(es) in all (torchrun: nodes x --nproc-per-node = {written}) to "
+        f"continue it, or start over: remove {run_dir} (or `dvc exp run` with another seed)",
+    )
 
 
 def code_fingerprint() -> str:
@@ -226,7 +251,8 @@ def fit(
     sched = build_scheduler(opt, cfg.optim, cfg.steps)
     state = resume(wrapped, opt, sched, run_dir, set_aside=info.is_main) or {}
     step, history = state.get("step", 0), state.get("history", [])
-    stream = loop.EpochStream(job.make_loader, **data_position(state, info))
+    position = data_position(state, info, run_dir, finished=step >= cfg.steps)
+    stream = loop.EpochStream(job.make_loader, **position)
     clock = clock or loop.Stopwatch()
     clock.restart(seconds_so_far(outputs, job.kind, step))
     job.on_start(step)
@@ -294,11 +320,15 @@ def run_stage(
     checkpoint folder made with another one starts over (``checkpoint.prepare_run_dir``). The caller has
     checked its inputs (``make_loader(0)``) before any model was trained. Rank 0 holds the run folder's
     lock from the resume decision to the last output (``checkpoint.run_lock``: a second writer of the
-    folder fails naming this one's pid). Returns the stage metrics (rank 0; {} elsewhere).
+    folder fails naming this one's pid; the kernel drops the lock of a killed holder, so a run restarted
+    by torchrun ``--max-restarts`` takes it over). On several processes every rank must see rank 0's
+    files in the run folder (``distributed.check_shared_folder``). Returns the stage metrics (rank 0; {}
+    elsewhere).
     """
     fingerprint = {**fingerprint, "code": code_fingerprint()}
     lock = checkpoint.run_lock(job.run_dir) if info.is_main else contextlib.nullcontext()
     with lock:
+        distributed.check_shared_folder(job.run_dir, info)  # before any rank decides from what it finds there
         checkpoint.prepare_run_dir(job.run_dir, modality, job.kind, fingerprint, remove=info.is_main)
         distributed.barrier()
         job.meta = {**job.meta, "fingerprint": fingerprint}
