@@ -3,7 +3,7 @@ with two processes, a killed node is relaunched to the same weights, an elastic 
 cannot work is refused with a message: a run folder the nodes do not share, a resume at another world size.
 
 Each "node" is one torchrun agent of ``python -m d2v pretrain image`` on tiny image shards (6 shards, 3 per
-rank), in its own session so a whole node (agent and worker) can be SIGKILLed at once.
+rank), in its own process group so a whole node (agent and worker) can be SIGKILLed at once.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def children(pid: int) -> list[int]:
 
 
 def kill_node(agent: subprocess.Popen) -> None:
-    """SIGKILL a node: its agent and its workers (torchrun starts each worker in a session of its own)."""
+    """SIGKILL a node: its agent and its workers (torchrun starts each worker in a process group of its own)."""
     workers = children(agent.pid)
     os.killpg(agent.pid, signal.SIGKILL)
     for pid in workers:
