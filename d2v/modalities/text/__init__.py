@@ -10,7 +10,7 @@ from d2v.modalities.text.data import (
     ShardConfig,
     inference_inputs,
     like_preprocessing,
-    like_tokenizer_json,
+    like_tokenizer,
     load_tokenizer,
     special_ids,
 )
@@ -46,7 +46,7 @@ __all__ = [
     "ShardConfig",
     "inference_inputs",
     "like_preprocessing",
-    "like_tokenizer_json",
+    "like_tokenizer",
     "load_tokenizer",
     "special_ids",
     "Data2VecTextForSequenceClassification",

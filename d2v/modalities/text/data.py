@@ -94,7 +94,7 @@ pretraining chunk of each span is short."""
 
 __all__ = [
     "PrepareConfig", "ShardConfig", "SPECIALS", "load_tokenizer", "to_text", "inference_inputs",
-    "like_preprocessing", "like_tokenizer_json", "special_ids",
+    "like_preprocessing", "like_tokenizer", "special_ids",
 ]  # fmt: skip
 
 STRING_ITEMS = True
@@ -694,12 +694,6 @@ def like_tokenizer(src: published.Source) -> tuple[str, dict[str, int]]:
     if src.modality != "text":
         raise ValueError(f"{LIKE_KEY}: {src.path} is a {src.modality} model, not a text one")
     return _hf_tokenizer(src) if src.kind == "hf" else _checkpoint_tokenizer(src)
-
-
-def like_tokenizer_json(src: published.Source) -> str:
-    """The tokenizer JSON content of the model folder ``src`` (HF or d2v), as shards made like it save it
-    (e.g. to write it into a checkpoint that starts from ``src``)."""
-    return like_tokenizer(src)[0]
 
 
 def tokenizer_entries(content: str, ids: dict[str, int]) -> dict[str, Any]:
