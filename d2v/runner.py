@@ -99,16 +99,14 @@ def tune_backends(model: nn.Module, device: torch.device) -> None:
 def train_state(
     model: nn.Module, opt, sched, stream: loop.EpochStream, step: int, history: list
 ) -> dict[str, Any]:
-    """What a resume needs besides the weights; the data position of every rank (a collective) and the world
-    size that wrote them."""
-    data = distributed.gather_objects(stream.position())
+    """What a resume needs besides the weights; the data position of every rank (a collective: one entry
+    per rank, so its length is the world size that wrote it)."""
     return {
         "step": step,
         "optimizer": distributed.optimizer_state(model, opt),
         "scheduler": sched.state_dict(),
         "rng": checkpoint.rng_state(),
-        "data": data,
-        "world_size": len(data),
+        "data": distributed.gather_objects(stream.position()),
         "history": history,
     }
 
@@ -119,14 +117,14 @@ def data_position(
     """This rank's saved data position (epoch 0 for a new run, or for a ``finished`` one).
 
     A position is a place in one rank's slice of the shards, read in that rank's seeded order with that
-    world size's per-rank batch, so no other world size can continue it: resuming at another one is refused
-    with a CheckpointError saying what to do, unless nothing is left to train. Checkpoints from before
-    ``world_size`` was recorded hold one position per rank: their length is the same record.
+    world size's per-rank batch, so no other world size can continue it: resuming at another one (the
+    number of saved positions) is refused with a CheckpointError saying what to do, unless nothing is left
+    to train.
     """
     if not state:
         return {}
     saved = state["data"]
-    written = int(state.get("world_size", len(saved)))
+    written = len(saved)
     if written == info.world_size:
         return saved[info.rank]
     if finished:
