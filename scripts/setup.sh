@@ -28,7 +28,19 @@ want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing the project and its dependencies into .venv (torch wheels: about a minute)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[test]" -c constraints.txt
+  # The torch wheels pull about 3 GB of CUDA libraries from PyPI, and a connection dropped half-way
+  # through one of them fails the whole install: resume each download, and retry the install twice.
+  for attempt in 1 2 3; do
+    if .venv/bin/python -m pip install -q --resume-retries 20 --timeout 60 -e ".[test]" -c constraints.txt; then
+      break
+    fi
+    if [ "$attempt" -eq 3 ]; then
+      echo "setup: pip install failed three times; check the connection to PyPI and rerun scripts/setup.sh" >&2
+      exit 1
+    fi
+    echo "setup: pip install failed (attempt $attempt of 3); retrying in 10 s" >&2
+    sleep 10
+  done
   echo "$want" > "$stamp"
 fi
 
