@@ -1,9 +1,11 @@
-"""Several nodes under torchrun (c10d rendezvous) on loopback: two one-process "nodes" train like one node
-with two processes, a killed node is relaunched to the same weights, an elastic restart resumes, and what
-cannot work is refused with a message: a run folder the nodes do not share, a resume at another world size.
+"""Several nodes under torchrun (c10d rendezvous) on loopback: two one-process "nodes" reading the shards
+from an S3 server train like one node with two processes reading them from a local folder, a killed node is
+relaunched to the same weights, an elastic restart resumes, and what cannot work is refused with a message:
+a run folder the nodes do not share, a resume at another world size.
 
 Each "node" is one torchrun agent of ``python -m d2v pretrain image`` on tiny image shards (6 shards, 3 per
-rank), in its own process group so a whole node (agent and worker) can be SIGKILLed at once.
+rank), in its own process group so a whole node (agent and worker) can be SIGKILLed at once. The S3 server
+is moto's, on loopback (``s3_server``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,7 +50,26 @@ def shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def project(where: Path, shards: Path, **pretrain) -> Path:
+@pytest.fixture(scope="module")
+def s3_shards(shards, s3_server) -> tuple[str, dict[str, str]]:
+    """The same shards published to a bucket of the S3 server (``d2v shard image --to``): their URL, and the
+    environment that reaches the server."""
+    pytest.importorskip("s3fs", reason="pip install -e '.[test]' (s3fs, moto[server])")
+    from d2v.cli import main
+    from d2v.data import remote
+
+    url = f"s3://d2v-{uuid.uuid4().hex[:12]}/shards"
+    with pytest.MonkeyPatch.context() as mp:
+        s3_server.apply(mp)
+        mp.setattr(remote, "_FS", {})  # no filesystem made for another test's server
+        mp.chdir(shards.parent)
+        fs, path = remote.filesystem(url)
+        fs.mkdir(path.split("/")[0])  # the bucket
+        assert main(["shard", "image", "--to", url]) == 0
+    return url, s3_server.child_env(dict(os.environ))
+
+
+def project(where: Path, shards: Path | str, **pretrain) -> Path:
     """A project folder (params.yaml, its own checkpoints and metrics) reading the shared shards."""
     where.mkdir(parents=True, exist_ok=True)
     write_params(
@@ -62,14 +84,15 @@ def project(where: Path, shards: Path, **pretrain) -> Path:
 
 
 def launch(
-    cwd: Path, nodes: int, per_node: int, max_restarts: int = 0, tag: str = ""
+    cwd: Path, nodes: int, per_node: int, max_restarts: int = 0, tag: str = "", env: dict[str, Any] | None = None
 ) -> list[subprocess.Popen]:
     """``nodes`` torchrun agents of ``per_node`` processes each, rendezvousing (c10d) on a free loopback port;
     the first one hosts the rendezvous. Each agent logs to ``cwd/agent<i><tag>.log``. With restarts, the
     agents are told not to share their store with the workers (docs/recipes.md, "Several nodes": a restarted
-    group can otherwise read the dead group's addresses from it)."""
+    group can otherwise read the dead group's addresses from it). ``env``: the agents' environment (default:
+    this process's)."""
     port, rdzv_id = free_port(), uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in (env or os.environ).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     if max_restarts:
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -103,8 +126,8 @@ def logs(cwd: Path, tag: str = "") -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(cwd.glob(f"agent*{tag}.log")))
 
 
-def run(cwd: Path, nodes: int, per_node: int) -> None:
-    assert wait(launch(cwd, nodes, per_node), cwd) == [0] * nodes, logs(cwd)
+def run(cwd: Path, nodes: int, per_node: int, env: dict[str, Any] | None = None) -> None:
+    assert wait(launch(cwd, nodes, per_node, env=env), cwd) == [0] * nodes, logs(cwd)
 
 
 def first_checkpoint(run_dir: Path, procs: list[subprocess.Popen], timeout: float = 240) -> None:
@@ -123,7 +146,8 @@ def final_state(cwd: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def assert_same_run(cwd: Path, ref: Path) -> None:
     """Bit-identical weights and loss history. Tolerance 0: the ranks, their shards, their batches and the
-    gloo all-reduce over TCP are the same whether two ranks share an agent or not (CPU, one thread)."""
+    gloo all-reduce over TCP are the same whether two ranks share an agent or not (CPU, one thread), and a
+    shard read from S3 is the local shard's bytes (its sha256 is checked before a sample is parsed)."""
     (a, sa), (b, sb) = final_state(ref), final_state(cwd)
     assert a.keys() == b.keys()
     assert {k for k in a if not torch.equal(a[k], b[k])} == set()
@@ -140,10 +164,12 @@ def one_node(shards, tmp_path_factory) -> Path:
     return cwd
 
 
-def test_two_nodes_of_one_process_train_like_one_node_of_two(one_node, shards, tmp_path):
-    cwd = project(tmp_path, shards)
-    run(cwd, nodes=2, per_node=1)
+def test_two_nodes_reading_s3_train_like_one_node_of_two_reading_a_folder(one_node, s3_shards, tmp_path):
+    url, env = s3_shards
+    cwd = project(tmp_path, url)
+    run(cwd, nodes=2, per_node=1, env=env)
     assert_same_run(cwd, one_node)
+    assert not (cwd / "shards").exists()  # the URL was the only way to the shards
     # the shared-folder check passed and left nothing in the run folder (a DVC output)
     assert sorted(p.name for p in (cwd / RUN).iterdir()) == [f"step-{STEPS - EVERY:08d}", f"step-{STEPS:08d}"]
 
@@ -169,17 +195,17 @@ def kill_node(agent: subprocess.Popen) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
-def test_a_killed_node_is_relaunched_and_the_run_ends_with_the_same_weights(one_node, shards, tmp_path):
-    cwd = project(tmp_path, shards)
-    procs = launch(cwd, nodes=2, per_node=1)
+def test_a_killed_node_is_relaunched_and_the_run_ends_with_the_same_weights(one_node, s3_shards, tmp_path):
+    url, env = s3_shards
+    cwd = project(tmp_path, url)
+    procs = launch(cwd, nodes=2, per_node=1, env=env)
     first_checkpoint(cwd / RUN, procs)
     kill_node(procs[1])  # the node that does not host the rendezvous
     codes = wait(procs, cwd)
     assert codes[1] == -signal.SIGKILL and codes[0] != 0  # the surviving node fails too (max-restarts 0)
     last = checkpoint.latest(cwd / RUN)
     assert last is not None and last.name < f"step-{STEPS:08d}", "the run ended before the kill"
-    procs = launch(cwd, nodes=2, per_node=1, tag="-again")  # both nodes relaunched, as a job scheduler does
+    procs = launch(cwd, nodes=2, per_node=1, tag="-again", env=env)  # both relaunched, as a scheduler does
     assert wait(procs, cwd, "-again") == [0, 0], logs(cwd, "-again")
     assert_same_run(cwd, one_node)
 

@@ -1,15 +1,14 @@
 """Shards read from object storage: ``paths.shards: s3://bucket/prefix`` against a real S3-compatible server.
 
-A moto ``ThreadedMotoServer`` on 127.0.0.1 is started once for the module; each test gets its own bucket, the
-AWS variables pointing at the server (``AWS_ENDPOINT_URL_S3``: d2v has no setting of its own) and fresh
-per-process filesystem memos. The shards are the shard stage's own (a tiny image project with several
+A moto ``ThreadedMotoServer`` on 127.0.0.1 (``s3_server``, tests/conftest.py) serves the module; each test
+gets its own bucket, the AWS variables pointing at the server (``AWS_ENDPOINT_URL_S3``: d2v has no setting
+of its own) and fresh per-process filesystem memos. The shards are the shard stage's own (a tiny image project with several
 shards per split), built once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,6 @@ from d2v.data.remote import is_url, join, name_of, parent_of, shard_location
 from d2v.modalities import get
 
 s3fs = pytest.importorskip("s3fs", reason="pip install -e '.[test]' (s3fs, moto[server])")
-moto_server = pytest.importorskip("moto.server", reason="pip install -e '.[test]' (s3fs, moto[server])")
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @dataclass
@@ -50,15 +38,8 @@ class Store:
 
 
 @pytest.fixture
-def store(endpoint, monkeypatch) -> Store:
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": endpoint,
-    }  # fmt: skip
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(k, raising=False)
+def store(s3_server, monkeypatch) -> Store:
+    s3_server.apply(monkeypatch)
     monkeypatch.setattr(remote, "_FS", {})  # no filesystem made for another test's server or bucket
     monkeypatch.setattr(shards, "_FETCHED", {})
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
