@@ -23,14 +23,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
-from d2v.config import PathsConfig, load_params, section
+from d2v.config import PathsConfig, load_params, load_yaml, section
 from d2v.modalities import MODALITIES
 from d2v.sweep import FINETUNE_STAGE, Init
 
@@ -52,6 +55,12 @@ CONFIG_ERROR = re.compile(r"^d2v [\w-]+: error: ")
 
 TAIL_LINES = 30
 """Lines of a failed command's output repeated in the task's failure message."""
+
+NODE_DEPLOYMENT = "pretrain_node/multinode"
+"""The deployment ``pretrain_multinode`` runs once per node (prefect.yaml)."""
+
+NODE_QUEUE = "node-{node}"
+"""The work queue of node ``node`` in the node deployment's pool: each node's worker polls its own."""
 
 
 # ------------------------------------------------------------------------------------- commands (pure)
@@ -85,6 +94,61 @@ def d2v_command(
         if value is not None:
             cmd += ["--" + name.replace("_", "-"), str(value)]
     return cmd
+
+
+def torchrun_command(
+    modality: str,
+    nodes: int,
+    node: int,
+    rdzv_endpoint: str,
+    rdzv_id: str,
+    nproc_per_node: int | str,
+    max_restarts: int,
+    local_addr: str | None,
+    params_path: str,
+    profile: str | None,
+) -> list[str]:
+    """torchrun (``python -m torch.distributed.run``) of node ``node`` of ``nodes``, at a c10d rendezvous,
+    running ``d2v pretrain <modality>``.
+
+    Node 0 hosts the rendezvous (``is_host=1``, the others 0), so ``rdzv_endpoint`` must be node 0's
+    address; forcing it keeps two agents on one host (or behind one name) from both trying to host. No
+    ``--node-rank``: c10d assigns the ranks itself.
+    """
+    if not 0 <= node < nodes:
+        raise ValueError(f"node={node} is not one of the {nodes} nodes 0..{nodes - 1}")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node",
+        str(nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id,
+        "--rdzv-conf", f"is_host={int(node == 0)}", "--max-restarts", str(max_restarts),
+    ]  # fmt: skip
+    if local_addr:
+        cmd += ["--local-addr", local_addr]
+    return cmd + d2v_command("pretrain", modality, params_path, profile)[1:]  # `-m d2v pretrain ...`
+
+
+def torchrun_env(max_restarts: int) -> dict[str, str]:
+    """What a node's torchrun needs in its environment: with restarts, workers that do not share the agent's
+    store (a restarted group could read the dead group's addresses from it; docs/recipes.md, "Several
+    nodes")."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if max_restarts else {}
+
+
+def commit_refusal(params_path: str, profile: str | None, file_profile: str, shards: str) -> str | None:
+    """Why ``dvc commit pretrain@<m>`` would record something other than what ran (None: it would not).
+
+    dvc.lock records params.yaml's values and the hash of the local shard folder, so the run must have read
+    params.yaml with its own profile, and shards DVC can hash.
+    """
+    if params_path != DVC_PARAMS:
+        return f"the run read {params_path}; the DVC stage reads {DVC_PARAMS}"
+    if profile is not None and profile != file_profile:
+        return f"the run used profile {profile!r}; {DVC_PARAMS} says profile: {file_profile}"
+    from d2v.data.remote import is_url  # lazily: d2v.data imports webdataset (and torch)
+
+    if is_url(shards):
+        return f"paths.shards is a URL ({shards}), which DVC does not hash as the stage's dependency"
+    return None
 
 
 def expand_targets(patterns: list[str], stage_names: list[str]) -> list[str]:
@@ -173,12 +237,13 @@ def _child_env() -> dict[str, str]:
     retry_condition_fn=_retry_unless_config_error,
     task_run_name="{label}",
 )
-def run_command(cmd: list[str], label: str) -> None:
+def run_command(cmd: list[str], label: str, env: dict[str, str] | None = None) -> None:
     """Run ``cmd`` in the project directory, streaming its output to the Prefect log.
 
     Raises StageFailed with the last lines of output when it exits non-zero. ``label`` names the task
-    run in the UI. The command runs in its own process group so that cancelling the flow run stops the
-    stage too (dvc and the training process it started).
+    run in the UI; ``env`` adds variables to the command's environment. The command runs in its own
+    process group so that cancelling the flow run stops the stage too (dvc and the training process it
+    started).
     """
     logger = get_run_logger()
     logger.info("$ %s  (in %s)", shlex.join(cmd), PROJECT_DIR)
@@ -187,7 +252,7 @@ def run_command(cmd: list[str], label: str) -> None:
     proc = subprocess.Popen(
         cmd,
         cwd=PROJECT_DIR,
-        env=_child_env(),
+        env={**_child_env(), **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -354,3 +419,150 @@ def pipeline(profile: str | None = None) -> str:
     """
     _run("pipeline", None, "dvc", profile, DVC_PARAMS, [])
     return str(publish_report(DVC_PARAMS, profile))
+
+
+# ---------------------------------------------------------------------------------- several nodes
+# One torchrun agent per node, each started by the node's own worker: ``pretrain_multinode`` runs the
+# ``pretrain_node`` deployment once per node, on the queues node-0 ... node-N-1 of its pool, and waits for
+# all of them. torchrun does the rest (c10d rendezvous, ranks, elastic restarts); d2v builds no launcher.
+
+
+@flow(name="pretrain_node")
+def pretrain_node(
+    modality: Modality,
+    nodes: int,
+    node: int,
+    rdzv_endpoint: str,
+    rdzv_id: str,
+    nproc_per_node: int | Literal["gpu"] = "gpu",
+    max_restarts: int = 0,
+    local_addr: str | None = None,
+    retries: int = 2,
+    retry_delay_s: float = 30,
+    profile: str | None = None,
+    params_path: str = DVC_PARAMS,
+) -> None:
+    """One node of a multi-node pretraining: torchrun of ``d2v pretrain <modality>`` (``torchrun_command``).
+
+    A failed torchrun is relaunched ``retries`` times, ``retry_delay_s`` apart, into the same rendezvous
+    (``rdzv_id``): the ranks start again from the run's last checkpoint. When one node dies the others' workers
+    fail too (``max_restarts: 0``) and are relaunched by their own retries with the same delay, so they meet
+    again; with ``max_restarts`` above 0 their agents restart the workers and wait for it instead.
+    """
+    cmd = torchrun_command(
+        modality, nodes, node, rdzv_endpoint, rdzv_id, nproc_per_node, max_restarts, local_addr, params_path,
+        profile,
+    )  # fmt: skip
+    launch = run_command.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
+    launch(cmd, label=f"node {node} of {nodes}: torchrun d2v pretrain {modality}", env=torchrun_env(max_restarts))
+
+
+def _check_node_pool(client: Any, deployment: str, nodes: int) -> str:
+    """The node deployment's pool, after checking that it runs ``nodes`` flow runs at once and has the queues
+    node-0 ... node-<nodes-1>: a node left waiting for a slot or a queue would hold the others at the
+    rendezvous until it times out."""
+    try:
+        pool_name = client.read_deployment_by_name(deployment).work_pool_name
+    except ObjectNotFound:
+        raise ValueError(f"no deployment {deployment!r}: `prefect --no-prompt deploy --name multinode`") from None
+    pool = client.read_work_pool(pool_name)
+    if pool.concurrency_limit is not None and pool.concurrency_limit < nodes:
+        raise ValueError(
+            f"work pool {pool_name!r} runs {pool.concurrency_limit} flow run(s) at once and this run needs "
+            f"{nodes}: `prefect work-pool set-concurrency-limit {pool_name} {nodes}`"
+        )
+    logger = get_run_logger()
+    for node in range(nodes):
+        queue = NODE_QUEUE.format(node=node)
+        try:
+            found = client.read_work_queue_by_name(queue, work_pool_name=pool_name)
+        except ObjectNotFound:
+            raise ValueError(
+                f"work pool {pool_name!r} has no queue {queue!r}: on node {node}, "
+                f"`prefect worker start --pool {pool_name} --work-queue {queue}`"
+            ) from None
+        if found.is_paused or (found.concurrency_limit is not None and found.concurrency_limit < 1):
+            raise ValueError(f"queue {queue!r} of pool {pool_name!r} is paused or has no run slot")
+        if str(found.status).upper().endswith("NOT_READY"):
+            logger.warning("no worker has polled queue %s lately: node %d waits for one", queue, node)
+    return pool_name
+
+
+@flow(name="pretrain_multinode")
+def pretrain_multinode(
+    modality: Modality,
+    nodes: int,
+    rdzv_endpoint: str,
+    nproc_per_node: int | Literal["gpu"] = "gpu",
+    rdzv_id: str | None = None,
+    max_restarts: int = 0,
+    local_addr: str | None = None,
+    node_retries: int = 2,
+    retry_delay_s: float = 30,
+    poll_s: float = 5,
+    profile: str | None = None,
+    params_path: str = DVC_PARAMS,
+    node_deployment: str = NODE_DEPLOYMENT,
+) -> dict[str, str]:
+    """Pretrain one modality on ``nodes`` nodes: one ``pretrain_node`` run per node, each on its node's queue
+    (node-0 ... node-N-1), then ``dvc commit -f pretrain@<modality>`` so that dvc.lock records the result.
+
+    ``rdzv_endpoint`` is ``HOST:PORT`` of node 0, whose agent hosts the rendezvous; ``rdzv_id`` defaults to
+    this flow run's id, unique per run. Returns each node run's final state; raises if one did not complete.
+    The commit is left out, with a warning, when dvc.lock could not record what ran (``commit_refusal``).
+    """
+    from prefect.runtime import flow_run
+
+    if nodes < 1:
+        raise ValueError(f"nodes={nodes}: at least 1")
+    logger = get_run_logger()
+    rdzv_id = rdzv_id or str(flow_run.id)
+    with get_client(sync_client=True) as client:
+        pool = _check_node_pool(client, node_deployment, nodes)
+        runs = []
+        for node in range(nodes):
+            parameters = {
+                "modality": modality, "nodes": nodes, "node": node, "rdzv_endpoint": rdzv_endpoint,
+                "rdzv_id": rdzv_id, "nproc_per_node": nproc_per_node, "max_restarts": max_restarts,
+                "local_addr": local_addr, "retries": node_retries, "retry_delay_s": retry_delay_s,
+                "profile": profile, "params_path": params_path,
+            }  # fmt: skip
+            run = run_deployment(
+                node_deployment,
+                parameters=parameters,
+                work_queue_name=NODE_QUEUE.format(node=node),
+                flow_run_name=f"pretrain {modality}: node {node} of {nodes}",
+                timeout=0,  # start them all, then wait for all
+            )
+            logger.info("node %d: flow run %s on %s/%s", node, run.name, pool, NODE_QUEUE.format(node=node))
+            runs.append(run)
+        final = _wait_for(client, runs, poll_s)
+    states = {NODE_QUEUE.format(node=i): run.state.name for i, run in enumerate(final)}
+    failed = {q: s for (q, s), run in zip(states.items(), final) if not run.state.is_completed()}
+    if failed:
+        raise RuntimeError(f"node run(s) did not complete: {failed}; each node run's log says why")
+
+    paths = _paths(params_path, profile)
+    file_profile = load_yaml(PROJECT_DIR / DVC_PARAMS).get("profile") or "default"
+    reason = commit_refusal(params_path, profile, file_profile, str(paths.shards))
+    if reason:
+        logger.warning("pretrain@%s not recorded in dvc.lock: %s", modality, reason)
+    else:
+        run_command([sys.executable, "-m", "dvc", "commit", "-f", f"pretrain@{modality}"], label="dvc commit")
+    return states
+
+
+def _wait_for(client: Any, runs: list[Any], poll_s: float) -> list[Any]:
+    """The flow runs ``runs`` once every one is in a final state, read every ``poll_s`` seconds; a state change
+    is logged."""
+    logger = get_run_logger()
+    seen: dict[Any, str] = {}
+    while True:
+        current = [client.read_flow_run(run.id) for run in runs]
+        for run in current:
+            if seen.get(run.id) != run.state.name:
+                seen[run.id] = run.state.name
+                logger.info("%s: %s", run.name, run.state.name)
+        if all(run.state.is_final() for run in current):
+            return current
+        time.sleep(poll_s)

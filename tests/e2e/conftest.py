@@ -7,9 +7,12 @@ import socket
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect_helpers import PREFECT, api_call, start, stop, tail
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +97,32 @@ def project_copy(tmp_path: Path, isolated_env: dict[str, str], monkeypatch: pyte
     monkeypatch.setenv("PATH", os.pathsep.join([str(shim_dir), venv_bin, os.environ.get("PATH", "")]))
     monkeypatch.setenv("D2V_ROOT", str(dst))
     return dst
+
+
+@pytest.fixture
+def prefect_server(
+    isolated_env: dict[str, str], free_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port (state in the isolated PREFECT_HOME); yields the API
+    URL, also set as PREFECT_API_URL for every prefect command the test runs. Stopped even on failure."""
+    url = f"http://127.0.0.1:{free_port}/api"
+    log = tmp_path / "prefect-server.log"
+    cmd = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(free_port), "--analytics-off"]
+    proc = start(cmd, log, tmp_path)
+    try:
+        deadline = time.monotonic() + 120  # seconds usually; a fresh database under load takes longer
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited {proc.returncode}:\n{tail(log)}")
+            try:
+                if api_call(f"{url}/health") is True:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server not healthy after 120 s:\n{tail(log)}")
+            time.sleep(0.5)
+        monkeypatch.setenv("PREFECT_API_URL", url)
+        yield url
+    finally:
+        stop(proc)
