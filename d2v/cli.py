@@ -16,7 +16,7 @@ from collections.abc import Callable
 from d2v import timing
 from d2v.config import ConfigError, load_params
 from d2v.hostmem import retain_freed_memory
-from d2v.modalities import MODALITIES
+from d2v.modalities import JOINT, MODALITIES
 from d2v.sweep import INITS, PRETRAINED
 
 # stage name -> (module, function); each function takes (params: dict, args: argparse.Namespace)
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_) in STAGES.items():
         p = sub.add_parser(name, help=help_, parents=[debug])
         _add_common(p)
-        if name != "report":
+        if name == "pretrain":  # joint: one Transformer for every modality (d2v.joint)
+            p.add_argument("modality", choices=(*MODALITIES, JOINT))
+        elif name != "report":
             p.add_argument("modality", choices=MODALITIES)
         if name == "shard":
             # Publishing is a flag of `shard`, not an `aws s3 sync` recipe: it checks every file's sha256

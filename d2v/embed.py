@@ -1,6 +1,7 @@
-"""``d2v embed``: mean-pooled encoder features [N, D] of raw items, preprocessed as the model's folder says
+"""``d2v embed``: pooled encoder features [N, D] of raw items, preprocessed as the model's folder says
 (``Encoder.embed`` with the preprocessing ``d2v.load_encoder`` attaches: a d2v checkpoint's pipeline
-preprocessing, or an HF folder's processor files), written to a ``.npy`` file.
+preprocessing, or an HF folder's processor files), written to a ``.npy`` file. ``--layer`` / ``--pool`` are
+``embed``'s ``layer`` / ``pool`` (default: the mean over the last layer's tokens, for every modality).
 
 On the command line every input is a file (text files are read whole as UTF-8); a missing path or a
 directory is an error naming it, never embedded as text. Literal strings come only from ``--text`` or,
@@ -46,13 +47,14 @@ def cli_items(inputs: Sequence[str], texts: Sequence[str] = (), stdin: TextIO | 
 
 
 def cli_embed(args: Any) -> int:
-    """``d2v embed CHECKPOINT INPUTS... [--text STRING]... --out features.npy``."""
+    """``d2v embed CHECKPOINT INPUTS... [--text STRING]... [--layer INT] [--pool {mean,first}] --out
+    features.npy``."""
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out {out}: expected a .npy path")
     texts = list(args.text or [])
     items = cli_items(args.inputs, texts)  # before loading the model: a wrong path fails fast
-    encoder = load_encoder(args.checkpoint)
+    encoder = load_encoder(args.checkpoint, modality=getattr(args, "modality", None))
     literal = bool(texts) or list(args.inputs) == [STDIN]
     if literal and not data_module(encoder.modality).STRING_ITEMS:
         raise ValueError(
@@ -61,8 +63,10 @@ def cli_embed(args: Any) -> int:
         )
     if isinstance(encoder.preprocessing, Unavailable):  # say what the folder lacks, before any work
         raise ValueError(encoder.preprocessing.reason)
-    feats = encoder.embed(items)
+    layer, pool = getattr(args, "layer", None), getattr(args, "pool", "mean")  # callers may omit both
+    feats = encoder.embed(items, layer=layer, pool=pool)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, feats)
-    print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} features ({encoder.modality})")
+    how = f"{pool} pooling of {'the last layer' if layer is None else f'layer {layer}'}"
+    print(f"wrote {out}: {feats.shape[0]} x {feats.shape[1]} features ({encoder.modality}, {how})")
     return 0

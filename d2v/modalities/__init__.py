@@ -13,6 +13,9 @@ import importlib
 from types import ModuleType
 
 MODALITIES = ("audio", "image", "text")
+JOINT = "joint"
+"""The name of the one Transformer pretrained on every modality at once (``d2v.joint``): the pretrain stage's
+and its checkpoints' "modality"; not a modality package."""
 
 
 def get(name: str) -> ModuleType:

@@ -91,6 +91,9 @@ class Encoder(nn.Module):
     these is never read and never averaged."""
     shared_with_teacher: ClassVar[tuple[str, ...]] = ()
     """Parameter-name prefixes of ``contextualize`` that the teacher copies instead of averaging (§1.3)."""
+    stack_attr: ClassVar[str] = "stack"
+    """The attribute holding the encoder's ``TransformerStack`` (text: ``encoder``, the name Hugging Face
+    gives it): joint pretraining (``d2v.joint``) puts one shared stack there in every modality."""
     static_shapes: ClassVar[bool] = False
     """True when every batch of a run has the same shapes (images at one size): on CUDA, cuDNN then times
     its conv algorithms once per shape and keeps the fastest (``cudnn.benchmark``; with lengths that vary
@@ -174,15 +177,21 @@ class Encoder(nn.Module):
         return out.x_BTD, out.padding_BT
 
     @torch.no_grad()
-    def embed_pooled(self, inputs: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Mean-pooled features [B, D] over non-padding tokens (prefix tokens excluded). An encoder's
-        padded row gives the row's own features, whatever it is batched with (tested per modality)."""
-        h, pad = self.features(inputs, padding_mask)
-        h = h[:, self.num_prefix_tokens :]
-        if pad is None:
-            return h.mean(1)
-        keep = (~pad[:, self.num_prefix_tokens :]).to(h.dtype)[..., None]
-        return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+    def embed_pooled(
+        self,
+        inputs: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        layer: int | None = None,
+        pool: Pool = "mean",
+    ) -> Tensor:
+        """Pooled features [B, D] of model inputs (as ``features`` takes them): ``pool`` over the tokens of
+        ``layer``'s output, both as in :meth:`embed`; by default the mean of the last layer over non-padding
+        tokens, prefix tokens excluded. An encoder's padded row gives the row's own features, whatever it is
+        batched with (tested per modality). ``layer`` needs eval mode (LayerDrop would skip blocks)."""
+        block = embed_options(layer, pool, self.transformer.depth)
+        h_BTD, pad_BT = layer_output(self, inputs, padding_mask, block)
+        return pool_tokens(h_BTD, pad_BT, self.num_prefix_tokens, pool)
 
     def embed(
         self,
@@ -191,9 +200,27 @@ class Encoder(nn.Module):
         batch_size: int = 32,
         preprocessing: Callable[[Sequence[Any]], dict[str, Any]] | None = None,
         device: str | torch.device | None = None,
+        layer: int | None = None,
+        pool: Pool = "mean",
     ) -> np.ndarray:
-        """Mean-pooled last-layer features (prefix tokens and padding excluded) of raw items: float32
-        [N, D], in item order, ``batch_size`` items at a time in eval mode under ``no_grad``.
+        """Pooled features of raw items: float32 [N, D], in item order, ``batch_size`` items at a time in
+        eval mode under ``no_grad``. By default, for every modality, the mean of the last layer's output over
+        the non-padding tokens (prefix tokens such as vision's CLS excluded).
+
+        ``layer`` picks whose output is pooled, numbered as transformers' ``hidden_states`` (L = depth):
+
+        - ``None`` (default): the last layer exactly as ``features`` returns it, after the modality's final
+          norm (vision's final LayerNorm when configured; audio and text are post-LN and have none).
+        - ``1..L``: block i's end-of-block output; ``L`` is the last block's raw output, before any final
+          norm, so it equals the default only where the modality has no final norm.
+        - ``0``: the input to the first block (local features + positions, and whatever the modality does
+          before its blocks: audio's LayerNorm, vision's CLS token and optional embedding norm).
+        - negative: from the end, Python-style over those L + 1 outputs (``-1`` = block L, ``-(L+1)`` = 0).
+
+        ``pool``: ``"mean"`` (default) over the non-padding tokens, prefix tokens excluded; ``"first"`` the
+        first token: vision's CLS where the encoder has a prefix token, else the first token of the item
+        (text's ``<s>``, speech's first frame; padding is at the end of a row, so it is always real).
+        Anything else is a ValueError naming the allowed values and range.
 
         What an item may be is the modality's (``d2v/modalities/<m>/data.py``): audio ``to_waveform`` (file
         paths, 1-D float arrays / tensors at 16 kHz, ``(array, rate)`` pairs), images ``to_image`` (file
@@ -204,6 +231,7 @@ class Encoder(nn.Module):
         the one ``d2v.load_encoder`` attached (``d2v.preprocessing``: a d2v checkpoint's own reading of
         files, or an HF folder's processor files).
         """
+        embed_options(layer, pool, self.transformer.depth)  # before reading any item: a typo fails fast
         prep = preprocessing or self.preprocessing
         if prep is None:
             raise ValueError(
@@ -223,13 +251,82 @@ class Encoder(nn.Module):
             for i in range(0, len(items), batch_size):
                 batch = prep(items[i : i + batch_size])
                 pad = batch.get("padding_mask")
-                pooled = self.embed_pooled(batch["inputs"].to(dev), None if pad is None else pad.to(dev))
+                pad = None if pad is None else pad.to(dev)
+                pooled = self.embed_pooled(batch["inputs"].to(dev), pad, layer=layer, pool=pool)
                 out.append(pooled.float().cpu())
         finally:
             self.train(was_training)
         if not out:
             return np.zeros((0, self.transformer.dim), dtype=np.float32)
         return torch.cat(out).numpy()
+
+
+Pool = Literal["mean", "first"]
+POOLS: tuple[Pool, ...] = ("mean", "first")
+"""``embed``'s poolings; ``d2v embed --pool`` offers the same (spelled out in ``d2v/cli.py``, which does
+not import torch to build its parser)."""
+
+
+def embed_options(layer: int | None, pool: str, depth: int) -> int | None:
+    """Check ``embed``'s ``layer`` and ``pool`` for an encoder of ``depth`` blocks; returns the layer as
+    0..depth (0 = the first block's input), or None for the default last layer. ValueError otherwise."""
+    if pool not in POOLS:
+        raise ValueError(f"embed: pool must be one of {', '.join(map(repr, POOLS))}; got {pool!r}")
+    if layer is None:
+        return None
+    is_int = isinstance(layer, (int, np.integer)) and not isinstance(layer, bool)  # layer=True: a mistake
+    if not is_int or not -depth - 1 <= layer <= depth:
+        raise ValueError(
+            f"embed: layer must be None (the last layer, after the final norm) or an int in "
+            f"{-depth - 1}..{depth} (0 = the input to the first block, i = block i's output, negative = from "
+            f"the end); this encoder's depth is {depth}; got {layer!r}"
+        )
+    return int(layer) % (depth + 1)
+
+
+def layer_output(
+    encoder: Encoder, inputs: Tensor, padding_mask: Tensor | None, block: int | None
+) -> tuple[Tensor, Tensor | None]:
+    """``(hidden_BTD, padding_BT)`` [B, P+T, D] / [B, P+T] at ``block`` (``embed_options``' answer): None
+    is ``features``; 0 the input of the encoder's ``TransformerStack`` (its first block); i block i's
+    end-of-block output (``contextualize(..., tap="block").layers[i - 1]``)."""
+    if block is None:  # the default path is features' own, so the default embedding never changes
+        return encoder.features(inputs, padding_mask)
+    encoder.check_inputs(inputs, padding_mask)
+    x, pad = encoder.local_features(inputs, padding_mask)
+    if block == 0:
+        # No tap gives a stack's input, and what each modality does before its blocks differs (audio's
+        # LayerNorm, vision's CLS and embedding norm): read it where the stack receives it.
+        seen: list[Tensor] = []
+        stack: nn.Module = getattr(encoder, encoder.stack_attr)
+        hook = stack.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append(args[0] if args else kwargs["x_BTD"]), with_kwargs=True
+        )
+        try:
+            out = encoder.contextualize(x, pad)
+        finally:
+            hook.remove()
+        return seen[0], out.padding_BT
+    out = encoder.contextualize(x, pad, tap="block")
+    if len(out.layers) != encoder.transformer.depth:  # else layers[i - 1] would be another block
+        raise ValueError(
+            f"embed: layer={block} needs every block to run, but LayerDrop skipped some (training mode): "
+            "call .eval() first"
+        )
+    return out.layers[block - 1], out.padding_BT
+
+
+def pool_tokens(hidden_BTD: Tensor, padding_BT: Tensor | None, num_prefix: int, pool: Pool) -> Tensor:
+    """[B, P+T, D] with its padding [B, P+T] (None: none) -> [B, D]. 'first': token 0 (the first prefix
+    token when P > 0, else the item's first token; padding is at the end of a row, so it is never padding);
+    'mean': over the non-padding tokens after the P prefix tokens."""
+    if pool == "first":
+        return hidden_BTD[:, 0]
+    h = hidden_BTD[:, num_prefix:]
+    if padding_BT is None:
+        return h.mean(1)
+    keep = (~padding_BT[:, num_prefix:]).to(h.dtype)[..., None]
+    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
 def unpadded_rows(inputs: Tensor, padding_mask: Tensor) -> list[Tensor]:

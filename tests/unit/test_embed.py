@@ -12,9 +12,11 @@ from d2v import checkpoint
 from d2v.config import to_dict
 from d2v.data.shards import sha256_file
 from d2v.embed import cli_embed, cli_items
-from d2v.load import load_checkpoint_encoder
+from d2v.load import load_checkpoint_encoder, load_encoder
 from d2v.modalities import get
+from d2v.modalities.base import POOLS, layer_output, unpadded_rows
 from d2v.preprocessing import ItemPreprocessing, attach_preprocessing
+from d2v.transformer import attention_mask
 
 
 def tiny(modality: str, **over):
@@ -43,6 +45,11 @@ def test_embed_batches_in_order_and_restores_mode():
     alone = np.concatenate([enc.embed_pooled(**_ids(stand_in([s]))).numpy() for s in seqs])
     # padding must not change a row's features: fp32 attention over masked keys, expect ~1e-7 differences
     np.testing.assert_allclose(feats, alone, atol=1e-5)
+    # the same for other layers and poolings: the layer picked, never the batch, decides a row's features
+    for opts in ({"layer": 1}, {"layer": 0}, {"pool": "first"}, {"layer": -1, "pool": "first"}):
+        feats = enc.embed(seqs, preprocessing=stand_in, batch_size=2, **opts)
+        alone = np.concatenate([enc.embed_pooled(**_ids(stand_in([s])), **opts).numpy() for s in seqs])
+        np.testing.assert_allclose(feats, alone, atol=1e-5)
     assert enc.embed([], preprocessing=stand_in).shape == (0, 16)
     with pytest.raises(ValueError, match="list of items"):
         enc.embed("one string", preprocessing=stand_in)
@@ -335,3 +342,215 @@ def test_cli_missing_audio_image_paths_and_strings_exit_2(tmp_path, capsys, moda
     (tmp_path / "doc.txt").write_text("not an image or a sound", encoding="utf-8")
     rc, err = _main(capsys, ckpt, tmp_path / "doc.txt", "--out", tmp_path / "f.npy")
     assert rc == 2 and f"error: {tmp_path}/doc.txt: " in err  # the reader's reason, naming the file
+
+
+# ------------------------------------------------------------------------------------ which layer, which pool
+
+MODALITIES = ["audio", "image", "text"]
+
+
+def _padded(modality: str):
+    """Model inputs with rows of three lengths (padding at the end), or images (no padding)."""
+    g = torch.Generator().manual_seed(0)
+    if modality == "text":
+        ids = torch.randint(5, 200, (3, 9), generator=g)
+        ids[:, 0] = 0  # <s>
+        pad = torch.arange(9)[None] >= torch.tensor([9, 6, 3])[:, None]
+        return ids.masked_fill(pad, 1), pad
+    if modality == "audio":
+        wave = torch.randn(3, 4000, generator=g)
+        pad = torch.arange(4000)[None] >= torch.tensor([4000, 3000, 2000])[:, None]
+        return wave.masked_fill(pad, 0.0), pad
+    return torch.randn(3, 3, 28, 28, generator=g), None
+
+
+def _previous_embed_pooled(enc, inputs, padding_mask):
+    """``embed_pooled`` before it took ``layer`` and ``pool``, verbatim: the default must stay this."""
+    h, pad = enc.features(inputs, padding_mask)
+    h = h[:, enc.num_prefix_tokens :]
+    if pad is None:
+        return h.mean(1)
+    keep = (~pad[:, enc.num_prefix_tokens :]).to(h.dtype)[..., None]
+    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def _mean(h_BTD, pad_BT, P):
+    """Mean over the valid tokens after the P prefix tokens, by hand: [B, P+T, D] -> [B, D]."""
+    h = h_BTD[:, P:]
+    keep = torch.ones(h.shape[:2]) if pad_BT is None else (~pad_BT[:, P:]).float()
+    return (h * keep[..., None]).sum(1) / keep.sum(1)[:, None]
+
+
+def _blocks(enc, inputs, padding_mask):
+    """Every block's end-of-block output [B, P+T, D] (contextualize's 'block' tap) and the token padding."""
+    with torch.no_grad():
+        x, pad = enc.local_features(inputs, padding_mask)
+        out = enc.contextualize(x, pad, tap="block")
+    return out.layers, out.padding_BT
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_default_pooling_is_the_previous_output(modality):
+    enc, _ = tiny(modality)
+    enc.eval()
+    x, pad = _padded(modality)
+    with torch.no_grad():
+        want = _previous_embed_pooled(enc, x, pad)
+    assert torch.equal(enc.embed_pooled(x, pad), want)  # bit for bit
+    assert torch.equal(enc.embed_pooled(x, pad, layer=None, pool="mean"), want)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_layer_i_is_block_i_and_negative_layers_count_from_the_end(modality):
+    enc, _ = tiny(modality)
+    enc.eval()
+    x, pad = _padded(modality)
+    layers, pad_BT = _blocks(enc, x, pad)
+    L, P = enc.transformer.depth, enc.num_prefix_tokens
+    assert len(layers) == L == 2
+    for i in range(1, L + 1):
+        want = _mean(layers[i - 1], pad_BT, P)
+        torch.testing.assert_close(enc.embed_pooled(x, pad, layer=i), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(enc.embed_pooled(x, pad, layer=i - L - 1), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(enc.embed_pooled(x, pad, layer=i, pool="first"), layers[i - 1][:, 0])
+    assert torch.equal(enc.embed_pooled(x, pad, layer=np.int64(1)), enc.embed_pooled(x, pad, layer=1))
+    assert not torch.equal(enc.embed_pooled(x, pad, layer=1), enc.embed_pooled(x, pad, layer=2))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_last_block_is_its_raw_output_and_none_is_after_the_final_norm(modality):
+    enc, _ = tiny(modality)
+    enc.eval()
+    x, pad = _padded(modality)
+    default, last = enc.embed_pooled(x, pad), enc.embed_pooled(x, pad, layer=-1)
+    assert torch.equal(last, enc.embed_pooled(x, pad, layer=enc.transformer.depth))
+    if modality == "image":  # a final LayerNorm after the blocks: -1 is before it, None after it
+        assert isinstance(enc.norm, torch.nn.LayerNorm)
+        layers, _ = _blocks(enc, x, pad)
+        with torch.no_grad():
+            torch.testing.assert_close(default, _mean(enc.norm(layers[-1]), None, 1), rtol=0, atol=1e-6)
+        assert (default - last).abs().max() > 0.1
+        no_norm, _ = tiny("image", final_norm=False)
+        no_norm.eval()
+        assert torch.equal(no_norm.embed_pooled(x, layer=-1), no_norm.embed_pooled(x))
+    else:  # post-LN, no final norm: the last block's output is the last layer
+        assert torch.equal(last, default)
+
+
+@pytest.mark.parametrize(
+    "modality, over",
+    [("audio", {}), ("text", {}), ("image", {"position": "absolute", "embed_norm": True})],
+)  # image: absolute positions, so its blocks run by hand without the relative bias
+def test_layer_0_is_the_input_to_the_first_block(modality, over):
+    enc, _ = tiny(modality, **over)
+    enc.eval()
+    x, pad = _padded(modality)
+    L, P = enc.transformer.depth, enc.num_prefix_tokens
+    layers, _ = _blocks(enc, x, pad)
+    with torch.no_grad():
+        h0, pad_BT = layer_output(enc, x, pad, 0)
+        h = h0
+        for blk, want in zip(getattr(enc, enc.stack_attr).blocks, layers, strict=True):
+            h, _ = blk(h, attention_mask(pad_BT, None, h.dtype))  # the blocks by hand from layer 0
+            torch.testing.assert_close(h, want, rtol=0, atol=1e-6)
+    want = _mean(h0, pad_BT, P)
+    torch.testing.assert_close(enc.embed_pooled(x, pad, layer=0), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(enc.embed_pooled(x, pad, layer=-L - 1), want, rtol=0, atol=1e-6)
+    first = enc.embed_pooled(x, pad, layer=0, pool="first")
+    assert torch.equal(first, h0[:, 0])
+    if modality == "text":  # its embeddings carry the positions; only dropout (off in eval) comes between
+        assert torch.equal(h0, enc.local_features(x, pad)[0])
+    if modality == "image":  # CLS + its position, the same for every image before any block
+        assert torch.equal(first, first[:1].expand_as(first))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_first_is_the_cls_for_images_and_token_0_otherwise(modality):
+    enc, _ = tiny(modality)
+    enc.eval()
+    x, pad = _padded(modality)
+    with torch.no_grad():
+        h, _ = enc.features(x, pad)
+    first = enc.embed_pooled(x, pad, pool="first")
+    assert torch.equal(first, h[:, 0])
+    if modality == "image":  # the prefix token, not the first patch
+        assert enc.num_prefix_tokens == 1 and not torch.allclose(first, h[:, 1])
+    else:  # no prefix: text's <s>, speech's first frame
+        assert enc.num_prefix_tokens == 0
+    assert not torch.allclose(first, enc.embed_pooled(x, pad))
+
+
+@pytest.mark.parametrize("modality", ["audio", "text"])
+@pytest.mark.parametrize("layer, pool", [(0, "mean"), (1, "mean"), (-1, "first"), (None, "first"), (0, "first")])
+def test_a_padded_row_keeps_its_features_at_any_layer_and_pool(modality, layer, pool):
+    enc, _ = tiny(modality)
+    enc.eval()
+    x, pad = _padded(modality)
+    batched = enc.embed_pooled(x, pad, layer=layer, pool=pool)
+    alone = torch.cat([enc.embed_pooled(row, layer=layer, pool=pool) for row in unpadded_rows(x, pad)])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"pool": "max"}, r"pool must be one of 'mean', 'first'; got 'max'"),
+        ({"pool": "cls"}, r"pool must be one of 'mean', 'first'; got 'cls'"),
+        ({"layer": 3}, r"an int in -3\.\.2 .* depth is 2; got 3$"),
+        ({"layer": -4}, r"an int in -3\.\.2 .* depth is 2; got -4$"),
+        ({"layer": True}, r"depth is 2; got True$"),
+        ({"layer": 1.0}, r"depth is 2; got 1.0$"),
+        ({"layer": "1"}, r"depth is 2; got '1'$"),
+    ],
+)
+def test_bad_layer_or_pool_is_named(options, match):
+    enc, _ = tiny("text")
+    enc.eval()
+    with pytest.raises(ValueError, match=match):
+        enc.embed_pooled(torch.tensor([[0, 5, 2]]), **options)
+
+    def untouched(items):
+        raise AssertionError("embed read the items before checking its options")
+
+    with pytest.raises(ValueError, match=match):
+        enc.embed(["x"], preprocessing=untouched, **options)
+
+
+def test_a_layer_with_blocks_skipped_by_layerdrop_is_refused():
+    enc, _ = tiny("text", transformer={"layerdrop": 0.999})
+    enc.train()  # LayerDrop skips blocks: layers[i - 1] would be some other block
+    with pytest.raises(ValueError, match=r"layer=1 needs every block .* call \.eval\(\) first"):
+        enc.embed_pooled(torch.tensor([[0, 5, 2]]), layer=1)
+    enc.eval()
+    assert enc.embed_pooled(torch.tensor([[0, 5, 2]]), layer=1).shape == (1, 16)
+
+
+def test_cli_layer_and_pool(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path, "image", IMAGE_PREP)
+    paths = [_png(tmp_path / f"{i}.png", 60 * i + 10) for i in range(3)]
+    out = tmp_path / "f.npy"
+    encoder = load_encoder(ckpt)
+    for flags, options in [
+        (["--layer", "-1", "--pool", "first"], {"layer": -1, "pool": "first"}),
+        (["--layer", "0"], {"layer": 0}),
+        (["--pool", "mean"], {}),
+    ]:
+        assert _main(capsys, ckpt, *paths, *flags, "--out", out) == (0, "")
+        np.testing.assert_array_equal(np.load(out), encoder.embed(paths, **options))
+    assert not np.allclose(encoder.embed(paths, layer=-1, pool="first"), encoder.embed(paths), atol=1e-3)
+    rc, err = _main(capsys, ckpt, *paths, "--layer", "5", "--out", tmp_path / "g.npy")
+    assert rc == 2 and "an int in -3..2" in err and "depth is 2; got 5" in err
+    assert not (tmp_path / "g.npy").exists()
+    with pytest.raises(SystemExit):
+        _main(capsys, ckpt, *paths, "--pool", "max", "--out", out)
+    assert "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_cli_pool_choices_are_embeds():
+    from d2v.cli import build_parser
+
+    args = build_parser().parse_args(["embed", "ckpt", "a.png", "--out", "f.npy"])
+    assert (args.layer, args.pool) == (None, "mean")  # embed's defaults
+    for pool in POOLS:
+        assert build_parser().parse_args(["embed", "ckpt", "--pool", pool, "--out", "f.npy"]).pool == pool
+    assert build_parser().parse_args(["embed", "ckpt", "--layer", "-2", "--out", "f.npy"]).layer == -2

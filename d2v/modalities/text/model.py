@@ -263,6 +263,7 @@ class TextEncoder(Encoder):
     """post-LN RoBERTa: ``local_features`` = LN(E[ids] + P[pos]); ``contextualize`` = dropout, blocks, no final LN."""
 
     modality = "text"
+    stack_attr = "encoder"
     local_modules = ("embeddings",)
 
     def __init__(self, cfg: ModelConfig) -> None:
