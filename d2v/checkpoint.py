@@ -305,11 +305,13 @@ def save(
     if train_state is not None:
         torch.save(train_state, tmp / STATE)
     for name, src in (files or {}).items():  # a path, or bytes read (and checked) from a shard URL
+        dest = tmp / name  # "<m>/tokenizer.json": a joint checkpoint keeps each modality's in its folder
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(src, bytes):
-            (tmp / name).write_bytes(src)
+            dest.write_bytes(src)
         else:
-            shutil.copyfile(src, tmp / name)
-    sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            shutil.copyfile(src, dest)
+    sums = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     meta = {**meta, "step": step, CHECKSUMS: sums}
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if final.exists():  # the same step again (e.g. the final save of a resumed, finished run)

@@ -76,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
     p = sub.add_parser(
         "embed",
-        help="mean-pooled features of raw items -> .npy",
-        description="Mean-pooled last-layer features [N, D] of raw items, preprocessed as the model's folder "
-        "says (a d2v checkpoint: as its shards were made; an HF folder: its processor files), one row per "
-        "item in order: the input files, then the --text strings.",
+        help="pooled features of raw items -> .npy",
+        description="Pooled features [N, D] of raw items, preprocessed as the model's folder says (a d2v "
+        "checkpoint: as its shards were made; an HF folder: its processor files), one row per item in order: "
+        "the input files, then the --text strings. Default, for every modality: the mean over the last "
+        "layer's tokens (padding and vision's CLS excluded); --layer and --pool choose another.",
         parents=[debug],
     )
     p.add_argument("checkpoint", help="a d2v checkpoint (run or step directory) or an HF data2vec folder")
@@ -96,6 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="STRING",
         help="a literal text to embed (text encoders; repeatable; its rows follow the files' rows)",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        metavar="INT",
+        help="pool this layer's output instead of the last layer's (after the final norm): 0 = the input to "
+        "the first block, i = block i's output (1..depth; depth = the last block, before any final norm), "
+        "negative = from the end (-1 = the last block)",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("mean", "first"),  # d2v.modalities.base.POOLS (not imported: it needs torch)
+        default="mean",
+        help="mean: over the non-padding tokens, vision's CLS excluded (default); first: the first token "
+        "(vision's CLS, text's <s>, speech's first frame)",
+    )
+    p.add_argument(
+        "--modality",
+        choices=MODALITIES,
+        default=None,
+        help="which encoder of a joint checkpoint (`d2v pretrain joint`); elsewhere a check of the model's",
     )
     p.add_argument("--out", required=True, help="output .npy path")
     p = sub.add_parser(
@@ -171,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             # (pretrain.imgae) fails every stage, not only the one that would read it
             _call("d2v.params_check", "check_all")(params, quiet=True)
             module, func, _ = STAGES[args.command]
+            if args.command == "pretrain" and args.modality == JOINT:
+                module, func = "d2v.joint", "cli_pretrain_joint"
             rc = _call(module, func)(params, args) or 0
             if rc == 0 and not getattr(args, "to", None):  # an upload's time is not the shard stage's
                 stage = timing.stage_name(args.command, getattr(args, "modality", None),

@@ -233,7 +233,7 @@ class TransformerConfig:
 
 SECTIONS = (
     "seed", "modalities", "profile", "profiles", "paths", "tracking",
-    "prepare", "shard", "model", "pretrain", "sweep", "finetune", "evaluate", "report",
+    "prepare", "shard", "model", "pretrain", "joint", "sweep", "finetune", "evaluate", "report",
 )  # fmt: skip
 """Top-level keys of params.yaml; anything else is rejected."""
 

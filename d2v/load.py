@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from d2v import checkpoint, initialize, published
 from d2v.config import from_dict
 from d2v.heads import FinetuneModel, HeadConfig
 from d2v.hf import is_hf_dir, load_hf_encoder
-from d2v.modalities import get
+from d2v.modalities import JOINT, get
 from d2v.modalities.base import Encoder
 from d2v.preprocessing import attach_preprocessing
 from d2v.sweep import PRETRAINED, PUBLISHED
@@ -39,24 +39,56 @@ def build_finetune_model(
     return get(modality).build_finetune_model(encoder, task, num_classes, head)
 
 
-def load_checkpoint_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
+def joint_encoder_state(weights: dict[str, Tensor], modality: str, stack_attr: str) -> dict[str, Tensor]:
+    """An ordinary ``modality`` encoder's state dict from a joint checkpoint's weights: the member's student
+    (``members.<m>.student.*``) and the shared stack (``stack.*`` -> ``<stack_attr>.*``): the layout of
+    ``d2v.joint.JointData2Vec``'s state dict."""
+    prefix = f"members.{modality}.student."
+    sd = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    sd.update({f"{stack_attr}.{k[len('stack.') :]}": v for k, v in weights.items() if k.startswith("stack.")})
+    return sd
+
+
+def load_checkpoint_encoder(
+    path: str | Path, pretrained: bool = True, seed: int = 0, modality: str | None = None
+) -> Encoder:
     """The encoder of a d2v checkpoint (step dir, or run dir -> latest), rebuilt from its meta.json.
 
-    ``pretrained=False``: the same architecture, freshly initialised from ``seed``.
+    ``pretrained=False``: the same architecture, freshly initialised from ``seed``. A joint checkpoint
+    (``d2v pretrain joint``) holds one encoder per modality: ``modality`` picks it (its local encoder and the
+    shared stack), an ordinary encoder of that modality.
     """
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step_dir)
-    modality = meta.get("modality")
+    where = f"{step_dir}/{checkpoint.META}"
+    joint = meta.get("modality") == JOINT
+    if joint:
+        have = sorted(meta["model_config"])
+        if modality not in have:
+            raise ValueError(
+                f"{step_dir} is a joint checkpoint of {have}: say which encoder to load "
+                f"(load_encoder(path, modality=...), --modality), not {modality!r}"
+            )
+        model_dict = meta["model_config"][modality]
+    else:
+        if modality is not None and meta.get("modality") != modality:
+            raise ValueError(f"{step_dir} is a {meta.get('modality')!r} checkpoint, not {modality!r}")
+        modality, model_dict = meta.get("modality"), meta["model_config"]
     try:
         mod = get(modality)
     except ValueError as e:
-        raise ValueError(f"{step_dir}/{checkpoint.META}: {e}") from None
-    cfg = mod.model_config(meta["model_config"], f"{step_dir}/{checkpoint.META}:model_config")
+        raise ValueError(f"{where}: {e}") from None
+    cfg = mod.model_config(model_dict, f"{where}:model_config")
     torch.manual_seed(seed)
     encoder = mod.build_encoder(cfg)
     if pretrained:
-        prefix = meta.get("encoder_prefix", "student.")
-        sd = {k[len(prefix) :]: v for k, v in checkpoint.load_weights(step_dir).items() if k.startswith(prefix)}
+        weights = checkpoint.load_weights(step_dir)
+        if joint:
+            prefix = f"members.{modality}.student. + stack."
+            sd = joint_encoder_state(weights, modality, encoder.stack_attr)
+        else:
+            prefix = meta.get("encoder_prefix", "student.")
+            sd = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         problem = checkpoint.state_mismatch(encoder.state_dict(), sd)
         if problem:
             raise ValueError(
@@ -91,19 +123,24 @@ def load_finetune_model(path: str | Path, modality: str | None = None) -> tuple[
     return model.eval(), meta
 
 
-def load_encoder(path: str | Path, pretrained: bool = True, seed: int = 0) -> Encoder:
+def load_encoder(
+    path: str | Path, pretrained: bool = True, seed: int = 0, modality: str | None = None
+) -> Encoder:
     """A d2v encoder from an HF data2vec directory or a d2v checkpoint, with its ``embed`` preprocessing.
 
     ``pretrained=False`` builds the same architecture freshly initialised with ``seed``: the from-scratch
-    baseline that benchmarks compare against.
+    baseline that benchmarks compare against. ``modality``: which encoder of a joint checkpoint (needed
+    there; elsewhere a check that the model is of that modality).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
     if is_hf_dir(path):
         encoder = load_hf_encoder(path, pretrained, seed)
+        if modality is not None and encoder.modality != modality:
+            raise ValueError(f"{path} is a {encoder.modality!r} model, not {modality!r}")
     else:
-        encoder = load_checkpoint_encoder(path, pretrained=pretrained, seed=seed)
+        encoder = load_checkpoint_encoder(path, pretrained=pretrained, seed=seed, modality=modality)
     return attach_preprocessing(encoder, path)
 
 

@@ -173,11 +173,12 @@ def train_step(
     *,
     params: list[Tensor],
     grad_accum: int,
-    clip_norm: float | None,
+    clip_norm: float | None | Callable[[], float | None],
     device: torch.device,
     amp: torch.dtype | None,
     grad_norm: bool,
     compiled_batch: int | None = None,
+    grad_metrics: Callable[[], dict[str, Tensor]] | None = None,
 ) -> int:
     """One optimizer update: ``grad_accum`` forward/backward micro-steps, clipping, AdamW, LR schedule.
 
@@ -186,7 +187,9 @@ def train_step(
     ``compiled_batch``: the micro-batch size of a compiled model. A smaller batch (each loader worker's last
     of an epoch) runs eagerly: a new batch size would recompile the whole graph (27-61 s on CPU for the tiny
     and small image presets, about a minute on a GPU) and leave every later step on the recompiled graph,
-    dynamic in the batch size.
+    dynamic in the batch size. ``clip_norm`` may be a function, asked once the update's batches went
+    through (joint pretraining clips with the norm of the update's modality); ``grad_metrics()``, when
+    given, reads the accumulated gradients before clipping and its tensors are added into ``sums``.
     """
     n = 0
     for micro in range(grad_accum):
@@ -202,6 +205,11 @@ def train_step(
         for k, v in metrics.items():
             sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
         n += batch_size(batch)
+    if grad_metrics is not None:
+        for k, v in grad_metrics().items():
+            sums[k] = sums[k] + v if k in sums else v
+    if callable(clip_norm):
+        clip_norm = clip_norm()
     if clip_norm is not None:
         sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
     elif grad_norm:
@@ -219,7 +227,7 @@ def run(
     batches: Iterator[dict[str, Any]],
     cfg: LoopConfig,
     *,
-    clip_norm: float | None,
+    clip_norm: float | None | Callable[[], float | None],
     device: torch.device,
     seed: int,
     start_step: int = 0,
@@ -228,13 +236,14 @@ def run(
     after_step: Callable[[int], dict[str, float]] | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_save: Callable[[int], None] | None = None,
+    grad_metrics: Callable[[], dict[str, Tensor]] | None = None,
 ) -> dict[str, float]:
     """Train from ``start_step`` to ``cfg.steps``; returns the last logged metrics.
 
     ``model(batch) -> (loss, metrics)``; ``after_step(step)`` runs after each optimizer step (the EMA) and
     returns scalars to log (tau); ``on_log(step, metrics)`` may raise ``TrainingHalted``; ``on_save(step)``
     runs every ``checkpoint_every`` steps and at the end, always right after a log (so a checkpoint is only
-    written once its metrics passed the guards).
+    written once its metrics passed the guards). ``clip_norm`` and ``grad_metrics``: see ``train_step``.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -259,7 +268,7 @@ def run(
         lr = max(g["lr"] for g in opt.param_groups)  # the LR of this step (a Python float: no sync)
         n_samples += train_step(
             model, opt, sched, batches, sums, params=params, grad_accum=cfg.grad_accum, clip_norm=clip_norm,
-            device=device, amp=amp, grad_norm=logging, compiled_batch=compiled_batch,
+            device=device, amp=amp, grad_norm=logging, compiled_batch=compiled_batch, grad_metrics=grad_metrics,
         ) * world_size  # fmt: skip
         if after_step is not None:
             extra = after_step(done)

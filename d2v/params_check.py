@@ -94,5 +94,8 @@ def resolve(params: dict[str, Any], with_folders: bool = True) -> dict[str, Any]
             "mask": None if mask is None else to_dict(mask),
         }
         out["evaluate"][m] = to_dict(section(params, "evaluate", EvaluateConfig, m))
+    from d2v.joint import joint_section  # lazily: it imports the training code
+
+    out["joint"] = to_dict(joint_section(params))
     out["sweep"], out["report"] = sweep, report
     return {k: out[k] for k in SECTIONS}

@@ -220,6 +220,7 @@ def entries() -> list[Entry]:
     """Every key of params.yaml, in the file's order (sections, then modalities, then fields)."""
     from d2v.evaluate import EvaluateConfig
     from d2v.finetune import FinetuneConfig
+    from d2v.joint import JointConfig
     from d2v.modalities import MODALITIES, get
     from d2v.pretrain import PretrainConfig
     from d2v.sweep import SweepConfig
@@ -268,6 +269,7 @@ def entries() -> list[Entry]:
     per_modality("shard", data("ShardConfig"))
     per_modality("model", model)
     per_modality("pretrain", shared(PretrainConfig))
+    plain("joint", JointConfig)
     plain("sweep", SweepConfig)
     per_modality("finetune", finetune)
     per_modality("evaluate", shared(EvaluateConfig))

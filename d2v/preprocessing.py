@@ -28,7 +28,7 @@ import torch
 from d2v import checkpoint
 from d2v.data.stages import data_module
 from d2v.hf import is_hf_dir
-from d2v.modalities import get
+from d2v.modalities import JOINT, get
 from d2v.modalities.base import Encoder
 
 
@@ -71,6 +71,9 @@ def checkpoint_preprocessing(path: str | Path, encoder: Encoder) -> ItemPreproce
     """The preprocessing recorded with a d2v checkpoint; ValueError naming the checkpoint if it has none."""
     step = checkpoint.resolve(path)
     meta = checkpoint.read_meta(step)
+    if meta.get("modality") == JOINT:  # one entry per modality, each one's files in its own folder
+        prep = (meta.get("preprocessing") or {}).get(encoder.modality)
+        return ItemPreprocessing(encoder.modality, prep, encoder.config, step / encoder.modality)
     if meta.get("modality") != encoder.modality:
         raise ValueError(f"{step} is a {meta.get('modality')!r} checkpoint, not {encoder.modality!r}")
     prep = meta.get("preprocessing")

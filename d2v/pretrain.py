@@ -138,6 +138,33 @@ def pretrain(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def pretrain_loader(
+    cfg: PretrainConfig,
+    shard_dir: Any,
+    model_cfg: Any,
+    seed: int,
+    info: distributed.DistInfo,
+    grad_accum: int,
+    where: str,
+) -> Callable[[int], Iterable[dict[str, Any]]]:
+    """``make_loader(epoch)`` of this rank's pretraining batches (``cfg.batch_size`` over all ranks and
+    ``grad_accum`` micro-steps); the first epoch's loader is built once here, so that an empty split or a
+    model/shard mismatch fails before any model is built."""
+    per_rank = runner.per_rank_batch(cfg.batch_size, grad_accum, info, where)
+    spec = LoaderSpec(
+        batch_size=per_rank, mode="pretrain", seed=seed, num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len, min_len=cfg.min_len,
+        resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
+        length_buckets=cfg.length_buckets,
+    )  # fmt: skip
+
+    def make_loader(epoch: int):
+        return build_loader(shard_dir, "pretrain", model_cfg, replace(spec, epoch=epoch))
+
+    make_loader(0)
+    return make_loader
+
+
 def init_outside_published(init: str, paths: PathsConfig, modality: str) -> str | None:
     """A warning when ``init`` is outside ``<paths.published>/<m>``, the folder dvc.yaml tracks."""
     tracked = (Path(paths.published) / modality).resolve()
@@ -163,19 +190,7 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     if src is not None:
         initialize.check_preprocessing(src, manifest, shard_dir)
     info = distributed.init(timeout_s=cfg.dist_timeout_s)
-    per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"pretrain.{m}")
-
-    spec = LoaderSpec(
-        batch_size=per_rank, mode="pretrain", seed=seed, num_workers=cfg.num_workers,
-        shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len, min_len=cfg.min_len,
-        resampled=cfg.resampled, epoch_len=cfg.epoch_len, rank=info.rank, world_size=info.world_size,
-        length_buckets=cfg.length_buckets,
-    )  # fmt: skip
-
-    def make_loader(epoch: int):
-        return build_loader(shard_dir, "pretrain", model_cfg, replace(spec, epoch=epoch))
-
-    make_loader(0)  # fail now (empty split, model/shard mismatch) rather than after the model is built
+    make_loader = pretrain_loader(cfg, shard_dir, model_cfg, seed, info, cfg.grad_accum, f"pretrain.{m}")
     torch.manual_seed(seed)  # the same initial weights on every rank
     model = mod.build_pretrain_model(model_cfg)
     init = None

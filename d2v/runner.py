@@ -63,6 +63,18 @@ class Job:
     """Runs after every optimizer update (the EMA teacher); returns scalars to log (tau)."""
     check: Callable[[int, dict[str, float]], str | None] = lambda step, metrics: None
     """At every log: what went wrong (collapse), which halts the run before it saves, or None."""
+    # What joint pretraining (``d2v.joint``) changes; None: the single-modality behaviour.
+    build_optim: Callable[[nn.Module], tuple[Any, Any]] | None = None
+    """The (unwrapped) model -> (optimizer, LR scheduler); None: ``cfg.optim``'s AdamW and schedule."""
+    clip_norm: Callable[[], float | None] | None = None
+    """The clipping norm of the update that just ran; None: ``cfg.optim.clip_norm``."""
+    grad_metrics: Callable[[], dict[str, Any]] | None = None
+    """Gradient statistics summed into the logged metrics (``loop.train_step``)."""
+    summarize: Callable[[dict[str, float], list[dict[str, Any]]], dict[str, float | None]] | None = None
+    """(the logged means, the history so far) -> what is logged, kept and checked (per-modality means of
+    joint pretraining)."""
+    make_stream: Callable[[dict[str, Any]], Any] | None = None
+    """A saved data position -> the batch stream (``position()`` saves it); None: ``loop.EpochStream``."""
 
 
 @dataclass
@@ -181,8 +193,10 @@ def write_outputs(history: list[dict[str, float]], prefix: str, out: Outputs, se
     out.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     out.curve.parent.mkdir(parents=True, exist_ok=True)
     with out.curve.open("w", newline="") as f:
-        fields = list(history[0]) if history else ["step"]
-        w = csv.DictWriter(f, fieldnames=fields)
+        # every key any row has, in first-seen order (joint pretraining's per-modality means appear once the
+        # modality has had an update)
+        fields = list(dict.fromkeys(k for row in history for k in row)) if history else ["step"]
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(history)
     return metrics
@@ -245,19 +259,27 @@ def fit(
     model = distributed.unwrap(wrapped)
     depth = model.encoder.transformer.depth if job.layer_ids is not None else 0
     layer_ids = job.layer_ids() if job.layer_ids is not None else None
-    opt = build_optimizer(model, cfg.optim, layer_ids, depth)
-    sched = build_scheduler(opt, cfg.optim, cfg.steps)
+    if job.build_optim is not None:
+        opt, sched = job.build_optim(model)
+    else:
+        opt = build_optimizer(model, cfg.optim, layer_ids, depth)
+        sched = build_scheduler(opt, cfg.optim, cfg.steps)
     state = resume(wrapped, opt, sched, run_dir, set_aside=info.is_main) or {}
     step, history = state.get("step", 0), state.get("history", [])
     position = data_position(state, info, run_dir, finished=step >= cfg.steps)
-    stream = loop.EpochStream(job.make_loader, **position)
+    if job.make_stream is not None:
+        stream = job.make_stream(position)
+    else:
+        stream = loop.EpochStream(job.make_loader, **position)
     clock = clock or loop.Stopwatch()
     clock.restart(seconds_so_far(outputs, job.kind, step))
     job.on_start(step)
 
     def on_log(done: int, m: dict[str, float]) -> None:
+        if job.summarize is not None:
+            m = job.summarize(m, history)
         history.append({"step": done, **{k: m[k] for k in job.curve_fields[1:] if k in m}})
-        tracker.log({f"{job.kind}/{k}": v for k, v in m.items()}, step=done)
+        tracker.log({f"{job.kind}/{k}": v for k, v in m.items() if v is not None}, step=done)
         problem = job.check(done, m)
         if problem:
             raise loop.TrainingHalted(problem)
@@ -273,9 +295,9 @@ def fit(
 
     with halt_note(run_dir):
         loop.run(
-            wrapped, opt, sched, stream, cfg, clip_norm=cfg.optim.clip_norm, device=info.device, seed=seed,
-            start_step=step, rank=info.rank, world_size=info.world_size, after_step=job.after_step,
-            on_log=on_log, on_save=on_save,
+            wrapped, opt, sched, stream, cfg, clip_norm=job.clip_norm or cfg.optim.clip_norm, device=info.device,
+            seed=seed, start_step=step, rank=info.rank, world_size=info.world_size, after_step=job.after_step,
+            on_log=on_log, on_save=on_save, grad_metrics=job.grad_metrics,
         )  # fmt: skip
         if cfg.steps == 0 and not state:
             on_save(0)  # nothing to train (a published model used as is): its weights as a checkpoint

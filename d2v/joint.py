@@ -1,0 +1,479 @@
+"""Joint pretraining: ONE Transformer stack (and one EMA teacher of it) for speech, images and text.
+
+data2vec's authors hoped for "a unified masking strategy and mixed data sets of different modalities" ([P1]
+§6); fairseq's data2vec 2.0 code has the structure (``Data2VecMultiModel``: one block stack, a
+``modality_encoders`` dict) but trains one modality per released config. Here each modality keeps everything
+but the blocks: its local encoder, positions, mask embedding, the norms before and after the stack, its
+regression head or data2vec 2.0 decoder, its masking, targets, loss and teacher schedule, and the algorithm
+its ``model.<m>`` says. The ``joint:`` section holds what is shared: the stack, its optimizer and teacher
+schedule, the mixing of the modalities' updates and a seed.
+
+Mixing (``interleave``): one modality per update, in a seeded order that gives each modality exactly the
+updates, batch size and samples of its separate run (``pretrain.<m>.steps`` / ``batch_size``), spread evenly
+over the run; total compute is the sum of the separate runs' by construction. Two modalities never share a
+tensor. The position in the order and in each modality's stream is part of the data position, so a resume
+is bit-exact.
+
+The shared teacher is stepped once per update, with the joint schedule (stepping it once per modality
+would average it three times: tau cubed). A modality's own teacher parts are stepped on its own updates
+only, with its own schedule at its own update count. AdamW has one group (pair) for the stack, with
+``joint.optim``, and each modality's parameters keep ``pretrain.<m>.optim``'s LR, betas, eps and weight
+decay; each update is clipped with its modality's ``clip_norm``.
+
+Shape legend as in ``d2v/data2vec.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from d2v import distributed, loop, runner
+from d2v.config import ConfigError, PathsConfig, TransformerConfig, from_dict, section, to_dict
+from d2v.data2vec import Data2Vec, EMAConfig, ema_decay
+from d2v.modalities import JOINT, MODALITIES, get
+from d2v.modalities.base import Encoder
+from d2v.optim import OptimConfig, lr_scale, param_groups
+from d2v.precision import Precision
+from d2v.transformer import TransformerStack, init_bert_params
+
+Mixing = Literal["interleave"]
+LossNorm = Literal["none", "running"]
+METRICS = ("loss", "target_var", "pred_var", "stack_grad_norm")
+"""What is logged per modality (``<m>/<name>``): means over the modality's own updates since the last log."""
+
+
+def _joint_transformer() -> TransformerConfig:
+    # the small presets' width and depth (every modality's CPU default: 6 x 256), post-LN: see params.yaml
+    return TransformerConfig(dim=256, depth=6, heads=4, ffn_dim=1024)
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """The ``joint`` section: what the modalities share in ``d2v pretrain joint``."""
+
+    modalities: tuple[str, ...] = MODALITIES
+    """The modalities pretrained together (each with its ``model.<m>``, ``pretrain.<m>`` and shards)."""
+    transformer: TransformerConfig = field(default_factory=_joint_transformer)
+    """The one block stack every modality runs (it replaces ``model.<m>.transformer``)."""
+    mixing: Mixing = "interleave"
+    """'interleave': one modality per update, each with exactly its separate run's updates
+    (``pretrain.<m>.steps``), in a seeded order spread evenly over the run."""
+    loss_norm: LossNorm = "none"
+    """'none': each modality's data2vec loss as its separate run has it (targets normalised per layer to unit
+    scale, L2 summed over D x 1/sqrt(D) with the shared D: the same form for all). 'running': each loss
+    divided by a running mean of its own value (``loss_norm_decay``), so that every modality's updates move
+    the shared stack by comparable amounts whatever its loss level."""
+    loss_norm_decay: float = 0.99
+    """Decay of the running mean of 'running' (per update of the modality)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and LR schedule of the shared stack (the modalities' own parameters follow ``pretrain.<m>.optim``;
+    every schedule runs over the joint run's updates)."""
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(tau0=0.99, tau_end=0.999, tau_n=1000))
+    """Decay schedule of the shared teacher stack, per joint update."""
+    seed: int | None = None
+    """Seed of the joint run (initial weights, the interleaving, masks, dropout); None: the top-level seed."""
+    grad_accum: int = 1
+    """Micro-batches per update (each modality's per-rank batch is ``pretrain.<m>.batch_size`` / (ranks x
+    grad_accum))."""
+    precision: Precision = "bf16"
+    """As ``pretrain.<m>.precision``, for every modality of the joint run."""
+    dist_timeout_s: float = distributed.TIMEOUT_S
+    """As ``pretrain.<m>.dist_timeout_s``."""
+    log_every: int = 10
+    """Read the metrics (one host sync), log them and run the guards every this many updates."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many updates (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest k checkpoints."""
+
+    def __post_init__(self) -> None:
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"modalities must name each modality once, got {list(self.modalities)}")
+        unknown = sorted(set(self.modalities) - set(MODALITIES))
+        if unknown:
+            raise ConfigError(f"modalities: unknown {unknown}; expected some of {list(MODALITIES)}")
+        if not 0.0 < self.loss_norm_decay < 1.0:
+            raise ConfigError(f"loss_norm_decay must be in (0, 1), got {self.loss_norm_decay}")
+        for name in ("grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def interleave(counts: dict[str, int], seed: int) -> list[str]:
+    """The modality of every update: ``counts[m]`` updates of each ``m``, ``sum(counts)`` in all.
+
+    Update i of modality m (0-based) is placed at ``(i + u) / counts[m]`` with u ~ U[0, 1) drawn from
+    ``seed``, and all are sorted: each modality is spread evenly over the run (its LR schedule and teacher
+    schedule then see it at the same fraction of the run as its separate run would), in a seeded order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    keys: list[tuple[float, str]] = []
+    for m in sorted(counts):
+        n = counts[m]
+        u = torch.rand(n, generator=g, dtype=torch.float64).tolist()
+        keys += [((i + u[i]) / n, m) for i in range(n)]
+    return [m for _, m in sorted(keys)]
+
+
+def updates_before(order: list[str]) -> list[int]:
+    """For update s, how many updates of its own modality came before it (its modality's update count)."""
+    seen: dict[str, int] = {}
+    out = []
+    for m in order:
+        out.append(seen.get(m, 0))
+        seen[m] = out[-1] + 1
+    return out
+
+
+def stack_conflicts(joint: TransformerConfig, own: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``model.<m>.transformer.<key>`` values a user set that differ from the joint stack's:
+    ``own[m]`` is the user's ``model.<m>.transformer`` section as written (preset defaults are not a choice
+    and are replaced silently)."""
+    shared = to_dict(joint)
+    return [
+        f"model.{m}.transformer.{k}: {v!r} (joint.transformer.{k}: {shared[k]!r})"
+        for m, section_ in own.items()
+        for k, v in sorted((section_ or {}).items())
+        if k in shared and v != shared[k] and not (isinstance(v, list) and tuple(v) == shared[k])
+    ]
+
+
+def share_stack(encoder: Encoder, stack: TransformerStack) -> None:
+    """Make ``encoder`` run ``stack`` without owning it: its own stack is dropped, and the shared one is a
+    plain attribute, so ``encoder.state_dict()`` and ``parameters()`` leave it to the module that registers
+    it (``JointData2Vec``: stored once)."""
+    attr = encoder.stack_attr
+    del encoder._modules[attr]
+    encoder.__dict__[attr] = stack
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class JointData2Vec(nn.Module):
+    """One shared stack (student and EMA teacher) and one ``Data2Vec`` / ``Data2Vec2`` member per modality,
+    whose encoders run the shared stack.
+
+    ``forward(batch)``: ``batch["modality"]`` picks the member; the rest is that modality's batch. Returns
+    the (normalised) loss and, for every modality m, ``m/loss``, ``m/target_var``, ``m/pred_var`` (this
+    update's values for its modality, 0 for the others) and ``m/updates`` (1 or 0), so that the loop's means
+    divided by ``m/updates`` are means over m's own updates (``summarize``).
+    """
+
+    def __init__(
+        self, members: dict[str, Data2Vec], stack: TransformerStack, cfg: JointConfig
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stack = stack
+        self.teacher_stack = copy.deepcopy(stack).float().requires_grad_(False)
+        self.members = nn.ModuleDict()
+        for m, member in members.items():
+            share_stack(member.student, self.stack)
+            share_stack(member.teacher, self.teacher_stack)
+            member._ema_pairs, member._copy_pairs = member._ema_plan()  # its own parts only
+            self.members[m] = member
+        for m in members:  # running means of 'running' loss normalisation (0: no update yet)
+            self.register_buffer(f"loss_mean_{m}", torch.zeros(()), persistent=True)
+        self.current: str | None = None
+        """The modality of the update in progress (set by ``forward``)."""
+        self.teacher_stack.eval()
+
+    def train(self, mode: bool = True) -> JointData2Vec:
+        super().train(mode)
+        self.teacher_stack.eval()  # not under a member's teacher: set here (no dropout, no LayerDrop)
+        return self
+
+    def member_encoder(self, modality: str) -> Encoder:
+        return self.members[modality].student
+
+    def _normalised(self, m: str, loss: Tensor) -> Tensor:
+        """``loss`` / the running mean of m's loss (updated first, from the loss averaged over ranks so that
+        every rank scales alike); unchanged with ``loss_norm: none``."""
+        if self.cfg.loss_norm == "none" or not self.training:
+            return loss
+        mean = getattr(self, f"loss_mean_{m}")
+        value = distributed.all_reduce_mean(loss.detach().float().reshape(1))[0]
+        d = self.cfg.loss_norm_decay
+        with torch.no_grad():
+            mean.copy_(torch.where(mean > 0, d * mean + (1 - d) * value, value))
+        return loss / mean.clamp_min(1e-8)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        m = batch["modality"]
+        self.current = m
+        loss, metrics = self.members[m]({k: v for k, v in batch.items() if k != "modality"})
+        out = {"loss": loss.detach()}
+        zero = loss.new_zeros((), dtype=torch.float32)
+        for k in self.members:
+            out[f"{k}/updates"] = zero + float(k == m)
+            for name in METRICS[:-1]:
+                out[f"{k}/{name}"] = metrics[name].detach().float() if k == m else zero
+        return self._normalised(m, loss), out
+
+    def stack_grad_norm(self) -> dict[str, Tensor]:
+        """The gradient norm on the shared stack, filed under the update's modality (0 for the others)."""
+        grads = [p.grad for p in self.stack.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return {f"{k}/stack_grad_norm": norm.float() * float(k == self.current) for k in self.members}
+
+    @torch.no_grad()
+    def ema_step(self, step: int, modality: str, own_step: int) -> dict[str, float]:
+        """After update ``step`` (1-based count): the shared teacher stack once, at the joint schedule; then
+        ``modality``'s own teacher parts at its schedule and its update count ``own_step``."""
+        tau = ema_decay(step, self.cfg.ema)
+        if tau < 1.0:
+            teacher = list(self.teacher_stack.parameters())
+            student = [p.detach().float() for p in self.stack.parameters()]
+            torch._foreach_lerp_(teacher, student, 1.0 - tau)
+        member = self.members[modality]
+        own_tau = ema_decay(own_step, member.ema)
+        member.ema_step(own_tau)
+        return {"tau": tau, f"{modality}/tau": own_tau}
+
+
+def summarize(modalities: Iterable[str]) -> Callable[[dict[str, float], list[dict]], dict[str, float | None]]:
+    """(the loop's window means, the history so far) -> per-modality means over each modality's own updates
+    (``m/updates`` is the share of the window's updates that were m's). A modality without an update in the
+    window keeps its values of the last history row (None before its first update); read from the history,
+    they survive a resume."""
+    keys = [f"{m}/{k}" for m in modalities for k in METRICS]
+
+    def apply(means: dict[str, float], history: list[dict]) -> dict[str, float | None]:
+        last = history[-1] if history else {}
+        out = {k: v for k, v in means.items() if not k.endswith("/updates") and k not in keys}
+        for m in modalities:
+            share = means.get(f"{m}/updates", 0.0)
+            for k in METRICS:
+                key = f"{m}/{k}"
+                out[key] = means[key] / share if share > 0 and key in means else last.get(key)
+        return out
+
+    return apply
+
+
+# ------------------------------------------------------------------------------------------ the stream
+
+
+class JointStream:
+    """Batches of the modalities in ``order``: update s takes ``grad_accum`` batches of ``order[s]`` from
+    that modality's ``EpochStream``, each tagged ``modality``. ``position()`` is the update index and every
+    stream's position, so a resume continues the order and each modality's data where they were."""
+
+    def __init__(
+        self,
+        loaders: dict[str, Callable[[int], Iterable[dict[str, Any]]]],
+        order: list[str],
+        grad_accum: int,
+        position: dict[str, Any] | None = None,
+    ) -> None:
+        position = position or {}
+        saved = position.get("streams", {})
+        self.order, self.grad_accum = order, grad_accum
+        self.consumed = int(position.get("batches", 0))
+        self.streams = {m: loop.EpochStream(make, **saved.get(m, {})) for m, make in loaders.items()}
+
+    def position(self) -> dict[str, Any]:
+        return {"batches": self.consumed, "streams": {m: s.position() for m, s in self.streams.items()}}
+
+    def __iter__(self) -> JointStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        update = self.consumed // self.grad_accum
+        if update >= len(self.order):
+            raise ValueError(f"the joint order has {len(self.order)} updates; asked for update {update + 1}")
+        m = self.order[update]
+        batch = next(self.streams[m])
+        self.consumed += 1
+        return {**batch, "modality": m}
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+
+def build_optim(
+    model: JointData2Vec, shared: OptimConfig, own: dict[str, OptimConfig], total: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with the stack's decay/no-decay groups (``shared``) and each modality's (``own[m]``: its LR,
+    betas, eps and weight decay), and one LR schedule per group over the ``total`` joint updates.
+
+    A group whose modality did not run in an update has no gradients, so AdamW leaves it (and its moments)
+    alone: a modality's parameters move on its own updates only.
+    """
+    groups: list[dict] = []
+    lambdas: list[Callable[[int], float]] = []
+    parts: list[tuple[nn.Module, OptimConfig]] = [(model.stack, shared)]
+    parts += [(model.members[m], own[m]) for m in model.members]
+    for module, cfg in parts:
+        for g in param_groups(module, cfg):
+            groups.append({**g, "betas": cfg.betas, "eps": cfg.eps})
+            lambdas.append(lambda s, cfg=cfg: lr_scale(s, total, cfg))
+    fused = groups[0]["params"][0].device.type in ("cuda", "cpu")
+    opt = torch.optim.AdamW(groups, lr=shared.lr, fused=fused or None)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+# ---------------------------------------------------------------------------------------- build, load
+
+
+def build_joint_model(
+    cfg: JointConfig, model_cfgs: dict[str, Any], seed: int
+) -> JointData2Vec:
+    """Every modality's pretraining model with the joint stack's config, then one shared stack
+    (``init_bert_params``, as speech and text initialise theirs) in place of theirs."""
+    torch.manual_seed(seed)
+    members = {m: get(m).build_pretrain_model(model_cfgs[m]) for m in cfg.modalities}
+    stack = TransformerStack(cfg.transformer)
+    stack.apply(init_bert_params)
+    return JointData2Vec(members, stack, cfg)
+
+
+def member_config(model_cfg: Any, cfg: JointConfig) -> Any:
+    """A modality's ``ModelConfig`` with the joint stack's ``transformer``."""
+    return replace(model_cfg, transformer=cfg.transformer)
+
+
+@dataclass(frozen=True)
+class JointRunConfig(loop.LoopConfig):
+    """The loop settings of a joint run, derived from ``joint`` and ``pretrain.<m>`` (not a params section):
+    ``steps`` is the sum of the modalities' updates; ``optim`` the shared stack's."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The shared stack's optimizer settings."""
+
+
+def joint_job(
+    model: JointData2Vec,
+    cfg: JointConfig,
+    stage_cfgs: dict[str, Any],
+    loaders: dict[str, Callable[[int], Iterable[dict[str, Any]]]],
+    order: list[str],
+    run_dir: Path,
+    meta: dict[str, Any],
+    files: dict[str, Path | bytes] | None = None,
+) -> runner.Job:
+    """The runner's job of a joint run: ``order`` (``interleave``) of the modalities' updates over their
+    ``loaders`` (this rank's), each modality's ``stage_cfgs[m]`` (``PretrainConfig``: optimizer, clipping,
+    collapse guards), the shared stack's ``cfg``."""
+    from d2v.pretrain import CURVE_FIELDS, collapse_check
+
+    total = len(order)
+    own_count = updates_before(order)
+    run_cfg = JointRunConfig(
+        steps=total, batch_size=cfg.grad_accum, grad_accum=cfg.grad_accum, precision=cfg.precision,
+        dist_timeout_s=cfg.dist_timeout_s, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints, optim=cfg.optim,
+    )  # fmt: skip
+
+    def after_step(done: int) -> dict[str, float]:
+        return model.ema_step(done, order[done - 1], own_count[done - 1] + 1)
+
+    def check(step: int, metrics: dict[str, Any]) -> str | None:
+        for m, c in stage_cfgs.items():
+            own = {k: metrics.get(f"{m}/{k}") for k in ("target_var", "pred_var")}
+            if None in own.values():
+                continue
+            problem = collapse_check(sum(1 for x in order[:step] if x == m), own, c)
+            if problem:
+                return f"{m}: {problem}"
+        return None
+
+    clip = {m: c.optim.clip_norm for m, c in stage_cfgs.items()}
+    curve = (*CURVE_FIELDS, *(f"{m}/{k}" for m in cfg.modalities for k in METRICS))
+    own_optim = {m: c.optim for m, c in stage_cfgs.items()}
+    return runner.Job(
+        "pretrain", model, run_cfg, loaders[cfg.modalities[0]], Path(run_dir), meta, curve, files=files,
+        after_step=after_step, check=check,
+        build_optim=lambda mod: build_optim(mod, cfg.optim, own_optim, total),
+        clip_norm=lambda: clip[model.current] if model.current else None,
+        grad_metrics=model.stack_grad_norm, summarize=summarize(cfg.modalities),
+        make_stream=lambda position: JointStream(loaders, order, cfg.grad_accum, position),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def joint_section(params: dict[str, Any]) -> JointConfig:
+    return from_dict(JointConfig, params.get("joint") or {}, "joint")
+
+
+def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
+    """``d2v pretrain joint``: every modality's config, shards and loader are checked before any model."""
+    from d2v.data.loader import read_manifest
+    from d2v.data.remote import shard_location
+    from d2v.data.shards import manifest_sha256, preprocessing_files
+    from d2v.initialize import model_config
+    from d2v.pretrain import PretrainConfig, pretrain_loader
+
+    cfg = joint_section(params)
+    seed = int(params.get("seed", 0)) if cfg.seed is None else cfg.seed
+    paths = section(params, "paths", PathsConfig)
+    models = params.get("model") or {}
+    own_stack = {m: ((models.get(m) or {}).get("transformer") or {}) for m in cfg.modalities}
+    conflicts = stack_conflicts(cfg.transformer, own_stack)
+    if conflicts:
+        raise ConfigError(
+            "joint pretraining runs one stack, joint.transformer, and model.<m>.transformer contradicts it: "
+            + "; ".join(conflicts) + ". Remove those keys or set joint.transformer"
+        )
+    stage_cfgs = {m: section(params, "pretrain", PretrainConfig, m) for m in cfg.modalities}
+    for m, c in stage_cfgs.items():
+        if c.init is not None:
+            raise ConfigError(
+                f"pretrain.{m}.init is set ({c.init}); joint pretraining starts every modality from random "
+                f"init (a published model's stack is one modality's): set pretrain.{m}.init: null"
+            )
+    model_cfgs = {m: member_config(model_config(models.get(m), m, None), cfg) for m in cfg.modalities}
+    info = distributed.init(timeout_s=cfg.dist_timeout_s)
+    loaders, manifests, shard_dirs = {}, {}, {}
+    for m in cfg.modalities:
+        shard_dirs[m] = shard_location(paths.shards, m)
+        manifests[m] = read_manifest(shard_dirs[m])
+        loaders[m] = pretrain_loader(stage_cfgs[m], shard_dirs[m], model_cfgs[m], seed, info, cfg.grad_accum,
+                                     f"pretrain.{m}")  # fmt: skip
+    counts = {m: stage_cfgs[m].steps for m in cfg.modalities}
+    order = interleave(counts, seed)
+    total = len(order)
+    model = build_joint_model(cfg, model_cfgs, seed)
+
+    meta = {
+        "modality": JOINT, "kind": "pretrain", "model_config": {m: to_dict(c) for m, c in model_cfgs.items()},
+        "joint": to_dict(cfg), "config": {m: to_dict(c) for m, c in stage_cfgs.items()}, "seed": seed,
+        "preprocessing": {m: manifests[m].get("preprocessing") for m in cfg.modalities}, "init": None,
+        "updates": counts,
+    }  # fmt: skip
+    fingerprint = {
+        "joint": to_dict(cfg), "model_config": meta["model_config"], "seed": seed,
+        "config": {m: runner.resume_relevant(c) for m, c in stage_cfgs.items()},
+        "data": {m: manifest_sha256(shard_dirs[m]) for m in cfg.modalities},
+    }  # fmt: skip
+    files = {f"{m}/{k}": v for m in cfg.modalities
+             for k, v in preprocessing_files(manifests[m], shard_dirs[m]).items()}  # fmt: skip
+    run_dir = Path(paths.checkpoints) / "pretrain" / JOINT
+    job = joint_job(model, cfg, stage_cfgs, loaders, order, run_dir, meta, files=files)
+    outputs = runner.Outputs(
+        Path(paths.metrics) / "pretrain" / f"{JOINT}.json", Path(paths.plots) / "pretrain" / f"{JOINT}.csv",
+        batch_size=round(sum(stage_cfgs[m].batch_size * counts[m] for m in counts) / total),
+        info={"updates_" + m: counts[m] for m in cfg.modalities},
+    )  # fmt: skip
+    runner.run_stage(
+        job, params=params, modality=JOINT, fingerprint=fingerprint, outputs=outputs, seed=seed, info=info,
+        run_config={"joint": to_dict(cfg), "model": meta["model_config"], "pretrain": meta["config"]},
+    )  # fmt: skip
+    return 0
