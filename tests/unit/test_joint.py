@@ -312,3 +312,34 @@ def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_no
     init, _ = tiny_joint(modalities=("image", "text"))
     init = init.state_dict()
     assert max((a[k] - init[k]).abs().max() for k in a if k.startswith("stack.")) > 1e-3  # training moved it
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+
+
+@pytest.mark.slow  # about 30 s: four pretraining runs and nine probes
+def test_the_benchmark_pretrains_every_arm_and_prints_paired_differences(project, tmp_path, capsys):
+    """``benchmarks/joint.py`` on the smoke project, one pretraining seed: each modality alone and jointly,
+    then the probe of joint, separate and scratch."""
+    import runpy
+
+    out = tmp_path / "joint.jsonl"
+    old = sys.argv
+    sys.argv = ["joint.py", str(project), "--seeds", "1", "--json", str(out)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / "benchmarks" / "joint.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert exit_.value.code == 0
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    (row,) = result["rows"]
+    assert row["seed"] == 1 and sorted(row["probe"]) == sorted(STEPS)
+    for m, arms in row["probe"].items():
+        assert all(0.0 <= arms[a]["accuracy"] <= 1.0 for a in ("joint", "separate", "scratch")), m
+        n = arms["stack_params"]
+        assert n["separate"] == n["scratch"] > 0 and n["joint"] > 0
+    printed = capsys.readouterr().out
+    for m in STEPS:
+        assert f"{m}: linear probe accuracy" in printed
+    assert "95% CI over probe seeds" in printed
