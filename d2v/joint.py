@@ -43,7 +43,7 @@ from d2v.optim import OptimConfig, lr_scale, param_groups
 from d2v.precision import Precision
 from d2v.transformer import TransformerStack, init_bert_params
 
-Mixing = Literal["interleave"]
+Mixing = Literal["interleave", "all"]
 LossNorm = Literal["none", "running"]
 METRICS = ("loss", "target_var", "pred_var", "stack_grad_norm")
 """What is logged per modality (``<m>/<name>``): means over the modality's own updates since the last log."""
@@ -64,7 +64,12 @@ class JointConfig:
     """The one block stack every modality runs (it replaces ``model.<m>.transformer``)."""
     mixing: Mixing = "interleave"
     """'interleave': one modality per update, each with exactly its separate run's updates
-    (``pretrain.<m>.steps``), in a seeded order spread evenly over the run."""
+    (``pretrain.<m>.steps``), in a seeded order spread evenly over the run. 'all': every update takes one
+    batch of every modality (each of its ``pretrain.<m>.batch_size``), their losses averaged, clipped with
+    ``optim.clip_norm``; it also logs the cosine between the modalities' gradients on the shared stack."""
+    steps: int | None = None
+    """'all' only: the updates of the run (None: the largest ``pretrain.<m>.steps``). Every modality then
+    sees ``steps`` batches, more than its separate run where its own ``steps`` is smaller."""
     loss_norm: LossNorm = "none"
     """'none': each modality's data2vec loss as its separate run has it (targets normalised per layer to unit
     scale, L2 summed over D x 1/sqrt(D) with the shared D: the same form for all). 'running': each loss
@@ -106,6 +111,11 @@ class JointConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.steps is not None and (self.mixing != "all" or self.steps < 1):
+            raise ConfigError(
+                f"steps: {self.steps} is for mixing: all (at least 1); mixing: interleave makes each "
+                "modality's pretrain.<m>.steps"
+            )
 
 
 # --------------------------------------------------------------------------------------------- pure parts
@@ -127,13 +137,23 @@ def interleave(counts: dict[str, int], seed: int) -> list[str]:
     return [m for _, m in sorted(keys)]
 
 
-def updates_before(order: list[str]) -> list[int]:
-    """For update s, how many updates of its own modality came before it (its modality's update count)."""
+def plan(cfg: JointConfig, counts: dict[str, int], seed: int) -> list[tuple[str, ...]]:
+    """The modalities of every update: one each in the ``interleave`` order, or all of them (``all``: for
+    ``cfg.steps`` updates, None: the largest count)."""
+    counts = {m: counts[m] for m in cfg.modalities}
+    if cfg.mixing == "all":
+        return [tuple(cfg.modalities)] * (cfg.steps or max(counts.values()))
+    return [(m,) for m in interleave(counts, seed)]
+
+
+def own_updates(updates: list[tuple[str, ...]]) -> list[dict[str, int]]:
+    """For every update, each of its modalities' update count once it is done (1 for a first update)."""
     seen: dict[str, int] = {}
     out = []
-    for m in order:
-        out.append(seen.get(m, 0))
-        seen[m] = out[-1] + 1
+    for ms in updates:
+        for m in ms:
+            seen[m] = seen.get(m, 0) + 1
+        out.append({m: seen[m] for m in ms})
     return out
 
 
@@ -168,13 +188,11 @@ class JointData2Vec(nn.Module):
 
     ``forward(batch)``: ``batch["modality"]`` picks the member; the rest is that modality's batch. Returns
     the (normalised) loss and, for every modality m, ``m/loss``, ``m/target_var``, ``m/pred_var`` (this
-    update's values for its modality, 0 for the others) and ``m/updates`` (1 or 0), so that the loop's means
-    divided by ``m/updates`` are means over m's own updates (``summarize``).
+    batch's values for its modality, 0 for the others) and ``m/updates`` (1 or 0), so that the loop's means
+    divided by ``m/updates`` are means over m's own batches (``summarize``).
     """
 
-    def __init__(
-        self, members: dict[str, Data2Vec], stack: TransformerStack, cfg: JointConfig
-    ) -> None:
+    def __init__(self, members: dict[str, Data2Vec], stack: TransformerStack, cfg: JointConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.stack = stack
@@ -188,16 +206,16 @@ class JointData2Vec(nn.Module):
         for m in members:  # running means of 'running' loss normalisation (0: no update yet)
             self.register_buffer(f"loss_mean_{m}", torch.zeros(()), persistent=True)
         self.current: str | None = None
-        """The modality of the update in progress (set by ``forward``)."""
+        """The modality of the batch in progress (set by ``forward``)."""
+        # mixing 'all': each modality's gradient on the stack, as the difference the modality's backward made
+        self._seen: Tensor | None = None
+        self._grads: dict[str, Tensor] = {}
         self.teacher_stack.eval()
 
     def train(self, mode: bool = True) -> JointData2Vec:
         super().train(mode)
         self.teacher_stack.eval()  # not under a member's teacher: set here (no dropout, no LayerDrop)
         return self
-
-    def member_encoder(self, modality: str) -> Encoder:
-        return self.members[modality].student
 
     def _normalised(self, m: str, loss: Tensor) -> Tensor:
         """``loss`` / the running mean of m's loss (updated first, from the loss averaged over ranks so that
@@ -223,34 +241,60 @@ class JointData2Vec(nn.Module):
                 out[f"{k}/{name}"] = metrics[name].detach().float() if k == m else zero
         return self._normalised(m, loss), out
 
-    def stack_grad_norm(self) -> dict[str, Tensor]:
-        """The gradient norm on the shared stack, filed under the update's modality (0 for the others)."""
-        grads = [p.grad for p in self.stack.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return {f"{k}/stack_grad_norm": norm.float() * float(k == self.current) for k in self.members}
+    def _stack_grad(self) -> Tensor:
+        """The stack's gradient as one flat fp32 vector [P] (zeros where a parameter has none)."""
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            for p in self.stack.parameters()
+        ])  # fmt: skip
+
+    def after_backward(self) -> None:
+        """Mixing 'all': file the gradient this batch's backward added to the stack under its modality."""
+        now = self._stack_grad()
+        added = now if self._seen is None else now - self._seen
+        m = self.current
+        self._grads[m] = self._grads[m] + added if m in self._grads else added
+        self._seen = now
+
+    def grad_metrics(self) -> dict[str, Tensor]:
+        """Per modality, the gradient norm on the shared stack (0 for a modality without a batch in this
+        update); with mixing 'all' also ``cos/<a>-<b>``, the cosine between two modalities' gradients on it."""
+        if self.cfg.mixing != "all":
+            norm = torch.linalg.vector_norm(self._stack_grad())
+            return {f"{k}/stack_grad_norm": norm * float(k == self.current) for k in self.members}
+        grads, self._grads, self._seen = self._grads, {}, None
+        out = {f"{k}/stack_grad_norm": torch.linalg.vector_norm(g) for k, g in grads.items()}
+        names = sorted(grads)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                out[f"cos/{a}-{b}"] = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)
+        return out
 
     @torch.no_grad()
-    def ema_step(self, step: int, modality: str, own_step: int) -> dict[str, float]:
-        """After update ``step`` (1-based count): the shared teacher stack once, at the joint schedule; then
-        ``modality``'s own teacher parts at its schedule and its update count ``own_step``."""
+    def ema_step(self, step: int, own: dict[str, int]) -> dict[str, float]:
+        """After update ``step`` (1-based count): the shared teacher stack once, at the joint schedule; then the
+        own teacher parts of each modality of the update, ``own[m]`` being its update count."""
         tau = ema_decay(step, self.cfg.ema)
         if tau < 1.0:
             teacher = list(self.teacher_stack.parameters())
             student = [p.detach().float() for p in self.stack.parameters()]
             torch._foreach_lerp_(teacher, student, 1.0 - tau)
-        member = self.members[modality]
-        own_tau = ema_decay(own_step, member.ema)
-        member.ema_step(own_tau)
-        return {"tau": tau, f"{modality}/tau": own_tau}
+        out = {"tau": tau}
+        for m, n in own.items():
+            member = self.members[m]
+            out[f"{m}/tau"] = ema_decay(n, member.ema)
+            member.ema_step(out[f"{m}/tau"])
+        return out
 
 
-def summarize(modalities: Iterable[str]) -> Callable[[dict[str, float], list[dict]], dict[str, float | None]]:
-    """(the loop's window means, the history so far) -> per-modality means over each modality's own updates
-    (``m/updates`` is the share of the window's updates that were m's). A modality without an update in the
-    window keeps its values of the last history row (None before its first update); read from the history,
-    they survive a resume."""
+def summarize(
+    modalities: Iterable[str], per_update: bool = False
+) -> Callable[[dict[str, float], list[dict]], dict[str, float | None]]:
+    """(the loop's window means, the history so far) -> per-modality means over each modality's own batches
+    (``m/updates`` is the share of the window's batches that were m's). A modality without a batch in the
+    window keeps its values of the last history row (None before its first); read from the history, they
+    survive a resume. ``per_update``: every update had every modality (mixing 'all'), so the gradient norms
+    are already means per update."""
     keys = [f"{m}/{k}" for m in modalities for k in METRICS]
 
     def apply(means: dict[str, float], history: list[dict]) -> dict[str, float | None]:
@@ -260,7 +304,10 @@ def summarize(modalities: Iterable[str]) -> Callable[[dict[str, float], list[dic
             share = means.get(f"{m}/updates", 0.0)
             for k in METRICS:
                 key = f"{m}/{k}"
-                out[key] = means[key] / share if share > 0 and key in means else last.get(key)
+                if key not in means or share <= 0:
+                    out[key] = last.get(key)
+                else:
+                    out[key] = means[key] if per_update and k == "stack_grad_norm" else means[key] / share
         return out
 
     return apply
@@ -270,20 +317,21 @@ def summarize(modalities: Iterable[str]) -> Callable[[dict[str, float], list[dic
 
 
 class JointStream:
-    """Batches of the modalities in ``order``: update s takes ``grad_accum`` batches of ``order[s]`` from
-    that modality's ``EpochStream``, each tagged ``modality``. ``position()`` is the update index and every
-    stream's position, so a resume continues the order and each modality's data where they were."""
+    """Batches of the modalities of every update of ``updates`` (``plan``): ``grad_accum`` batches of each,
+    from that modality's ``EpochStream``, each tagged ``modality``. ``position()`` is the batches taken so far
+    and every stream's position, so a resume continues the plan and each modality's data where they were."""
 
     def __init__(
         self,
         loaders: dict[str, Callable[[int], Iterable[dict[str, Any]]]],
-        order: list[str],
+        updates: list[tuple[str, ...]],
         grad_accum: int,
         position: dict[str, Any] | None = None,
     ) -> None:
         position = position or {}
         saved = position.get("streams", {})
-        self.order, self.grad_accum = order, grad_accum
+        self.updates, self.grad_accum = updates, grad_accum
+        self.per_update = len(updates[0]) * grad_accum
         self.consumed = int(position.get("batches", 0))
         self.streams = {m: loop.EpochStream(make, **saved.get(m, {})) for m, make in loaders.items()}
 
@@ -294,10 +342,10 @@ class JointStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        update = self.consumed // self.grad_accum
-        if update >= len(self.order):
-            raise ValueError(f"the joint order has {len(self.order)} updates; asked for update {update + 1}")
-        m = self.order[update]
+        update, k = divmod(self.consumed, self.per_update)
+        if update >= len(self.updates):
+            raise ValueError(f"the joint plan has {len(self.updates)} updates; asked for update {update + 1}")
+        m = self.updates[update][k // self.grad_accum]
         batch = next(self.streams[m])
         self.consumed += 1
         return {**batch, "modality": m}
@@ -362,47 +410,51 @@ def joint_job(
     cfg: JointConfig,
     stage_cfgs: dict[str, Any],
     loaders: dict[str, Callable[[int], Iterable[dict[str, Any]]]],
-    order: list[str],
+    updates: list[tuple[str, ...]],
     run_dir: Path,
     meta: dict[str, Any],
     files: dict[str, Path | bytes] | None = None,
 ) -> runner.Job:
-    """The runner's job of a joint run: ``order`` (``interleave``) of the modalities' updates over their
-    ``loaders`` (this rank's), each modality's ``stage_cfgs[m]`` (``PretrainConfig``: optimizer, clipping,
-    collapse guards), the shared stack's ``cfg``."""
+    """The runner's job of a joint run: the modalities of every update (``plan``) over their ``loaders``
+    (this rank's), each modality's ``stage_cfgs[m]`` (``PretrainConfig``: optimizer, clipping, collapse
+    guards), the shared stack's ``cfg``."""
     from d2v.pretrain import CURVE_FIELDS, collapse_check
 
-    total = len(order)
-    own_count = updates_before(order)
+    total = len(updates)
+    own = own_updates(updates)
+    per_update = len(updates[0]) * cfg.grad_accum
     run_cfg = JointRunConfig(
-        steps=total, batch_size=cfg.grad_accum, grad_accum=cfg.grad_accum, precision=cfg.precision,
+        steps=total, batch_size=per_update, grad_accum=per_update, precision=cfg.precision,
         dist_timeout_s=cfg.dist_timeout_s, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, optim=cfg.optim,
     )  # fmt: skip
 
     def after_step(done: int) -> dict[str, float]:
-        return model.ema_step(done, order[done - 1], own_count[done - 1] + 1)
+        return model.ema_step(done, own[done - 1])
 
     def check(step: int, metrics: dict[str, Any]) -> str | None:
         for m, c in stage_cfgs.items():
-            own = {k: metrics.get(f"{m}/{k}") for k in ("target_var", "pred_var")}
-            if None in own.values():
-                continue
-            problem = collapse_check(sum(1 for x in order[:step] if x == m), own, c)
+            values = {k: metrics.get(f"{m}/{k}") for k in ("target_var", "pred_var")}
+            done = max((o[m] for o in own[:step] if m in o), default=0)
+            problem = None if None in values.values() else collapse_check(done, values, c)
             if problem:
                 return f"{m}: {problem}"
         return None
 
+    everything = cfg.mixing == "all"
     clip = {m: c.optim.clip_norm for m, c in stage_cfgs.items()}
-    curve = (*CURVE_FIELDS, *(f"{m}/{k}" for m in cfg.modalities for k in METRICS))
+    names = sorted(cfg.modalities)
+    cosines = [f"cos/{a}-{b}" for i, a in enumerate(names) for b in names[i + 1 :]] if everything else []
+    curve = (*CURVE_FIELDS, *(f"{m}/{k}" for m in cfg.modalities for k in METRICS), *cosines)
     own_optim = {m: c.optim for m, c in stage_cfgs.items()}
     return runner.Job(
         "pretrain", model, run_cfg, loaders[cfg.modalities[0]], Path(run_dir), meta, curve, files=files,
         after_step=after_step, check=check,
         build_optim=lambda mod: build_optim(mod, cfg.optim, own_optim, total),
-        clip_norm=lambda: clip[model.current] if model.current else None,
-        grad_metrics=model.stack_grad_norm, summarize=summarize(cfg.modalities),
-        make_stream=lambda position: JointStream(loaders, order, cfg.grad_accum, position),
+        clip_norm=(lambda: cfg.optim.clip_norm) if everything else (lambda: clip[model.current]),
+        grad_metrics=model.grad_metrics, summarize=summarize(cfg.modalities, per_update=everything),
+        after_backward=model.after_backward if everything else None,
+        make_stream=lambda position: JointStream(loaders, updates, cfg.grad_accum, position),
     )  # fmt: skip
 
 
@@ -448,15 +500,15 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
         loaders[m] = pretrain_loader(stage_cfgs[m], shard_dirs[m], model_cfgs[m], seed, info, cfg.grad_accum,
                                      f"pretrain.{m}")  # fmt: skip
     counts = {m: stage_cfgs[m].steps for m in cfg.modalities}
-    order = interleave(counts, seed)
-    total = len(order)
+    updates = plan(cfg, counts, seed)
+    batches = {m: sum(1 for u in updates if m in u) for m in cfg.modalities}
     model = build_joint_model(cfg, model_cfgs, seed)
 
     meta = {
         "modality": JOINT, "kind": "pretrain", "model_config": {m: to_dict(c) for m, c in model_cfgs.items()},
         "joint": to_dict(cfg), "config": {m: to_dict(c) for m, c in stage_cfgs.items()}, "seed": seed,
         "preprocessing": {m: manifests[m].get("preprocessing") for m in cfg.modalities}, "init": None,
-        "updates": counts,
+        "updates": batches,
     }  # fmt: skip
     fingerprint = {
         "joint": to_dict(cfg), "model_config": meta["model_config"], "seed": seed,
@@ -466,11 +518,11 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
     files = {f"{m}/{k}": v for m in cfg.modalities
              for k, v in preprocessing_files(manifests[m], shard_dirs[m]).items()}  # fmt: skip
     run_dir = Path(paths.checkpoints) / "pretrain" / JOINT
-    job = joint_job(model, cfg, stage_cfgs, loaders, order, run_dir, meta, files=files)
+    job = joint_job(model, cfg, stage_cfgs, loaders, updates, run_dir, meta, files=files)
     outputs = runner.Outputs(
         Path(paths.metrics) / "pretrain" / f"{JOINT}.json", Path(paths.plots) / "pretrain" / f"{JOINT}.csv",
-        batch_size=round(sum(stage_cfgs[m].batch_size * counts[m] for m in counts) / total),
-        info={"updates_" + m: counts[m] for m in cfg.modalities},
+        batch_size=round(sum(stage_cfgs[m].batch_size * batches[m] for m in batches) / len(updates)),
+        info={"updates_" + m: batches[m] for m in cfg.modalities},
     )  # fmt: skip
     runner.run_stage(
         job, params=params, modality=JOINT, fingerprint=fingerprint, outputs=outputs, seed=seed, info=info,

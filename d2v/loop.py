@@ -179,6 +179,7 @@ def train_step(
     grad_norm: bool,
     compiled_batch: int | None = None,
     grad_metrics: Callable[[], dict[str, Tensor]] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> int:
     """One optimizer update: ``grad_accum`` forward/backward micro-steps, clipping, AdamW, LR schedule.
 
@@ -189,24 +190,30 @@ def train_step(
     and small image presets, about a minute on a GPU) and leave every later step on the recompiled graph,
     dynamic in the batch size. ``clip_norm`` may be a function, asked once the update's batches went
     through (joint pretraining clips with the norm of the update's modality); ``grad_metrics()``, when
-    given, reads the accumulated gradients before clipping and its tensors are added into ``sums``.
+    given, reads the accumulated gradients before clipping and its tensors, one value per update, are added
+    into ``sums`` (scaled by ``grad_accum``, as the loop's means divide by the micro-steps).
+    ``after_backward()``, when given, runs after every micro-step's backward; the gradients it reads are
+    then synchronised across ranks at every micro-step, not only at the last one.
     """
     n = 0
     for micro in range(grad_accum):
         batch = to_device(next(batches), device)
         short = compiled_batch is not None and batch_size(batch) < compiled_batch
         with (
-            distributed.grad_sync(model, micro == grad_accum - 1),
+            distributed.grad_sync(model, micro == grad_accum - 1 or after_backward is not None),
             torch.autocast(device.type, amp or torch.bfloat16, enabled=amp is not None),
             torch.compiler.set_stance("force_eager") if short else contextlib.nullcontext(),
         ):
             loss, metrics = model(batch)
             (loss / grad_accum).backward()
+        if after_backward is not None:
+            after_backward()
         for k, v in metrics.items():
             sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
         n += batch_size(batch)
     if grad_metrics is not None:
         for k, v in grad_metrics().items():
+            v = v * grad_accum
             sums[k] = sums[k] + v if k in sums else v
     if callable(clip_norm):
         clip_norm = clip_norm()
@@ -237,13 +244,15 @@ def run(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_save: Callable[[int], None] | None = None,
     grad_metrics: Callable[[], dict[str, Tensor]] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train from ``start_step`` to ``cfg.steps``; returns the last logged metrics.
 
     ``model(batch) -> (loss, metrics)``; ``after_step(step)`` runs after each optimizer step (the EMA) and
     returns scalars to log (tau); ``on_log(step, metrics)`` may raise ``TrainingHalted``; ``on_save(step)``
     runs every ``checkpoint_every`` steps and at the end, always right after a log (so a checkpoint is only
-    written once its metrics passed the guards). ``clip_norm`` and ``grad_metrics``: see ``train_step``.
+    written once its metrics passed the guards). ``clip_norm``, ``grad_metrics`` and ``after_backward``: see
+    ``train_step``.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -269,6 +278,7 @@ def run(
         n_samples += train_step(
             model, opt, sched, batches, sums, params=params, grad_accum=cfg.grad_accum, clip_norm=clip_norm,
             device=device, amp=amp, grad_norm=logging, compiled_batch=compiled_batch, grad_metrics=grad_metrics,
+            after_backward=after_backward,
         ) * world_size  # fmt: skip
         if after_step is not None:
             extra = after_step(done)

@@ -70,6 +70,8 @@ class Job:
     """The clipping norm of the update that just ran; None: ``cfg.optim.clip_norm``."""
     grad_metrics: Callable[[], dict[str, Any]] | None = None
     """Gradient statistics summed into the logged metrics (``loop.train_step``)."""
+    after_backward: Callable[[], None] | None = None
+    """Runs after every micro-step's backward (``loop.train_step``)."""
     summarize: Callable[[dict[str, float], list[dict[str, Any]]], dict[str, float | None]] | None = None
     """(the logged means, the history so far) -> what is logged, kept and checked (per-modality means of
     joint pretraining)."""
@@ -297,7 +299,7 @@ def fit(
         loop.run(
             wrapped, opt, sched, stream, cfg, clip_norm=job.clip_norm or cfg.optim.clip_norm, device=info.device,
             seed=seed, start_step=step, rank=info.rank, world_size=info.world_size, after_step=job.after_step,
-            on_log=on_log, on_save=on_save, grad_metrics=job.grad_metrics,
+            on_log=on_log, on_save=on_save, grad_metrics=job.grad_metrics, after_backward=job.after_backward,
         )  # fmt: skip
         if cfg.steps == 0 and not state:
             on_save(0)  # nothing to train (a published model used as is): its weights as a checkpoint

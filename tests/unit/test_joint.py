@@ -28,8 +28,9 @@ from d2v.joint import (
     build_joint_model,
     interleave,
     member_config,
+    own_updates,
+    plan,
     stack_conflicts,
-    updates_before,
 )
 from d2v.load import joint_encoder_state, load_encoder
 from d2v.modalities import get
@@ -51,7 +52,18 @@ def test_interleave_gives_each_modality_exactly_its_updates_spread_over_the_run(
     for m, n in counts.items():
         at = [s / len(order) for s, x in enumerate(order) if x == m]
         assert max(b - a for a, b in zip([0.0, *at], [*at, 1.0])) < 2.0 / n + 1 / len(order), m
-    assert updates_before(["a", "b", "a", "a", "b"]) == [0, 0, 1, 2, 1]
+    assert own_updates([("a",), ("b",), ("a",), ("a", "b")]) == [{"a": 1}, {"b": 1}, {"a": 2}, {"a": 3, "b": 2}]
+
+
+def test_the_plan_of_each_mixing():
+    counts = {"audio": 4, "image": 2, "text": 3}
+    inter = plan(from_dict(JointConfig, {}, "joint"), counts, seed=0)
+    assert [u for (u,) in inter] == interleave(counts, 0)
+    every = plan(from_dict(JointConfig, {"mixing": "all", "modalities": ["image", "text"]}, "joint"), counts, 0)
+    assert every == [("image", "text")] * 3  # the largest count of the modalities run
+    assert len(plan(from_dict(JointConfig, {"mixing": "all", "steps": 7}, "joint"), counts, 0)) == 7
+    with pytest.raises(Exception, match="steps: 7 is for mixing: all"):
+        from_dict(JointConfig, {"steps": 7}, "joint")
 
 
 def test_a_model_transformer_key_that_contradicts_the_joint_stack_is_named():
@@ -96,7 +108,7 @@ def test_the_shared_teacher_is_stepped_once_per_update_not_once_per_modality():
     teacher0 = [p.clone() for p in model.teacher_stack.parameters()]
     student = [p.detach().clone() for p in model.stack.parameters()]
     own = {m: [p.clone() for _, p in mm.teacher.named_parameters()] for m, mm in model.members.items()}
-    tau = model.ema_step(step=1, modality="image", own_step=1)["tau"]
+    tau = model.ema_step(1, {"image": 1})["tau"]
     for t0, s, t in zip(teacher0, student, model.teacher_stack.parameters()):
         torch.testing.assert_close(t, t0 + (1 - tau) * (s - t0))  # one lerp; tau^3 would move 3x as far
     # the other modalities' own teacher parts did not move; image's own parts are its own schedule's business
@@ -112,7 +124,7 @@ def test_forward_reports_the_updates_modality_and_zeros_for_the_others():
     assert metrics["image/updates"] == 1 and metrics["text/updates"] == 0
     assert metrics["image/loss"] == metrics["loss"] > 0 and metrics["text/loss"] == 0
     loss.backward()
-    norms = model.stack_grad_norm()
+    norms = model.grad_metrics()
     assert norms["image/stack_grad_norm"] > 0 and norms["text/stack_grad_norm"] == 0
     assert all(p.grad is None for p in model.members["text"].parameters())  # text's own parts: no gradient
 
@@ -246,18 +258,19 @@ DRIVER = textwrap.dedent(
     import torch
     from d2v import distributed, runner
     from d2v.config import from_dict
-    from d2v.joint import JointConfig, build_joint_model, interleave, joint_job, member_config
+    from d2v.joint import JointConfig, build_joint_model, joint_job, member_config, plan
     from d2v.modalities import get
     from d2v.optim import OptimConfig
     from d2v.pretrain import PretrainConfig
     from test_joint import TINY_STACK, get_batch
 
-    run_dir, loss_norm = sys.argv[1], sys.argv[2]
+    run_dir, loss_norm, mixing = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
     info = distributed.init()
     joint = from_dict(JointConfig, {"modalities": ["image", "text"], "transformer": TINY_STACK,
-                                    "loss_norm": loss_norm, "log_every": 1, "checkpoint_every": 3,
-                                    "precision": "fp32"}, "joint")
+                                    "loss_norm": loss_norm, "mixing": mixing, "log_every": 1,
+                                    "checkpoint_every": 3, "precision": "fp32",
+                                    "optim": {"lr": 2e-3, "clip_norm": 2.0}}, "joint")
     configs = {m: member_config(get(m).model_config({"preset": "tiny"}), joint) for m in joint.modalities}
     model = build_joint_model(joint, configs, seed=0)
     stage = {m: PretrainConfig(steps=3, batch_size=4, guard_after=10**9, precision="fp32",
@@ -271,8 +284,8 @@ DRIVER = textwrap.dedent(
                 yield {k: v[info.rank :: info.world_size] for k, v in b.items()}
         return make
 
-    order = interleave({m: 3 for m in joint.modalities}, seed=0)
-    job = joint_job(model, joint, stage, {m: loader(m) for m in joint.modalities}, order, run_dir,
+    updates = plan(joint, {m: 3 for m in joint.modalities}, seed=0)
+    job = joint_job(model, joint, stage, {m: loader(m) for m in joint.modalities}, updates, run_dir,
                     {"modality": "joint"})
     runner.fit(job, seed=0, info=info)
     distributed.cleanup()
@@ -280,7 +293,7 @@ DRIVER = textwrap.dedent(
 )
 
 
-def launch(tmp_path: Path, run_dir: Path, world: int, loss_norm: str) -> None:
+def launch(tmp_path: Path, run_dir: Path, world: int, loss_norm: str, mixing: str) -> None:
     script = tmp_path / "joint_driver.py"
     script.write_text(DRIVER)
     port, procs = free_port(), []
@@ -290,17 +303,18 @@ def launch(tmp_path: Path, run_dir: Path, world: int, loss_norm: str) -> None:
                "WORLD_SIZE": str(world)}  # fmt: skip
         if world == 1:
             env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        cmd = [sys.executable, str(script), str(run_dir), loss_norm]
+        cmd = [sys.executable, str(script), str(run_dir), loss_norm, mixing]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-3000:]
 
 
-@pytest.mark.parametrize("loss_norm", ["none", "running"])
-def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_norm):
-    launch(tmp_path, tmp_path / "single", 1, loss_norm)
-    launch(tmp_path, tmp_path / "ddp", 2, loss_norm)  # parameters of the other modality unused: no hang
+@pytest.mark.parametrize(("loss_norm", "mixing"), [("none", "interleave"), ("running", "all")])
+def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_norm, mixing):
+    launch(tmp_path, tmp_path / "single", 1, loss_norm, mixing)
+    launch(tmp_path, tmp_path / "ddp", 2, loss_norm, mixing)  # interleave: the other modality's parameters
+    # are unused in an update, which must not hang DDP
     a, b = checkpoint.load_weights(tmp_path / "single"), checkpoint.load_weights(tmp_path / "ddp")
     assert a.keys() == b.keys()
     # as tests/unit/test_distributed.py: a few ulps per all-reduce, far below one wrong step (~lr = 2e-3)
@@ -312,6 +326,9 @@ def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_no
     init, _ = tiny_joint(modalities=("image", "text"))
     init = init.state_dict()
     assert max((a[k] - init[k]).abs().max() for k in a if k.startswith("stack.")) > 1e-3  # training moved it
+    if mixing == "all":  # the gradient cosines were logged, and agree between the two
+        assert [r["cos/image-text"] for r in hb] == pytest.approx([r["cos/image-text"] for r in ha], abs=1e-4)
+        assert all(-1 <= r["cos/image-text"] <= 1 for r in ha)
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
