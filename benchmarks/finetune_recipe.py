@@ -66,7 +66,11 @@ def run(
     for init in acc:
         for seed in seeds:
             t = time.perf_counter()
-            encoder = load_checkpoint_encoder(source, pretrained=init == "pretrained", seed=seed)
+            if init == "joint":  # the modality's encoder of the joint model (benchmarks/joint.py)
+                joint = project / params["paths"]["checkpoints"] / "pretrain" / "joint"
+                encoder = load_checkpoint_encoder(joint, modality=m)
+            else:
+                encoder = load_checkpoint_encoder(source, pretrained=init == "pretrained", seed=seed)
             model_cfg = encoder.config
             torch.manual_seed(seed)  # head init, as `d2v finetune`
             model = build_finetune_model(m, encoder, cfg.task, num_classes, head)

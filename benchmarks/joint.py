@@ -1,6 +1,7 @@
 """Joint against separate against scratch, per modality, at equal compute: the linear probe, paired by seed.
 
-    .venv/bin/python benchmarks/joint.py <project> [--seeds 0 1 2] [--set key=value ...] [--json out.jsonl]
+    .venv/bin/python benchmarks/joint.py <project> [--seeds 0 1 2] [--finetune-seeds 0 1 2 --budget 5]
+        [--set key=value ...] [--json out.jsonl]
     .venv/bin/python benchmarks/joint.py <project> --reuse      # the project's own checkpoints, one seed
 
 ``<project>`` is a d2v project folder with the shards of ``joint.modalities`` (``dvc repro shard@<m>``). For
@@ -10,10 +11,12 @@ for each modality and ``d2v pretrain joint`` there (the joint run makes each mod
 separate run: the same compute by construction), then probes each modality's three encoders with the
 evaluate stage's linear probe (``evaluate.<m>``: its probe seeds, budget and layer choice): the joint
 model's encoder for the modality, the separate run's, and the separate architecture at random init from the
-same seed (scratch). ``--reuse`` probes ``<paths.checkpoints>/pretrain/{<m>,joint}`` of the project as
+same seed (scratch). With ``--finetune-seeds``, each arm is also fine-tuned at ``--budget`` labels per class
+(``finetune.<m>`` of params.yaml, as ``benchmarks/finetune_recipe.py``) once per fine-tuning seed and scored
+on the test split. ``--reuse`` probes ``<paths.checkpoints>/pretrain/{<m>,joint}`` of the project as
 they are (one pretraining seed, the project's).
 
-It prints each arm's probe accuracy per seed and the paired differences (joint - separate, joint - scratch)
+It prints each arm's probe (and fine-tuning) accuracy per seed and the paired differences (joint - separate, joint - scratch)
 with their mean and 95% t-interval over the pretraining seeds (over the probe seeds with one pretraining
 seed), plus the Transformer parameters of each arm.
 """
@@ -42,6 +45,7 @@ from d2v.evaluate import EvaluateConfig, probe
 from d2v.load import load_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_recipe import run as finetune_arms  # noqa: E402
 from finetune_recipe import set_dotted  # noqa: E402
 
 ARMS = ("joint", "separate", "scratch")
@@ -114,32 +118,47 @@ def probe_arms(run_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def report(rows: list[dict[str, Any]]) -> str:
+def finetune_all(run_dir: Path, budget: int | float, seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Per modality: each arm fine-tuned at ``budget`` once per seed (test accuracy, its mean over the seeds)."""
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    out = {}
+    for m in params["joint"]["modalities"]:
+        acc = finetune_arms(run_dir, m, budget, seeds, {}, inits=("joint", "pretrained", "scratch"))["accuracy"]
+        named = {"joint": acc["joint"], "separate": acc["pretrained"], "scratch": acc["scratch"]}
+        out[m] = {arm: {"accuracy": statistics.fmean(v), "per_seed": v} for arm, v in named.items()}
+    return out
+
+
+def report(rows: list[dict[str, Any]], kind: str = "probe") -> str:
     """The tables: per modality, each arm per seed and the paired differences with 95% intervals."""
     lines = []
-    for m in rows[0]["probe"]:
-        lines += [f"\n{m}: linear probe accuracy (%), paired by pretraining seed", "",
+    what = "linear probe" if kind == "probe" else f"fine-tuning at {rows[0].get('budget')} labels per class"
+    spread = "per_probe_seed" if kind == "probe" else "per_seed"
+    for m in rows[0][kind]:
+        lines += [f"\n{m}: {what} accuracy (%), paired by pretraining seed", "",
                   "| seed | joint | separate | scratch | joint - separate | joint - scratch |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         d_sep, d_scr = [], []
         for r in rows:
-            a = {arm: 100 * r["probe"][m][arm]["accuracy"] for arm in ARMS}
+            a = {arm: 100 * r[kind][m][arm]["accuracy"] for arm in ARMS}
             d_sep.append(a["joint"] - a["separate"])
             d_scr.append(a["joint"] - a["scratch"])
             lines.append(f"| {r['seed']} | {a['joint']:.1f} | {a['separate']:.1f} | {a['scratch']:.1f} | "
                          f"{d_sep[-1]:+.1f} | {d_scr[-1]:+.1f} |")  # fmt: skip
-        if len(rows) == 1:  # one pretraining seed: the spread over probe seeds only
-            p = rows[0]["probe"][m]
-            d_sep = [100 * (j - s) for j, s in zip(p["joint"]["per_probe_seed"], p["separate"]["per_probe_seed"])]
-            d_scr = [100 * (j - s) for j, s in zip(p["joint"]["per_probe_seed"], p["scratch"]["per_probe_seed"])]
-            over = "probe seeds (one pretraining seed: not the spread over pretraining seeds)"
+        if len(rows) == 1:  # one pretraining seed: the spread over probe / fine-tuning seeds only
+            p = rows[0][kind][m]
+            d_sep = [100 * (j - s) for j, s in zip(p["joint"][spread], p["separate"][spread])]
+            d_scr = [100 * (j - s) for j, s in zip(p["joint"][spread], p["scratch"][spread])]
+            seeds = "probe" if kind == "probe" else "fine-tuning"
+            over = f"{seeds} seeds (one pretraining seed: not the spread over pretraining seeds)"
         else:
             over = "pretraining seeds"
         (ms, hs), (mc, hc) = interval(d_sep), interval(d_scr)
         lines.append(f"| mean, 95% CI over {over} | | | | {ms:+.1f} +- {hs:.1f} | {mc:+.1f} +- {hc:.1f} |")
-        n = rows[0]["probe"][m]["stack_params"]
-        lines.append(f"\nTransformer stack parameters: joint {n['joint']:,} (shared by every modality), separate "
-                     f"{n['separate']:,} (one per modality)")  # fmt: skip
+        if kind == "probe":
+            n = rows[0]["probe"][m]["stack_params"]
+            lines.append(f"\nTransformer stack parameters: joint {n['joint']:,} (shared by every modality), "
+                         f"separate {n['separate']:,} (one per modality)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -148,28 +167,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("project", type=Path)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml changes")
+    ap.add_argument("--finetune-seeds", type=int, nargs="*", default=[], help="also fine-tune, once per seed")
+    ap.add_argument("--budget", default="5", help="fine-tuning labels per class (int) or a fraction (float)")
     ap.add_argument("--reuse", action="store_true", help="probe the project's own checkpoints (one seed)")
     ap.add_argument("--json", type=Path, default=None, help="append the result as one JSON line")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects")
     args = ap.parse_args(argv)
     project = args.project.resolve()
     changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    budget = float(args.budget) if "." in args.budget else int(args.budget)
     rows: list[dict[str, Any]] = []
+
+    def measure(run_dir: Path, seed: int) -> None:
+        row = {"seed": seed, "probe": probe_arms(run_dir, seed)}
+        if args.finetune_seeds:
+            row.update(budget=budget, finetune=finetune_all(run_dir, budget, args.finetune_seeds))
+        rows.append(row)
+
     if args.reuse:
-        seed = int(yaml.safe_load((project / "params.yaml").read_text()).get("seed", 0))
-        rows.append({"seed": seed, "probe": probe_arms(project, seed)})
+        measure(project, int(yaml.safe_load((project / "params.yaml").read_text()).get("seed", 0)))
     else:
         where = Path(tempfile.mkdtemp(prefix="d2v-joint-"))
         try:
             for seed in args.seeds:
                 run_dir = pretrain_all(project, seed, changes, where)
-                rows.append({"seed": seed, "probe": probe_arms(run_dir, seed)})
+                measure(run_dir, seed)
                 if not args.keep:
                     shutil.rmtree(run_dir)
         finally:
             if not args.keep:
                 shutil.rmtree(where, ignore_errors=True)
     print(report(rows))
+    if args.finetune_seeds:
+        print(report(rows, "finetune"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with args.json.open("a") as f:

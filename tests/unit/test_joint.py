@@ -334,7 +334,7 @@ def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_no
 # ------------------------------------------------------------------------------------------ the benchmark
 
 
-@pytest.mark.slow  # about 30 s: four pretraining runs and nine probes
+@pytest.mark.slow  # about a minute: four pretraining runs, nine probes, eighteen fine-tuning runs
 def test_the_benchmark_pretrains_every_arm_and_prints_paired_differences(project, tmp_path, capsys):
     """``benchmarks/joint.py`` on the smoke project, one pretraining seed: each modality alone and jointly,
     then the probe of joint, separate and scratch."""
@@ -342,7 +342,8 @@ def test_the_benchmark_pretrains_every_arm_and_prints_paired_differences(project
 
     out = tmp_path / "joint.jsonl"
     old = sys.argv
-    sys.argv = ["joint.py", str(project), "--seeds", "1", "--json", str(out)]
+    sys.argv = ["joint.py", str(project), "--seeds", "1", "--finetune-seeds", "0", "1", "--budget", "2",
+                "--json", str(out)]  # fmt: skip
     try:
         with pytest.raises(SystemExit) as exit_:
             runpy.run_path(str(ROOT / "benchmarks" / "joint.py"), run_name="__main__")
@@ -356,7 +357,10 @@ def test_the_benchmark_pretrains_every_arm_and_prints_paired_differences(project
         assert all(0.0 <= arms[a]["accuracy"] <= 1.0 for a in ("joint", "separate", "scratch")), m
         n = arms["stack_params"]
         assert n["separate"] == n["scratch"] > 0 and n["joint"] > 0
+    for m, arms in row["finetune"].items():
+        assert all(len(arms[a]["per_seed"]) == 2 for a in ("joint", "separate", "scratch")), m
     printed = capsys.readouterr().out
     for m in STEPS:
         assert f"{m}: linear probe accuracy" in printed
-    assert "95% CI over probe seeds" in printed
+        assert f"{m}: fine-tuning at 2 labels per class accuracy" in printed
+    assert "95% CI over probe seeds" in printed and "95% CI over fine-tuning seeds" in printed
