@@ -1,7 +1,7 @@
 """Joint pretraining: ONE Transformer stack (and one EMA teacher of it) for speech, images and text.
 
-data2vec's authors hoped for "a unified masking strategy and mixed data sets of different modalities" ([P1]
-§6); fairseq's data2vec 2.0 code has the structure (``Data2VecMultiModel``: one block stack, a
+data2vec's authors hoped for "a unified masking strategy and mixed data sets of different modalities" ([P1],
+conclusion); fairseq's data2vec 2.0 code has the structure (``Data2VecMultiModel``: one block stack, a
 ``modality_encoders`` dict) but trains one modality per released config. Here each modality keeps everything
 but the blocks: its local encoder, positions, mask embedding, the norms before and after the stack, its
 regression head or data2vec 2.0 decoder, its masking, targets, loss and teacher schedule, and the algorithm
@@ -77,6 +77,9 @@ class JointConfig:
     the shared stack by comparable amounts whatever its loss level."""
     loss_norm_decay: float = 0.99
     """Decay of the running mean of 'running' (per update of the modality)."""
+    modality_norms: bool = False
+    """True: every modality has its own LayerNorm gains and biases inside the shared blocks (a few thousand
+    parameters per modality; the attention and FFN weights stay shared), and its teacher their EMA."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW and LR schedule of the shared stack (the modalities' own parameters follow ``pretrain.<m>.optim``;
     every schedule runs over the joint run's updates)."""
@@ -205,6 +208,9 @@ class JointData2Vec(nn.Module):
             self.members[m] = member
         for m in members:  # running means of 'running' loss normalisation (0: no update yet)
             self.register_buffer(f"loss_mean_{m}", torch.zeros(()), persistent=True)
+        if cfg.modality_norms:  # each modality's copy of the blocks' LayerNorm parameters, student and teacher
+            self.norms = nn.ModuleDict({m: _norm_copies(stack, grad=True) for m in members})
+            self.teacher_norms = nn.ModuleDict({m: _norm_copies(self.teacher_stack, grad=False) for m in members})
         self.current: str | None = None
         """The modality of the batch in progress (set by ``forward``)."""
         # mixing 'all': each modality's gradient on the stack, as the difference the modality's backward made
@@ -229,8 +235,13 @@ class JointData2Vec(nn.Module):
             mean.copy_(torch.where(mean > 0, d * mean + (1 - d) * value, value))
         return loss / mean.clamp_min(1e-8)
 
-    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: dict[str, Any], own_norms: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         m = batch["modality"]
+        if self.cfg.modality_norms and not own_norms:
+            # the same forward with m's LayerNorm parameters in place of the shared ones, student and teacher
+            swap = {f"stack.{n.replace(SEP, '.')}": p for n, p in self.norms[m].items()}
+            swap.update({f"teacher_stack.{n.replace(SEP, '.')}": p for n, p in self.teacher_norms[m].items()})
+            return torch.func.functional_call(self, swap, (batch,), {"own_norms": True})
         self.current = m
         loss, metrics = self.members[m]({k: v for k, v in batch.items() if k != "modality"})
         out = {"loss": loss.detach()}
@@ -284,7 +295,24 @@ class JointData2Vec(nn.Module):
             member = self.members[m]
             out[f"{m}/tau"] = ema_decay(n, member.ema)
             member.ema_step(out[f"{m}/tau"])
+            if self.cfg.modality_norms and tau < 1.0:  # m's norms: the shared schedule, on m's updates
+                teacher = list(self.teacher_norms[m].values())
+                torch._foreach_lerp_(teacher, [p.detach().float() for p in self.norms[m].values()], 1.0 - tau)
         return out
+
+
+SEP = "__"
+"""Stands for "." in the parameter names of ``JointData2Vec.norms`` (a ParameterDict key has no dot)."""
+
+
+def _norm_copies(stack: nn.Module, grad: bool) -> nn.ParameterDict:
+    """Copies of ``stack``'s LayerNorm parameters, keyed by their names with ``SEP`` for the dots."""
+    norms = {n for n, mod in stack.named_modules() if isinstance(mod, nn.LayerNorm)}
+    return nn.ParameterDict({
+        name.replace(".", SEP): nn.Parameter(p.detach().clone(), requires_grad=grad)
+        for name, p in stack.named_parameters()
+        if name.rsplit(".", 1)[0] in norms
+    })  # fmt: skip
 
 
 def summarize(
@@ -367,6 +395,8 @@ def build_optim(
     lambdas: list[Callable[[int], float]] = []
     parts: list[tuple[nn.Module, OptimConfig]] = [(model.stack, shared)]
     parts += [(model.members[m], own[m]) for m in model.members]
+    if model.cfg.modality_norms:
+        parts += [(model.norms[m], own[m]) for m in model.members]
     for module, cfg in parts:
         for g in param_groups(module, cfg):
             groups.append({**g, "betas": cfg.betas, "eps": cfg.eps})

@@ -41,11 +41,16 @@ def build_finetune_model(
 
 def joint_encoder_state(weights: dict[str, Tensor], modality: str, stack_attr: str) -> dict[str, Tensor]:
     """An ordinary ``modality`` encoder's state dict from a joint checkpoint's weights: the member's student
-    (``members.<m>.student.*``) and the shared stack (``stack.*`` -> ``<stack_attr>.*``): the layout of
-    ``d2v.joint.JointData2Vec``'s state dict."""
+    (``members.<m>.student.*``) and the shared stack (``stack.*`` -> ``<stack_attr>.*``), with m's own
+    LayerNorm parameters (``norms.<m>.*``) where it has them: the layout of ``d2v.joint.JointData2Vec``'s
+    state dict."""
     prefix = f"members.{modality}.student."
     sd = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     sd.update({f"{stack_attr}.{k[len('stack.') :]}": v for k, v in weights.items() if k.startswith("stack.")})
+    norms = f"norms.{modality}."  # modality_norms: its own LayerNorm parameters in the shared blocks
+    sd.update({
+        f"{stack_attr}.{k[len(norms) :].replace('__', '.')}": v for k, v in weights.items() if k.startswith(norms)
+    })  # fmt: skip
     return sd
 
 

@@ -364,3 +364,38 @@ def test_the_benchmark_pretrains_every_arm_and_prints_paired_differences(project
         assert f"{m}: linear probe accuracy" in printed
         assert f"{m}: fine-tuning at 2 labels per class accuracy" in printed
     assert "95% CI over probe seeds" in printed and "95% CI over fine-tuning seeds" in printed
+
+
+def test_modality_norms_give_each_modality_its_own_layernorms_in_the_shared_blocks():
+    model, configs = tiny_joint(modalities=("image", "text"), modality_norms=True)
+    with torch.no_grad():  # make the two modalities' norms differ from each other and from the shared ones
+        for i, m in enumerate(("image", "text")):
+            for p in model.norms[m].values():
+                p.add_(0.1 * (i + 1))
+    loss, _ = model({**get_batch("image", configs["image"]), "modality": "image"})
+    loss.backward()
+    assert all(p.grad is not None for p in model.norms["image"].values())
+    assert all(p.grad is None for p in model.norms["text"].values())
+    shared_norms = [p for n, p in model.stack.named_parameters() if "norm" in n]
+    assert shared_norms and all(p.grad is None for p in shared_norms)  # replaced, so unused
+    # the image encoder load_encoder would build: its norms are image's, and it computes what the joint did
+    enc = get("image").build_encoder(configs["image"])
+    enc.load_state_dict(joint_encoder_state(model.state_dict(), "image", enc.stack_attr))
+    enc.eval(), model.eval()
+    x = get_batch("image", configs["image"])["inputs"]
+    stack = dict(model.stack.named_parameters())
+    with torch.no_grad():
+        shared = model.members["image"].student.features(x)[0]
+        kept = {n: stack[n].clone() for n in (k.replace("__", ".") for k in model.norms["image"])}
+        for n, p in model.norms["image"].items():  # image's norms into the shared blocks, by hand
+            stack[n.replace("__", ".")].copy_(p)
+        want = model.members["image"].student.features(x)[0]
+        for n, p in kept.items():
+            stack[n].copy_(p)
+        got = enc.features(x)[0]
+    assert torch.equal(got, want) and not torch.equal(shared, want)
+    # the teacher's norms follow the student's on the modality's own updates only
+    before = {m: [p.clone() for p in model.teacher_norms[m].values()] for m in ("image", "text")}
+    model.ema_step(1, {"image": 1})
+    assert not all(torch.equal(a, b) for a, b in zip(before["image"], model.teacher_norms["image"].values()))
+    assert all(torch.equal(a, b) for a, b in zip(before["text"], model.teacher_norms["text"].values()))
