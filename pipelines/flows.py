@@ -34,12 +34,15 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 from d2v.config import PathsConfig, load_params, load_yaml, section
-from d2v.modalities import MODALITIES
+from d2v.modalities import JOINT, MODALITIES
 from d2v.sweep import FINETUNE_STAGE, Init
 
 Modality = Literal["audio", "image", "text"]
 assert get_args(Modality) == MODALITIES, "keep Modality in step with d2v.modalities.MODALITIES"
 Runner = Literal["dvc", "direct"]
+PretrainTarget = Literal["audio", "image", "text", "joint"]
+"""What ``pretrain`` trains: one modality, or ``joint`` (one Transformer for all of them, ``d2v.joint``)."""
+assert get_args(PretrainTarget) == (*MODALITIES, JOINT)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 """The clone these flows live in: every command runs here, whatever the worker's directory."""
@@ -368,9 +371,15 @@ def shard(
 
 @flow(name="pretrain")
 def pretrain(
-    modality: Modality, runner: Runner = "dvc", profile: str | None = None, params_path: str = DVC_PARAMS
+    modality: PretrainTarget, runner: Runner = "dvc", profile: str | None = None, params_path: str = DVC_PARAMS
 ) -> None:
-    """data2vec pretraining of one modality (``pretrain@<modality>`` and its stale upstream stages)."""
+    """data2vec pretraining of one modality (``pretrain@<modality>`` and its stale upstream stages), or
+    ``joint``: ``d2v pretrain joint``, with ``runner="direct"`` (dvc.yaml has no joint stage)."""
+    if modality == JOINT and runner == "dvc":
+        raise ValueError(
+            "modality=joint: dvc.yaml has no joint pretraining stage; run it with runner='direct' "
+            "(`d2v pretrain joint`, after the shards of joint.modalities exist)"
+        )
     _run("pretrain", modality, runner, profile, params_path, [f"pretrain@{modality}"])
 
 

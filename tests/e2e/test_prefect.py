@@ -143,3 +143,14 @@ def test_commit_refusal_says_when_dvc_lock_could_not_record_the_run() -> None:
     assert "read other.yaml" in commit_refusal("other.yaml", None, "default", "data/shards")
     assert "profile 'smoke'" in commit_refusal("params.yaml", "smoke", "default", "data/shards")
     assert "s3://b/shards" in commit_refusal("params.yaml", None, "default", "s3://b/shards")
+
+
+def test_pretrain_takes_joint_through_the_direct_runner() -> None:
+    from pipelines.flows import pretrain
+
+    with pytest.raises(ValueError, match="dvc.yaml has no joint pretraining stage; run it with runner='direct'"):
+        pretrain.fn("joint")
+    py = sys.executable
+    assert stage_command("pretrain", "joint", "direct", None, "params.yaml", ["pretrain@joint"]) == [
+        py, "-m", "d2v", "pretrain", "joint", "--params", "params.yaml"
+    ]  # fmt: skip
