@@ -89,9 +89,17 @@ def stack_parameters(encoder: Any) -> int:
     return sum(p.numel() for p in getattr(encoder, encoder.stack_attr).parameters())
 
 
-def probe_arms(run_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
-    """Per modality: each arm's probe (the evaluate stage's ``probe``: accuracy averaged over its probe
-    seeds, and the per-seed values) and the Transformer parameters it used."""
+def arm_encoder(arm: str, ckpt: Path, m: str, seed: int) -> Any:
+    """``m``'s encoder of ``arm`` from the pretraining checkpoints in ``ckpt`` (scratch: random init from
+    ``seed``, the separate run's architecture)."""
+    if arm == "joint":
+        return load_encoder(ckpt / "joint", modality=m)
+    return load_encoder(ckpt / m, pretrained=arm == "separate", seed=seed)
+
+
+def probe_arms(run_dir: Path, seed: int, arms: tuple[str, ...] = ARMS) -> dict[str, dict[str, Any]]:
+    """Per modality: each of ``arms``' probe (the evaluate stage's ``probe``: accuracy averaged over its
+    probe seeds, and the per-seed values) and the Transformer parameters it used."""
     params = load_params(run_dir / "params.yaml")
     paths = params["paths"]
     ckpt = run_dir / paths["checkpoints"] / "pretrain"
@@ -100,11 +108,7 @@ def probe_arms(run_dir: Path, seed: int) -> dict[str, dict[str, Any]]:
         shard_dir = shard_location(paths["shards"], m, base=run_dir)
         manifest = read_manifest(shard_dir)
         cfg = section(params, "evaluate", EvaluateConfig, m)
-        encoders = {
-            "joint": load_encoder(ckpt / "joint", modality=m),
-            "separate": load_encoder(ckpt / m),
-            "scratch": load_encoder(ckpt / m, pretrained=False, seed=seed),
-        }
+        encoders = {a: arm_encoder(a, ckpt, m, seed) for a in arms}
         out[m] = {"stack_params": {a: stack_parameters(e) for a, e in encoders.items()}}
         for arm, enc in encoders.items():
             t = time.perf_counter()
@@ -140,13 +144,13 @@ def report(rows: list[dict[str, Any]], kind: str = "probe") -> str:
                   "|---|---|---|---|---|---|"]  # fmt: skip
         d_sep, d_scr = [], []
         for r in rows:
-            a = {arm: 100 * r[kind][m][arm]["accuracy"] for arm in ARMS}
+            a = {arm: 100 * r[kind][m][arm]["accuracy"] if arm in r[kind][m] else float("nan") for arm in ARMS}
             d_sep.append(a["joint"] - a["separate"])
             d_scr.append(a["joint"] - a["scratch"])
             lines.append(f"| {r['seed']} | {a['joint']:.1f} | {a['separate']:.1f} | {a['scratch']:.1f} | "
                          f"{d_sep[-1]:+.1f} | {d_scr[-1]:+.1f} |")  # fmt: skip
-        if len(rows) == 1:  # one pretraining seed: the spread over probe / fine-tuning seeds only
-            p = rows[0][kind][m]
+        if len(rows) == 1 and set(ARMS) <= set(rows[0][kind][m]):  # one pretraining seed: the spread over
+            p = rows[0][kind][m]  # probe / fine-tuning seeds only
             d_sep = [100 * (j - s) for j, s in zip(p["joint"][spread], p["separate"][spread])]
             d_scr = [100 * (j - s) for j, s in zip(p["joint"][spread], p["scratch"][spread])]
             seeds = "probe" if kind == "probe" else "fine-tuning"
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-seeds", type=int, nargs="*", default=[], help="also fine-tune, once per seed")
     ap.add_argument("--budget", default="5", help="fine-tuning labels per class (int) or a fraction (float)")
     ap.add_argument("--reuse", action="store_true", help="probe the project's own checkpoints (one seed)")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="--reuse: probe only these")
     ap.add_argument("--json", type=Path, default=None, help="append the result as one JSON line")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects")
     args = ap.parse_args(argv)
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
 
     def measure(run_dir: Path, seed: int) -> None:
-        row = {"seed": seed, "probe": probe_arms(run_dir, seed)}
+        row = {"seed": seed, "probe": probe_arms(run_dir, seed, tuple(args.arms))}
         if args.finetune_seeds:
             row.update(budget=budget, finetune=finetune_all(run_dir, budget, args.finetune_seeds))
         rows.append(row)
