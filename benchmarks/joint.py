@@ -40,13 +40,13 @@ import yaml
 
 from d2v.config import load_params, section
 from d2v.data.loader import read_manifest
-from d2v.data.remote import is_url, shard_location
+from d2v.data.remote import shard_location
 from d2v.evaluate import EvaluateConfig, probe
 from d2v.load import load_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_recipe import run as finetune_arms  # noqa: E402
-from finetune_recipe import set_dotted  # noqa: E402
+from pretrain_seeds import seed_project  # noqa: E402
 
 ARMS = ("joint", "separate", "scratch")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -64,19 +64,8 @@ def interval(xs: list[float]) -> tuple[float, float]:
 def pretrain_all(project: Path, seed: int, changes: dict[str, Any], where: Path) -> Path:
     """A temporary project under ``where`` with the project's shards and ``seed``; every modality of
     ``joint.modalities`` pretrained alone, then all of them jointly. Returns the folder."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["seed"] = seed
-    for k, v in changes.items():
-        set_dotted(params, k, v)
-    run_dir = where / f"seed{seed}"
-    run_dir.mkdir(parents=True)
+    run_dir, params = seed_project(project, None, seed, changes, where)
     modalities = params["joint"]["modalities"]
-    root = params["paths"]["shards"]
-    if not is_url(root):
-        (run_dir / root).mkdir(parents=True)
-        for m in modalities:
-            (run_dir / root / m).symlink_to((project / root / m).resolve())
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "WANDB_MODE": "disabled"}
     for target in (*modalities, "joint"):
         t = time.perf_counter()

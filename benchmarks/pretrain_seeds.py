@@ -37,11 +37,11 @@ from finetune_recipe import run as finetune_arms  # noqa: E402
 from finetune_recipe import set_dotted  # noqa: E402
 
 
-def pretrain(
-    project: Path, m: str, seed: int, changes: dict[str, Any], where: Path
-) -> tuple[Path, float | None]:
-    """A temporary project under ``where`` with the project's shards and ``seed``; pretrains ``m`` in it.
-    Returns the folder and the final ``pretrain/loss`` of ``<paths.metrics>/pretrain/<m>.json``."""
+def seed_project(
+    project: Path, modalities: list[str] | None, seed: int, changes: dict[str, Any], where: Path
+) -> tuple[Path, dict[str, Any]]:
+    """``where/seed<seed>``: a project with ``project``'s shards of ``modalities`` (None: ``joint.modalities``)
+    linked in and its params.yaml with ``seed`` and ``changes`` (dotted keys). Returns it and the params."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["seed"] = seed
     for k, v in changes.items():
@@ -52,8 +52,18 @@ def pretrain(
     if not is_url(root):  # a folder is linked in; a URL (shards in object storage) is read where it is
         shards = run_dir / root
         shards.mkdir(parents=True)
-        (shards / m).symlink_to((project / root / m).resolve())
+        for m in modalities or params["joint"]["modalities"]:
+            (shards / m).symlink_to((project / root / m).resolve())
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return run_dir, params
+
+
+def pretrain(
+    project: Path, m: str, seed: int, changes: dict[str, Any], where: Path
+) -> tuple[Path, float | None]:
+    """A temporary project under ``where`` with the project's shards and ``seed``; pretrains ``m`` in it.
+    Returns the folder and the final ``pretrain/loss`` of ``<paths.metrics>/pretrain/<m>.json``."""
+    run_dir, params = seed_project(project, [m], seed, changes, where)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(run_dir)}
     t = time.perf_counter()
     subprocess.run(["d2v", "pretrain", m], cwd=run_dir, env=env, check=True)
