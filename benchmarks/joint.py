@@ -150,8 +150,9 @@ def report(rows: list[dict[str, Any]], kind: str = "probe") -> str:
         lines.append(f"| mean, 95% CI over {over} | | | | {ms:+.1f} +- {hs:.1f} | {mc:+.1f} +- {hc:.1f} |")
         if kind == "probe":
             n = rows[0]["probe"][m]["stack_params"]
-            lines.append(f"\nTransformer stack parameters: joint {n['joint']:,} (shared by every modality), "
-                         f"separate {n['separate']:,} (one per modality)")  # fmt: skip
+            said = {"joint": "shared by every modality", "separate": "one per modality", "scratch": "the same"}
+            lines.append("\nTransformer stack parameters: "
+                         + ", ".join(f"{a} {n[a]:,} ({said[a]})" for a in ARMS if a in n))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -191,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not args.keep:
                 shutil.rmtree(where, ignore_errors=True)
-    print(report(rows))
-    if args.finetune_seeds:
-        print(report(rows, "finetune"))
-    if args.json:
+    if args.json:  # first: the measurements are kept whatever the printing does
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with args.json.open("a") as f:
             f.write(json.dumps({"changes": changes, "rows": rows}) + "\n")
+    print(report(rows))
+    if args.finetune_seeds:
+        print(report(rows, "finetune"))
     return 0
 
 
