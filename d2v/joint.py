@@ -270,8 +270,9 @@ class JointData2Vec(nn.Module):
     def grad_metrics(self) -> dict[str, Tensor]:
         """Per modality, the gradient norm on the shared stack (0 for a modality without a batch in this
         update); with mixing 'all' also ``cos/<a>-<b>``, the cosine between two modalities' gradients on it."""
-        if self.cfg.mixing != "all":
-            norm = torch.linalg.vector_norm(self._stack_grad())
+        if self.cfg.mixing != "all":  # one modality: the norm of the accumulated gradients, no flat copy
+            grads = [p.grad for p in self.stack.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
             return {f"{k}/stack_grad_norm": norm * float(k == self.current) for k in self.members}
         grads, self._grads, self._seen = self._grads, {}, None
         out = {f"{k}/stack_grad_norm": torch.linalg.vector_norm(g) for k, g in grads.items()}
