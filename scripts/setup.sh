@@ -27,6 +27,15 @@ stamp=.venv/.d2v-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing the project and its dependencies into .venv (torch wheels: about a minute)"
+  # PyPI's torch for x86_64 brings ~3 GB of CUDA libraries: the venv needs ~7 GB, and pip unpacks each
+  # wheel under $TMPDIR first. Say so up front rather than fail half-way with "No space left on device".
+  for where in .venv "${TMPDIR:-/tmp}"; do
+    free_mb=$(df -Pm "$where" | awk 'NR==2 {print $4}')
+    if [ -n "$free_mb" ] && [ "$free_mb" -lt 8000 ]; then
+      echo "setup: only ${free_mb} MB free under $where; the install needs about 8,000 MB (torch with its" \
+        "CUDA libraries). Free some space (or point TMPDIR elsewhere) if pip fails with 'No space left'" >&2
+    fi
+  done
   .venv/bin/python -m pip install -q --upgrade pip
   # The torch wheels pull about 3 GB of CUDA libraries from PyPI, and a connection dropped half-way
   # through one of them fails the whole install: resume each download, and retry the install twice.
@@ -35,7 +44,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
       break
     fi
     if [ "$attempt" -eq 3 ]; then
-      echo "setup: pip install failed three times; check the connection to PyPI and rerun scripts/setup.sh" >&2
+      echo "setup: pip install failed three times; check the free disk space (about 8 GB needed) and the" \
+        "connection to PyPI, then rerun scripts/setup.sh" >&2
       exit 1
     fi
     echo "setup: pip install failed (attempt $attempt of 3); retrying in 10 s" >&2
