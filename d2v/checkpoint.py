@@ -474,3 +474,27 @@ def prepare_run_dir(
         for ckpt in list_checkpoints(run_dir):
             _trash(ckpt)
     return False
+
+
+OFF = "OFF.txt"
+"""The note that stands in a run folder of an arm that is switched off (``joint.modalities: []``)."""
+
+
+def write_off(run_dir: Path, note: str, metrics: Path, curve: Path | None = None) -> None:
+    """The outputs of a switched-off run, so that its DVC stage has them: a run folder holding only
+    :data:`OFF` (no checkpoint, so every reader finds no weights), an empty metrics object and, where the
+    stage has one, a curve with its header only."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / OFF).write_text(note)
+    for path, text in ((metrics, "{}\n"), (curve, "step,loss\n")):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    print(note, end="")
+
+
+def is_off(run_dir: str | Path) -> bool:
+    """True for the run folder of a switched-off arm (:func:`write_off`)."""
+    return (Path(run_dir) / OFF).is_file()

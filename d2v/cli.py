@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--init",
                 choices=INITS,
                 default=PRETRAINED if name == "finetune" else None,  # evaluate: None = every init
-                help="start from the pretrained encoder or from random init (the from-scratch baseline)",
+                help="start from the pretrained encoder, random init (the from-scratch baseline), the "
+                "published model (pretrain.<m>.init) or the modality's encoder of the joint model",
             )
     p = sub.add_parser(
         "embed",
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
+    p.add_argument("--modality", choices=MODALITIES, default=None,
+                   help="which encoder of a joint checkpoint (`d2v pretrain joint`) to export")  # fmt: skip
     p = sub.add_parser("check-params", help="validate every section of params.yaml", parents=[debug])
     _add_common(p)
     p = sub.add_parser(
@@ -163,13 +166,19 @@ def _call(module: str, func: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def export_hf(checkpoint: str, out_dir: str) -> int:
-    """``d2v export-hf CHECKPOINT OUT_DIR``: a folder transformers' ``from_pretrained`` loads."""
+def export_hf(checkpoint: str, out_dir: str, modality: str | None = None) -> int:
+    """``d2v export-hf CHECKPOINT OUT_DIR [--modality M]``: a folder transformers' ``from_pretrained``
+    loads; of a joint checkpoint, the encoder of ``modality``."""
     from d2v.hf import export_hf
     from d2v.load import load_encoder
 
-    encoder = load_encoder(checkpoint)
-    out = export_hf(encoder, out_dir)
+    encoder = load_encoder(checkpoint, modality=modality)
+    try:
+        out = export_hf(encoder, out_dir)
+    except ValueError as e:
+        if modality is None:
+            raise
+        raise ValueError(f"{checkpoint}: its {modality} encoder cannot be exported: {e}") from None
     print(f"wrote {out}/config.json and model.safetensors ({encoder.modality})")
     return 0
 
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "embed":
             return _call("d2v.embed", "cli_embed")(args) or 0
         if args.command == "export-hf":
-            return export_hf(args.checkpoint, args.out_dir)
+            return export_hf(args.checkpoint, args.out_dir, args.modality)
         if args.command == "check-params":
             return _call("d2v.params_check", "check_all")(load_params(args.params, args.profile)) or 0
         if args.command == "show-params":

@@ -33,7 +33,7 @@ from d2v.config import ConfigError, PathsConfig, section, to_dict
 from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.data.remote import Location, shard_location
 from d2v.heads import FinetuneModel
-from d2v.load import arm_encoder, load_finetune_model
+from d2v.load import arm_dir, arm_encoder, joint_member, load_finetune_model
 from d2v.metrics import (
     accuracy,
     ctc_probe,
@@ -46,7 +46,7 @@ from d2v.metrics import (
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
 from d2v.precision import Precision, autocast
-from d2v.sweep import DEFAULT_INITS, PRETRAINED, Init, Run, SweepConfig, planned_runs, probe_key
+from d2v.sweep import JOINT, PRETRAINED, SCRATCH, Init, Run, SweepConfig, planned_runs, probe_key
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -61,9 +61,10 @@ class EvaluateConfig:
 
     batch_size: int = 32
     """Test items per forward pass (no gradients; memory is the only limit)."""
-    probe_inits: tuple[Init, ...] = DEFAULT_INITS
-    """Encoders the linear probe compares: the pretrained one and the same architecture freshly
-    initialised with the params seed; () switches the probe off."""
+    probe_inits: tuple[Init, ...] = (PRETRAINED, SCRATCH, JOINT)
+    """Encoders the linear probe (and the CTC probe) compares: the pretrained one, the same architecture
+    freshly initialised with the params seed, and the modality's encoder of the joint model (skipped, with a
+    line saying so, when there is no joint checkpoint of the modality); () switches the probe off."""
     probe_budget: int | float | None = None
     """Training labels of the probe: per class (int) or a fraction of each class (float); None: all."""
     probe_l2: float = 1e-4
@@ -199,16 +200,31 @@ def preflight(
     cfg: EvaluateConfig,
     model_cfg: Any,
     seed: int,
-) -> tuple[dict[str, dict[str, Any]], Path | None]:
-    """Check everything that can be wrong before any forward pass; returns (run metas, pretrain step or
-    None when there is no linear probe). ValueError naming the checkpoint / folder / budget at fault."""
+    joint_dir: Path | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[Init, Path]]:
+    """Check everything that can be wrong before any forward pass; returns (run metas, the pretrain step
+    each probed encoder comes from: empty when there is no probe). ValueError naming the checkpoint / folder /
+    budget at fault."""
 
     missing = [r.name for r in runs if checkpoint.latest(finetune_dir / r.name) is None]
     if missing:
         raise ValueError(
             f"{finetune_dir}: no fine-tuned checkpoint for run(s) {missing}; run "
-            f"`d2v finetune {modality} --budget B --seed S [--init pretrained|scratch]` for each (or `dvc repro`)"
+            f"`d2v finetune {modality} --budget B --seed S [--init pretrained|scratch|joint]` for each (or "
+            "`dvc repro`)"
         )
+    joint_cfg = None  # the architecture of the joint arm: the joint run's stack around the modality's parts
+    joint_step = None
+    if any(r.init == JOINT for r in runs):
+        if joint_dir is None:
+            raise ValueError(f"evaluate {modality}: the sweep has joint runs but no joint checkpoint folder")
+        joint_step, member = joint_member(joint_dir, modality)
+        joint_cfg = member["transformer"]
+    elif JOINT in cfg.probe_inits and joint_dir is not None:
+        try:
+            joint_step = joint_member(joint_dir, modality)[0]
+        except ValueError as e:
+            print(f"evaluate {modality}: no joint arm in the probes: {e}")
     tasks = manifest.get("tasks") or {}
     labelled = [t for t, e in tasks.items() if e.get("target") == "label"]
     ctc = runs_ctc_probe(cfg, manifest)
@@ -221,19 +237,27 @@ def preflight(
         probes.append((split_of(tasks[_probe_task(manifest)], "train"), cfg.probe_budget))
     if ctc:
         probes.append((split_of(tasks["ctc"], "train"), cfg.ctc_probe_budget))
-    pretrain_step = None
+    probe_steps: dict[Init, Path] = {}
     if probes:
-        step = checkpoint.resolve(pretrain_dir)  # ValueError naming the folder when missing
-        if model_cfg is not None:
-            checkpoint.check_compatible(step, modality, model_cfg, "pretrain")
-        pre_meta = checkpoint.read_meta(step)
-        pre_cfg = get(modality).model_config(pre_meta["model_config"], f"{step}/meta.json")
-        for split, budget in probes:  # a budget larger than a class or split fails here, not after the runs
-            build_loader(shard_dir, split, pre_cfg, eval_spec(cfg, seed, budget))
-        pretrain_step = step if cfg.probe_inits and labelled else None
+        step = None
+        if any(i != JOINT for i in cfg.probe_inits):
+            step = checkpoint.resolve(pretrain_dir)  # ValueError naming the folder when missing
+            if model_cfg is not None:
+                checkpoint.check_compatible(step, modality, model_cfg, "pretrain")
+        probe_steps = {i: joint_step if i == JOINT else step for i in cfg.probe_inits}
+        probe_steps = {i: st for i, st in probe_steps.items() if st is not None}
+        if probe_steps:
+            first = next(iter(probe_steps.values()))
+            pre_meta = checkpoint.read_meta(first)
+            pre = pre_meta["model_config"]
+            pre_cfg = get(modality).model_config(pre[modality] if first == joint_step else pre, f"{first}/meta.json")
+            for split, budget in probes:  # a budget larger than a class or split fails here, not after the runs
+                build_loader(shard_dir, split, pre_cfg, eval_spec(cfg, seed, budget))
     metas = {r.name: checkpoint.read_meta(finetune_dir / r.name) for r in runs}
-    want = to_dict(model_cfg)["transformer"] if model_cfg is not None else None
-    for name, meta in metas.items():
+    model_want = to_dict(model_cfg)["transformer"] if model_cfg is not None else None
+    for r in runs:
+        name, meta = r.name, metas[r.name]
+        want = joint_cfg if r.init == JOINT else model_want
         where = checkpoint.resolve(finetune_dir / name)
         if meta.get("modality") != modality or meta.get("kind") != "finetune":
             raise ValueError(
@@ -243,11 +267,12 @@ def preflight(
         if want is not None and meta["model_config"].get("transformer") != want:
             raise ValueError(
                 f"{where} was fine-tuned with another model.{modality}.transformer (size/depth/...) than "
-                f"params.yaml; restore those params, or re-run `d2v finetune {modality}` for it"
+                f"{'the joint checkpoint' if r.init == JOINT else 'params.yaml'}; restore those params, or "
+                f"re-run `d2v finetune {modality}` for it"
             )
         if not ((manifest.get("tasks") or {}).get(meta["task"]) or meta.get("task_info")):
             raise ValueError(f"{shard_dir}/manifest.json has no {meta['task']!r} task for run {name}")
-    return metas, pretrain_step
+    return metas, probe_steps
 
 
 def evaluate(
@@ -261,8 +286,10 @@ def evaluate(
     model_cfg: Any = None,
     seed: int = 0,
     device: torch.device | None = None,
+    joint_dir: Path | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, str]]]:
-    """Every fine-tuned run on its task's test split, then the linear probe.
+    """Every fine-tuned run on its task's test split, then the linear probe. ``joint_dir``: the joint
+    pretraining run the joint arm (its fine-tuned runs, its probe) comes from.
 
     Returns the flat metrics (namespaced keys, see ``TASK_PREFIX``) and the confusion rows ``(actual,
     predicted)`` (class names) of the headline classification run: pretrained, most labels, lowest seed.
@@ -271,8 +298,13 @@ def evaluate(
     """
     device = device or _device()
     manifest = read_manifest(shard_dir)  # FileNotFoundError naming the folder
-    metas, pretrain_step = preflight(
-        modality, runs, manifest, shard_dir, pretrain_dir, finetune_dir, cfg, model_cfg, seed
+    off = [r for r in runs if r.init == JOINT and checkpoint.is_off(finetune_dir / r.name)]
+    if off:
+        print(f"evaluate {modality}: the joint arm is off (joint.modalities: []); its runs "
+              f"{[r.name for r in off]} are left out")  # fmt: skip
+        runs = [r for r in runs if r not in off]
+    metas, probe_steps = preflight(
+        modality, runs, manifest, shard_dir, pretrain_dir, finetune_dir, cfg, model_cfg, seed, joint_dir
     )
 
     metrics: dict[str, float] = {}
@@ -301,18 +333,22 @@ def evaluate(
                 train = manifest["splits"].get(split_of(entry, "train"), {})
                 n_labels[run] = training_labels(train, run.budget)
 
-    if pretrain_step is not None:
+    if probe_steps and _labelled(manifest):
         with autocast(cfg.precision, device):
-            metrics.update(probe_metrics(modality, manifest, shard_dir, pretrain_step, cfg, seed, device))
+            metrics.update(probe_metrics(modality, manifest, shard_dir, probe_steps, cfg, seed, device))
     if runs_ctc_probe(cfg, manifest):
         with autocast(cfg.precision, device):
-            metrics.update(ctc_probe_metrics(manifest, shard_dir, pretrain_dir, cfg, seed, device))
+            metrics.update(ctc_probe_metrics(manifest, shard_dir, probe_steps, cfg, seed, device, modality))
 
     rows: list[tuple[str, str]] = []
     if confusion:
         headline = min(confusion, key=lambda r: (r.init != PRETRAINED, -n_labels[r], r.seed))
         rows = confusion[headline]
     return metrics, rows
+
+
+def _labelled(manifest: dict[str, Any]) -> bool:
+    return any(e.get("target") == "label" for e in (manifest.get("tasks") or {}).values())
 
 
 def _probe_task(manifest: dict[str, Any]) -> str:
@@ -326,17 +362,18 @@ def probe_metrics(
     modality: str,
     manifest: dict[str, Any],
     shard_dir: Location,
-    pretrain_step: Path,
+    probe_steps: dict[Init, Path],
     cfg: EvaluateConfig,
     seed: int,
     device: torch.device,
 ) -> dict[str, float]:
     """``probe/<init>/{accuracy,macro_f1}``: logistic regression on frozen mean-pooled features,
-    train -> test, for the pretrained encoder and a fresh one of the same architecture (seed ``seed``)."""
+    train -> test, for each encoder of ``probe_steps`` (init -> the pretrain step it comes from): the
+    pretrained one, a fresh one of the same architecture (seed ``seed``), the joint model's."""
 
     out: dict[str, float] = {}
-    for init in cfg.probe_inits:
-        encoder = arm_encoder(init, pretrain_step, seed)
+    for init, step in probe_steps.items():
+        encoder = arm_encoder(init, step, seed, modality)
         for metric, value in probe(encoder, manifest, shard_dir, cfg, seed, device).items():
             if "/" in metric:  # the per-seed values; the report computes means, spreads and intervals
                 out[probe_key(init, metric)] = value
@@ -410,17 +447,17 @@ def probe(
 def ctc_probe_metrics(
     manifest: dict[str, Any],
     shard_dir: Location,
-    pretrain_dir: Path,
+    probe_steps: dict[Init, Path],
     cfg: EvaluateConfig,
     seed: int,
     device: torch.device,
+    modality: str = "audio",
 ) -> dict[str, float]:
     """``ctc_probe/<init>/b<clips>/s<seed>/{wer,cer}``: the CTC probe (a linear CTC head on frozen frame
     features, :func:`d2v.metrics.ctc_probe`) of the pretrained encoder and of random init, per probe seed:
     trained on its own draw of ``cfg.ctc_probe_budget`` transcribed clips, scored on the test split. The
     report reads them as one more row of pretrained against scratch, with seeds for the spread."""
     entry = manifest["tasks"]["ctc"]
-    step = checkpoint.resolve(pretrain_dir)
     out: dict[str, float] = {}
 
     def features(
@@ -430,8 +467,8 @@ def ctc_probe_metrics(
         sized = manifest if budget is None else None  # a budgeted draw is smaller than the split
         return frame_features(encoder, progress(loader, f"CTC probe features: {split}", sized, split), device)
 
-    for init in cfg.probe_inits:
-        encoder = arm_encoder(init, step, seed)
+    for init, step in probe_steps.items():
+        encoder = arm_encoder(init, step, seed, modality)
         test_x, test_text = features(encoder, split_of(entry, "test"), None, seed)
         for s in cfg.probe_seeds:
             train_x, train_text = features(encoder, split_of(entry, "train"), cfg.ctc_probe_budget, seed + s)
@@ -468,7 +505,7 @@ def cli_evaluate(params: dict[str, Any], args: Any) -> int:
     model_cfg = initialize.stage_model_config(params, m, ckpts / "pretrain" / m)
     metrics, rows = evaluate(
         m, runs, shard_location(paths.shards, m), ckpts / "pretrain" / m, ckpts / "finetune" / m, cfg,
-        model_cfg=model_cfg, seed=seed,
+        model_cfg=model_cfg, seed=seed, joint_dir=arm_dir(ckpts, m, JOINT),
     )  # fmt: skip
     metrics_file = Path(paths.metrics) / f"{m}.json"
     write_outputs(metrics, rows, metrics_file, Path(paths.plots) / "evaluate" / f"{m}_confusion.csv")

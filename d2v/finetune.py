@@ -1,8 +1,9 @@
 """The ``finetune`` stage: a task head on the pretrained (or a freshly initialised) encoder, same runner.
 
-``d2v finetune <m> [--budget B] [--seed S] [--init pretrained|scratch]`` reads ``model.<m>`` and
-``finetune.<m>``, loads the encoder of ``<paths.checkpoints>/pretrain/<m>`` (``--init scratch``: the same
-architecture, random init, same schedule: the baseline), builds the task model with the modality's
+``d2v finetune <m> [--budget B] [--seed S] [--init pretrained|scratch|published|joint]`` reads
+``model.<m>`` and ``finetune.<m>``, loads the encoder of ``<paths.checkpoints>/pretrain/<m>`` (``--init
+scratch``: the same architecture, random init, same schedule: the baseline; ``--init joint``: m's encoder of
+``<paths.checkpoints>/pretrain/joint``), builds the task model with the modality's
 ``build_finetune_model``, and trains on the task's train split with a label budget (labels per class, or a
 fraction). Checkpoints go to ``<paths.checkpoints>/finetune/<m>/<run>`` and metrics to
 ``<paths.metrics>/finetune/<m>/<run>.json`` with ``<run>`` = ``d2v.sweep.Run.name``.
@@ -27,11 +28,11 @@ from d2v.data.loader import LoaderSpec, build_loader, read_manifest
 from d2v.data.remote import Location, shard_location
 from d2v.data.shards import manifest_sha256, preprocessing_files
 from d2v.heads import FinetuneModel, HeadConfig, SequenceClassifier
-from d2v.load import arm_encoder, build_finetune_model, head_config
+from d2v.load import arm_dir, arm_encoder, build_finetune_model, head_config, joint_member
 from d2v.metrics import fit_logistic
 from d2v.modalities import get
 from d2v.optim import OptimConfig
-from d2v.sweep import PRETRAINED, PUBLISHED, Run, SweepConfig, parse_budget
+from d2v.sweep import JOINT, PRETRAINED, PUBLISHED, Run, SweepConfig, parse_budget
 
 CURVE_FIELDS = ("step", "loss", "accuracy", "lr")
 
@@ -247,20 +248,31 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     cfg = section(params, "finetune", FinetuneConfig, m)
     head, mask = modality_options(cfg, m)
     seed = int(params.get("seed", 0)) if args.seed is None else int(args.seed)
-    run = Run(
-        getattr(args, "init", None) or PRETRAINED,
-        parse_budget(args.budget, section(params, "sweep", SweepConfig).budgets[0]),
-        seed,
-    )
+    init = getattr(args, "init", None) or PRETRAINED
+    sweep = section(params, "sweep", SweepConfig)
+    listed = (sweep.joint_budgets or sweep.budgets) if init == JOINT else sweep.budgets
+    run = Run(init, parse_budget(args.budget, listed[0]), seed)
     paths = section(params, "paths", PathsConfig)
     shard_dir = shard_location(paths.shards, m)
-    pretrain_dir = Path(paths.checkpoints) / "pretrain" / m
-    model_cfg = initialize.stage_model_config(params, m, pretrain_dir)
+    pretrain_dir = arm_dir(paths.checkpoints, m, run.init)
+    source = None
+    run_dir = Path(paths.checkpoints) / "finetune" / m / run.name
+    metrics_file = Path(paths.metrics) / "finetune" / m / f"{run.name}.json"
+    if run.init == JOINT and checkpoint.is_off(pretrain_dir):  # joint.modalities: [] (the stage still has outputs)
+        checkpoint.write_off(run_dir, f"finetune {m} {run.name}: the joint arm is off (joint.modalities: [])\n",
+                         metrics_file)  # fmt: skip
+        return 0
+    if run.init == JOINT:  # the architecture is the joint run's: its shared stack around m's own parts
+        source, member = joint_member(pretrain_dir, m)
+        model_cfg = mod.model_config(member, f"{source}/{checkpoint.META}")
+    else:
+        model_cfg = initialize.stage_model_config(params, m, pretrain_dir)
 
     manifest = read_manifest(shard_dir)
     split, num_classes, task_entry = task_info(manifest, cfg.task, shard_dir)
-    source = None
-    if run.init in (PRETRAINED, PUBLISHED):
+    if run.init == JOINT:
+        encoder = arm_encoder(run.init, source, seed, m)
+    elif run.init in (PRETRAINED, PUBLISHED):
         if checkpoint.latest(pretrain_dir) is None:
             raise ValueError(
                 f"{pretrain_dir}: no pretrained {m} checkpoint; run `d2v pretrain {m}` first, or fine-tune "
@@ -311,11 +323,10 @@ def cli_finetune(params: dict[str, Any], args) -> int:
         "pretrained_from": str(source) if source else None, "config": to_dict(cfg),
         "preprocessing": manifest.get("preprocessing"), "task_info": task_entry,
     }  # fmt: skip
-    run_dir = Path(paths.checkpoints) / "finetune" / m / run.name
     job = finetune_job(model, cfg, make_loader, run_dir, meta,
                        files=preprocessing_files(manifest, shard_dir), head_items=head_items)  # fmt: skip
     outputs = runner.Outputs(
-        Path(paths.metrics) / "finetune" / m / f"{run.name}.json",
+        metrics_file,
         Path(paths.plots) / "finetune" / m / f"{run.name}.csv",
         batch_size=cfg.batch_size,
     )  # fmt: skip

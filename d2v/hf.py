@@ -100,6 +100,7 @@ def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:
 
     ValueError when ``out_dir`` (or a parent) is an existing file."""
     out = Path(out_dir)
+    hf_cfg, sd = get(encoder.modality).to_hf(encoder)  # ValueError for an architecture HF has no class for
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -107,7 +108,6 @@ def export_hf(encoder: Encoder, out_dir: str | Path) -> Path:
         raise ValueError(
             f"{file}: exists and is not a folder; name a new output folder (or remove the file)"
         ) from None
-    hf_cfg, sd = get(encoder.modality).to_hf(encoder)
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
     tmp.replace(out / "model.safetensors")

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from d2v import distributed, loop, runner
+from d2v import checkpoint, distributed, loop, runner
 from d2v.config import ConfigError, PathsConfig, TransformerConfig, from_dict, section, to_dict
 from d2v.data2vec import Data2Vec, EMAConfig, ema_decay
 from d2v.modalities import JOINT, MODALITIES, get
@@ -59,7 +59,9 @@ class JointConfig:
     """The ``joint`` section: what the modalities share in ``d2v pretrain joint``."""
 
     modalities: tuple[str, ...] = MODALITIES
-    """The modalities pretrained together (each with its ``model.<m>``, ``pretrain.<m>`` and shards)."""
+    """The modalities pretrained together (each with its ``model.<m>``, ``pretrain.<m>`` and shards); ()
+    switches the joint arm off: ``d2v pretrain joint`` then writes an empty run folder that says so (the
+    ``pretrain-joint`` stage of dvc.yaml still has its outputs), and nothing reads it."""
     transformer: TransformerConfig = field(default_factory=_joint_transformer)
     """The one block stack every modality runs (it replaces ``model.<m>.transformer``)."""
     mixing: Mixing = "interleave"
@@ -102,7 +104,7 @@ class JointConfig:
     """Keep the newest k checkpoints."""
 
     def __post_init__(self) -> None:
-        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+        if len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"modalities must name each modality once, got {list(self.modalities)}")
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown:
@@ -492,6 +494,9 @@ def joint_job(
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+OFF_NOTE = "joint pretraining is off (joint.modalities: []): no joint arm in fine-tuning or evaluation\n"
+
+
 def joint_section(params: dict[str, Any]) -> JointConfig:
     return from_dict(JointConfig, params.get("joint") or {}, "joint")
 
@@ -502,11 +507,16 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
     from d2v.data.remote import shard_location
     from d2v.data.shards import manifest_sha256, preprocessing_files
     from d2v.initialize import model_config
-    from d2v.pretrain import PretrainConfig, pretrain_loader
+    from d2v.pretrain import PretrainConfig, param_counts, pretrain_loader
 
     cfg = joint_section(params)
     seed = int(params.get("seed", 0)) if cfg.seed is None else cfg.seed
     paths = section(params, "paths", PathsConfig)
+    if not cfg.modalities:
+        checkpoint.write_off(Path(paths.checkpoints) / "pretrain" / JOINT, OFF_NOTE,
+                         Path(paths.metrics) / "pretrain" / f"{JOINT}.json",
+                         Path(paths.plots) / "pretrain" / f"{JOINT}.csv")  # fmt: skip
+        return 0
     models = params.get("model") or {}
     own_stack = {m: ((models.get(m) or {}).get("transformer") or {}) for m in cfg.modalities}
     conflicts = stack_conflicts(cfg.transformer, own_stack)
@@ -550,10 +560,15 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
              for k, v in preprocessing_files(manifests[m], shard_dirs[m]).items()}  # fmt: skip
     run_dir = Path(paths.checkpoints) / "pretrain" / JOINT
     job = joint_job(model, cfg, stage_cfgs, loaders, updates, run_dir, meta, files=files)
+    # the stack is counted once; each modality's encoder (what fine-tuning loads) includes it
+    info_of_run: dict[str, int] = {"stack_params": sum(p.numel() for p in model.stack.parameters())}
+    for m in cfg.modalities:
+        info_of_run[f"updates_{m}"] = batches[m]
+        info_of_run[f"encoder_params_{m}"] = param_counts(model.members[m].student)["encoder_params"]
     outputs = runner.Outputs(
         Path(paths.metrics) / "pretrain" / f"{JOINT}.json", Path(paths.plots) / "pretrain" / f"{JOINT}.csv",
         batch_size=round(sum(stage_cfgs[m].batch_size * batches[m] for m in batches) / len(updates)),
-        info={"updates_" + m: batches[m] for m in cfg.modalities},
+        info=info_of_run,
     )  # fmt: skip
     runner.run_stage(
         job, params=params, modality=JOINT, fingerprint=fingerprint, outputs=outputs, seed=seed, info=info,

@@ -174,9 +174,39 @@ def published_encoder(pretrain_step: Path) -> Any:
     return encoder.eval()
 
 
-def arm_encoder(init: str, pretrain_step: Path, seed: int) -> Any:
-    """The encoder of sweep arm ``init`` (pretrained | scratch | published) around the pretrain checkpoint
-    ``pretrain_step``; ``scratch`` is its architecture initialised from ``seed``."""
+def arm_dir(checkpoints: str | Path, modality: str, init: str) -> Path:
+    """The pretrain run folder sweep arm ``init`` of ``modality`` starts from: ``<checkpoints>/pretrain/joint``
+    for the joint arm, ``<checkpoints>/pretrain/<m>`` for the others (scratch: its architecture)."""
+    return Path(checkpoints) / "pretrain" / (JOINT if init == JOINT else modality)
+
+
+def joint_member(path: str | Path, modality: str) -> tuple[Path, dict[str, Any]]:
+    """``(step dir, the model_config of modality's encoder)`` of the joint pretraining checkpoint at
+    ``path``. ValueError saying what to do when there is none, or it has no ``modality`` encoder."""
+    if checkpoint.is_off(path):
+        raise ValueError(f"{path}: the joint arm is off (joint.modalities: [])")
+    if checkpoint.latest(path) is None:
+        raise ValueError(
+            f"{path}: no joint pretraining checkpoint; run `d2v pretrain joint` first (dvc repro pretrain-joint), "
+            "or leave the joint arm out (sweep.joint_budgets: [], evaluate.<m>.probe_inits without joint)"
+        )
+    step = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(step)
+    have = sorted(meta.get("model_config") or {}) if meta.get("modality") == JOINT else []
+    if meta.get("kind") != "pretrain" or modality not in have:
+        raise ValueError(
+            f"{step} is not a joint pretraining of {modality} (joint.modalities: {have}); add {modality} to "
+            f"joint.modalities and rerun `d2v pretrain joint`, or leave the joint arm out for {modality}"
+        )
+    return step, meta["model_config"][modality]
+
+
+def arm_encoder(init: str, pretrain_step: Path, seed: int, modality: str | None = None) -> Any:
+    """The encoder of sweep arm ``init`` (pretrained | scratch | published | joint) around the pretrain
+    checkpoint ``pretrain_step`` (:func:`arm_dir`); ``scratch`` is its architecture initialised from
+    ``seed``; ``joint`` is ``modality``'s encoder of the joint checkpoint."""
     if init == PUBLISHED:
         return published_encoder(pretrain_step)
+    if init == JOINT:
+        return load_checkpoint_encoder(pretrain_step, modality=modality)
     return load_checkpoint_encoder(pretrain_step, pretrained=init == PRETRAINED, seed=seed)

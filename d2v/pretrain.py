@@ -176,6 +176,16 @@ def init_outside_published(init: str, paths: PathsConfig, modality: str) -> str 
     )
 
 
+def param_counts(encoder: Any) -> dict[str, int]:
+    """``encoder_params``: every parameter of the encoder that fine-tuning loads; ``stack_params``: those of
+    its Transformer blocks (the part a joint model shares between modalities)."""
+    stack = getattr(encoder, encoder.stack_attr)
+    return {
+        "encoder_params": sum(p.numel() for p in encoder.parameters()),
+        "stack_params": sum(p.numel() for p in stack.parameters()),
+    }
+
+
 def cli_pretrain(params: dict[str, Any], args) -> int:
     """``d2v pretrain <modality>``: config, shards and an existing checkpoint are checked before any work."""
     m = args.modality
@@ -213,10 +223,12 @@ def cli_pretrain(params: dict[str, Any], args) -> int:
     run_dir = Path(paths.checkpoints) / "pretrain" / m
     job = pretrain_job(model, cfg, make_loader, run_dir, meta,
                        files=preprocessing_files(manifest, shard_dir))  # fmt: skip
-    started = {} if src is None else {
-        "init": str(src.path), "init_model_type": src.model_type,
-        "init_size": f"{model_cfg.transformer.depth} x {model_cfg.transformer.dim}",
-    }  # fmt: skip
+    started = param_counts(model.student)
+    if src is not None:
+        started |= {
+            "init": str(src.path), "init_model_type": src.model_type,
+            "init_size": f"{model_cfg.transformer.depth} x {model_cfg.transformer.dim}",
+        }  # fmt: skip
     outputs = runner.Outputs(
         Path(paths.metrics) / "pretrain" / f"{m}.json", Path(paths.plots) / "pretrain" / f"{m}.csv",
         batch_size=cfg.batch_size, info=started,

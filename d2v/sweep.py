@@ -2,7 +2,8 @@
 
 One fine-tuning run is ``(init, budget, seed)``. Everything that names it is derived here and only here:
 - its folder / metrics file / W&B name ``b<budget>-s<seed>-<init>`` (:attr:`Run.name`);
-- its DVC stage ``finetune@<m>-<budget>-<seed>-<init>`` (:data:`FINETUNE_STAGE`, dvc.yaml's ``matrix``);
+- its DVC stage ``finetune@<m>-<budget>-<seed>-<init>`` (:data:`FINETUNE_STAGE`, dvc.yaml's ``matrix``), or
+  ``finetune-joint@<m>-<budget>-<seed>`` for the joint arm (:data:`FINETUNE_JOINT_STAGE`);
 - its evaluate metrics ``<task prefix>/<init>/b<budget>/s<seed>/<metric>`` (:meth:`Run.key`, parsed back by
   :data:`EVAL_KEY`) and the linear probe's ``probe/<init>/<metric>`` (:func:`probe_key`, :data:`PROBE_KEY`).
 Used by the finetune, evaluate and report stages, the CLI and the Prefect flows.
@@ -16,12 +17,13 @@ from typing import Literal, get_args
 
 from d2v.config import ConfigError
 
-Init = Literal["pretrained", "scratch", "published"]
+Init = Literal["pretrained", "scratch", "published", "joint"]
 """'pretrained': start from the pretrain stage's encoder; 'scratch': the same architecture, random init;
 'published': the model ``pretrain.<m>.init`` names, as it is (before the pretrain stage's continued
-pretraining)."""
-PRETRAINED, SCRATCH, PUBLISHED = get_args(Init)
-INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH, PUBLISHED)
+pretraining); 'joint': the modality's encoder of the joint model (``d2v pretrain joint``: its own local
+encoder around the Transformer every modality shares)."""
+PRETRAINED, SCRATCH, PUBLISHED, JOINT = get_args(Init)
+INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH, PUBLISHED, JOINT)
 DEFAULT_INITS: tuple[Init, ...] = (PRETRAINED, SCRATCH)
 """What the sweep compares unless told otherwise (``published`` needs ``pretrain.<m>.init``)."""
 Budget = int | float
@@ -29,6 +31,12 @@ Budget = int | float
 
 FINETUNE_STAGE = "finetune@{modality}-{budget}-{seed}-{init}"
 """dvc.yaml's name of one fine-tuning run (a ``matrix`` over modality x budget x seed x init)."""
+FINETUNE_JOINT_STAGE = "finetune-joint@{modality}-{budget}-{seed}"
+"""dvc.yaml's name of one fine-tuning run of the joint arm (a ``matrix`` over modality x
+``sweep.joint_budgets`` x seed): it reads the joint checkpoint, which the ``finetune`` matrix's deps cannot
+name for one init only."""
+PRETRAIN_JOINT_STAGE = "pretrain-joint"
+"""dvc.yaml's name of ``d2v pretrain joint``."""
 
 TASK_PREFIX = {"classification": "evaluate", "ctc": "ctc", "ctc_probe": "ctc_probe"}
 """Metric-key prefix per task: ``evaluate/<init>/b<budget>/s<seed>/accuracy``, ``ctc/.../wer``; the CTC probe
@@ -79,12 +87,20 @@ class SweepConfig:
     inits: tuple[Init, ...] = DEFAULT_INITS
     """Which encoders to fine-tune: the pretrained one, the from-scratch baseline, and (when pretraining
     starts from ``pretrain.<m>.init``) the published model as it is."""
+    joint_budgets: tuple[Budget, ...] = ()
+    """The joint arm (``init: joint``, dvc.yaml's ``finetune-joint`` matrix) at these budgets, with the same
+    seeds; empty: no joint fine-tuning."""
 
     def __post_init__(self) -> None:
         if not self.budgets or not self.seeds or not self.inits:
             raise ConfigError("sweep: budgets, seeds and inits need at least one entry each")
-        for b in self.budgets:
-            check_budget(b, "sweep.budgets")
+        for b in (*self.budgets, *self.joint_budgets):
+            check_budget(b, "sweep.budgets / sweep.joint_budgets")
+        if JOINT in self.inits:
+            raise ConfigError(
+                "sweep.inits: the joint arm is not an init of the finetune matrix (its runs read the joint "
+                "checkpoint): list its budgets in sweep.joint_budgets instead"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,11 +118,18 @@ class Run:
 
     def stage(self, modality: str) -> str:
         """The run's DVC stage name."""
-        return FINETUNE_STAGE.format(modality=modality, budget=self.budget, seed=self.seed, init=self.init)
+        return finetune_stage(modality, self.budget, self.seed, self.init)
 
     def key(self, task: str, metric: str) -> str:
         """The evaluate metric key of this run (parsed back by :data:`EVAL_KEY`)."""
         return f"{TASK_PREFIX[task]}/{self.init}/b{self.budget}/s{self.seed}/{metric}"
+
+
+def finetune_stage(modality: str, budget: Budget | str, seed: int | str, init: str) -> str:
+    """``finetune@<m>-<budget>-<seed>-<init>``, or ``finetune-joint@<m>-<budget>-<seed>`` for the joint arm."""
+    if init == JOINT:
+        return FINETUNE_JOINT_STAGE.format(modality=modality, budget=budget, seed=seed)
+    return FINETUNE_STAGE.format(modality=modality, budget=budget, seed=seed, init=init)
 
 
 def probe_key(init: Init, metric: str) -> str:
@@ -118,12 +141,16 @@ def probe_key(init: Init, metric: str) -> str:
 def planned_runs(
     sweep: SweepConfig, budget: str | None = None, seed: int | None = None, init: Init | None = None
 ) -> list[Run]:
-    """Every run the sweep lists (budgets x seeds x inits), narrowed by ``--budget`` / ``--seed`` /
-    ``--init`` when given."""
-    budgets = [parse_budget(budget, sweep.budgets[0])] if budget is not None else list(sweep.budgets)
+    """Every run the sweep lists (budgets x seeds x inits, then the joint arm: joint_budgets x seeds),
+    narrowed by ``--budget`` / ``--seed`` / ``--init`` when given."""
     seeds = [int(seed)] if seed is not None else list(sweep.seeds)
-    inits = [init] if init is not None else list(sweep.inits)
+    inits = [init] if init is not None else [*sweep.inits, *([JOINT] if sweep.joint_budgets else [])]
     bad = [i for i in inits if i not in INITS]
     if bad:
         raise ConfigError(f"sweep.inits / --init: {bad} not in {list(INITS)}")
-    return [Run(i, b, s) for i in inits for b in budgets for s in seeds]
+    runs = []
+    for i in inits:
+        listed = (sweep.joint_budgets or sweep.budgets) if i == JOINT else sweep.budgets
+        budgets = [parse_budget(budget, listed[0])] if budget is not None else list(listed)
+        runs += [Run(i, b, s) for b in budgets for s in seeds]
+    return runs

@@ -14,7 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from d2v.sweep import FINETUNE_STAGE
+from d2v.modalities import JOINT
+from d2v.sweep import PRETRAIN_JOINT_STAGE, finetune_stage
 
 TIMINGS_DIR = Path("timings")
 """Relative to the project (the directory the stage runs in, as under ``dvc repro``)."""
@@ -39,11 +40,14 @@ def process_seconds() -> float:
 
 def stage_name(command: str, modality: str | None = None, budget: str | None = None,
                seed: int | None = None, init: str | None = None) -> str:  # fmt: skip
-    """The dvc.yaml name of a stage command: ``pretrain@image``, ``finetune@audio-5-0-scratch``, ``report``."""
+    """The dvc.yaml name of a stage command: ``pretrain@image``, ``finetune@audio-5-0-scratch``,
+    ``finetune-joint@audio-5-0``, ``pretrain-joint``, ``report``."""
     if modality is None:
         return command
     if command == "finetune" and budget is not None and seed is not None and init is not None:
-        return FINETUNE_STAGE.format(modality=modality, budget=budget, seed=seed, init=init)
+        return finetune_stage(modality, budget, seed, init)
+    if command == "pretrain" and modality == JOINT:
+        return PRETRAIN_JOINT_STAGE
     return f"{command}@{modality}"
 
 

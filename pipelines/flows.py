@@ -35,7 +35,7 @@ from prefect.exceptions import ObjectNotFound
 
 from d2v.config import PathsConfig, load_params, load_yaml, section
 from d2v.modalities import JOINT, MODALITIES
-from d2v.sweep import FINETUNE_STAGE, Init
+from d2v.sweep import FINETUNE_JOINT_STAGE, FINETUNE_STAGE, PRETRAIN_JOINT_STAGE, Init
 
 Modality = Literal["audio", "image", "text"]
 assert get_args(Modality) == MODALITIES, "keep Modality in step with d2v.modalities.MODALITIES"
@@ -158,17 +158,17 @@ def expand_targets(patterns: list[str], stage_names: list[str]) -> list[str]:
     """Expand shell-style patterns (``finetune@image-*``) against dvc.yaml's stage names, in their order.
 
     ``dvc exp run`` has no ``--glob``, so the flows expand patterns themselves; a pattern that matches
-    nothing is a ValueError (a typo in a budget would otherwise run nothing and succeed).
+    nothing is a ValueError (a typo in a budget would otherwise run nothing and succeed), unless another
+    pattern of the same call matched (``finetune-joint@image-*`` with no joint budgets in ``sweep``).
     """
     targets: list[str] = []
     for pattern in patterns:
         if not any(ch in pattern for ch in "*?["):
             targets.append(pattern)
             continue
-        hits = fnmatch.filter(stage_names, pattern)
-        if not hits:
-            raise ValueError(f"no stage of dvc.yaml matches {pattern!r}; the stages are {stage_names}")
-        targets += hits
+        targets += fnmatch.filter(stage_names, pattern)
+    if not targets:
+        raise ValueError(f"no stage of dvc.yaml matches {patterns}; the stages are {stage_names}")
     return targets
 
 
@@ -374,13 +374,9 @@ def pretrain(
     modality: PretrainTarget, runner: Runner = "dvc", profile: str | None = None, params_path: str = DVC_PARAMS
 ) -> None:
     """data2vec pretraining of one modality (``pretrain@<modality>`` and its stale upstream stages), or
-    ``joint``: ``d2v pretrain joint``, with ``runner="direct"`` (dvc.yaml has no joint stage)."""
-    if modality == JOINT and runner == "dvc":
-        raise ValueError(
-            "modality=joint: dvc.yaml has no joint pretraining stage; run it with runner='direct' "
-            "(`d2v pretrain joint`, after the shards of joint.modalities exist)"
-        )
-    _run("pretrain", modality, runner, profile, params_path, [f"pretrain@{modality}"])
+    ``joint``: one Transformer for every modality of ``joint.modalities`` (``pretrain-joint``)."""
+    target = PRETRAIN_JOINT_STAGE if modality == JOINT else f"pretrain@{modality}"
+    _run("pretrain", modality, runner, profile, params_path, [target])
 
 
 @flow(name="finetune")
@@ -393,13 +389,19 @@ def finetune(
     profile: str | None = None,
     params_path: str = DVC_PARAMS,
 ) -> None:
-    """Fine-tune one modality: the ``finetune@<modality>-<budget>-<seed>-<init>`` runs of dvc.yaml, every
-    one a None leaves open (runner="dvc"), or one ``d2v finetune`` with these options (runner="direct").
+    """Fine-tune one modality: the ``finetune@<modality>-<budget>-<seed>-<init>`` runs of dvc.yaml (and the
+    joint arm's ``finetune-joint@<modality>-<budget>-<seed>``), every one a None leaves open
+    (runner="dvc"), or one ``d2v finetune`` with these options (runner="direct").
     ``budget``: labels per class (int) or a fraction of the labels (float).
     """
     options = {"budget": budget, "seed": seed, "init": init}
     unset_as_glob = {k: "*" if v is None else v for k, v in options.items()}
-    targets = [FINETUNE_STAGE.format(modality=modality, **unset_as_glob)]
+    targets = []
+    if init != JOINT:
+        targets.append(FINETUNE_STAGE.format(modality=modality, **unset_as_glob))
+    if init in (None, JOINT):
+        unset_as_glob.pop("init")
+        targets.append(FINETUNE_JOINT_STAGE.format(modality=modality, **unset_as_glob))
     _run("finetune", modality, runner, profile, params_path, targets, options)
 
 
@@ -514,7 +516,7 @@ def pretrain_multinode(
     node_deployment: str = NODE_DEPLOYMENT,
 ) -> dict[str, str]:
     """Pretrain one modality on ``nodes`` nodes: one ``pretrain_node`` run per node, each on its node's queue
-    (node-0 ... node-N-1), then ``dvc commit -f pretrain@<modality>`` so that dvc.lock records the result.
+    (node-0 ... node-N-1), then ``dvc commit -f pretrain@<modality>`` (``pretrain-joint``) so that dvc.lock records the result.
 
     ``rdzv_endpoint`` is ``HOST:PORT`` of node 0, whose agent hosts the rendezvous; ``rdzv_id`` defaults to
     this flow run's id, unique per run. Returns each node run's final state; raises if one did not complete.
@@ -552,12 +554,13 @@ def pretrain_multinode(
         raise RuntimeError(f"node run(s) did not complete: {failed}; each node run's log says why")
 
     paths = _paths(params_path, profile)
+    stage = PRETRAIN_JOINT_STAGE if modality == JOINT else f"pretrain@{modality}"
     file_profile = load_yaml(PROJECT_DIR / DVC_PARAMS).get("profile") or "default"
     reason = commit_refusal(params_path, profile, file_profile, str(paths.shards))
     if reason:
-        logger.warning("pretrain@%s not recorded in dvc.lock: %s", modality, reason)
+        logger.warning("%s not recorded in dvc.lock: %s", stage, reason)
     else:
-        run_command([sys.executable, "-m", "dvc", "commit", "-f", f"pretrain@{modality}"], label="dvc commit")
+        run_command([sys.executable, "-m", "dvc", "commit", "-f", stage], label="dvc commit")
     return states
 
 

@@ -208,6 +208,46 @@ def pretrain_blocks(rep: Report) -> list:
     return blocks
 
 
+def joint_blocks(rep: Report) -> list:
+    """The joint model beside the separate ones: parameters (one shared Transformer against one per
+    modality) and pretraining updates (the same by construction under ``mixing: interleave``)."""
+    j = rep.joint
+    if not j:  # no joint arm, or switched off (joint.modalities: [])
+        return []
+    rows, separate_stacks = [], 0
+    for r in rep.modalities:
+        pre = r.pretrain or {}
+        if f"pretrain/encoder_params_{r.name}" not in j:
+            continue
+        separate_stacks += pre.get("pretrain/stack_params", 0)
+        rows.append((
+            r.name, fmt_num(pre.get("pretrain/encoder_params", "—")), fmt_num(pre.get("pretrain/stack_params", "—")),
+            fmt_num(j[f"pretrain/encoder_params_{r.name}"]), fmt_num(pre.get("pretrain/steps", "—")),
+            fmt_num(j.get(f"pretrain/updates_{r.name}", "—")),
+        ))  # fmt: skip
+    shared = j.get("pretrain/stack_params")
+    total = (
+        f"Transformer parameters in all: {fmt_num(separate_stacks)} in the separate models' stacks, "
+        f"{fmt_num(shared)} in the joint model's one stack ({shared / separate_stacks:.2f} of them)."
+        if shared and separate_stacks else ""
+    )  # fmt: skip
+    return [
+        H(2, "The joint model"),
+        P(
+            "One Transformer stack (and one EMA teacher of it) pretrained on every modality "
+            "(`pretrain-joint`, `joint:` in params.yaml); each modality keeps its own local encoder, positions, "
+            "norms, decoder, masking and targets. Its encoder of each modality is the `joint` arm above, "
+            "fine-tuned at `sweep.joint_budgets` and probed like the others. " + total
+        ),
+        Table(("modality", "separate: encoder params", "separate: Transformer params", "joint: encoder params",
+               "separate: updates", "joint: updates of the modality"), tuple(rows)),  # fmt: skip
+        P(
+            f"Joint pretraining: {fmt_num(j.get('pretrain/steps', '—'))} updates in "
+            f"{fmt_num(j.get('pretrain/seconds', '—'))} s, final loss {fmt_num(j.get('pretrain/loss', '—'))}."
+        ),
+    ]
+
+
 def _seconds(d: dict[str, Any]) -> float | None:
     vals = [v for k, v in d.items() if k.rsplit("/", 1)[-1] == "seconds" and isinstance(v, (int, float))]
     return math.fsum(vals) if vals else None
@@ -297,6 +337,7 @@ def report_blocks(rep: Report) -> list:
     for r in rep.modalities:
         blocks += results_blocks(r, rep)
     blocks += pretrain_blocks(rep)
+    blocks += joint_blocks(rep)
     conf = [f for r in rep.modalities for f in r.figures if f.name.startswith("confusion_")]
     if conf:
         blocks += [H(2, "Confusion matrices"), *(Img(f) for f in conf)]

@@ -24,6 +24,7 @@ from d2v.report.inputs import (
     label_names,
 )
 from d2v.report.stats import INIT_ORDER, Cell, MetricGroup, parse_eval_metrics
+from d2v.sweep import JOINT
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Report:
     sources: list[Source]
     stage_times: dict[str, float] = field(default_factory=dict)
     """Each stage's wall seconds (``d2v.timing``: process start to end, its last run), by dvc.yaml name."""
+    joint: dict[str, Any] | None = None
+    """``metrics/pretrain/joint.json`` (the joint model's pretraining), when the pipeline has a joint arm."""
 
     @property
     def figures(self) -> list[Plot]:
@@ -78,9 +81,10 @@ def _expected_runs(sweep: dict[str, Any]) -> list[tuple[str, str, int]]:
         budgets = [str(b) for b in sweep["budgets"]]
         seeds = [int(s) for s in sweep["seeds"]]
         inits = [str(i) for i in sweep.get("inits", INIT_ORDER)]
+        joint = [str(b) for b in sweep.get("joint_budgets") or []]
     except (KeyError, TypeError, ValueError):
         return []
-    return [(i, b, s) for i in inits for b in budgets for s in seeds]
+    return [(i, b, s) for i in inits for b in budgets for s in seeds] + [(JOINT, b, s) for b in joint for s in seeds]
 
 
 def _missing_runs(groups: list[MetricGroup], expected: list[tuple[str, str, int]]) -> list[str]:
@@ -166,6 +170,11 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> Report:
         )
     sweep = params.get("sweep") if isinstance(params.get("sweep"), dict) else {}
     inputs = Inputs(root)
+    joint = None
+    if sweep.get("joint_budgets") or (root / paths.metrics / "pretrain" / "joint.json").exists():
+        joint = inputs.json(f"{paths.metrics}/pretrain/joint.json", "joint pretraining metrics")
+    if joint == {}:  # switched off (joint.modalities: []): its runs are not missing, they were never made
+        sweep = {k: v for k, v in sweep.items() if k != "joint_budgets"}
     results = [collect_modality(m, paths, inputs, sweep, cfg.dpi) for m in modalities]
     lock_rows = dvc_lock_rows(root, inputs)
     shown = {k: v for k, v in params.items() if k != "profiles"}  # the effective values, not the menu
@@ -181,4 +190,5 @@ def build_report(params: dict[str, Any], root: str | Path = ".") -> Report:
         lock_rows=lock_rows,
         sources=inputs.sources,
         stage_times=timing.read_all(root),
+        joint=joint,
     )

@@ -18,7 +18,7 @@ from d2v.report.stats import (
     pay_off,
     welch_ci,
 )
-from d2v.sweep import PRETRAINED, PUBLISHED, SCRATCH
+from d2v.sweep import JOINT, PRETRAINED, PUBLISHED, SCRATCH
 
 
 def _seeds_phrase(p: Cell, s: Cell) -> str:
@@ -49,9 +49,9 @@ def _diff_text(c: Comparison, g: MetricGroup) -> str:
     return f"pretrained is worse than scratch at {budget_phrase(c.budget, g.task)} {what} ({ci})"
 
 
-def _continued_text(c: Comparison, g: MetricGroup) -> str | None:
-    """What continued pretraining added to a published model (pretrained − published), when both ran."""
-    p, q = c.cells.get(PRETRAINED), c.cells.get(PUBLISHED)
+def _versus(c: Comparison, g: MetricGroup, arm: str, base: str, what: str) -> str | None:
+    """``what`` (arm − base) at the budget of ``c`` with its 95% CI, when both arms ran."""
+    p, q = c.cells.get(arm), c.cells.get(base)
     if p is None or q is None:
         return None
     unit = diff_unit(g.is_rate)
@@ -61,9 +61,17 @@ def _continued_text(c: Comparison, g: MetricGroup) -> str | None:
         if ci
         else _seeds_phrase(p, q) + ": no spread to compare it with"
     )
-    return (
-        f"continued pretraining − the published model {fmt_diff(p.mean - q.mean, g.is_rate)}{unit} ({spread})"
-    )
+    return f"{what} {fmt_diff(p.mean - q.mean, g.is_rate)}{unit} ({spread})"
+
+
+def _continued_text(c: Comparison, g: MetricGroup) -> str | None:
+    """What continued pretraining added to a published model (pretrained − published), when both ran."""
+    return _versus(c, g, PRETRAINED, PUBLISHED, "continued pretraining − the published model")
+
+
+def _joint_text(c: Comparison, g: MetricGroup) -> str | None:
+    """The joint model against the separate one (joint − pretrained), when both ran at this budget."""
+    return _versus(c, g, JOINT, PRETRAINED, "the joint model − the separate one")
 
 
 def group_sentence(m: str, g: MetricGroup) -> str:
@@ -74,8 +82,9 @@ def group_sentence(m: str, g: MetricGroup) -> str:
             parts.append(f"at {budget_phrase(c.budget, g.task)} only {have} runs exist, nothing to compare")
         else:
             parts.append(_diff_text(c, g))
-        if (continued := _continued_text(c, g)) is not None:
-            parts.append(continued)
+        for extra in (_continued_text(c, g), _joint_text(c, g)):
+            if extra is not None:
+                parts.append(extra)
     return f"**{m}** ({g.label}): " + "; ".join(parts) + "."
 
 
@@ -96,16 +105,17 @@ def pretrain_sentence(m: str, pre: dict[str, Any]) -> str | None:
     return f"**{m}** pretraining: " + ", ".join(bits) + "." if bits else None
 
 
-def payoff_sentence(m: str, g: MetricGroup | None, po: PayOff) -> str:
-    """One modality against the bar (:class:`PayOff`): the verdict first, then each half's numbers."""
+def payoff_sentence(m: str, g: MetricGroup | None, po: PayOff, arm: str = PRETRAINED) -> str:
+    """One modality against the bar (:class:`PayOff`): the verdict first, then each half's numbers.
+    ``arm``: the pretrained encoder (``pretrained``) or the joint model's (``joint``)."""
     verdict = {True: "yes", False: "**no**", None: "undecided"}[po.passed]
     parts = []
     c = po.smallest
     if g is None or c is None or c.diff is None:
-        parts.append("no pretrained-vs-scratch fine-tuning pair to compare")
+        parts.append(f"no {arm}-vs-scratch fine-tuning pair to compare")
     else:
         unit = diff_unit(g.is_rate)
-        gain = f"{'scratch − pretrained' if g.lower_is_better else 'pretrained − scratch'} " + (
+        gain = f"{f'scratch − {arm}' if g.lower_is_better else f'{arm} − scratch'} " + (
             f"{fmt_diff(c.diff, g.is_rate)}{unit}"
         )
         if po.margin is None:
@@ -126,9 +136,10 @@ def payoff_sentence(m: str, g: MetricGroup | None, po: PayOff) -> str:
         lo, hi = (fmt_diff(x, True) for x in p.ci)
         side = "above zero" if po.probe_ok else "not above zero"
         parts.append(
-            f"probe pretrained − random init {fmt_diff(p.diff, True)} points (95% CI {lo} to {hi}, {side})"
+            f"probe {arm} − random init {fmt_diff(p.diff, True)} points (95% CI {lo} to {hi}, {side})"
         )
-    return f"**{m}** — does pretraining pay off? {verdict}: " + "; ".join(parts) + "."
+    question = "does pretraining pay off?" if arm == PRETRAINED else "does the joint model pay off?"
+    return f"**{m}** — {question} {verdict}: " + "; ".join(parts) + "."
 
 
 def summary_sentences(rep: Report) -> list[str]:
@@ -152,9 +163,10 @@ def summary_sentences(rep: Report) -> list[str]:
                 if g.task not in by_task or g.metric == rep.cfg.primary_metric:
                     by_task[g.task] = g
             headline = by_task.get("evaluate") or next(iter(by_task.values()))
-            out.append(
-                payoff_sentence(r.name, headline, pay_off(headline, r.probe.get(rep.cfg.primary_metric)))
-            )
+            probe = r.probe.get(rep.cfg.primary_metric)
+            out.append(payoff_sentence(r.name, headline, pay_off(headline, probe)))
+            if JOINT in headline.inits:  # the same bar for the joint model's encoder of this modality
+                out.append(payoff_sentence(r.name, headline, pay_off(headline, probe, JOINT), JOINT))
             out.extend(group_sentence(r.name, g) for g in by_task.values())
         for metric, by_init in r.probe.items():
             if metric not in RATE_METRICS:  # the chosen layer and the per-layer probe are in the table

@@ -94,8 +94,11 @@ class Comparison:
     verdict: Verdict
 
 
-def compare(budget: str, cells: dict[str, Cell], lower_is_better: bool) -> Comparison:
-    p, s = cells.get(PRETRAINED), cells.get(SCRATCH)
+def compare(
+    budget: str, cells: dict[str, Cell], lower_is_better: bool, arm: str = PRETRAINED, base: str = SCRATCH
+) -> Comparison:
+    """``arm`` − ``base`` (pretrained − scratch unless told) at one budget, every cell kept."""
+    p, s = cells.get(arm), cells.get(base)
     if p is None or s is None:
         return Comparison(budget, cells, None, None, "missing")
     diff = p.mean - s.mean
@@ -223,12 +226,18 @@ class PayOff:
         return False if False in halves else (None if None in halves else True)
 
 
-def pay_off(group: MetricGroup | None, probe: dict[str, Cell] | None) -> PayOff:
-    """:class:`PayOff` of one modality from its primary metric's group and its probe cells of that metric.
-    For a lower-is-better metric (WER) the fine-tuning difference is taken as scratch − pretrained."""
+def pay_off(
+    group: MetricGroup | None, probe: dict[str, Cell] | None, arm: str = PRETRAINED, base: str = SCRATCH
+) -> PayOff:
+    """:class:`PayOff` of one modality from its primary metric's group and its probe cells of that metric:
+    ``arm`` (pretrained, or the joint model) against ``base`` (scratch). For a lower-is-better metric (WER)
+    the fine-tuning difference is taken as scratch − pretrained."""
     smallest = margin = None
-    if group is not None and group.rows:
-        c = group.rows[0]  # rows are sorted smallest budget first
+    rows = [r for r in group.rows if arm in r.cells] if group is not None else []
+    if rows:
+        row = rows[0]  # rows are sorted smallest budget first: the arm's smallest budget
+        c = compare(row.budget, {i: row.cells[i] for i in (arm, base) if i in row.cells},
+                    group.lower_is_better, arm, base)  # fmt: skip
         if c.diff is not None:
             stds = [cell.std for cell in c.cells.values()]
             if None not in stds:
@@ -237,6 +246,6 @@ def pay_off(group: MetricGroup | None, probe: dict[str, Cell] | None) -> PayOff:
             ci = None if c.ci is None else tuple(sorted(sign * x for x in c.ci))
             smallest = Comparison(c.budget, c.cells, sign * c.diff, ci, c.verdict)  # type: ignore[arg-type]
     cmp_probe = None
-    if probe and PRETRAINED in probe and SCRATCH in probe:
-        cmp_probe = compare("probe", {i: probe[i] for i in (PRETRAINED, SCRATCH)}, lower_is_better=False)
+    if probe and arm in probe and base in probe:
+        cmp_probe = compare("probe", {i: probe[i] for i in (arm, base)}, False, arm, base)
     return PayOff(smallest, margin, cmp_probe)

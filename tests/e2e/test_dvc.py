@@ -55,6 +55,11 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
         assert any(k.startswith("evaluate/scratch/") for k in metrics)
         pre = json.loads((project_copy / "metrics/pretrain" / f"{m}.json").read_text())
         assert pre["pretrain/steps"] == 4 and pre["pretrain/loss"] > 0 and pre["pretrain/seconds"] > 0
+        # the joint arm: fine-tuned at sweep.joint_budgets, and probed beside the others
+        assert any(k.startswith("evaluate/joint/b5/") for k in metrics), sorted(metrics)
+        assert any(k.startswith("probe/joint/") for k in metrics), sorted(metrics)
+    joint = json.loads((project_copy / "metrics/pretrain/joint.json").read_text())
+    assert joint["pretrain/steps"] == 12 and all(joint[f"pretrain/updates_{m}"] == 4 for m in MODALITIES)
     md = (project_copy / "reports/benchmark.md").read_text()
     # the run-time table is filled from the stage metrics (pretrain s, samples/s, fine-tuning s)
     times = md.split("## Run times", 1)[1].split("\n## ", 1)[0]
@@ -74,13 +79,16 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     again = run([*DVC, "repro"], project_copy)
     assert "Running stage" not in again
 
-    # one modality's param invalidates only that modality's stages (and the report)
+    # one modality's param invalidates only that modality's stages, the joint arm (which reads every
+    # modality's pretrain section) with every evaluate that probes it, and the report
     log_every = params["pretrain"]["image"]["log_every"]
     params["pretrain"]["image"]["log_every"] = log_every + 1
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = status(project_copy)
-    assert stale and all("image" in name or name == "report" for name in stale), sorted(stale)
-    assert "pretrain@image" in stale
+    ok = ("image", "joint", "evaluate@", "report")
+    assert stale and all(any(w in name for w in ok) for name in stale), sorted(stale)
+    assert "pretrain@image" in stale and "pretrain-joint" in stale
+    assert not any(n.startswith(("pretrain@", "finetune@")) and "image" not in n for n in stale), sorted(stale)
     params["pretrain"]["image"]["log_every"] = log_every
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert status(project_copy) == {}
@@ -88,7 +96,9 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     # `dvc exp run -S` sets a param from the command line and reruns only the stages that read it
     out = run([*DVC, "exp", "run", "-S", "finetune.text.optim.lr=2e-4"], project_copy)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran and all(n.startswith(("finetune@text-", "evaluate@text")) or n == "report" for n in ran), ran
+    assert ran and all(
+        n.startswith(("finetune@text-", "finetune-joint@text-", "evaluate@text")) or n == "report" for n in ran
+    ), ran
     assert "evaluate@text" in ran
     assert "finetune.text.optim.lr" in run([*DVC, "params", "diff"], project_copy)
     assert "metrics/text.json" in run([*DVC, "metrics", "show"], project_copy)

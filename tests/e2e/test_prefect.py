@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from prefect_helpers import PREFECT, api_call, prefect_cli, start, stop, tail
 
-from pipelines.flows import FINETUNE_STAGE, d2v_command, dvc_command, expand_targets, stage_command
+from pipelines.flows import (
+    FINETUNE_JOINT_STAGE,
+    FINETUNE_STAGE,
+    PRETRAIN_JOINT_STAGE,
+    d2v_command,
+    dvc_command,
+    expand_targets,
+    stage_command,
+)
 
 POOL = "d2v-cpu"
 PROFILE = "smoke"
@@ -111,8 +119,12 @@ def test_expand_targets() -> None:
     pattern = FINETUNE_STAGE.format(modality="image", budget="*", seed="*", init="scratch")
     assert expand_targets([pattern, "report"], names) == ["finetune@image-10-1-scratch", "report"]
     assert expand_targets(["finetune@image-*"], names) == names[1:3]
-    with pytest.raises(ValueError, match="no stage of dvc.yaml matches 'finetune@audio-\\*'"):
+    with pytest.raises(ValueError, match="no stage of dvc.yaml matches \\['finetune@audio-\\*'\\]"):
         expand_targets(["finetune@audio-*"], names)
+    # the finetune flow asks for both families; no joint budgets in the sweep is not an error
+    joint = FINETUNE_JOINT_STAGE.format(modality="image", budget="*", seed="*")
+    assert expand_targets(["finetune@image-*", joint], names) == names[1:3]
+    assert expand_targets([joint], [*names, "finetune-joint@image-5-0"]) == ["finetune-joint@image-5-0"]
 
 
 def test_torchrun_command_of_a_node() -> None:
@@ -145,12 +157,11 @@ def test_commit_refusal_says_when_dvc_lock_could_not_record_the_run() -> None:
     assert "s3://b/shards" in commit_refusal("params.yaml", None, "default", "s3://b/shards")
 
 
-def test_pretrain_takes_joint_through_the_direct_runner() -> None:
-    from pipelines.flows import pretrain
-
-    with pytest.raises(ValueError, match="dvc.yaml has no joint pretraining stage; run it with runner='direct'"):
-        pretrain.fn("joint")
+def test_pretrain_takes_joint_through_both_runners() -> None:
     py = sys.executable
-    assert stage_command("pretrain", "joint", "direct", None, "params.yaml", ["pretrain@joint"]) == [
+    assert stage_command("pretrain", "joint", "dvc", None, "params.yaml", [PRETRAIN_JOINT_STAGE]) == [
+        py, "-m", "dvc", "repro", "pretrain-joint"
+    ]  # fmt: skip
+    assert stage_command("pretrain", "joint", "direct", None, "params.yaml", [PRETRAIN_JOINT_STAGE]) == [
         py, "-m", "d2v", "pretrain", "joint", "--params", "params.yaml"
     ]  # fmt: skip

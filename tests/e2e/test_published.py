@@ -31,7 +31,9 @@ def test_dvc_repro_from_a_published_model(project_copy: Path, published):
     params = yaml.safe_load((project_copy / "params.yaml").read_text())
     params["profile"] = "smoke"
     params["modalities"] = ["image"]
-    params["sweep"] = {"budgets": [5], "seeds": [0], "inits": ["pretrained", "scratch", "published"]}
+    params["sweep"] = {"budgets": [5], "seeds": [0], "inits": ["pretrained", "scratch", "published"],
+                       "joint_budgets": []}
+    params["joint"]["modalities"] = []  # a published model is one modality's: no joint arm
     params["pretrain"]["image"]["init"] = folder
     params["evaluate"]["image"]["probe_inits"] = ["pretrained", "scratch", "published"]
     # the folder's architecture; data2vec (1.0) as the published vision model (its relative positions need
@@ -56,6 +58,7 @@ def test_dvc_repro_from_a_published_model(project_copy: Path, published):
     assert f"starts from `{folder}` (data2vec-vision, 2 x 32" in md and "4 steps of continued pretraining" in md
     assert "continued pretraining − the published model" in md
     assert "| label budget | pretrained | scratch | published |" in md
+    assert "## The joint model" not in md and (project_copy / "checkpoints/pretrain/joint/OFF.txt").is_file()
 
     # DVC tracks the folder: nothing is stale, and a changed model reruns the image stages from shard on
     assert stale(project_copy) == set()

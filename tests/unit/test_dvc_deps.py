@@ -121,6 +121,27 @@ def test_each_stage_lists_the_code_it_runs(stage, modality):
     assert not missing, f"dvc.yaml stage {stage!r} runs {missing} but does not list it in deps"
 
 
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_the_joint_fine_tuning_lists_the_code_it_runs(modality):
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["finetune-joint"]
+    deps = stage_deps(body, modality)
+    code = closure({f"d2v/modalities/{modality}/__init__.py"}, "d2v/finetune.py")
+    other = [f"d2v/modalities/{m}/" for m in MODALITIES if m != modality]
+    missing = sorted(f for f in code if f not in INFRA and not covered(f, deps) and not f.startswith(tuple(other)))
+    assert not missing, f"dvc.yaml stage 'finetune-joint' runs {missing} but does not list it in deps"
+    assert "${paths.checkpoints}/pretrain/joint" in body["deps"]
+
+
+def test_the_joint_pretraining_lists_the_code_it_runs():
+    # it runs every modality's package, and reads every modality's params
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["pretrain-joint"]
+    deps = stage_deps(body, "")
+    code = closure({f"d2v/modalities/{m}/__init__.py" for m in MODALITIES}, "d2v/joint.py")
+    missing = sorted(f for f in code if f not in INFRA and not covered(f, deps))
+    assert not missing, f"dvc.yaml stage 'pretrain-joint' runs {missing} but does not list it in deps"
+    assert {"model", "pretrain", "joint"} <= set(body["params"])
+
+
 def test_each_stage_depends_on_the_selected_profile_only():
     # every stage reads the profile that overrides its sections, but not every preset: `profiles` whole
     # would copy all presets into each of the 49 stages' dvc.lock entries (DVC re-reads and rewrites that

@@ -32,7 +32,7 @@ from d2v.joint import (
     plan,
     stack_conflicts,
 )
-from d2v.load import joint_encoder_state, load_encoder
+from d2v.load import joint_encoder_state, joint_member, load_encoder
 from d2v.modalities import get
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,6 +153,7 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("joint")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     smoke = params["profiles"]["smoke"]
+    smoke.pop("joint", None)  # this file's own joint settings, below
     for m, steps in STEPS.items():
         smoke["pretrain"][m].update(steps=steps)
     params["joint"].update(transformer={**params["joint"]["transformer"], **TINY_STACK}, checkpoint_every=4,
@@ -399,3 +400,67 @@ def test_modality_norms_give_each_modality_its_own_layernorms_in_the_shared_bloc
     model.ema_step(1, {"image": 1})
     assert not all(torch.equal(a, b) for a, b in zip(before["image"], model.teacher_norms["image"].values()))
     assert all(torch.equal(a, b) for a, b in zip(before["text"], model.teacher_norms["text"].values()))
+
+
+def test_the_joint_arm_fine_tunes_is_evaluated_and_can_be_switched_off(project, tmp_path, capsys):
+    from d2v.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, symlinks=True)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["evaluate"]["image"]["probe_inits"] = ["joint"]  # the project has no separate image pretraining
+    params["sweep"]["joint_budgets"] = [5]
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = Path("checkpoints/finetune/image/b5-s0-joint")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(copy)
+        assert main(["finetune", "image", "--init", "joint", "--seed", "0"]) == 0  # budget: joint_budgets[0]
+        # the joint model's architecture and weights, not model.image's
+        assert checkpoint.read_meta(run)["model_config"] == checkpoint.read_meta(RUN)["model_config"]["image"]
+        assert main(["evaluate", "image", "--init", "joint", "--seed", "0"]) == 0
+        metrics = json.loads(Path("metrics/image.json").read_text())
+        assert "evaluate/joint/b5/s0/accuracy" in metrics and "probe/joint/s0/accuracy" in metrics
+        # a joint run without the modality is an error that says what to do
+        with pytest.raises(ValueError, match="not a joint pretraining of image .* add image to joint.modalities"):
+            joint_member(_only(RUN, ["audio", "text"]), "image")
+        # switched off: every joint stage still writes its outputs (DVC needs them), and nothing reads them
+        params["joint"]["modalities"] = []
+        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert main(["pretrain", "joint"]) == 0
+        assert sorted(p.name for p in RUN.iterdir()) == ["OFF.txt"]
+        assert json.loads(Path("metrics/pretrain/joint.json").read_text()) == {}
+        assert main(["finetune", "image", "--init", "joint", "--seed", "0"]) == 0
+        assert sorted(p.name for p in run.iterdir()) == ["OFF.txt"]
+        assert main(["evaluate", "image", "--init", "joint", "--seed", "0"]) == 0
+        said = capsys.readouterr().out
+        assert "the joint arm is off" in said
+        assert json.loads(Path("metrics/image.json").read_text()) == {}
+
+
+def _only(run_dir: Path, keep: list[str]) -> Path:
+    """A copy of the joint run whose meta.json lists only ``keep``."""
+    other = run_dir.parent / "joint-partial"
+    shutil.copytree(run_dir, other)
+    step = checkpoint.resolve(other)
+    meta = json.loads((step / "meta.json").read_text())
+    meta["model_config"] = {m: meta["model_config"][m] for m in keep}
+    (step / "meta.json").write_text(json.dumps(meta))
+    return other
+
+
+def test_export_hf_writes_a_joint_models_encoder_where_transformers_has_its_architecture(project, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from d2v.cli import main
+
+    out = tmp_path / "text-hf"
+    assert main(["export-hf", str(project / RUN), str(out), "--modality", "text"]) == 0
+    hf = transformers.Data2VecTextModel.from_pretrained(out).eval()
+    enc = load_encoder(project / RUN, modality="text")
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with torch.no_grad():
+        ours, _ = enc.features(ids, torch.zeros_like(ids, dtype=torch.bool))
+        theirs = hf(input_ids=ids).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    # the joint stack is post-LN; transformers' vision class is pre-LN: said, and nothing written
+    assert main(["export-hf", str(project / RUN), str(tmp_path / "image-hf"), "--modality", "image"]) == 2
+    assert not (tmp_path / "image-hf").exists()

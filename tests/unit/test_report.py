@@ -368,3 +368,32 @@ def test_confusion_labels_take_names_from_the_manifest_label_map() -> None:
     assert report.label_names({"classes": ["cat", "dog"]}) == {"0": "cat", "1": "dog"}
     assert report.label_names({"labels": {"0": "cat"}}) == {"0": "cat"}
     assert report.label_names({"label_map": {"a": "b"}}) == {} and report.label_names(None) == {}
+
+
+def test_the_joint_arm_gets_a_column_the_same_bar_and_its_parameter_counts(fixture_root: Path) -> None:
+    audio = json.loads((fixture_root / "metrics/audio.json").read_text())
+    joint_acc = (0.60, 0.58, 0.63)
+    audio |= {f"evaluate/joint/b5/s{s}/accuracy": v for s, v in zip(SEEDS, joint_acc)}
+    audio |= {f"probe/joint/s{s}/accuracy": v for s, v in enumerate((0.50, 0.52, 0.49))}
+    (fixture_root / "metrics/audio.json").write_text(json.dumps(audio))
+    for m, stack in (("audio", 100), ("image", 100)):
+        pre = json.loads((fixture_root / f"metrics/pretrain/{m}.json").read_text())
+        pre |= {"pretrain/encoder_params": stack + 20, "pretrain/stack_params": stack}
+        (fixture_root / f"metrics/pretrain/{m}.json").write_text(json.dumps(pre))
+    joint = {"pretrain/steps": 60, "pretrain/stack_params": 100, "pretrain/updates_audio": 40,
+             "pretrain/updates_image": 20, "pretrain/encoder_params_audio": 120, "pretrain/encoder_params_image": 125}
+    _write(fixture_root / "metrics/pretrain/joint.json", json.dumps(joint))
+    params = make_params(sweep={"budgets": [5, 50], "seeds": list(SEEDS), "inits": ["pretrained", "scratch"],
+                                "joint_budgets": [5]})  # fmt: skip
+    md, _, _ = render(fixture_root, params)
+    said = dict(re.findall(r"\*\*(\w+)\*\* — does the joint model pay off\? (yes|\*\*no\*\*|undecided)", md))
+    assert said == {"audio": "yes"}  # the same bar as pretrained; image has no joint runs
+    assert "the joint model − the separate one" in md
+    # the joint arm is one more column of the fine-tuning table, its mean over the seeds
+    assert "| label budget | pretrained | scratch | joint |" in md and "60.3" in md
+    section = md.split("## The joint model", 1)[1].split("\n## ", 1)[0]
+    assert "200 in the separate models' stacks, 100 in the joint model's one stack (0.50 of them)" in section
+    assert "| audio | 120 | 100 | 120 | 40 | 40 |" in section
+    # a report without a joint arm says nothing about one
+    (fixture_root / "metrics/pretrain/joint.json").unlink()
+    assert "## The joint model" not in render(fixture_root)[0]

@@ -215,7 +215,9 @@ def test_cli_pretrain_resume_and_finetune_on_image_shards(tmp_path, monkeypatch,
     assert meta["preprocessing"]["image_size"] == 28 and meta["config"]["steps"] == 4
     metrics = json.loads((tmp_path / "metrics" / "pretrain" / "image.json").read_text())
     logged = ("loss", "target_var", "pred_var", "lr", "tau", "steps", "seconds", "samples_per_s")
-    assert set(metrics) == {f"pretrain/{k}" for k in logged}
+    counts = ("encoder_params", "stack_params")  # the report's parameter counts (the joint model's section)
+    assert set(metrics) == {f"pretrain/{k}" for k in (*logged, *counts)}
+    assert 0 < metrics["pretrain/stack_params"] < metrics["pretrain/encoder_params"]
     # the report's run-time table: wall seconds of training, and the samples/s they imply (batch 8, 4 steps)
     assert metrics["pretrain/seconds"] > 0
     assert metrics["pretrain/samples_per_s"] == pytest.approx(32 / metrics["pretrain/seconds"], rel=1e-3)

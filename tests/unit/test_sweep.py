@@ -54,3 +54,18 @@ def test_planned_runs_from_sweep_and_cli_filters():
     assert default == [Run("pretrained", 3, 2), Run("scratch", 3, 2)]
     with pytest.raises(ConfigError, match="sweep.budgets"):
         from_dict(SweepConfig, {"budgets": [0]})
+
+
+def test_the_joint_arm_runs_at_its_own_budgets_under_its_own_stage_name():
+    sweep = from_dict(SweepConfig, {"budgets": [5, 1.0], "seeds": [0, 1], "joint_budgets": [5]})
+    runs = planned_runs(sweep)
+    assert [r for r in runs if r.init == "joint"] == [Run("joint", 5, 0), Run("joint", 5, 1)]
+    assert len(runs) == 2 * 2 * 2 + 2
+    assert planned_runs(sweep, init="joint", seed=1) == [Run("joint", 5, 1)]
+    assert Run("joint", 5, 1).stage("text") == "finetune-joint@text-5-1"
+    assert Run("joint", 5, 1).name == "b5-s1-joint"  # its folder and metric keys follow the others'
+    assert not any(r.init == "joint" for r in planned_runs(from_dict(SweepConfig, {"seeds": [0]})))
+    with pytest.raises(ConfigError, match="sweep.joint_budgets"):
+        from_dict(SweepConfig, {"inits": ["pretrained", "joint"]})
+    with pytest.raises(ConfigError, match="joint_budgets"):
+        from_dict(SweepConfig, {"joint_budgets": [0]})
