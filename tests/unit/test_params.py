@@ -19,7 +19,7 @@ def test_repo_params_are_valid(profile):
     assert check_all(load_params(ROOT / "params.yaml", profile)) == 0
 
 
-PAPER_PROFILES = {"paper-base-v1": "data2vec", "paper-base-v2": "data2vec2"}
+PAPER_PROFILES = {"paper-base-v1": "data2vec", "paper-base-v2": "data2vec2", "paper-base-joint": "data2vec2"}
 """The papers' Base recipes (params.yaml comments give their sources and costs)."""
 
 
@@ -46,6 +46,21 @@ def test_a_paper_profile_is_the_base_recipe_of_its_algorithm_on_the_users_data(p
         == get("image").model_config(params["model"]["image"]).image_size
     )
     assert params["shard"]["text"]["vocab_size"] == 50265  # RoBERTa's BPE size, the base preset's table
+    from d2v.joint import joint_section, member_config
+
+    joint = joint_section(params)
+    if profile != "paper-base-joint":  # the separate models only: no second, small-width pretraining
+        assert joint.modalities == ()
+        return
+    # the joint run: every modality at Base width, each per-GPU micro-batch a whole number on 8 GPUs
+    assert joint.modalities == MODALITIES and (joint.transformer.dim, joint.transformer.depth) == (768, 12)
+    for m in MODALITIES:
+        base = get(m).model_config(params["model"][m])
+        assert member_config(base, joint).transformer.dim == base.transformer.dim
+        assert section(params, "pretrain", PretrainConfig, m).batch_size % (8 * joint.grad_accum) == 0
+    v2 = load_params(ROOT / "params.yaml", "paper-base-v2")
+    same = {k: v for k, v in params.items() if k not in ("joint", "profile")}
+    assert same == {k: v for k, v in v2.items() if k not in ("joint", "profile")}  # v2, and a joint run
 
 
 @pytest.mark.parametrize(
