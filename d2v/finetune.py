@@ -249,9 +249,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     head, mask = modality_options(cfg, m)
     seed = int(params.get("seed", 0)) if args.seed is None else int(args.seed)
     init = getattr(args, "init", None) or PRETRAINED
-    sweep = section(params, "sweep", SweepConfig)
-    listed = (sweep.joint_budgets or sweep.budgets) if init == JOINT else sweep.budgets
-    run = Run(init, parse_budget(args.budget, listed[0]), seed)
+    run = Run(init, parse_budget(args.budget, section(params, "sweep", SweepConfig).budgets_of(init)[0]), seed)
     paths = section(params, "paths", PathsConfig)
     shard_dir = shard_location(paths.shards, m)
     pretrain_dir = arm_dir(paths.checkpoints, m, run.init)
@@ -259,8 +257,8 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     run_dir = Path(paths.checkpoints) / "finetune" / m / run.name
     metrics_file = Path(paths.metrics) / "finetune" / m / f"{run.name}.json"
     if run.init == JOINT and checkpoint.is_off(pretrain_dir):  # joint.modalities: [] (the stage still has outputs)
-        checkpoint.write_off(run_dir, f"finetune {m} {run.name}: the joint arm is off (joint.modalities: [])\n",
-                         metrics_file)  # fmt: skip
+        note = f"finetune {m} {run.name}: the joint arm is off (joint.modalities: [])\n"
+        checkpoint.write_off(run_dir, note, metrics_file)
         return 0
     if run.init == JOINT:  # the architecture is the joint run's: its shared stack around m's own parts
         source, member = joint_member(pretrain_dir, m)

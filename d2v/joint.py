@@ -514,8 +514,8 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
     paths = section(params, "paths", PathsConfig)
     if not cfg.modalities:
         checkpoint.write_off(Path(paths.checkpoints) / "pretrain" / JOINT, OFF_NOTE,
-                         Path(paths.metrics) / "pretrain" / f"{JOINT}.json",
-                         Path(paths.plots) / "pretrain" / f"{JOINT}.csv")  # fmt: skip
+                             Path(paths.metrics) / "pretrain" / f"{JOINT}.json",
+                             Path(paths.plots) / "pretrain" / f"{JOINT}.csv")  # fmt: skip
         return 0
     models = params.get("model") or {}
     own_stack = {m: ((models.get(m) or {}).get("transformer") or {}) for m in cfg.modalities}

@@ -102,6 +102,11 @@ class SweepConfig:
                 "checkpoint): list its budgets in sweep.joint_budgets instead"
             )
 
+    def budgets_of(self, init: str) -> tuple[Budget, ...]:
+        """The budgets arm ``init`` runs at: ``joint_budgets`` for the joint arm (``budgets`` when it has
+        none: ``d2v finetune --init joint`` alone), ``budgets`` for the others."""
+        return (self.joint_budgets or self.budgets) if init == JOINT else self.budgets
+
 
 @dataclass(frozen=True)
 class Run:
@@ -150,7 +155,7 @@ def planned_runs(
         raise ConfigError(f"sweep.inits / --init: {bad} not in {list(INITS)}")
     runs = []
     for i in inits:
-        listed = (sweep.joint_budgets or sweep.budgets) if i == JOINT else sweep.budgets
+        listed = sweep.budgets_of(i)
         budgets = [parse_budget(budget, listed[0])] if budget is not None else list(listed)
         runs += [Run(i, b, s) for b in budgets for s in seeds]
     return runs
