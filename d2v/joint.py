@@ -507,7 +507,7 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
     from d2v.data.remote import shard_location
     from d2v.data.shards import manifest_sha256, preprocessing_files
     from d2v.initialize import model_config
-    from d2v.pretrain import PretrainConfig, param_counts, pretrain_loader
+    from d2v.pretrain import PretrainConfig, pretrain_loader
 
     cfg = joint_section(params)
     seed = int(params.get("seed", 0)) if cfg.seed is None else cfg.seed
@@ -560,11 +560,14 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
              for k, v in preprocessing_files(manifests[m], shard_dirs[m]).items()}  # fmt: skip
     run_dir = Path(paths.checkpoints) / "pretrain" / JOINT
     job = joint_job(model, cfg, stage_cfgs, loaders, updates, run_dir, meta, files=files)
-    # the stack is counted once; each modality's encoder (what fine-tuning loads) includes it
-    info_of_run: dict[str, int] = {"stack_params": sum(p.numel() for p in model.stack.parameters())}
+    # the stack is counted once; each modality's encoder (what fine-tuning loads) is its own parameters and
+    # the stack (a member does not own it: share_stack)
+    stack_params = sum(p.numel() for p in model.stack.parameters())
+    info_of_run: dict[str, int] = {"stack_params": stack_params}
     for m in cfg.modalities:
         info_of_run[f"updates_{m}"] = batches[m]
-        info_of_run[f"encoder_params_{m}"] = param_counts(model.members[m].student)["encoder_params"]
+        own = sum(p.numel() for p in model.members[m].student.parameters())
+        info_of_run[f"encoder_params_{m}"] = own + stack_params
     outputs = runner.Outputs(
         Path(paths.metrics) / "pretrain" / f"{JOINT}.json", Path(paths.plots) / "pretrain" / f"{JOINT}.csv",
         batch_size=round(sum(stage_cfgs[m].batch_size * batches[m] for m in batches) / len(updates)),

@@ -196,6 +196,10 @@ def test_load_encoder_of_a_modality_is_the_joint_models_own_encoder(project, m):
     model.eval()
     enc = load_encoder(project / RUN, modality=m)
     assert type(enc) is type(model.members[m].student)
+    # the report's parameter count of the modality's encoder: its own parts and the shared stack
+    metrics = json.loads((project / "metrics/pretrain/joint.json").read_text())
+    assert metrics[f"pretrain/encoder_params_{m}"] == sum(p.numel() for p in enc.parameters())
+    assert metrics["pretrain/stack_params"] == sum(p.numel() for p in model.stack.parameters())
     assert enc.state_dict().keys() == joint_encoder_state(weights, m, enc.stack_attr).keys()
     items = {"audio": [torch.randn(8000).numpy()], "image": [torch.rand(28, 28).numpy()], "text": ["a b c"]}[m]
     batch = enc.preprocessing(items)  # the checkpoint's own preprocessing, from the modality's folder
