@@ -43,6 +43,7 @@ from d2v.data.loader import read_manifest
 from d2v.data.remote import shard_location
 from d2v.evaluate import EvaluateConfig, probe
 from d2v.load import load_encoder
+from d2v.modalities import MODALITIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_recipe import run as finetune_arms  # noqa: E402
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     project = args.project.resolve()
     changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    if not (load_params(project / "params.yaml").get("joint") or {}).get("modalities"):
+        # the demo leaves the joint arm off; this benchmark is that arm, for every modality unless told
+        changes.setdefault("joint.modalities", list(MODALITIES))
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     rows: list[dict[str, Any]] = []
 

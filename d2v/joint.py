@@ -58,10 +58,10 @@ def _joint_transformer() -> TransformerConfig:
 class JointConfig:
     """The ``joint`` section: what the modalities share in ``d2v pretrain joint``."""
 
-    modalities: tuple[str, ...] = MODALITIES
-    """The modalities pretrained together (each with its ``model.<m>``, ``pretrain.<m>`` and shards); ()
-    switches the joint arm off: ``d2v pretrain joint`` then writes an empty run folder that says so (the
-    ``pretrain-joint`` stage of dvc.yaml still has its outputs), and nothing reads it."""
+    modalities: tuple[str, ...] = ()
+    """The modalities pretrained together (each with its ``model.<m>``, ``pretrain.<m>`` and shards). ()
+    (the default) switches the joint arm off: ``d2v pretrain joint`` then writes a run folder holding only a
+    note (the ``pretrain-joint`` stage of dvc.yaml still has its outputs), and nothing reads it."""
     transformer: TransformerConfig = field(default_factory=_joint_transformer)
     """The one block stack every modality runs (it replaces ``model.<m>.transformer``)."""
     mixing: Mixing = "interleave"

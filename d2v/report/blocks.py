@@ -12,6 +12,7 @@ from d2v.report.build import ModalityResult, Plot, Report
 from d2v.report.fmt import budget_phrase, fmt_cell, fmt_diff, fmt_num
 from d2v.report.narrative import summary_sentences
 from d2v.report.stats import LOWER_IS_BETTER, MIN_PRED_VAR, MIN_TARGET_VAR, RATE_METRICS, compare, init_key
+from d2v.sweep import JOINT
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,9 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
             rows.append(
                 (
                     budget_phrase(c.budget, g.task),
-                    *(fmt_cell(c.cells.get(i), g.is_rate) for i in g.inits),
+                    # the joint arm runs at sweep.joint_budgets only: elsewhere not run, not missing
+                    *("—" if i == JOINT and i not in c.cells else fmt_cell(c.cells.get(i), g.is_rate)
+                      for i in g.inits),  # fmt: skip
                     diff,
                     ci,
                     c.verdict,

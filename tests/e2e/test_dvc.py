@@ -42,6 +42,7 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     params["profile"] = "smoke"
     # one budget, two seeds: every code path of the sweep (seed spread, the report's CI) at half the stages
     params["sweep"]["budgets"], params["sweep"]["seeds"] = [5], [0, 1]
+    params["joint"]["modalities"] = list(MODALITIES)  # the joint arm, off in the default demo
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     run([*DVC, "repro"], project_copy)

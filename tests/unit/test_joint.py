@@ -57,11 +57,12 @@ def test_interleave_gives_each_modality_exactly_its_updates_spread_over_the_run(
 
 def test_the_plan_of_each_mixing():
     counts = {"audio": 4, "image": 2, "text": 3}
-    inter = plan(from_dict(JointConfig, {}, "joint"), counts, seed=0)
+    every_modality = {"modalities": ["audio", "image", "text"]}
+    inter = plan(from_dict(JointConfig, every_modality, "joint"), counts, seed=0)
     assert [u for (u,) in inter] == interleave(counts, 0)
     every = plan(from_dict(JointConfig, {"mixing": "all", "modalities": ["image", "text"]}, "joint"), counts, 0)
     assert every == [("image", "text")] * 3  # the largest count of the modalities run
-    assert len(plan(from_dict(JointConfig, {"mixing": "all", "steps": 7}, "joint"), counts, 0)) == 7
+    assert len(plan(from_dict(JointConfig, {**every_modality, "mixing": "all", "steps": 7}, "joint"), counts, 0)) == 7
     with pytest.raises(Exception, match="steps: 7 is for mixing: all"):
         from_dict(JointConfig, {"steps": 7}, "joint")
 
@@ -156,7 +157,8 @@ def project(tmp_path_factory) -> Path:
     smoke.pop("joint", None)  # this file's own joint settings, below
     for m, steps in STEPS.items():
         smoke["pretrain"][m].update(steps=steps)
-    params["joint"].update(transformer={**params["joint"]["transformer"], **TINY_STACK}, checkpoint_every=4,
+    params["joint"].update(modalities=list(STEPS), transformer={**params["joint"]["transformer"], **TINY_STACK},
+                           checkpoint_every=4,
                            keep_checkpoints=3, log_every=2, precision="fp32")  # fmt: skip
     params["tracking"]["mode"] = "disabled"
     params["profile"] = "smoke"
