@@ -454,7 +454,10 @@ def prepare_run_dir(
     so the same params always give the same result. A checkpoint of another modality/kind here means a
     wrong path: ValueError before any work. ``remove``: False on ranks other than 0 (they only decide).
     The last checkpoint is the newest intact one: damaged newer ones are set aside (:func:`latest_intact`).
+    A switched-off arm's note (:func:`write_off`, a persisted folder) goes: the run now writes real weights.
     """
+    if remove:
+        Path(run_dir, OFF).unlink(missing_ok=True)
     last = latest_intact(run_dir, set_aside=remove)
     if last is None:
         return False

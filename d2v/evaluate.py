@@ -226,14 +226,13 @@ def preflight(
         except ValueError as e:
             print(f"evaluate {modality}: no joint arm in the probes: {e}")
     tasks = manifest.get("tasks") or {}
-    labelled = [t for t, e in tasks.items() if e.get("target") == "label"]
     ctc = runs_ctc_probe(cfg, manifest)
     if cfg.ctc_probe_budget is not None and cfg.probe_inits and not ctc:
         # the default asks for it (the demo's speech has transcripts); a user's class folders have none
         print(f"evaluate {modality}: {shard_dir} has no transcribed ('ctc') task, so no CTC probe "
               f"(evaluate.{modality}.ctc_probe_budget applies to speech with transcripts)")  # fmt: skip
     probes = []  # (train split, budget) of each probe that will run: the linear one, the CTC one
-    if cfg.probe_inits and labelled:
+    if cfg.probe_inits and _labelled(manifest):
         probes.append((split_of(tasks[_probe_task(manifest)], "train"), cfg.probe_budget))
     if ctc:
         probes.append((split_of(tasks["ctc"], "train"), cfg.ctc_probe_budget))

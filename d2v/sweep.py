@@ -137,6 +137,11 @@ def finetune_stage(modality: str, budget: Budget | str, seed: int | str, init: s
     return FINETUNE_STAGE.format(modality=modality, budget=budget, seed=seed, init=init)
 
 
+def pretrain_stage(target: str) -> str:
+    """``pretrain@<m>`` for a modality, ``pretrain-joint`` for ``joint``."""
+    return PRETRAIN_JOINT_STAGE if target == JOINT else f"pretrain@{target}"
+
+
 def probe_key(init: Init, metric: str) -> str:
     """``probe/<init>/<metric>`` or, per probe seed, ``probe/<init>/s<seed>/<metric>``: the linear probe of
     frozen features (parsed back by :data:`PROBE_KEY`)."""

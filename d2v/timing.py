@@ -14,8 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from d2v.modalities import JOINT
-from d2v.sweep import PRETRAIN_JOINT_STAGE, finetune_stage
+from d2v.sweep import finetune_stage, pretrain_stage
 
 TIMINGS_DIR = Path("timings")
 """Relative to the project (the directory the stage runs in, as under ``dvc repro``)."""
@@ -46,8 +45,8 @@ def stage_name(command: str, modality: str | None = None, budget: str | None = N
         return command
     if command == "finetune" and budget is not None and seed is not None and init is not None:
         return finetune_stage(modality, budget, seed, init)
-    if command == "pretrain" and modality == JOINT:
-        return PRETRAIN_JOINT_STAGE
+    if command == "pretrain":
+        return pretrain_stage(modality)
     return f"{command}@{modality}"
 
 

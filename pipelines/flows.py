@@ -35,7 +35,7 @@ from prefect.exceptions import ObjectNotFound
 
 from d2v.config import PathsConfig, load_params, load_yaml, section
 from d2v.modalities import JOINT, MODALITIES
-from d2v.sweep import FINETUNE_JOINT_STAGE, FINETUNE_STAGE, PRETRAIN_JOINT_STAGE, Init
+from d2v.sweep import FINETUNE_JOINT_STAGE, FINETUNE_STAGE, Init, pretrain_stage
 
 Modality = Literal["audio", "image", "text"]
 assert get_args(Modality) == MODALITIES, "keep Modality in step with d2v.modalities.MODALITIES"
@@ -375,8 +375,7 @@ def pretrain(
 ) -> None:
     """data2vec pretraining of one modality (``pretrain@<modality>`` and its stale upstream stages), or
     ``joint``: one Transformer for every modality of ``joint.modalities`` (``pretrain-joint``)."""
-    target = PRETRAIN_JOINT_STAGE if modality == JOINT else f"pretrain@{modality}"
-    _run("pretrain", modality, runner, profile, params_path, [target])
+    _run("pretrain", modality, runner, profile, params_path, [pretrain_stage(modality)])
 
 
 @flow(name="finetune")
@@ -516,7 +515,8 @@ def pretrain_multinode(
     node_deployment: str = NODE_DEPLOYMENT,
 ) -> dict[str, str]:
     """Pretrain one modality on ``nodes`` nodes: one ``pretrain_node`` run per node, each on its node's queue
-    (node-0 ... node-N-1), then ``dvc commit -f pretrain@<modality>`` (``pretrain-joint``) so that dvc.lock records the result.
+    (node-0 ... node-N-1), then ``dvc commit -f`` of its stage (``pretrain@<modality>``, ``pretrain-joint``) so
+    that dvc.lock records the result.
 
     ``rdzv_endpoint`` is ``HOST:PORT`` of node 0, whose agent hosts the rendezvous; ``rdzv_id`` defaults to
     this flow run's id, unique per run. Returns each node run's final state; raises if one did not complete.
@@ -554,7 +554,7 @@ def pretrain_multinode(
         raise RuntimeError(f"node run(s) did not complete: {failed}; each node run's log says why")
 
     paths = _paths(params_path, profile)
-    stage = PRETRAIN_JOINT_STAGE if modality == JOINT else f"pretrain@{modality}"
+    stage = pretrain_stage(modality)
     file_profile = load_yaml(PROJECT_DIR / DVC_PARAMS).get("profile") or "default"
     reason = commit_refusal(params_path, profile, file_profile, str(paths.shards))
     if reason:

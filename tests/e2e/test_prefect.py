@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect_helpers import PREFECT, api_call, prefect_cli, start, stop, tail
 
+from d2v.sweep import pretrain_stage
 from pipelines.flows import (
     FINETUNE_JOINT_STAGE,
     FINETUNE_STAGE,
-    PRETRAIN_JOINT_STAGE,
     d2v_command,
     dvc_command,
     expand_targets,
@@ -159,9 +160,12 @@ def test_commit_refusal_says_when_dvc_lock_could_not_record_the_run() -> None:
 
 def test_pretrain_takes_joint_through_both_runners() -> None:
     py = sys.executable
-    assert stage_command("pretrain", "joint", "dvc", None, "params.yaml", [PRETRAIN_JOINT_STAGE]) == [
+    assert pretrain_stage("joint") == "pretrain-joint" and pretrain_stage("image") == "pretrain@image"
+    assert stage_command("pretrain", "joint", "dvc", None, "params.yaml", [pretrain_stage("joint")]) == [
         py, "-m", "dvc", "repro", "pretrain-joint"
     ]  # fmt: skip
-    assert stage_command("pretrain", "joint", "direct", None, "params.yaml", [PRETRAIN_JOINT_STAGE]) == [
+    assert stage_command("pretrain", "joint", "direct", None, "params.yaml", [pretrain_stage("joint")]) == [
         py, "-m", "d2v", "pretrain", "joint", "--params", "params.yaml"
     ]  # fmt: skip
+    # dvc.yaml has the stage the flow names
+    assert "pretrain-joint" in yaml.safe_load((Path(__file__).parents[2] / "dvc.yaml").read_text())["stages"]

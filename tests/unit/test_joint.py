@@ -441,6 +441,13 @@ def test_the_joint_arm_fine_tunes_is_evaluated_and_can_be_switched_off(project, 
         said = capsys.readouterr().out
         assert "the joint arm is off" in said
         assert json.loads(Path("metrics/image.json").read_text()) == {}
+        # on again (DVC persists the folders): the notes go, and the arm is fine-tuned and scored again
+        params["joint"]["modalities"] = list(STEPS)
+        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert main(["pretrain", "joint"]) == 0 and main(["finetune", "image", "--init", "joint", "--seed", "0"]) == 0
+        assert not checkpoint.is_off(RUN) and not checkpoint.is_off(run)
+        assert main(["evaluate", "image", "--init", "joint", "--seed", "0"]) == 0
+        assert "evaluate/joint/b5/s0/accuracy" in json.loads(Path("metrics/image.json").read_text())
 
 
 def _only(run_dir: Path, keep: list[str]) -> Path:
