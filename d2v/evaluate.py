@@ -38,9 +38,9 @@ from d2v.metrics import (
     accuracy,
     ctc_probe,
     frame_features,
-    layer_features,
     linear_probe,
     macro_f1,
+    pooled_layer_features,
     task_metrics,
 )
 from d2v.modalities import get
@@ -79,6 +79,10 @@ class EvaluateConfig:
     probe_eval_budget: int | float | None = None
     """Valid and test items the probe scores, per class (int) or a fraction (float); None: all. A fixed
     draw (the params seed), the same for every encoder: for large test sets on a CPU."""
+    probe_pools: tuple[Literal["mean", "first"], ...] = ("mean",)
+    """How the per-layer probe pools each layer's tokens, as ``embed``'s ``pool``: 'mean' over the tokens
+    (the headline probe and ``embed``'s default) and, listed too, 'first' the first token (text's ``<s>``,
+    vision's CLS): ``first_layer<i>_accuracy``."""
     probe_seeds: tuple[int, ...] = (0, 1, 2)
     """One probe per seed, each on its own draw of ``probe_budget`` training labels: the report's spread
     and confidence interval. Test sets of a few hundred items alone move accuracy by about 2 points."""
@@ -104,6 +108,8 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.probe_inits has duplicates: {list(self.probe_inits)}")
         if (self.ctc_probe_budget is not None and self.ctc_probe_budget < 1) or self.ctc_probe_steps < 1:
             raise ConfigError("evaluate: ctc_probe_budget (clips) and ctc_probe_steps must be >= 1")
+        if "mean" not in self.probe_pools or len(set(self.probe_pools)) != len(self.probe_pools):
+            raise ConfigError(f"probe_pools: distinct pools including 'mean' expected, got {list(self.probe_pools)}")
         if not self.probe_seeds or len(set(self.probe_seeds)) != len(self.probe_seeds):
             raise ConfigError(f"probe_seeds must be distinct and at least one, got {list(self.probe_seeds)}")
 
@@ -232,8 +238,8 @@ def preflight(
         print(f"evaluate {modality}: {shard_dir} has no transcribed ('ctc') task, so no CTC probe "
               f"(evaluate.{modality}.ctc_probe_budget applies to speech with transcripts)")  # fmt: skip
     probes = []  # (train split, budget) of each probe that will run: the linear one, the CTC one
-    if cfg.probe_inits and _labelled(manifest):
-        probes.append((split_of(tasks[_probe_task(manifest)], "train"), cfg.probe_budget))
+    if cfg.probe_inits:
+        probes += [(split_of(tasks[t], "train"), cfg.probe_budget) for t in probe_tasks(manifest)]
     if ctc:
         probes.append((split_of(tasks["ctc"], "train"), cfg.ctc_probe_budget))
     probe_steps: dict[Init, Path] = {}
@@ -351,10 +357,17 @@ def _labelled(manifest: dict[str, Any]) -> bool:
 
 
 def _probe_task(manifest: dict[str, Any]) -> str:
-    """The labelled task the probe uses: 'classification', else the first task with labels."""
+    """The labelled task the probe's headline metrics (``probe/<init>/accuracy``) come from:
+    'classification', else the first task with labels."""
+    return probe_tasks(manifest)[0]
+
+
+def probe_tasks(manifest: dict[str, Any]) -> list[str]:
+    """Every labelled task of the shards, the headline one (:func:`_probe_task`) first: each gets a probe.
+    The others' metrics are named ``<task>_<metric>`` (``sentiment_accuracy``, ``sentiment_layer3_accuracy``)."""
     tasks = manifest.get("tasks") or {}
-    labelled = [t for t, e in tasks.items() if e.get("target") == "label"]
-    return "classification" if "classification" in labelled else labelled[0]
+    labelled = sorted(t for t, e in tasks.items() if e.get("target") == "label")
+    return sorted(labelled, key=lambda t: t != "classification")
 
 
 def probe_metrics(
@@ -371,11 +384,15 @@ def probe_metrics(
     pretrained one, a fresh one of the same architecture (seed ``seed``), the joint model's."""
 
     out: dict[str, float] = {}
+    tasks = probe_tasks(manifest)
     for init, step in probe_steps.items():
         encoder = arm_encoder(init, step, seed, modality)
-        for metric, value in probe(encoder, manifest, shard_dir, cfg, seed, device).items():
-            if "/" in metric:  # the per-seed values; the report computes means, spreads and intervals
-                out[probe_key(init, metric)] = value
+        for task in tasks:
+            name = "" if task == tasks[0] else f"{task}_"
+            for metric, value in probe(encoder, manifest, shard_dir, cfg, seed, device, task).items():
+                if "/" in metric:  # the per-seed values; the report computes means, spreads and intervals
+                    s, m = metric.split("/", 1)
+                    out[probe_key(init, f"{s}/{name}{m}")] = value
     return out
 
 
@@ -386,22 +403,27 @@ def probe(
     cfg: EvaluateConfig,
     seed: int,
     device: torch.device,
+    task: str | None = None,
 ) -> dict[str, float]:
-    """The linear probe of ``encoder``'s frozen features: logistic regression on mean-pooled block outputs.
+    """The linear probe of ``encoder``'s frozen features on ``task`` (None: :func:`_probe_task`): logistic
+    regression on pooled block outputs.
 
     For each of ``cfg.probe_seeds``: train on a draw of ``cfg.probe_budget`` labels per class of the train
     split, pick the layer (``cfg.probe_layer``) on the valid split, score it on the test split. Returns
-    ``s<seed>/{accuracy, macro_f1, layer}`` (layer: 1..L a block, L + 1 the final output), the test
-    accuracy of every layer ``s<seed>/layer<i>_accuracy`` (the per-layer probe), and ``accuracy`` /
-    ``macro_f1``: the means over the seeds.
+    ``s<seed>/{accuracy, macro_f1, layer}`` (layer: 1..L a block, L + 1 the final output, mean-pooled), the
+    test accuracy of every layer ``s<seed>/layer<i>_accuracy`` (the per-layer probe; with 'first' in
+    ``cfg.probe_pools`` also ``s<seed>/first_layer<i>_accuracy``), ``s<seed>/embed_accuracy`` (the
+    features ``embed`` gives by default: the final output, mean-pooled) and ``accuracy`` / ``macro_f1``:
+    the means over the seeds.
     """
-    entry = manifest["tasks"][_probe_task(manifest)]
+    entry = manifest["tasks"][task or _probe_task(manifest)]
     n = len(entry["labels"])
 
-    def features(split: str, budget: int | float | None, draw: int) -> tuple[Tensor, Tensor]:
+    def features(split: str, budget: int | float | None, draw: int) -> tuple[dict[str, Tensor], Tensor]:
         loader = build_loader(shard_dir, split, encoder.config, eval_spec(cfg, draw, budget))
         sized = manifest if budget is None else None  # a budgeted draw is smaller than the split
-        return layer_features(encoder, progress(loader, f"probe features: {split}", sized, split), device)
+        batches = progress(loader, f"probe features: {split}", sized, split)
+        return pooled_layer_features(encoder, batches, device, cfg.probe_pools)
 
     was_training = encoder.training
 
@@ -417,26 +439,31 @@ def probe(
         valid = split_of(entry, "valid")
         valid_x, valid_y = features(valid, eval_budget(valid), seed)
     else:
-        valid_x, valid_y = test_x[:, :0], test_y[:0]
+        valid_x, valid_y = {p: x[:, :0] for p, x in test_x.items()}, test_y[:0]
     out: dict[str, float] = {}
     for s in cfg.probe_seeds:
         train_x, train_y = features(split_of(entry, "train"), cfg.probe_budget, seed + s)
-        valid_acc, test_pred = [], []
-        for layer in range(len(train_x)):  # one fit per layer, scored on valid and test at once
-            eval_x = torch.cat([valid_x[layer], test_x[layer]])
-            pred = linear_probe(
-                train_x[layer], train_y, eval_x, n, l2=cfg.probe_l2, max_iter=cfg.probe_max_iter
-            )
-            v, t = pred[: len(valid_y)], pred[len(valid_y) :]
-            valid_acc.append(accuracy(v, valid_y) if len(valid_y) else 0.0)
-            test_pred.append(t)
-            out[f"s{s}/layer{layer + 1}_accuracy"] = accuracy(t, test_y)
-        last = len(train_x) - 1
-        best = max(range(len(train_x)), key=lambda i: (valid_acc[i], i)) if has_valid else last
-        chosen = best if cfg.probe_layer == "best" else last
-        out[f"s{s}/accuracy"] = accuracy(test_pred[chosen], test_y)
-        out[f"s{s}/macro_f1"] = macro_f1(test_pred[chosen], test_y, n)
-        out[f"s{s}/layer"] = float(chosen + 1)
+        for pool in cfg.probe_pools:
+            valid_acc, test_pred = [], []
+            tag = "" if pool == "mean" else f"{pool}_"
+            for layer in range(len(train_x[pool])):  # one fit per layer, scored on valid and test at once
+                eval_x = torch.cat([valid_x[pool][layer], test_x[pool][layer]])
+                pred = linear_probe(
+                    train_x[pool][layer], train_y, eval_x, n, l2=cfg.probe_l2, max_iter=cfg.probe_max_iter
+                )
+                v, t = pred[: len(valid_y)], pred[len(valid_y) :]
+                valid_acc.append(accuracy(v, valid_y) if len(valid_y) else 0.0)
+                test_pred.append(t)
+                out[f"s{s}/{tag}layer{layer + 1}_accuracy"] = accuracy(t, test_y)
+            if pool != "mean":
+                continue
+            last = len(test_pred) - 1
+            best = max(range(len(test_pred)), key=lambda i: (valid_acc[i], i)) if has_valid else last
+            chosen = best if cfg.probe_layer == "best" else last
+            out[f"s{s}/accuracy"] = accuracy(test_pred[chosen], test_y)
+            out[f"s{s}/macro_f1"] = macro_f1(test_pred[chosen], test_y, n)
+            out[f"s{s}/layer"] = float(chosen + 1)
+            out[f"s{s}/embed_accuracy"] = out[f"s{s}/layer{last + 1}_accuracy"]  # embed's default features
     encoder.train(was_training)
     for metric in ("accuracy", "macro_f1"):
         out[metric] = sum(out[f"s{s}/{metric}"] for s in cfg.probe_seeds) / len(cfg.probe_seeds)

@@ -15,6 +15,11 @@ updates (fairseq ``freeze_finetune_updates``); the audio conv feature encoder is
 
 from __future__ import annotations
 
+import copy
+import json
+import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +37,7 @@ from d2v.load import arm_dir, arm_encoder, build_finetune_model, head_config, jo
 from d2v.metrics import fit_logistic
 from d2v.modalities import get
 from d2v.optim import OptimConfig
+from d2v.precision import autocast
 from d2v.sweep import JOINT, PRETRAINED, PUBLISHED, Run, SweepConfig, parse_budget
 
 CURVE_FIELDS = ("step", "loss", "accuracy", "lr")
@@ -83,6 +89,17 @@ class FinetuneConfig(loop.LoopConfig):
     mask: dict[str, Any] | None = None
     """Mask the input while fine-tuning, checked by the modality's ``FinetuneMask`` (speech only: wav2vec
     2.0 fine-tuning, kept by data2vec); None: off."""
+    lr_grid: tuple[float, ...] = ()
+    """Multipliers of ``optim.lr`` that each run tries before it trains (:func:`search_lr`): one short run per
+    multiplier, all from the same start, scored on the task's valid split; the run then trains at the LR that
+    scored best (ties: the multiplier nearest 1). Every arm, budget and seed chooses its own, so the report
+    compares each arm at its best LR rather than at one shared recipe. Empty: ``optim.lr`` as it is."""
+    lr_grid_steps: int | None = None
+    """Updates of each short run (its schedule compressed to them: warm-up and decay as the full run's);
+    None: ``steps``."""
+    lr_grid_valid_budget: int | None = 50
+    """Valid items per class each short run is scored on (the first in the split's fixed order); None: the
+    whole valid split."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +115,19 @@ class FinetuneConfig(loop.LoopConfig):
                 f"finetune.head_init: probe fits a classifier's output layer; task {self.task!r} has none "
                 f"(use head_init: random)"
             )
+        if any(not m > 0 for m in self.lr_grid) or len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ConfigError(f"lr_grid: distinct multipliers > 0 expected, got {list(self.lr_grid)}")
+        if self.lr_grid and self.task != "classification":
+            raise ConfigError(
+                f"lr_grid: the short runs are scored by valid accuracy; task {self.task!r} has no classes "
+                f"(use lr_grid: [])"
+            )
+        if self.lr_grid_steps is not None and not 1 <= self.lr_grid_steps <= self.steps:
+            raise ConfigError(
+                f"lr_grid_steps must be null or 1..steps ({self.steps}), got {self.lr_grid_steps}"
+            )
+        if self.lr_grid_valid_budget is not None and self.lr_grid_valid_budget < 1:
+            raise ConfigError(f"lr_grid_valid_budget must be >= 1 or null, got {self.lr_grid_valid_budget}")
 
 
 def modality_options(cfg: FinetuneConfig, modality: str) -> tuple[HeadConfig, Any]:
@@ -223,6 +253,106 @@ def finetune(
     return runner.fit(job, seed=seed, info=info, tracker=tracker, clock=clock)
 
 
+@dataclass(frozen=True)
+class LrSearch:
+    """What :func:`search_lr` tried and found: the LRs, in ``lr_grid`` order, with their valid accuracy."""
+
+    lrs: tuple[float, ...]
+    valid_accuracy: tuple[float, ...]
+    recipe_lr: float
+    """``optim.lr``: the grid's centre, which wins ties."""
+    steps: int
+    """Updates of each short run."""
+
+    @property
+    def lr(self) -> float:
+        """The LR of the best valid accuracy; among equals the one nearest the recipe's, then the lower."""
+        best = max(self.valid_accuracy)
+        tied = [lr for lr, a in zip(self.lrs, self.valid_accuracy) if a == best]
+        return min(tied, key=lambda lr: (abs(math.log(lr / self.recipe_lr)), lr))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lrs": list(self.lrs), "valid_accuracy": list(self.valid_accuracy), "recipe_lr": self.recipe_lr,
+                "steps": self.steps, "lr": self.lr}  # fmt: skip
+
+    def metrics(self) -> dict[str, float]:
+        """Flat entries for the run's metrics JSON (``finetune/lr_search/<lr>``: that LR's valid accuracy)."""
+        return {"lr": self.lr, **{f"lr_search/{lr:.3g}": a for lr, a in zip(self.lrs, self.valid_accuracy)}}
+
+
+@torch.no_grad()
+def valid_accuracy(model: FinetuneModel, batches: Iterable[dict[str, Any]], precision: Any) -> float:
+    """Accuracy of ``model`` (eval mode) on ``batches``, in the stage's autocast."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for batch in batches:
+        with autocast(precision, device):
+            pred = model.predict(loop.to_device(batch, device))
+        correct += int((pred.cpu() == batch["labels"]).sum())
+        total += len(batch["labels"])
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("finetune.lr_grid: the valid split yielded no items to score the short runs on")
+    return correct / total
+
+
+def search_lr(
+    model: FinetuneModel,
+    cfg: FinetuneConfig,
+    job_for: Callable[[FinetuneConfig, Path], runner.Job],
+    valid_batches: Callable[[], Iterable[dict[str, Any]]],
+    *,
+    seed: int,
+    info: distributed.DistInfo | None = None,
+) -> LrSearch:
+    """Try each LR of ``cfg.lr_grid`` (x ``optim.lr``) in a short run of ``lr_grid_steps`` updates, every
+    one from ``model``'s weights and the same random state, and score it on ``valid_batches()``.
+
+    ``job_for(trial config, run folder)`` builds the run as the stage would (:func:`finetune_job`). The
+    output layer is fitted once (``head_init: probe``) and every short run starts from that fit. ``model``
+    and the torch random state are left as they were, so the full run that follows at the chosen LR is the
+    run it would have been at that LR without the search. A search is a small-scale version of tuning the
+    LR per arm as a user would ([P1] §4.3 and [DV] §4 pick fine-tuning LRs per task on valid); its short
+    runs keep the full run's schedule shape so that their ranking carries over."""
+    steps = cfg.lr_grid_steps or cfg.steps
+    lrs = tuple(cfg.optim.lr * m for m in cfg.lr_grid)
+    start = copy.deepcopy(model.state_dict())
+    fitted: dict[str, Any] = {}
+    accuracy = []
+    with torch.random.fork_rng(), tempfile.TemporaryDirectory(prefix="d2v-lr-search-") as tmp:
+        rng = torch.get_rng_state()
+        for i, lr in enumerate(lrs):
+            torch.set_rng_state(rng)
+            model.load_state_dict(fitted.get("state", start))
+            trial = replace(
+                cfg, steps=steps, optim=replace(cfg.optim, lr=lr), checkpoint_every=steps, keep_checkpoints=1,
+                log_every=min(cfg.log_every, steps), lr_grid=(),
+                head_init=cfg.head_init if "state" not in fitted else "random",
+            )  # fmt: skip
+            job = job_for(trial, Path(tmp) / f"lr{i}")
+            if trial.head_init == "probe":  # keep the fit for the other short runs
+                fit = job.on_start
+
+                def on_start(step: int, fit: Callable[[int], None] = fit) -> None:
+                    fit(step)
+                    fitted["state"] = copy.deepcopy(model.state_dict())
+
+                job.on_start = on_start
+            print(f"finetune: LR search {i + 1}/{len(lrs)}: lr {lr:.3g}, {steps} updates", flush=True)
+            runner.fit(job, seed=seed, info=info)
+            accuracy.append(valid_accuracy(model, valid_batches(), cfg.precision))
+            print(f"finetune: LR search: lr {lr:.3g} valid accuracy {accuracy[-1]:.4f}", flush=True)
+    model.load_state_dict(start)
+    return LrSearch(lrs, tuple(accuracy), cfg.optim.lr, steps)
+
+
+LR_SEARCH_FILE = "lr_search.json"
+"""The search's record in the run folder, with the fingerprint it was made under: a resumed run reads it
+back instead of searching again."""
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -321,17 +451,78 @@ def cli_finetune(params: dict[str, Any], args) -> int:
         "pretrained_from": str(source) if source else None, "config": to_dict(cfg),
         "preprocessing": manifest.get("preprocessing"), "task_info": task_entry,
     }  # fmt: skip
+    search = None
+    if cfg.lr_grid:
+        valid = split_named(task_entry, "valid", f"finetune.{m}.lr_grid", shard_dir)
+        per_class = cfg.lr_grid_valid_budget  # at most what the smallest class has, as evaluate's probe
+        counts = (manifest["splits"].get(valid) or {}).get("label_counts") or {}
+        per_class = min(per_class, *counts.values()) if per_class is not None and counts else per_class
+        scored = LoaderSpec(batch_size=per_rank, mode="eval", seed=seed, label_budget=per_class)
+
+        def job_for(trial: FinetuneConfig, trial_dir: Path) -> runner.Job:
+            return finetune_job(model, trial, make_loader, trial_dir, meta, head_items=head_items)
+
+        search = recorded_search(run_dir, fingerprint, info) or search_lr(
+            model, cfg, job_for, lambda: build_loader(shard_dir, valid, model_cfg, scored), seed=seed, info=info
+        )
+        search = distributed.broadcast_object(search)  # rank 0's choice: short runs on GPUs are not bit-exact
+        record_search(run_dir, fingerprint, search, info)
+        print(f"finetune {m} {run.name}: lr {search.lr:.3g}, chosen on {valid} ({search.to_dict()})", flush=True)
+        cfg = replace(cfg, optim=replace(cfg.optim, lr=search.lr))
+        fingerprint["lr"] = meta["lr"] = search.lr
+        meta["lr_search"], meta["config"] = search.to_dict(), to_dict(cfg)
     job = finetune_job(model, cfg, make_loader, run_dir, meta,
                        files=preprocessing_files(manifest, shard_dir), head_items=head_items)  # fmt: skip
     outputs = runner.Outputs(
         metrics_file,
         Path(paths.plots) / "finetune" / m / f"{run.name}.csv",
         batch_size=cfg.batch_size,
+        info=search.metrics() if search else {"lr": cfg.optim.lr},
     )  # fmt: skip
     runner.run_stage(
         job, params=params, modality=m, fingerprint=fingerprint, outputs=outputs, seed=seed, info=info,
         run_config={"model": to_dict(model_cfg), "finetune": to_dict(cfg), "budget": run.budget,
-                    "init": run.init},
+                    "init": run.init, **({"lr_search": search.to_dict()} if search else {})},
         name=run.name,
     )  # fmt: skip
     return 0
+
+
+def split_named(task_entry: dict[str, Any], kind: str, where: str, shard_dir: Location) -> str:
+    """The task's ``<prefix><kind>`` split, or ValueError naming ``where`` when the shards have none."""
+    split = next((s for s in task_entry["splits"] if s.endswith(kind)), None)
+    if split is None:
+        raise ValueError(
+            f"{where}: the shards in {shard_dir} have no {kind} split for this task (splits "
+            f"{task_entry['splits']}); reshard with one, or set {where}: []"
+        )
+    return split
+
+
+def _search_key(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({**fingerprint, "code": runner.code_fingerprint()}))
+
+
+def recorded_search(run_dir: Path, fingerprint: dict[str, Any], info: distributed.DistInfo) -> LrSearch | None:
+    """The search the run folder records for this fingerprint (a resumed run), else None."""
+    found = None
+    file = run_dir / LR_SEARCH_FILE
+    if file.is_file():
+        try:
+            rec = json.loads(file.read_text())
+            if rec.get("fingerprint") == _search_key(fingerprint):
+                s = rec["search"]
+                found = LrSearch(tuple(s["lrs"]), tuple(s["valid_accuracy"]), s["recipe_lr"], s["steps"])
+        except (ValueError, KeyError, TypeError):
+            found = None  # unreadable: search again
+    return distributed.broadcast_object(found)  # rank 0's answer: the ranks search together or not at all
+
+
+def record_search(run_dir: Path, fingerprint: dict[str, Any], search: LrSearch, info: distributed.DistInfo) -> None:
+    """Write the search beside the checkpoints (rank 0; written whole or not at all)."""
+    if not info.is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{LR_SEARCH_FILE}.tmp"
+    tmp.write_text(json.dumps({"fingerprint": _search_key(fingerprint), "search": search.to_dict()}, indent=2) + "\n")
+    os.replace(tmp, run_dir / LR_SEARCH_FILE)

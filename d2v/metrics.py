@@ -3,7 +3,7 @@
 Shape legend: N / M examples, C classes, D feature width.
 
 Classification: accuracy, macro-F1, confusion matrix. Speech CTC: word and character error rates of
-greedy transcripts. The linear probe: logistic regression on frozen features (``layer_features``); the
+greedy transcripts. The linear probe: logistic regression on frozen features (``pooled_layer_features``); the
 CTC probe: a linear CTC head on frozen frame features (``frame_features``, ``ctc_probe``).
 """
 
@@ -164,12 +164,13 @@ def linear_probe(
 
 
 def _tapped(
-    encoder: Encoder, loader: Any, device: torch.device
+    encoder: Encoder, loader: Any, device: torch.device, keep_prefix: bool = False
 ) -> Iterator[tuple[Tensor, Tensor | None, dict]]:
     """Per forward pass: every block's output and the final output (after the modality's final norm),
-    prefix tokens dropped, ``[L + 1, B, T, D]``, the padding ``[B, T]`` (or None) and the loader's batch."""
+    prefix tokens dropped (``keep_prefix``: kept, first), ``[L + 1, B, T, D]``, the padding of the tokens
+    after the prefix ``[B, T - P]`` (or None) and the loader's batch."""
     encoder.to(device).eval()
-    P = encoder.num_prefix_tokens
+    P = 0 if keep_prefix else encoder.num_prefix_tokens
     for batch in loader:
         inputs, pad = batch["inputs"].to(device), batch.get("padding_mask")
         pad = None if pad is None else pad.to(device)
@@ -180,22 +181,30 @@ def _tapped(
 
 
 @torch.no_grad()
-def layer_features(encoder: Encoder, loader: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Mean-pooled features of every block's output and of the final output (after the modality's final
-    norm), prefix tokens and padding excluded: [L + 1, N, D] (fp32, CPU), and the labels [N]."""
-    xs, ys, last = [], [], None
-    for h_LBTD, pad_BT, batch in _tapped(encoder, loader, device):
-        if pad_BT is None:
-            xs.append(h_LBTD.mean(2).float().cpu())
-        else:
-            keep = (~pad_BT).float()[None, ..., None]
-            xs.append(((h_LBTD * keep).sum(2) / keep.sum(2).clamp_min(1.0)).float().cpu())
+def pooled_layer_features(
+    encoder: Encoder, loader: Any, device: torch.device, pools: Sequence[str]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per pool, every block's output and the final output pooled as ``embed`` pools them: 'mean' over the non-padding tokens, prefix tokens excluded;
+    'first' the first token (vision's CLS where there is one). ``{pool: [L + 1, N, D]}`` (fp32, CPU) and the
+    labels [N]."""
+    xs: dict[str, list[Tensor]] = {p: [] for p in pools}
+    ys, last = [], None
+    P = encoder.num_prefix_tokens
+    for h_LBTD, pad_BT, batch in _tapped(encoder, loader, device, keep_prefix=True):
+        for p in pools:
+            if p == "first":  # token 0: the first prefix token, else the item's first (padding is at the end)
+                xs[p].append(h_LBTD[:, :, 0].float().cpu())
+            elif pad_BT is None:
+                xs[p].append(h_LBTD[:, :, P:].mean(2).float().cpu())
+            else:
+                keep = (~pad_BT).float()[None, ..., None]
+                xs[p].append(((h_LBTD[:, :, P:] * keep).sum(2) / keep.sum(2).clamp_min(1.0)).float().cpu())
         if batch is not last:  # a batch split into rows yields once per row
             ys.append(batch["labels"])
             last = batch
-    if not xs:
+    if not ys:
         raise ValueError("the split yielded no samples")
-    return torch.cat(xs, dim=1), torch.cat(ys)
+    return {p: torch.cat(v, dim=1) for p, v in xs.items()}, torch.cat(ys)
 
 
 @torch.no_grad()

@@ -55,4 +55,20 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # DVC never phones home from this project (also set in .dvc/config).
+# the text demo's second task (movie-review sentiment) is in vaderSentiment's source archive only, not its
+# wheel: fetched once from PyPI, checked by its sha256, read by `d2v prepare text` (d2v/modalities/text/data.py)
+VADER=.venv/share/d2v/vaderSentiment-3.3.2.tar.gz
+VADER_SHA256=5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
+if [ ! -f "$VADER" ] || ! echo "$VADER_SHA256  $VADER" | sha256sum -c --quiet >/dev/null 2>&1; then
+  echo "setup: fetching vaderSentiment 3.3.2's source archive (the text sentiment task's data)"
+  mkdir -p "$(dirname "$VADER")"
+  rm -f "$VADER"
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d "$(dirname "$VADER")"
+  if ! echo "$VADER_SHA256  $VADER" | sha256sum -c --quiet; then
+    rm -f "$VADER"
+    echo "setup: $VADER does not have the expected sha256; rerun scripts/setup.sh" >&2
+    exit 1
+  fi
+fi
+
 .venv/bin/dvc config --local core.analytics false >/dev/null 2>&1 || true

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,16 @@ from d2v import timing
 from d2v.report.build import ModalityResult, Plot, Report
 from d2v.report.fmt import budget_phrase, fmt_cell, fmt_diff, fmt_num
 from d2v.report.narrative import summary_sentences
-from d2v.report.stats import LOWER_IS_BETTER, MIN_PRED_VAR, MIN_TARGET_VAR, RATE_METRICS, compare, init_key
+from d2v.report.stats import (
+    LOWER_IS_BETTER,
+    MIN_PRED_VAR,
+    MIN_TARGET_VAR,
+    RATE_METRICS,
+    budget_sort_key,
+    compare,
+    init_key,
+    probe_by_task,
+)
 from d2v.sweep import JOINT
 
 
@@ -144,26 +154,29 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
                 )
             )
         blocks.append(Table(header, tuple(rows)))
-    if r.probe:
-        inits = sorted({i for by in r.probe.values() for i in by}, key=init_key)
+    for task, probe in probe_by_task(r.probe, r.manifest).items():
+        inits = sorted({i for by in probe.values() for i in by}, key=init_key)
         rows = []
         # headline metrics first, then the chosen layer and the per-layer test accuracies (layer1, ...)
-        for metric in sorted(r.probe, key=lambda k: (k.startswith("layer"), len(k), k)):
-            by = r.probe[metric]
-            rate = metric in RATE_METRICS or metric.endswith("_accuracy")
+        for metric in sorted(probe, key=lambda k: ("layer" in k, len(k), k)):
+            by = probe[metric]
+            rate = metric in RATE_METRICS or metric.endswith(("_accuracy", "_macro_f1"))
             c = compare(metric, by, metric in LOWER_IS_BETTER)
             ci = "—" if c.ci is None else f"{fmt_diff(c.ci[0], rate)} to {fmt_diff(c.ci[1], rate)}"
             diff = "—" if c.diff is None else fmt_diff(c.diff, rate)
-            verdict = c.verdict if metric != "layer" else "—"
+            verdict = "—" if metric == "layer" or metric.endswith("_layer") else c.verdict
             rows.append((metric, *(fmt_cell(by.get(i), rate) for i in inits), diff, ci, verdict))
         blocks += [
             P(
-                "**linear probe** (frozen encoder + logistic regression on mean-pooled block outputs; "
-                "`layer` is the block chosen on the valid split, L + 1 = the final output; mean ± std over "
-                "probe seeds, each its own draw of training labels; `layerK_accuracy`: every block on test)"
+                f"**linear probe{'' if task is None else f' on the {task} task'}** (frozen encoder + logistic "
+                "regression on mean-pooled block outputs; `layer` is the block chosen on the valid split, "
+                "L + 1 = the final output; mean ± std over probe seeds, each its own draw of training labels; "
+                "`layerK_accuracy`: every block on test, `first_layerK_accuracy` the same on the first token; "
+                "`embed_accuracy`: the features `embed` gives by default, the final output mean-pooled)"
             ),
             Table(("metric", *inits, "Δ pretrained − scratch", "95% CI", "verdict"), tuple(rows)),
         ]
+    blocks += lr_blocks(r)
     if r.missing_runs:
         blocks.append(
             P("Runs in `sweep` without metrics: " + ", ".join(f"`{x}`" for x in r.missing_runs) + ".")
@@ -174,6 +187,40 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
         )
     blocks += [Img(f) for f in r.figures if f.name.startswith("budget_")]
     return blocks
+
+
+RUN_NAME = re.compile(r"^b(?P<budget>[^-]+)-s(?P<seed>\d+)-(?P<init>.+)$")
+"""``b5-s0-scratch`` (``d2v.sweep.Run.name``): a fine-tuning metrics file's name."""
+
+
+def lr_blocks(r: ModalityResult) -> list:
+    """The LR each arm chose on valid at each budget (``finetune.<m>.lr_grid``), per seed; nothing when no
+    run searched."""
+    chosen: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    tried: set[str] = set()
+    for name, metrics in r.finetune.items():
+        run = RUN_NAME.match(name)
+        grid = sorted(k.rsplit("/", 1)[-1] for k in metrics if k.startswith("finetune/lr_search/"))
+        if run is None or not grid or not isinstance(metrics.get("finetune/lr"), (int, float)):
+            continue
+        tried.add(", ".join(sorted(grid, key=float)))
+        key = (run["init"], run["budget"])
+        chosen.setdefault(key, []).append((int(run["seed"]), float(metrics["finetune/lr"])))
+    if not chosen:
+        return []
+    rows = tuple(
+        (init, budget_phrase(budget), ", ".join(f"s{seed}: {lr:.3g}" for seed, lr in sorted(by_seed)))
+        for (init, budget), by_seed in sorted(chosen.items(), key=lambda kv: (init_key(kv[0][0]), budget_sort_key(kv[0][1])))
+    )  # fmt: skip
+    return [
+        P(
+            "**learning rates** chosen on the valid split: every fine-tuning run tried each LR of its grid "
+            f"({'; '.join(sorted(tried))}) in a short run from the same start and trained at the one that "
+            "scored best; the test scores above are at that LR, so each arm is compared at its own best "
+            "(`finetune.<m>.lr_grid`)"
+        ),
+        Table(("arm", "label budget", "LR per fine-tuning seed"), rows),
+    ]
 
 
 def started_from(r: ModalityResult) -> str | None:

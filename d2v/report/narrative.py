@@ -14,8 +14,10 @@ from d2v.report.stats import (
     Comparison,
     MetricGroup,
     PayOff,
+    compare,
     init_key,
     pay_off,
+    probe_by_task,
     welch_ci,
 )
 from d2v.sweep import JOINT, PRETRAINED, PUBLISHED, SCRATCH
@@ -142,6 +144,31 @@ def payoff_sentence(m: str, g: MetricGroup | None, po: PayOff, arm: str = PRETRA
     return f"**{m}** — {question} {verdict}: " + "; ".join(parts) + "."
 
 
+def task_probe_sentences(m: str, probe: dict[str, dict[str, Cell]], manifest: dict[str, Any] | None) -> list[str]:
+    """Per labelled task besides the headline one (text's sentiment): pretrained against random init in
+    the probe at the layer chosen on valid, and at the features ``embed`` gives by default."""
+    out = []
+    for task, cells in probe_by_task(probe, manifest).items():
+        if task is None:
+            continue
+        parts = []
+        for metric, what in (("accuracy", "at the layer chosen on valid"),
+                             ("embed_accuracy", "at embed's default features (last layer, mean-pooled)")):  # fmt: skip
+            by = cells.get(metric) or {}
+            if PRETRAINED not in by or SCRATCH not in by:
+                continue
+            c = compare(metric, {i: by[i] for i in (PRETRAINED, SCRATCH)}, False)
+            ci = "no interval (one probe seed)" if c.ci is None else (
+                f"95% CI {fmt_diff(c.ci[0], True)} to {fmt_diff(c.ci[1], True)}")  # fmt: skip
+            parts.append(
+                f"{what}: pretrained {fmt_value(by[PRETRAINED].mean, True)}, random init "
+                f"{fmt_value(by[SCRATCH].mean, True)}, {fmt_diff(c.diff, True)} points ({ci})"
+            )
+        if parts:
+            out.append(f"**{m}** probe on the {task} task (accuracy, %) " + "; ".join(parts) + ".")
+    return out
+
+
 def summary_sentences(rep: Report) -> list[str]:
     """The "What this shows" bullets, generated from the numbers only."""
     out = []
@@ -178,6 +205,7 @@ def summary_sentences(rep: Report) -> list[str]:
             out.append(
                 f"**{r.name}** linear probe ({metric}{', %' if metric in RATE_METRICS else ''}): {vals}."
             )
+        out.extend(task_probe_sentences(r.name, r.probe, r.manifest))
         if r.missing_runs:
             more = ", …" if len(r.missing_runs) > 6 else ""
             out.append(

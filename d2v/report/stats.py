@@ -249,3 +249,23 @@ def pay_off(
     if probe and arm in probe and base in probe:
         cmp_probe = compare("probe", {i: probe[i] for i in (arm, base)}, False, arm, base)
     return PayOff(smallest, margin, cmp_probe)
+
+
+def probe_tasks(manifest: dict[str, Any] | None) -> list[str]:
+    """The shards' labelled tasks, 'classification' first (as evaluate probes them)."""
+    tasks = (manifest or {}).get("tasks") or {}
+    labelled = sorted(t for t, e in tasks.items() if isinstance(e, dict) and e.get("target") == "label")
+    return sorted(labelled, key=lambda t: t != "classification")
+
+
+def probe_by_task(
+    probe: dict[str, dict[str, Cell]], manifest: dict[str, Any] | None
+) -> dict[str | None, dict[str, dict[str, Cell]]]:
+    """A modality's probe cells split by task: None for the headline task's metrics, then each other
+    labelled task's (``<task>_<metric>``, the prefix removed)."""
+    out: dict[str | None, dict[str, dict[str, Cell]]] = {}
+    others = probe_tasks(manifest)[1:]
+    for metric, by in probe.items():
+        task = next((t for t in others if metric.startswith(f"{t}_")), None)
+        out.setdefault(task, {})[metric[len(task) + 1 :] if task else metric] = by
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] is not None, kv[0] or "")))

@@ -244,7 +244,8 @@ def test_on_small_real_shards_the_loss_falls_and_the_targets_keep_their_variance
         "paths": {"raw": "raw", "shards": "shards", "checkpoints": "ckpt", "metrics": "metrics", "plots": "plots"},
         "tracking": {"mode": "disabled"},
         "prepare": {"image": {"max_train": 200, "max_test": 20},
-                    "text": {"wiki_articles": 2, "lee_documents": 20, "bbc_articles": 20}},
+                    "text": {"wiki_articles": 2, "lee_documents": 20, "bbc_articles": 20,
+                             "sentiment_snippets": 0}},
         "shard": {"image": {"samples_per_shard": 100}, "text": {"vocab_size": 600, "max_tokens": 64}},
         "model": {
             "image": {"preset": "tiny", "algorithm": "data2vec2"},

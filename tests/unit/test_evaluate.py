@@ -12,7 +12,7 @@ from PIL import Image
 from d2v import checkpoint
 from d2v.config import to_dict
 from d2v.data.stages import data_module, shard
-from d2v.evaluate import EvaluateConfig, cli_evaluate, evaluate, predict_many, predict_split
+from d2v.evaluate import EvaluateConfig, cli_evaluate, evaluate, predict_many, predict_split, probe_metrics
 from d2v.heads import HeadConfig, ctc_greedy_decode
 from d2v.load import build_finetune_model, load_checkpoint_encoder, load_finetune_model
 from d2v.metrics import (
@@ -22,9 +22,9 @@ from d2v.metrics import (
     ctc_probe,
     edit_distance,
     frame_features,
-    layer_features,
     linear_probe,
     macro_f1,
+    pooled_layer_features,
     task_metrics,
     wer,
 )
@@ -149,9 +149,12 @@ def test_frame_features_keep_each_items_valid_frames_and_match_layer_features():
     xs, texts = frame_features(enc, [batch], torch.device("cpu"))
     assert texts == ["one", "two"] and len(xs) == 2
     assert xs[0].shape[0] == enc.config.transformer.depth + 1 and xs[1].shape[1] < xs[0].shape[1]
-    pooled, labels = layer_features(enc, [{**batch, "labels": torch.tensor([3, 4])}], torch.device("cpu"))
+    pooled, labels = pooled_layer_features(
+        enc, [{**batch, "labels": torch.tensor([3, 4])}], torch.device("cpu"), ("mean", "first")
+    )
     assert labels.tolist() == [3, 4]
-    torch.testing.assert_close(pooled[:, 1], xs[1].mean(1))  # the same frames, mean-pooled
+    torch.testing.assert_close(pooled["mean"][:, 1], xs[1].mean(1))  # the same frames, mean-pooled
+    torch.testing.assert_close(pooled["first"][:, 1], xs[1][:, 0])  # and its first frame
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -223,9 +226,13 @@ def test_evaluate_stage_writes_namespaced_metrics_and_confusion(image_project, c
     metrics = json.loads((root / "metrics" / "image.json").read_text())
     want = {f"evaluate/{i}/b2/s0/{m}" for i in DEFAULT_INITS for m in ("accuracy", "macro_f1")}
     # the probe: per seed, the layer chosen on valid (tiny: 2 blocks + the final output) and every layer
-    per_seed = ("accuracy", "macro_f1", "layer", "layer1_accuracy", "layer2_accuracy", "layer3_accuracy")
+    per_seed = ("accuracy", "macro_f1", "layer", "layer1_accuracy", "layer2_accuracy", "layer3_accuracy",
+                "embed_accuracy")  # fmt: skip
     want |= {f"probe/{i}/s{s}/{m}" for i in DEFAULT_INITS for s in (0, 1, 2) for m in per_seed}
     assert set(metrics) == want
+    for i in DEFAULT_INITS:  # embed's default features: the final output, mean-pooled
+        assert all(metrics[f"probe/{i}/s{s}/embed_accuracy"] == metrics[f"probe/{i}/s{s}/layer3_accuracy"]
+                   for s in (0, 1, 2))  # fmt: skip
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("/layer"))
     assert all(metrics[f"probe/{i}/s{s}/layer"] in (1.0, 2.0, 3.0) for i in DEFAULT_INITS for s in (0, 1, 2))
     # brightness classes 70 grey levels apart (3.5 noise std): mean-pooled features separate them linearly
@@ -343,3 +350,51 @@ def test_the_progress_bar_passes_batches_through_and_prints_nothing_to_stdout(ca
     manifest = {"splits": {"test": {"samples": 5}}}
     assert list(progress(iter(batches), "scoring", manifest, "test")) == batches
     assert capsys.readouterr().out == ""
+
+
+def test_every_labelled_task_gets_its_probe_with_both_pools(tmp_path):
+    """A user's JSONL with a second task (``"task": "mood"``): the probe scores it beside the headline task,
+    its metrics named ``mood_*``, mean-pooled and first-token per layer, and at ``embed``'s default features.
+    A record naming a reserved task is skipped and counted."""
+    from d2v.data import prepare_raw
+    from d2v.modalities.text.data import PrepareConfig, ShardConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    filler = ["the", "a", "cat", "sat", "on", "mat", "while", "dogs", "ran", "past", "hills", "rain"]
+
+    def line(word: str) -> str:  # the label's word anywhere among filler words
+        words = list(rng.choice(filler, 8))
+        words.insert(int(rng.integers(0, 9)), word)
+        return " ".join(words)
+
+    records = [{"text": line(t), "label": t} for t in ("sport", "tech") for _ in range(20)]
+    records += [{"text": line(m), "label": m, "task": "mood"} for m in ("good", "bad") for _ in range(20)]
+    records += [{"text": "a reserved name", "label": "x", "task": "ctc"}]
+    (src / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw, out = tmp_path / "raw", tmp_path / "shards" / "text"
+    prepare_raw("text", PrepareConfig(source=str(src)), raw, seed=0)
+    manifest = shard("text", ShardConfig(vocab_size=300, min_frequency=1, max_tokens=24, samples_per_shard=16,
+                                         pretrain_from="unlabelled+labelled"),
+                     raw, out, seed=0)  # fmt: skip
+    assert manifest["skipped_counts"] == {"bad_record": 1}
+    assert manifest["tasks"]["mood"]["splits"] == ["mood_train", "mood_valid", "mood_test"]
+    mod = get("text")
+    cfg = mod.model_config({"preset": "tiny", "vocab_size": 300, "max_positions": 32})
+    torch.manual_seed(0)
+    enc = mod.build_encoder(cfg)
+    meta = {"modality": "text", "kind": "pretrain", "model_config": to_dict(cfg), "encoder_prefix": "student.",
+            "preprocessing": manifest["preprocessing"]}  # fmt: skip
+    checkpoint.save(tmp_path / "pre", 1, {f"student.{k}": v for k, v in enc.state_dict().items()}, meta)
+    step = checkpoint.resolve(tmp_path / "pre")
+    ev = EvaluateConfig(batch_size=8, probe_pools=("mean", "first"), probe_seeds=(0, 1))
+    metrics = probe_metrics("text", manifest, out, {"scratch": step}, ev, 0, torch.device("cpu"))
+    depth = cfg.transformer.depth + 1
+    per_seed = ["accuracy", "macro_f1", "layer", "embed_accuracy"]
+    per_seed += [f"{p}layer{i}_accuracy" for p in ("", "first_") for i in range(1, depth + 1)]
+    want = {f"probe/scratch/s{s}/{t}{m}" for s in (0, 1) for t in ("", "mood_") for m in per_seed}
+    assert set(metrics) == want
+    # one word decides the label: a random encoder's mean-pooled tokens carry it; the two tasks differ
+    assert all(metrics[f"probe/scratch/s{s}/mood_accuracy"] >= 0.75 for s in (0, 1))
+    assert metrics["probe/scratch/s0/mood_embed_accuracy"] == metrics[f"probe/scratch/s0/mood_layer{depth}_accuracy"]

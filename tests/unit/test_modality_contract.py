@@ -309,10 +309,10 @@ def test_padding_never_reaches_the_local_features(m):
 
 @each_modality
 def test_an_items_frozen_features_do_not_depend_on_its_batch(m):
-    """``features``, ``embed_pooled`` and the probe's ``layer_features`` give a padded row the features of
-    the row alone (fp32: 1e-5): padding never leaks into valid tokens (speech: not through the stacked
-    positional convs either)."""
-    from d2v.metrics import layer_features
+    """``features``, ``embed_pooled`` and the probe's ``pooled_layer_features`` give a padded row the
+    features of the row alone (fp32: 1e-5): padding never leaks into valid tokens (speech: not through the
+    stacked positional convs either). The probe's last layer is what ``embed`` gives, for both pools."""
+    from d2v.metrics import pooled_layer_features
 
     r = eval_run(m)
     if r.pad is None:
@@ -329,12 +329,12 @@ def test_an_items_frozen_features_do_not_depend_on_its_batch(m):
         {"inputs": r.inputs[i : i + 1, :n], "labels": batch["labels"][:1]} for i, n in enumerate(lengths)
     ]
     cpu = torch.device("cpu")
-    torch.testing.assert_close(
-        layer_features(r.enc, [batch], cpu)[0],
-        layer_features(r.enc, one_by_one, cpu)[0],
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    pools = ("mean", "first")
+    batched = pooled_layer_features(r.enc, [batch], cpu, pools)[0]
+    single = pooled_layer_features(r.enc, one_by_one, cpu, pools)[0]
+    for p in pools:
+        torch.testing.assert_close(batched[p], single[p], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[p][-1], r.enc.embed_pooled(r.inputs, r.pad, pool=p), atol=1e-5, rtol=1e-5)
     h, pad = r.enc.features(r.inputs, r.pad)
     keep = (~pad[:, r.enc.num_prefix_tokens :]).float()[..., None]
     pooled = (h[:, r.enc.num_prefix_tokens :] * keep).sum(1) / keep.sum(1)

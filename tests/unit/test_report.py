@@ -398,3 +398,42 @@ def test_the_joint_arm_gets_a_column_the_same_bar_and_its_parameter_counts(fixtu
     # a report without a joint arm says nothing about one
     (fixture_root / "metrics/pretrain/joint.json").unlink()
     assert "## The joint model" not in render(fixture_root)[0]
+
+
+def test_the_lr_each_run_chose_on_valid_is_stated_per_arm_budget_and_seed(fixture_root: Path) -> None:
+    md, _, _ = render(fixture_root)
+    assert "learning rates" not in md  # no run searched: nothing to state
+    for run, lr in (("b5-s0-pretrained", 2e-5), ("b5-s1-pretrained", 5e-6), ("b5-s0-scratch", 8e-5)):
+        grid = {f"finetune/lr_search/{x:.3g}": 0.5 + (x == lr) * 0.1 for x in (5e-6, 2e-5, 8e-5)}
+        _write(fixture_root / f"metrics/finetune/audio/{run}.json",
+               json.dumps({"finetune/seconds": 1.0, "finetune/lr": lr, **grid}))  # fmt: skip
+    md, _, _ = render(fixture_root)
+    assert "tried each LR of its grid (5e-06, 2e-05, 8e-05)" in md
+    assert "| pretrained | 5 labels/class | s0: 2e-05, s1: 5e-06 |" in md
+    assert "| scratch | 5 labels/class | s0: 8e-05 |" in md
+
+
+def test_a_second_labelled_task_gets_its_own_probe_table_and_sentence(fixture_root: Path) -> None:
+    """text with a ``sentiment`` task beside its headline one: a table each, and the pretrained − random
+    difference at the chosen layer and at embed's default features in "What this shows"."""
+    tasks = {"classification": {"target": "label", "labels": ["a", "b"]},
+             "sentiment": {"target": "label", "labels": ["negative", "positive"]}}  # fmt: skip
+    _write(fixture_root / "data/shards/text/manifest.json", json.dumps({"modality": "text", "tasks": tasks}))
+    text = {"evaluate/pretrained/b5/s0/accuracy": 0.7, "evaluate/scratch/b5/s0/accuracy": 0.4}
+    for s, (pre, rnd) in enumerate(((0.80, 0.60), (0.82, 0.61), (0.81, 0.59))):
+        for t, shift in (("", 0.0), ("sentiment_", -0.2)):
+            text[f"probe/pretrained/s{s}/{t}accuracy"] = pre + shift
+            text[f"probe/scratch/s{s}/{t}accuracy"] = rnd + shift
+            text[f"probe/pretrained/s{s}/{t}embed_accuracy"] = pre + shift - 0.05
+            text[f"probe/scratch/s{s}/{t}embed_accuracy"] = rnd + shift
+            text[f"probe/pretrained/s{s}/{t}first_layer1_accuracy"] = 0.5
+            text[f"probe/scratch/s{s}/{t}first_layer1_accuracy"] = 0.5
+    _write(fixture_root / "metrics/text.json", json.dumps(text))
+    md, _, _ = render(fixture_root)
+    assert "**linear probe on the sentiment task**" in md
+    assert table_row(md, "linear probe on the sentiment task", "accuracy")[1:4] == [
+        "61.0 ± 1.0 (n=3)", "40.0 ± 1.0 (n=3)", "+21.0"]  # fmt: skip
+    assert table_row(md, "linear probe on the sentiment task", "first_layer1_accuracy")[-1] == "not significant"
+    assert "**text** probe on the sentiment task (accuracy, %) at the layer chosen on valid: pretrained 61.0, " \
+        "random init 40.0, +21.0 points (95% CI" in md
+    assert "at embed's default features (last layer, mean-pooled): pretrained 56.0, random init 40.0, +16.0" in md

