@@ -284,3 +284,57 @@ def test_published_harness_runs_a_published_image_model_through_the_stages(tmp_p
     assert row["parity_max_abs_diff"] < 1e-4 and row["pretrain_s_per_update"] > 0
     assert row["pretrain"]["peak_mib"] > 100 and row["pretrain_loss"] > 0
     assert all(0.0 <= row[f"accuracy_{a}"] <= 1.0 for a in ("published", "pretrained", "scratch"))
+
+
+def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A tiny text project with two labelled tasks: with a shard change it reshards in its own temporary
+    project, pretrains, and prints per task and pool every layer's probe for pretrained and random init,
+    and the difference at embed's default features; the project itself is left as it was."""
+    import yaml
+
+    from d2v.cli import main as d2v_main
+
+    rng = torch.Generator().manual_seed(0)
+    filler = ["the", "a", "cat", "sat", "on", "mat", "while", "dogs", "ran", "past", "hills", "rain"]
+
+    def line(word: str) -> str:
+        words = [filler[int(i)] for i in torch.randint(len(filler), (8,), generator=rng)]
+        return " ".join([*words[:4], word, *words[4:]])
+
+    records = [{"text": line(t), "label": t} for t in ("sport", "tech") for _ in range(12)]
+    records += [{"text": line(m), "label": m, "task": "mood"} for m in ("good", "bad") for _ in range(12)]
+    records += [{"text": " ".join(filler) + f" {i}"} for i in range(20)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    params = {
+        "seed": 0,
+        "paths": {"raw": "raw", "shards": "shards", "checkpoints": "ckpt", "metrics": "metrics", "plots": "plots"},
+        "tracking": {"mode": "disabled"},
+        "prepare": {"text": {"source": str(tmp_path / "src")}},
+        "shard": {"text": {"vocab_size": 300, "min_frequency": 1, "max_tokens": 24, "samples_per_shard": 16}},
+        "model": {"text": {"preset": "tiny", "vocab_size": 300, "max_positions": 32}},
+        "pretrain": {"text": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2,
+                              "guard_after": 1000}},
+        "evaluate": {"text": {"batch_size": 8}},
+    }  # fmt: skip
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    assert d2v_main(["prepare", "text"]) == 0 and d2v_main(["shard", "text"]) == 0
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    out = tmp_path / "study.jsonl"
+    run_script("probe_study.py", str(project), "text", "--set", "shard.text.vocab_size=290", "--budget", "3",
+               "--json", str(out))  # fmt: skip
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
+    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert row["changes"] == {"shard.text.vocab_size": 290}
+    depth = 2 + 1  # tiny: 2 blocks and the final output
+    for init in ("pretrained", "scratch"):
+        for t in ("", "mood_"):
+            for p in ("", "first_"):
+                assert all(0 <= row["metrics"][f"probe/{init}/s{s}/{t}{p}layer{i}_accuracy"] <= 1
+                           for s in (0, 1, 2) for i in range(1, depth + 1))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| classification | mean |" in printed and "| mood | first |" in printed
+    assert printed.count("embed's default") == 2
