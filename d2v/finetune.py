@@ -37,8 +37,8 @@ from d2v.load import arm_dir, arm_encoder, build_finetune_model, head_config, jo
 from d2v.metrics import fit_logistic
 from d2v.modalities import get
 from d2v.optim import OptimConfig
-from d2v.precision import autocast
-from d2v.sweep import JOINT, PRETRAINED, PUBLISHED, Run, SweepConfig, parse_budget
+from d2v.precision import Precision, autocast
+from d2v.sweep import JOINT, PRETRAINED, PUBLISHED, SCRATCH, Run, SweepConfig, parse_budget
 
 CURVE_FIELDS = ("step", "loss", "accuracy", "lr")
 
@@ -89,6 +89,11 @@ class FinetuneConfig(loop.LoopConfig):
     mask: dict[str, Any] | None = None
     """Mask the input while fine-tuning, checked by the modality's ``FinetuneMask`` (speech only: wav2vec
     2.0 fine-tuning, kept by data2vec); None: off."""
+    scratch_lr_scale: float = 1.0
+    """The scratch arm's LR is ``optim.lr`` times this (its grid is centred there): a network from random init
+    trains at larger steps than one from trained weights (fine-tuning LRs sit 10-100x below pretraining
+    ones, [P1] §4), so centring its grid on the fine-tuning LR would tune it in the wrong place. 1: the same
+    LR for every arm."""
     lr_grid: tuple[float, ...] = ()
     """Multipliers of ``optim.lr`` that each run tries before it trains (:func:`search_lr`): one short run per
     multiplier, all from the same start, scored on the task's valid split; the run then trains at the LR that
@@ -122,6 +127,8 @@ class FinetuneConfig(loop.LoopConfig):
                 f"lr_grid: the short runs are scored by valid accuracy; task {self.task!r} has no classes "
                 f"(use lr_grid: [])"
             )
+        if not self.scratch_lr_scale > 0:
+            raise ConfigError(f"scratch_lr_scale must be > 0, got {self.scratch_lr_scale}")
         if self.lr_grid_steps is not None and not 1 <= self.lr_grid_steps <= self.steps:
             raise ConfigError(
                 f"lr_grid_steps must be null or 1..steps ({self.steps}), got {self.lr_grid_steps}"
@@ -159,11 +166,13 @@ def fit_output_layer(
     l2: float,
     max_items: int,
     features: Literal["eval", "train"] = "eval",
+    precision: Precision = "fp32",
 ) -> float:
     """Set ``model.output`` to the logistic regression (:func:`d2v.metrics.fit_logistic`) of the labels on
     ``model.features`` (in ``features`` mode; ``TRAIN_MODE_DRAWS`` draws of each item in 'train') of the first
-    ``max_items`` items of ``batches``; returns its training accuracy. Deterministic: the same items (and,
-    for 'train', the same torch RNG state) give the same layer."""
+    ``max_items`` items of ``batches``, their forward passes in ``precision``'s autocast (the fit itself in
+    fp32); returns its training accuracy. Deterministic: the same items (and, for 'train', the same torch RNG
+    state) give the same layer."""
     was_training = model.training
     model.train(features == "train")
     device = next(model.parameters()).device
@@ -172,15 +181,17 @@ def fit_output_layer(
     for batch in batches:
         if draws > 1:
             kept.append(batch)
-        xs.append(model.features(loop.to_device(batch, device)).float().cpu())
+        with autocast(precision, device):
+            xs.append(model.features(loop.to_device(batch, device)).float().cpu())
         ys.append(batch["labels"].cpu())
         n += len(ys[-1])
         if n >= max_items:
             break
     if not ys:
         raise ValueError("finetune.head_init: probe: the training split yielded no items")
-    further = [torch.cat([model.features(loop.to_device(b, device)).float().cpu() for b in kept])
-               for _ in range(draws - 1)]  # fmt: skip
+    with autocast(precision, device):
+        further = [torch.cat([model.features(loop.to_device(b, device)).float().cpu() for b in kept])
+                   for _ in range(draws - 1)]  # fmt: skip
     x = torch.cat([d[:max_items] for d in (torch.cat(xs), *further)])
     y = torch.cat(ys)[:max_items].repeat(draws)
     assert model.num_classes is not None
@@ -192,6 +203,27 @@ def fit_output_layer(
     return float(((x.double() @ W_FC + b_C).argmax(-1) == y).double().mean())
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A fitted output layer and the random state right after the fit (:func:`search_lr` hands its fit to
+    the full run, which then starts exactly as if it had fitted it itself)."""
+
+    state: dict[str, torch.Tensor]
+    rng: torch.Tensor
+    cuda_rng: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module) -> Fitted:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return cls(copy.deepcopy(model.state_dict()), torch.get_rng_state(), cuda)
+
+    def restore(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.state)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
 def finetune_job(
     model: FinetuneModel,
     cfg: FinetuneConfig,
@@ -201,11 +233,13 @@ def finetune_job(
     *,
     files: dict[str, Path | bytes] | None = None,
     head_items: Callable[[], Iterable[dict[str, Any]]] | None = None,
+    fitted: Fitted | None = None,
 ) -> runner.Job:
     """What fine-tuning adds to the runner: layer-wise LR decay, the encoder frozen for the first
     ``freeze_encoder_steps`` updates, and with ``head_init: probe`` the output layer fitted on
     ``head_items()`` (the training items without augmentation, the same on every rank) before a fresh run's
-    first update (a resumed run has it in its checkpoint)."""
+    first update (a resumed run has it in its checkpoint). ``fitted``: that fit, already made from this
+    model and random state (:func:`search_lr`'s), taken instead of fitting again."""
     if cfg.head_init == "probe" and (head_items is None or not isinstance(model, SequenceClassifier)):
         raise ValueError("finetune.head_init: probe needs a classification model and its training items")
     model.set_encoder_trainable(True)  # the optimizer and DDP see every trainable tensor from the start
@@ -216,11 +250,14 @@ def finetune_job(
         return {}
 
     def on_start(step: int) -> None:
-        if step == 0 and cfg.head_init == "probe":
+        if step == 0 and cfg.head_init == "probe" and fitted is not None:
+            fitted.restore(model)
+            print("finetune: output layer as the LR search fitted it", flush=True)
+        elif step == 0 and cfg.head_init == "probe":
             assert head_items is not None and isinstance(model, SequenceClassifier)
             acc = fit_output_layer(
                 model, head_items(), l2=cfg.head_init_l2, max_items=cfg.head_init_items,
-                features=cfg.head_init_features,
+                features=cfg.head_init_features, precision=cfg.precision,
             )  # fmt: skip
             print(
                 f"finetune: output layer fitted on frozen {cfg.head_init_features}-mode features (train "
@@ -301,43 +338,42 @@ def valid_accuracy(model: FinetuneModel, batches: Iterable[dict[str, Any]], prec
 def search_lr(
     model: FinetuneModel,
     cfg: FinetuneConfig,
-    job_for: Callable[[FinetuneConfig, Path], runner.Job],
+    job_for: Callable[[FinetuneConfig, Path, Fitted | None], runner.Job],
     valid_batches: Callable[[], Iterable[dict[str, Any]]],
     *,
     seed: int,
     info: distributed.DistInfo | None = None,
-) -> LrSearch:
+) -> tuple[LrSearch, Fitted | None]:
     """Try each LR of ``cfg.lr_grid`` (x ``optim.lr``) in a short run of ``lr_grid_steps`` updates, every
     one from ``model``'s weights and the same random state, and score it on ``valid_batches()``.
 
-    ``job_for(trial config, run folder)`` builds the run as the stage would (:func:`finetune_job`). The
-    output layer is fitted once (``head_init: probe``) and every short run starts from that fit. ``model``
-    and the torch random state are left as they were, so the full run that follows at the chosen LR is the
-    run it would have been at that LR without the search. A search is a small-scale version of tuning the
+    ``job_for(trial config, run folder, fitted)`` builds the run as the stage would (:func:`finetune_job`).
+    The output layer is fitted once (``head_init: probe``) and every short run starts from that fit, which
+    is returned for the full run (None without a fit). ``model`` and the torch random state are left as they
+    were, so the full run that follows at the chosen LR, handed the fit, is the run it would have been at
+    that LR without the search. A search is a small-scale version of tuning the
     LR per arm as a user would ([P1] §4.3 and [DV] §4 pick fine-tuning LRs per task on valid); its short
     runs keep the full run's schedule shape so that their ranking carries over."""
     steps = cfg.lr_grid_steps or cfg.steps
     lrs = tuple(cfg.optim.lr * m for m in cfg.lr_grid)
     start = copy.deepcopy(model.state_dict())
-    fitted: dict[str, Any] = {}
+    fitted: list[Fitted] = []
     accuracy = []
     with torch.random.fork_rng(), tempfile.TemporaryDirectory(prefix="d2v-lr-search-") as tmp:
-        rng = torch.get_rng_state()
+        rng = Fitted.capture(model)  # the weights as given, and the random state the full run starts with
         for i, lr in enumerate(lrs):
-            torch.set_rng_state(rng)
-            model.load_state_dict(fitted.get("state", start))
             trial = replace(
                 cfg, steps=steps, optim=replace(cfg.optim, lr=lr), checkpoint_every=steps, keep_checkpoints=1,
                 log_every=min(cfg.log_every, steps), lr_grid=(),
-                head_init=cfg.head_init if "state" not in fitted else "random",
             )  # fmt: skip
-            job = job_for(trial, Path(tmp) / f"lr{i}")
-            if trial.head_init == "probe":  # keep the fit for the other short runs
+            rng.restore(model)
+            job = job_for(trial, Path(tmp) / f"lr{i}", fitted[0] if fitted else None)
+            if trial.head_init == "probe" and not fitted:  # the first run fits; the others start from its fit
                 fit = job.on_start
 
                 def on_start(step: int, fit: Callable[[int], None] = fit) -> None:
                     fit(step)
-                    fitted["state"] = copy.deepcopy(model.state_dict())
+                    fitted.append(Fitted.capture(model))
 
                 job.on_start = on_start
             print(f"finetune: LR search {i + 1}/{len(lrs)}: lr {lr:.3g}, {steps} updates", flush=True)
@@ -345,7 +381,7 @@ def search_lr(
             accuracy.append(valid_accuracy(model, valid_batches(), cfg.precision))
             print(f"finetune: LR search: lr {lr:.3g} valid accuracy {accuracy[-1]:.4f}", flush=True)
     model.load_state_dict(start)
-    return LrSearch(lrs, tuple(accuracy), cfg.optim.lr, steps)
+    return LrSearch(lrs, tuple(accuracy), cfg.optim.lr, steps), (fitted[0] if fitted else None)
 
 
 LR_SEARCH_FILE = "lr_search.json"
@@ -379,6 +415,8 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     head, mask = modality_options(cfg, m)
     seed = int(params.get("seed", 0)) if args.seed is None else int(args.seed)
     init = getattr(args, "init", None) or PRETRAINED
+    if init == SCRATCH:
+        cfg = replace(cfg, optim=replace(cfg.optim, lr=cfg.optim.lr * cfg.scratch_lr_scale))
     run = Run(init, parse_budget(args.budget, section(params, "sweep", SweepConfig).budgets_of(init)[0]), seed)
     paths = section(params, "paths", PathsConfig)
     shard_dir = shard_location(paths.shards, m)
@@ -451,7 +489,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
         "pretrained_from": str(source) if source else None, "config": to_dict(cfg),
         "preprocessing": manifest.get("preprocessing"), "task_info": task_entry,
     }  # fmt: skip
-    search = None
+    search, fitted = None, None
     if cfg.lr_grid:
         valid = split_named(task_entry, "valid", f"finetune.{m}.lr_grid", shard_dir)
         per_class = cfg.lr_grid_valid_budget  # at most what the smallest class has, as evaluate's probe
@@ -459,20 +497,21 @@ def cli_finetune(params: dict[str, Any], args) -> int:
         per_class = min(per_class, *counts.values()) if per_class is not None and counts else per_class
         scored = LoaderSpec(batch_size=per_rank, mode="eval", seed=seed, label_budget=per_class)
 
-        def job_for(trial: FinetuneConfig, trial_dir: Path) -> runner.Job:
-            return finetune_job(model, trial, make_loader, trial_dir, meta, head_items=head_items)
+        def job_for(trial: FinetuneConfig, trial_dir: Path, fit: Fitted | None) -> runner.Job:
+            return finetune_job(model, trial, make_loader, trial_dir, meta, head_items=head_items, fitted=fit)
 
-        search = recorded_search(run_dir, fingerprint, info) or search_lr(
-            model, cfg, job_for, lambda: build_loader(shard_dir, valid, model_cfg, scored), seed=seed, info=info
-        )
+        search = recorded_search(run_dir, fingerprint, info)
+        if search is None:
+            valid_batches = lambda: build_loader(shard_dir, valid, model_cfg, scored)  # noqa: E731
+            search, fitted = search_lr(model, cfg, job_for, valid_batches, seed=seed, info=info)
         search = distributed.broadcast_object(search)  # rank 0's choice: short runs on GPUs are not bit-exact
         record_search(run_dir, fingerprint, search, info)
         print(f"finetune {m} {run.name}: lr {search.lr:.3g}, chosen on {valid} ({search.to_dict()})", flush=True)
         cfg = replace(cfg, optim=replace(cfg.optim, lr=search.lr))
         fingerprint["lr"] = meta["lr"] = search.lr
         meta["lr_search"], meta["config"] = search.to_dict(), to_dict(cfg)
-    job = finetune_job(model, cfg, make_loader, run_dir, meta,
-                       files=preprocessing_files(manifest, shard_dir), head_items=head_items)  # fmt: skip
+    job = finetune_job(model, cfg, make_loader, run_dir, meta, files=preprocessing_files(manifest, shard_dir),
+                       head_items=head_items, fitted=fitted)  # fmt: skip
     outputs = runner.Outputs(
         metrics_file,
         Path(paths.plots) / "finetune" / m / f"{run.name}.csv",

@@ -31,6 +31,8 @@ def test_the_best_valid_accuracy_wins_and_ties_go_to_the_recipe_then_the_lower_l
         ({"lr_grid": [1, 2], "task": "ctc", "head_init": "random"}, "has no classes"),
         ({"lr_grid_steps": 0}, "lr_grid_steps"),
         ({"lr_grid_valid_budget": 0}, "lr_grid_valid_budget"),
+        ({"lr_grid_steps": 600, "steps": 500}, "lr_grid_steps"),
+        ({"scratch_lr_scale": 0}, "scratch_lr_scale"),
     ],
 )
 def test_bad_grids_are_refused_naming_the_key(over, needle):
@@ -47,16 +49,20 @@ def test_a_run_trains_at_the_lr_its_short_runs_scored_best_on_valid(tmp_path, mo
 
     monkeypatch.chdir(tmp_path)
     optim = {"lr": 1e-3, "warmup": 0.25}
-    grid = {"lr_grid": [0.1, 1.0, 10.0], "lr_grid_steps": 2, "lr_grid_valid_budget": 2, "steps": 3, "optim": optim}
+    head = {"head_init": "probe", "head_init_features": "train"}  # a fit that draws dropout: the RNG matters
+    grid = {"lr_grid": [0.1, 1.0, 10.0], "lr_grid_steps": 2, "lr_grid_valid_budget": 2, "steps": 3, "optim": optim,
+            "scratch_lr_scale": 2.0, **head}  # fmt: skip
     write_params(tmp_path / "params.yaml", finetune=grid)
     assert main(["prepare", "image"]) == 0 and main(["shard", "image"]) == 0
     assert main(["finetune", "image", "--init", "scratch"]) == 0
     out = capsys.readouterr().out
-    assert out.count("LR search") == 6  # three short runs, each announced and scored
+    assert out.count("LR search: lr") == 3 and out.count("LR search 3/3") == 1  # three short runs, scored
+    assert out.count("output layer fitted") == 1  # fitted once, by the first short run ...
+    assert out.count("output layer as the LR search fitted it") == 3  # ... and handed to the others and the run
 
     run = tmp_path / "ckpt" / "finetune" / "image" / "b2-s0-scratch"
     metrics = json.loads((tmp_path / "metrics" / "finetune" / "image" / "b2-s0-scratch.json").read_text())
-    recipe = optim["lr"]
+    recipe = optim["lr"] * 2.0  # the scratch arm's grid is centred at scratch_lr_scale x optim.lr
     scores = {k: v for k, v in metrics.items() if k.startswith("finetune/lr_search/")}
     assert len(scores) == 3 and all(0 <= v <= 1 for v in scores.values())
     record = json.loads((run / LR_SEARCH_FILE).read_text())["search"]
@@ -70,7 +76,7 @@ def test_a_run_trains_at_the_lr_its_short_runs_scored_best_on_valid(tmp_path, mo
 
     # the search leaves no trace on the run: the same run without a grid, at the chosen LR, is bit-identical
     weights = _weights(run)
-    write_params(tmp_path / "params.yaml", finetune={"steps": 3, "optim": {**optim, "lr": record["lr"]}})
+    write_params(tmp_path / "params.yaml", finetune={"steps": 3, "optim": {**optim, "lr": record["lr"]}, **head})
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["paths"]["checkpoints"] = "ckpt_plain"
     params["paths"]["metrics"] = "metrics_plain"
