@@ -33,7 +33,8 @@ import yaml
 from d2v import checkpoint
 from d2v.config import PathsConfig, section
 from d2v.data.loader import read_manifest
-from d2v.evaluate import EvaluateConfig, probe_metrics, probe_tasks
+from d2v.evaluate import EvaluateConfig, probe_metrics
+from d2v.sweep import probe_tasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_seeds import seed_project  # noqa: E402

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from d2v import checkpoint, initialize, tracking
 from d2v.config import ConfigError, PathsConfig, section, to_dict
-from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest, within_smallest_class
 from d2v.data.remote import Location, shard_location
 from d2v.heads import FinetuneModel
 from d2v.load import arm_dir, arm_encoder, joint_member, load_finetune_model
@@ -46,7 +46,7 @@ from d2v.metrics import (
 from d2v.modalities import get
 from d2v.modalities.base import Encoder
 from d2v.precision import Precision, autocast
-from d2v.sweep import JOINT, PRETRAINED, SCRATCH, Init, Run, SweepConfig, planned_runs, probe_key
+from d2v.sweep import JOINT, PRETRAINED, SCRATCH, Init, Run, SweepConfig, planned_runs, probe_key, probe_tasks
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -362,14 +362,6 @@ def _probe_task(manifest: dict[str, Any]) -> str:
     return probe_tasks(manifest)[0]
 
 
-def probe_tasks(manifest: dict[str, Any]) -> list[str]:
-    """Every labelled task of the shards, the headline one (:func:`_probe_task`) first: each gets a probe.
-    The others' metrics are named ``<task>_<metric>`` (``sentiment_accuracy``, ``sentiment_layer3_accuracy``)."""
-    tasks = manifest.get("tasks") or {}
-    labelled = sorted(t for t, e in tasks.items() if e.get("target") == "label")
-    return sorted(labelled, key=lambda t: t != "classification")
-
-
 def probe_metrics(
     modality: str,
     manifest: dict[str, Any],
@@ -427,10 +419,8 @@ def probe(
 
     was_training = encoder.training
 
-    def eval_budget(split: str) -> int | float | None:  # per class, at most what the smallest class has
-        b = cfg.probe_eval_budget
-        counts = (manifest["splits"].get(split) or {}).get("label_counts") or {}
-        return min(b, *counts.values()) if isinstance(b, int) and counts else b
+    def eval_budget(split: str) -> int | float | None:
+        return within_smallest_class(manifest, split, cfg.probe_eval_budget)
 
     test = split_of(entry, "test")
     test_x, test_y = features(test, eval_budget(test), seed)

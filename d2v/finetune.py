@@ -29,7 +29,7 @@ import torch
 
 from d2v import checkpoint, distributed, initialize, loop, runner, tracking
 from d2v.config import ConfigError, PathsConfig, from_dict, section, to_dict
-from d2v.data.loader import LoaderSpec, build_loader, read_manifest
+from d2v.data.loader import LoaderSpec, build_loader, read_manifest, within_smallest_class
 from d2v.data.remote import Location, shard_location
 from d2v.data.shards import manifest_sha256, preprocessing_files
 from d2v.heads import FinetuneModel, HeadConfig, SequenceClassifier
@@ -318,7 +318,7 @@ class LrSearch:
 
 
 @torch.no_grad()
-def valid_accuracy(model: FinetuneModel, batches: Iterable[dict[str, Any]], precision: Any) -> float:
+def valid_accuracy(model: FinetuneModel, batches: Iterable[dict[str, Any]], precision: Precision) -> float:
     """Accuracy of ``model`` (eval mode) on ``batches``, in the stage's autocast."""
     was_training = model.training
     model.eval()
@@ -492,15 +492,13 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     search, fitted = None, None
     if cfg.lr_grid:
         valid = split_named(task_entry, "valid", f"finetune.{m}.lr_grid", shard_dir)
-        per_class = cfg.lr_grid_valid_budget  # at most what the smallest class has, as evaluate's probe
-        counts = (manifest["splits"].get(valid) or {}).get("label_counts") or {}
-        per_class = min(per_class, *counts.values()) if per_class is not None and counts else per_class
+        per_class = within_smallest_class(manifest, valid, cfg.lr_grid_valid_budget)
         scored = LoaderSpec(batch_size=per_rank, mode="eval", seed=seed, label_budget=per_class)
 
         def job_for(trial: FinetuneConfig, trial_dir: Path, fit: Fitted | None) -> runner.Job:
             return finetune_job(model, trial, make_loader, trial_dir, meta, head_items=head_items, fitted=fit)
 
-        search = recorded_search(run_dir, fingerprint, info)
+        search = recorded_search(run_dir, fingerprint)
         if search is None:
             valid_batches = lambda: build_loader(shard_dir, valid, model_cfg, scored)  # noqa: E731
             search, fitted = search_lr(model, cfg, job_for, valid_batches, seed=seed, info=info)
@@ -542,7 +540,7 @@ def _search_key(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({**fingerprint, "code": runner.code_fingerprint()}))
 
 
-def recorded_search(run_dir: Path, fingerprint: dict[str, Any], info: distributed.DistInfo) -> LrSearch | None:
+def recorded_search(run_dir: Path, fingerprint: dict[str, Any]) -> LrSearch | None:
     """The search the run folder records for this fingerprint (a resumed run), else None."""
     found = None
     file = run_dir / LR_SEARCH_FILE

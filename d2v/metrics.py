@@ -184,9 +184,9 @@ def _tapped(
 def pooled_layer_features(
     encoder: Encoder, loader: Any, device: torch.device, pools: Sequence[str]
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per pool, every block's output and the final output pooled as ``embed`` pools them: 'mean' over the non-padding tokens, prefix tokens excluded;
-    'first' the first token (vision's CLS where there is one). ``{pool: [L + 1, N, D]}`` (fp32, CPU) and the
-    labels [N]."""
+    """Per pool, every block's output and the final output pooled as ``embed`` pools them: 'mean' over the
+    non-padding tokens, prefix tokens excluded; 'first' the first token (vision's CLS where there is one).
+    ``{pool: [L + 1, N, D]}`` (fp32, CPU) and the labels [N]."""
     xs: dict[str, list[Tensor]] = {p: [] for p in pools}
     ys, last = [], None
     P = encoder.num_prefix_tokens

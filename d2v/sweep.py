@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from d2v.config import ConfigError
 
@@ -46,6 +46,8 @@ EVAL_KEY = re.compile(
     r"^(?P<task>[A-Za-z0-9_]+)/(?P<init>[A-Za-z0-9_-]+)/b(?P<budget>[^/]+)/s(?P<seed>\d+)/(?P<metric>[^/]+)$"
 )
 """``evaluate/pretrained/b5/s0/accuracy``, ``ctc/scratch/b10/s1/wer`` (:meth:`Run.key`)."""
+RUN_NAME = re.compile(r"^b(?P<budget>[^-/]+)-s(?P<seed>\d+)-(?P<init>[A-Za-z0-9_]+)$")
+"""``b5-s0-scratch`` (:attr:`Run.name`), parsed back: a fine-tuning run's folder / metrics file name."""
 PROBE_KEY = re.compile(r"^probe/(?P<init>[A-Za-z0-9_-]+)/(?:s(?P<seed>\d+)/)?(?P<metric>[^/]+)$")
 """``probe/pretrained/accuracy`` (optionally ``probe/<init>/s<seed>/<metric>``; :func:`probe_key`)."""
 
@@ -146,6 +148,15 @@ def probe_key(init: Init, metric: str) -> str:
     """``probe/<init>/<metric>`` or, per probe seed, ``probe/<init>/s<seed>/<metric>``: the linear probe of
     frozen features (parsed back by :data:`PROBE_KEY`)."""
     return f"probe/{init}/{metric}"
+
+
+def probe_tasks(manifest: dict[str, Any] | None) -> list[str]:
+    """The shards' labelled tasks, each of which evaluate probes: 'classification' first (the headline
+    ``probe/<init>/<metric>`` keys), then the others in sorted order, whose metrics are named
+    ``<task>_<metric>`` (``probe/<init>/s0/sentiment_accuracy``)."""
+    tasks = (manifest or {}).get("tasks") or {}
+    labelled = sorted(t for t, e in tasks.items() if isinstance(e, dict) and e.get("target") == "label")
+    return sorted(labelled, key=lambda t: t != "classification")
 
 
 def planned_runs(

@@ -91,6 +91,13 @@ def _split_labels(shard_dir: Location, split: str) -> list[int] | None:
     return [0] * entry["samples"]  # transcripts: one class
 
 
+def within_smallest_class(manifest: dict[str, Any], split: str, budget: int | float | None) -> int | float | None:
+    """A per-class budget (an int) cut to the split's smallest class (``label_counts`` in the manifest), so
+    that scoring "at most N a class" never asks a class for more than it has; a fraction or None as given."""
+    counts = (manifest["splits"].get(split) or {}).get("label_counts") or {}
+    return min(budget, *counts.values()) if isinstance(budget, int) and counts else budget
+
+
 def budget_keys(shard_dir: Location, split: str, label_budget: int | float, seed: int) -> set[str]:
     """Keys of a seeded, class-stratified label budget of ``split``.
 

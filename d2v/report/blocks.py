@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from d2v.report.stats import (
     init_key,
     probe_by_task,
 )
-from d2v.sweep import JOINT
+from d2v.sweep import JOINT, RUN_NAME
 
 
 @dataclass(frozen=True)
@@ -187,10 +186,6 @@ def results_blocks(r: ModalityResult, rep: Report) -> list:
         )
     blocks += [Img(f) for f in r.figures if f.name.startswith("budget_")]
     return blocks
-
-
-RUN_NAME = re.compile(r"^b(?P<budget>[^-]+)-s(?P<seed>\d+)-(?P<init>.+)$")
-"""``b5-s0-scratch`` (``d2v.sweep.Run.name``): a fine-tuning metrics file's name."""
 
 
 def lr_blocks(r: ModalityResult) -> list:

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from d2v.sweep import EVAL_KEY, INITS, PRETRAINED, PROBE_KEY, SCRATCH
+from d2v.sweep import EVAL_KEY, INITS, PRETRAINED, PROBE_KEY, SCRATCH, probe_tasks
 
 # ------------------------------------------------------------------------------------------- metric names
 
@@ -249,13 +249,6 @@ def pay_off(
     if probe and arm in probe and base in probe:
         cmp_probe = compare("probe", {i: probe[i] for i in (arm, base)}, False, arm, base)
     return PayOff(smallest, margin, cmp_probe)
-
-
-def probe_tasks(manifest: dict[str, Any] | None) -> list[str]:
-    """The shards' labelled tasks, 'classification' first (as evaluate probes them)."""
-    tasks = (manifest or {}).get("tasks") or {}
-    labelled = sorted(t for t, e in tasks.items() if isinstance(e, dict) and e.get("target") == "label")
-    return sorted(labelled, key=lambda t: t != "classification")
 
 
 def probe_by_task(

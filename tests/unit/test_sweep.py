@@ -69,3 +69,21 @@ def test_the_joint_arm_runs_at_its_own_budgets_under_its_own_stage_name():
         from_dict(SweepConfig, {"inits": ["pretrained", "joint"]})
     with pytest.raises(ConfigError, match="joint_budgets"):
         from_dict(SweepConfig, {"joint_budgets": [0]})
+
+
+def test_a_run_name_parses_back_to_its_budget_seed_and_init():
+    from d2v.sweep import RUN_NAME
+
+    for run in (Run("scratch", 5, 0), Run("pretrained", 0.1, 2), Run("joint", 1.0, 11)):
+        m = RUN_NAME.match(run.name)
+        assert (m["init"], m["budget"], int(m["seed"])) == (run.init, str(run.budget), run.seed)
+    assert RUN_NAME.match("b5-s0") is None and RUN_NAME.match("notes") is None
+
+
+def test_probe_tasks_put_the_headline_task_first():
+    from d2v.sweep import probe_tasks
+
+    tasks = {"sentiment": {"target": "label"}, "ctc": {"target": "transcript"}, "classification": {"target": "label"},
+             "mood": {"target": "label"}}  # fmt: skip
+    assert probe_tasks({"tasks": tasks}) == ["classification", "mood", "sentiment"]
+    assert probe_tasks({"tasks": {"ctc": {"target": "transcript"}}}) == [] and probe_tasks(None) == []

