@@ -1,17 +1,18 @@
 """Which layer and pooling carry a task, pretrained against random init, under a changed recipe.
 
     .venv/bin/python benchmarks/probe_study.py <project> <modality> [--seeds 0] [--set key=value ...]
-        [--pools mean first] [--budget 100] [--json out.jsonl]
+        [--pools mean first] [--budget 100 [0.5 ...]] [--json out.jsonl]
 
 ``<project>`` is a d2v project after ``dvc repro shard@<m>``. For every pretraining seed it makes a temporary
 project with the project's shards linked in and its ``params.yaml`` with ``seed`` and the ``--set`` changes
 (``pretrain_seeds.seed_project``). A change under ``shard.`` reshards there from the project's raw folder
 (linked in; e.g. ``--set shard.text.vocab_size=2048``). It pretrains ``<m>``, then runs evaluate's
 linear probe (``d2v.evaluate.probe_metrics``: every labelled task, every layer, each pool of ``--pools``,
-``--budget`` training labels per class, probe seeds 0-2) on the pretrained encoder and on the same
-architecture at random init (the params seed). It prints, per task and pool, the test accuracy of every
-layer (mean over probe seeds) for both, and the difference at ``embed``'s default features (the final
-output, mean-pooled). ``--json`` appends the per-seed values. Nothing in the project changes.
+probe seeds 0-2) on the pretrained encoder and on the same architecture at random init (the params seed),
+once per ``--budget`` (training labels per class, or a fraction of each class). It prints, per budget, task
+and pool, the test accuracy of every layer (mean over probe seeds) for both, and the difference at
+``embed``'s default features (the final output, mean-pooled). ``--json`` appends one line per seed and
+budget. Nothing in the project changes.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ from pretrain_seeds import seed_project  # noqa: E402
 
 
 def study(
-    project: Path, m: str, seed: int, changes: dict[str, Any], where: Path, pools: tuple[str, ...], budget: int
-) -> dict[str, float]:
-    """The probe metrics (``probe/<init>/s<k>/<metric>``) of one pretraining seed under ``changes``."""
+    project: Path, m: str, seed: int, changes: dict[str, Any], where: Path, pools: tuple[str, ...],
+    budgets: list[int | float],
+) -> list[dict[str, float]]:
+    """Per budget, the probe metrics (``probe/<init>/s<k>/<metric>``) of one pretraining seed under
+    ``changes``."""
     run_dir, params = seed_project(project, [m], seed, changes, where)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(run_dir)}
     paths = section(params, "paths", PathsConfig)
@@ -56,11 +59,14 @@ def study(
     shards = run_dir / paths.shards / m
     step = checkpoint.resolve(run_dir / paths.checkpoints / "pretrain" / m)
     base = section(params, "evaluate", EvaluateConfig, m)
-    cfg = EvaluateConfig(batch_size=base.batch_size, probe_budget=budget, probe_pools=pools,
-                         precision=base.precision, probe_seeds=(0, 1, 2))  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = {"pretrained": step, "scratch": step}
-    return probe_metrics(m, read_manifest(shards), shards, steps, cfg, int(params.get("seed", 0)), device)
+    out = []
+    for budget in budgets:
+        cfg = EvaluateConfig(batch_size=base.batch_size, probe_budget=budget, probe_pools=pools,
+                             precision=base.precision, probe_seeds=(0, 1, 2))  # fmt: skip
+        out.append(probe_metrics(m, read_manifest(shards), shards, steps, cfg, int(params.get("seed", 0)), device))
+    return out
 
 
 def table(metrics: dict[str, float], tasks: list[str], pools: tuple[str, ...]) -> list[str]:
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="pretraining seeds")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="params.yaml changes")
     ap.add_argument("--pools", nargs="+", default=["mean", "first"], choices=["mean", "first"])
-    ap.add_argument("--budget", type=int, default=100, help="probe training labels per class")
+    ap.add_argument("--budget", type=yaml.safe_load, nargs="+", default=[100],
+                    help="probe training labels per class (an int) or fraction of each class (a float); "
+                    "several: one probe each on the same pretraining")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="append the result as one JSON line per seed")
     args = ap.parse_args(argv)
     project, m = args.project.resolve(), args.modality
@@ -105,17 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     where = Path(tempfile.mkdtemp(prefix="d2v-probe-study-"))
     try:
         for seed in args.seeds:
-            metrics = study(project, m, seed, changes, where, pools, args.budget)
             params = yaml.safe_load((project / "params.yaml").read_text())
             tasks = probe_tasks(read_manifest(project / params["paths"]["shards"] / m))
-            print(f"\n{m}, pretraining seed {seed}, changes {changes or 'none'}: probe test accuracy %, "
-                  f"pretrained / random init, per layer (1..L blocks, L + 1 the final output)")  # fmt: skip
-            print("| task | pool | per layer |\n|---|---|---|")
-            print("\n".join(table(metrics, tasks, pools)))
-            if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                with args.json.open("a") as f:
-                    f.write(json.dumps({"modality": m, "seed": seed, "changes": changes, "metrics": metrics}) + "\n")
+            for budget, metrics in zip(args.budget, study(project, m, seed, changes, where, pools, args.budget)):
+                print(f"\n{m}, pretraining seed {seed}, changes {changes or 'none'}, probe budget {budget}: probe "
+                      f"test accuracy %, pretrained / random init, per layer (1..L blocks, L + 1 the final output)")  # fmt: skip
+                print("| task | pool | per layer |\n|---|---|---|")
+                print("\n".join(table(metrics, tasks, pools)))
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    row = {"modality": m, "seed": seed, "changes": changes, "budget": budget, "metrics": metrics}
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
             shutil.rmtree(where / f"seed{seed}", ignore_errors=True)
     finally:
         shutil.rmtree(where, ignore_errors=True)

@@ -97,8 +97,11 @@ class FinetuneConfig(loop.LoopConfig):
     lr_grid: tuple[float, ...] = ()
     """Multipliers of ``optim.lr`` that each run tries before it trains (:func:`search_lr`): one short run per
     multiplier, all from the same start, scored on the task's valid split; the run then trains at the LR that
-    scored best (ties: the multiplier nearest 1). Every arm, budget and seed chooses its own, so the report
-    compares each arm at its best LR rather than at one shared recipe. Empty: ``optim.lr`` as it is."""
+    scored best (ties: the multiplier nearest 1). Every arm and budget chooses its own, so the report
+    compares each arm at its best LR rather than at one shared recipe. The search runs once per arm and
+    budget, at the params seed (its label draw, init and order), and the runs of every seed train at its
+    choice: seeds then differ by seed alone, and the search costs one run's share, not one per seed.
+    Empty: ``optim.lr`` as it is."""
     lr_grid_steps: int | None = None
     """Updates of each short run (its schedule compressed to them: warm-up and decay as the full run's);
     None: ``steps``."""
@@ -387,6 +390,9 @@ def search_lr(
 LR_SEARCH_FILE = "lr_search.json"
 """The search's record in the run folder, with the fingerprint it was made under: a resumed run reads it
 back instead of searching again."""
+LR_SEARCH_DIR = "lr_search"
+"""Beside the run folders (``checkpoints/finetune/<m>/lr_search/b<budget>-<init>.json``): the search of an
+arm and budget, which the runs of the other seeds read instead of searching again."""
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -436,9 +442,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
 
     manifest = read_manifest(shard_dir)
     split, num_classes, task_entry = task_info(manifest, cfg.task, shard_dir)
-    if run.init == JOINT:
-        encoder = arm_encoder(run.init, source, seed, m)
-    elif run.init in (PRETRAINED, PUBLISHED):
+    if run.init in (PRETRAINED, PUBLISHED):
         if checkpoint.latest(pretrain_dir) is None:
             raise ValueError(
                 f"{pretrain_dir}: no pretrained {m} checkpoint; run `d2v pretrain {m}` first, or fine-tune "
@@ -446,28 +450,39 @@ def cli_finetune(params: dict[str, Any], args) -> int:
             )
         source = checkpoint.resolve(pretrain_dir)
         checkpoint.check_compatible(source, m, model_cfg, "pretrain")
-        encoder = arm_encoder(run.init, source, seed)
-    else:
-        torch.manual_seed(seed)
-        encoder = mod.build_encoder(model_cfg)
-    torch.manual_seed(seed)  # head init
-    model = build_finetune_model(m, encoder, cfg.task, num_classes, head)
+
+    def build(s: int) -> FinetuneModel:
+        """The model at seed ``s``: a scratch encoder's init and the head's."""
+        if run.init in (JOINT, PRETRAINED, PUBLISHED):
+            encoder = arm_encoder(run.init, source, s, m) if run.init == JOINT else arm_encoder(run.init, source, s)
+        else:
+            torch.manual_seed(s)
+            encoder = mod.build_encoder(model_cfg)
+        torch.manual_seed(s)  # head init
+        return build_finetune_model(m, encoder, cfg.task, num_classes, head)
+
+    model = build(seed)
     info = distributed.init(timeout_s=cfg.dist_timeout_s)
     per_rank = runner.per_rank_batch(cfg.batch_size, cfg.grad_accum, info, f"finetune.{m}")
 
-    spec = LoaderSpec(
-        batch_size=per_rank, mode="finetune", seed=seed, num_workers=cfg.num_workers,
-        shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len, label_budget=run.budget, rank=info.rank,
-        world_size=info.world_size, finetune_mask=mask,
-    )  # fmt: skip
+    def loaders(s: int) -> tuple[Callable[[int], Any], Callable[[], Any]]:
+        """``(make_loader(epoch), head_items())`` of the run at seed ``s`` (its label draw and order)."""
+        spec = LoaderSpec(
+            batch_size=per_rank, mode="finetune", seed=s, num_workers=cfg.num_workers,
+            shuffle_buffer=cfg.shuffle_buffer, max_len=cfg.max_len, label_budget=run.budget, rank=info.rank,
+            world_size=info.world_size, finetune_mask=mask,
+        )  # fmt: skip
 
-    def make_loader(epoch: int):
-        return build_loader(shard_dir, split, model_cfg, replace(spec, epoch=epoch))
+        def make_loader(epoch: int):
+            return build_loader(shard_dir, split, model_cfg, replace(spec, epoch=epoch))
 
-    def head_items():  # the budget's items, no augmentation or masks, every rank the same order
-        items = LoaderSpec(batch_size=per_rank, mode="eval", seed=seed, label_budget=run.budget)
-        return build_loader(shard_dir, split, model_cfg, items)
+        def head_items():  # the budget's items, no augmentation or masks, every rank the same order
+            items = LoaderSpec(batch_size=per_rank, mode="eval", seed=s, label_budget=run.budget)
+            return build_loader(shard_dir, split, model_cfg, items)
 
+        return make_loader, head_items
+
+    make_loader, head_items = loaders(seed)
     if cfg.head_init == "probe" and info.world_size > 1 and cfg.parallel == "fsdp":
         raise ConfigError(
             f"finetune.{m}.head_init: probe runs the whole model on each rank; use parallel: ddp"
@@ -493,17 +508,28 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     if cfg.lr_grid:
         valid = split_named(task_entry, "valid", f"finetune.{m}.lr_grid", shard_dir)
         per_class = within_smallest_class(manifest, valid, cfg.lr_grid_valid_budget)
-        scored = LoaderSpec(batch_size=per_rank, mode="eval", seed=seed, label_budget=per_class)
-
-        def job_for(trial: FinetuneConfig, trial_dir: Path, fit: Fitted | None) -> runner.Job:
-            return finetune_job(model, trial, make_loader, trial_dir, meta, head_items=head_items, fitted=fit)
-
-        search = recorded_search(run_dir, fingerprint)
+        # one search per arm and budget, at the params seed, shared by the runs of every seed
+        search_seed = int(params.get("seed", 0))
+        key = {**fingerprint, "seed": search_seed}
+        shared = run_dir.parent / LR_SEARCH_DIR / f"b{run.budget}-{run.init}.json"
+        search = recorded_search(run_dir / LR_SEARCH_FILE, key) or recorded_search(shared, key)
         if search is None:
-            valid_batches = lambda: build_loader(shard_dir, valid, model_cfg, scored)  # noqa: E731
-            search, fitted = search_lr(model, cfg, job_for, valid_batches, seed=seed, info=info)
+            with torch.random.fork_rng():  # building another seed's model leaves this run's random state
+                s_model = model if search_seed == seed else build(search_seed)
+                s_loader, s_head_items = (make_loader, head_items) if s_model is model else loaders(search_seed)
+                scored = LoaderSpec(batch_size=per_rank, mode="eval", seed=search_seed, label_budget=per_class)
+
+                def job_for(trial: FinetuneConfig, trial_dir: Path, fit: Fitted | None) -> runner.Job:
+                    return finetune_job(s_model, trial, s_loader, trial_dir, meta, head_items=s_head_items,
+                                        fitted=fit)  # fmt: skip
+
+                valid_batches = lambda: build_loader(shard_dir, valid, model_cfg, scored)  # noqa: E731
+                search, s_fitted = search_lr(s_model, cfg, job_for, valid_batches, seed=search_seed, info=info)
+                fitted = s_fitted if s_model is model else None  # another seed's fit is not this run's
+                del s_model
         search = distributed.broadcast_object(search)  # rank 0's choice: short runs on GPUs are not bit-exact
-        record_search(run_dir, fingerprint, search, info)
+        record_search(shared, key, search, info)
+        record_search(run_dir / LR_SEARCH_FILE, key, search, info)
         print(f"finetune {m} {run.name}: lr {search.lr:.3g}, chosen on {valid} ({search.to_dict()})", flush=True)
         cfg = replace(cfg, optim=replace(cfg.optim, lr=search.lr))
         fingerprint["lr"] = meta["lr"] = search.lr
@@ -540,10 +566,10 @@ def _search_key(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({**fingerprint, "code": runner.code_fingerprint()}))
 
 
-def recorded_search(run_dir: Path, fingerprint: dict[str, Any]) -> LrSearch | None:
-    """The search the run folder records for this fingerprint (a resumed run), else None."""
+def recorded_search(file: Path, fingerprint: dict[str, Any]) -> LrSearch | None:
+    """The search ``file`` records for this fingerprint (a resumed run, or another seed's run of the same arm
+    and budget), else None."""
     found = None
-    file = run_dir / LR_SEARCH_FILE
     if file.is_file():
         try:
             rec = json.loads(file.read_text())
@@ -555,11 +581,11 @@ def recorded_search(run_dir: Path, fingerprint: dict[str, Any]) -> LrSearch | No
     return distributed.broadcast_object(found)  # rank 0's answer: the ranks search together or not at all
 
 
-def record_search(run_dir: Path, fingerprint: dict[str, Any], search: LrSearch, info: distributed.DistInfo) -> None:
-    """Write the search beside the checkpoints (rank 0; written whole or not at all)."""
+def record_search(file: Path, fingerprint: dict[str, Any], search: LrSearch, info: distributed.DistInfo) -> None:
+    """Write the search to ``file`` (rank 0; written whole or not at all)."""
     if not info.is_main:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{LR_SEARCH_FILE}.tmp"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.parent / f".{file.name}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"fingerprint": _search_key(fingerprint), "search": search.to_dict()}, indent=2) + "\n")
-    os.replace(tmp, run_dir / LR_SEARCH_FILE)
+    os.replace(tmp, file)

@@ -179,6 +179,9 @@ class ShardCommon:
     pretrain_from: PretrainFrom = "unlabelled"
     """'unlabelled': only unlabelled inputs; 'unlabelled+labelled': also the train/valid inputs of the
     labelled tasks, labels dropped (never test)."""
+    pretrain_tasks: tuple[str, ...] | None = None
+    """With 'unlabelled+labelled', the labelled tasks whose train/valid inputs join pretraining (e.g.
+    ``[classification]``); None: every task. A task left out is probed on inputs pretraining never saw."""
     strict: bool = False
     """True: a bad input (corrupt, unsupported, empty, silent ...) is an error naming the file, not a skip."""
     workers: int = 1
@@ -311,7 +314,8 @@ def plan_splits(scan: Scan, cfg: ShardCommon, seed: int) -> dict[str, list[Item]
 
     Each split's items are shuffled (so every shard mixes sources); labels are dropped in ``pretrain``.
     With ``unlabelled+labelled``, pretraining takes each input of the tasks' train and valid splits once
-    (an input with a label and a transcript is in both tasks) and none that any task holds out for test.
+    (an input with a label and a transcript is in both tasks; only the tasks of ``pretrain_tasks`` when it
+    is set) and none that any task holds out for test.
     """
     splits: dict[str, list[Item]] = {}
     extra_pretrain: list[Item] = []
@@ -324,7 +328,8 @@ def plan_splits(scan: Scan, cfg: ShardCommon, seed: int) -> dict[str, list[Item]
         if task.test_items is not None:
             te = list(task.test_items)
         held_out.update(it.name for it in te)
-        if cfg.pretrain_from == "unlabelled+labelled":
+        joins = cfg.pretrain_tasks is None or name in cfg.pretrain_tasks
+        if cfg.pretrain_from == "unlabelled+labelled" and joins:
             extra_pretrain += tr + va  # before the max_train cap: that cap is about labels
         if cfg.max_train is not None and len(tr) > cfg.max_train:
             order = _balanced_order(tr, rng_for(seed, "max_train", name)) if stratify else list(tr)
@@ -481,8 +486,10 @@ def write_splits(
     ctx: Any,
     out_dir: Path,
     cfg: ShardCommon,
+    pack: Callable | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[Skip]]:
-    """Encode and write every split; returns ``(split manifest entries, label maps per task, skips)``."""
+    """Encode and write every split, the ``pretrain`` split's samples through ``pack(samples, ctx)`` (the
+    modality's ``pack``); returns ``(split manifest entries, label maps per task, skips)``."""
     label_maps: dict[str, dict[str, Any]] = {}
     split_task: dict[str, tuple[str, Task]] = {}
     for name, task in tasks.items():
@@ -501,7 +508,10 @@ def write_splits(
     skipped: list[Skip] = []
     with encoder_pool(encode, ctx, cfg.workers) as run:
         for split, items in splits.items():
-            entries[split] = _write_split(split, items, run, split_task, label_maps, out_dir, cfg, skipped)
+            packer = pack if split == "pretrain" and pack is not None else None
+            entries[split] = _write_split(
+                split, items, run, split_task, label_maps, out_dir, cfg, skipped, packer, ctx
+            )
     return entries, label_maps, skipped
 
 
@@ -514,8 +524,11 @@ def _write_split(
     out_dir: Path,
     cfg: ShardCommon,
     skipped: list[Skip],
+    pack: Callable | None = None,
+    ctx: Any = None,
 ) -> dict[str, Any]:
-    """Encode and write one split (appending its skips to ``skipped``); returns its manifest entry."""
+    """Encode and write one split (appending its skips to ``skipped``), its samples through
+    ``pack(samples, ctx)`` when given; returns its manifest entry."""
     task_name, task = split_task.get(split, (None, None))
     label_ids = {}
     if task is not None and task.target == "label":
@@ -526,26 +539,32 @@ def _write_split(
     label_counts: Counter[str] = Counter()
     n_inputs = 0
     bar = tqdm(total=len(items), desc=f"shard {split}", unit="input", file=sys.stderr, mininterval=1.0)
-    for item, result in run(items):
-        bar.update(1)
-        if isinstance(result, Skip):
-            if cfg.strict:
-                bar.close()
-                raise _strict_error(result)
-            skipped.append(result)
-            continue
-        n_inputs += 1
-        for enc in result:
-            fields = dict(enc.fields)
-            if task is not None and task.target == "label":
-                assert item.label is not None, item
-                fields["cls"] = str(label_ids[item.label]).encode("ascii")
-                label_lines.append(fields["cls"].decode())
-                label_counts[item.label] += 1
-            elif task is not None:
-                fields["transcript.txt"] = (item.transcript or "").encode("utf-8")
-            writer.write(fields)
-            _add_stats(stats, enc.stats)
+
+    def samples() -> Iterator[Encoded]:
+        nonlocal n_inputs
+        for item, result in run(items):
+            bar.update(1)
+            if isinstance(result, Skip):
+                if cfg.strict:
+                    bar.close()
+                    raise _strict_error(result)
+                skipped.append(result)
+                continue
+            n_inputs += 1
+            for enc in result:
+                fields = dict(enc.fields)
+                if task is not None and task.target == "label":
+                    assert item.label is not None, item
+                    fields["cls"] = str(label_ids[item.label]).encode("ascii")
+                    label_lines.append(fields["cls"].decode())
+                    label_counts[item.label] += 1
+                elif task is not None:
+                    fields["transcript.txt"] = (item.transcript or "").encode("utf-8")
+                yield Encoded(fields, enc.stats)
+
+    for enc in samples() if pack is None else pack(samples(), ctx):
+        writer.write(enc.fields)
+        _add_stats(stats, enc.stats)
     bar.close()
     shards = writer.close()
     entry: dict[str, Any] = {"inputs": n_inputs, "samples": writer.total, "shards": shards, "stats": stats}
@@ -606,10 +625,16 @@ def write_shards(
     scan = data.scan(raw_dir, cfg)
     if cfg.strict and scan.skipped:
         raise _strict_error(scan.skipped[0])
+    unknown = sorted(set(cfg.pretrain_tasks or ()) - set(scan.tasks))
+    if unknown:
+        raise ConfigError(
+            f"shard.{modality}.pretrain_tasks names {unknown}, but {raw_dir} has no labelled pool for them; "
+            f"its tasks are {sorted(scan.tasks)}"
+        )
     splits = plan_splits(scan, cfg, seed)
     with staging_dir(out_dir) as tmp:
         ctx = data.setup(splits, cfg, tmp, seed)
-        entries, label_maps, skipped = write_splits(splits, scan.tasks, data.encode, ctx, tmp, cfg)
+        entries, label_maps, skipped = write_splits(splits, scan.tasks, data.encode, ctx, tmp, cfg, data.pack)
         # an input can be in two splits (pretrain + train): record each skip once
         all_skipped = sorted(set(scan.skipped + skipped), key=lambda s: (s.input, s.kind, s.reason))
         files = {

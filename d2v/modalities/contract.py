@@ -27,6 +27,7 @@ the encoder class and the ``For<Task>`` classes.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -171,6 +172,12 @@ class ModalityData(Protocol):
     def encode(self, item: Item, ctx: Any) -> list[Encoded]:
         """Read and convert one input into the payload fields + stats of zero or more samples (text: one
         per chunk); raise ``d2v.data.shards.BadInput`` for an input to skip."""
+        ...
+
+    def pack(self, samples: Iterable[Encoded], ctx: Any) -> Iterator[Encoded]:
+        """The ``pretrain`` split's encoded samples in writing order, as they are to be written (text joins
+        short documents into samples of up to ``max_tokens`` ids; audio and images pass them through).
+        Runs in the writing process, after ``encode``; it must not reorder by anything but that order."""
         ...
 
     def preprocessing(self, ctx: Any, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:

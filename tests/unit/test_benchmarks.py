@@ -265,7 +265,7 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
     checkpoint.save(tmp_path / "ck", 1, sd, meta)
     out = tmp_path / "layers.json"
     ld = runpy.run_path(str(ROOT / "benchmarks/layer_diagnostics.py"))
-    argv = [str(tmp_path / "ck"), "--shards", str(shards), "--budget", "3", "--frames", "4", "--json", str(out)]  # fmt: skip
+    argv = [str(tmp_path / "ck"), "--shards", str(shards), "--budget", "3", "0.5", "--frames", "4", "--json", str(out)]  # fmt: skip
     assert ld["main"](argv) == 0
     results = json.loads(out.read_text())
     assert sorted(k.split(":")[-1] for k in results) == ["pretrained", "scratch"]
@@ -324,11 +324,11 @@ def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool
     assert d2v_main(["prepare", "text"]) == 0 and d2v_main(["shard", "text"]) == 0
     before = sorted(p.relative_to(project) for p in project.rglob("*"))
     out = tmp_path / "study.jsonl"
-    run_script("probe_study.py", str(project), "text", "--set", "shard.text.vocab_size=290", "--budget", "3",
+    run_script("probe_study.py", str(project), "text", "--set", "shard.text.vocab_size=290", "--budget", "3", "0.5",
                "--json", str(out))  # fmt: skip
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
-    (row,) = [json.loads(x) for x in out.read_text().splitlines()]
-    assert row["changes"] == {"shard.text.vocab_size": 290}
+    row, half = [json.loads(x) for x in out.read_text().splitlines()]  # one line per budget
+    assert row["changes"] == {"shard.text.vocab_size": 290} and (row["budget"], half["budget"]) == (3, 0.5)
     depth = 2 + 1  # tiny: 2 blocks and the final output
     for init in ("pretrained", "scratch"):
         for t in ("", "mood_"):
@@ -337,4 +337,4 @@ def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool
                            for s in (0, 1, 2) for i in range(1, depth + 1))  # fmt: skip
     printed = capsys.readouterr().out
     assert "| classification | mean |" in printed and "| mood | first |" in printed
-    assert printed.count("embed's default") == 2
+    assert printed.count("embed's default") == 4 and "probe budget 0.5" in printed

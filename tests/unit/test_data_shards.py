@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from d2v.config import ConfigError
+from d2v.data import prepare_raw, shard
 from d2v.data.loader import budget_keys
 from d2v.data.shards import (
     Item,
@@ -25,6 +27,7 @@ from d2v.data.shards import (
     split_pool,
     staging_dir,
 )
+from d2v.modalities.text.data import PrepareConfig, ShardConfig
 
 
 def items(n: int, labels: int = 2, groups: int | None = None, prefix: str = "x") -> list[Item]:
@@ -204,3 +207,26 @@ def test_pretraining_takes_each_input_once_and_no_task_s_test_input():
     assert held_out and not held_out & set(names)
     kept = {it.name for s in ("train", "valid", "ctc_train", "ctc_valid") for it in out[s]} - held_out
     assert set(names) == kept | {f"u{i:03d}" for i in range(4)}
+
+
+def test_pretrain_tasks_keeps_a_task_s_inputs_out_of_pretraining(tmp_path):
+    """``pretrain_tasks`` names the tasks whose train/valid inputs join pretraining: the others' inputs are
+    probed on text pretraining never saw, their own splits unchanged; a task the data lacks is an error."""
+    scan = Scan(
+        unlabelled=items(4, labels=1, prefix="u"),
+        tasks={"classification": Task(items(30, prefix="c"), "label"),
+               "sentiment": Task(items(20, prefix="s"), "label", prefix="sentiment_")},
+    )  # fmt: skip
+    every = plan_splits(scan, ShardCommon(pretrain_from="unlabelled+labelled"), seed=0)
+    one = plan_splits(scan, ShardCommon(pretrain_from="unlabelled+labelled", pretrain_tasks=("classification",)), 0)
+    assert {it.name[0] for it in every["pretrain"]} == {"u", "c", "s"}
+    assert {it.name[0] for it in one["pretrain"]} == {"u", "c"}
+    assert all(one[s] == every[s] for s in every if s != "pretrain")
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some unlabelled words to pretrain on.")
+    prepare_raw("text", PrepareConfig(source=str(src)), tmp_path / "raw", seed=0)
+    with pytest.raises(ConfigError, match=r"shard\.text\.pretrain_tasks names \['sentiment'\]"):
+        shard("text", ShardConfig(pretrain_tasks=("sentiment",)), tmp_path / "raw", tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists()

@@ -96,6 +96,38 @@ def test_pretraining_documents_are_chunked_and_labelled_ones_kept_whole(sharded)
     assert m["splits"]["pretrain"]["stats"]["tokens"] == sum(lengths)
 
 
+def pretrain_samples(out: Path, m: dict) -> list[np.ndarray]:
+    return [
+        np.load(__import__("io").BytesIO(s["ids.npy"]))
+        for entry in m["splits"]["pretrain"]["shards"]
+        for s in iter_shard(out / entry["file"], entry["samples"])
+    ]
+
+
+def test_short_pretraining_documents_are_packed_whole_and_in_order(tmp_path):
+    """Sentences fill samples of up to max_tokens ids, each kept whole and closed by </s>, with one <s> a
+    sample; the same documents as pack=False gives, in the same order; labelled splits are never packed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps({"text": sentence(i, n=2 + i % 5)}) for i in range(60)]
+    lines += [json.dumps({"text": sentence(i), "label": "ab"[i % 2]}) for i in range(20)]
+    (src / "c.jsonl").write_text("\n".join(lines) + "\n")
+    packed_out, packed = run(tmp_path / "a", src, pack=True)
+    plain_out, plain = run(tmp_path / "b", src, pack=False)
+    docs = pretrain_samples(plain_out, plain)
+    samples = pretrain_samples(packed_out, packed)
+    assert len(docs) == plain["splits"]["pretrain"]["samples"] > 3 * len(samples)
+    assert all(s[0] == 0 and s[-1] == 2 and (s == 0).sum() == 1 and len(s) <= 24 for s in samples)
+    # cut at every </s>: the documents, whole and in order, each without its <s>
+    pieces = [p for s in samples for p in np.split(s[1:], np.flatnonzero(s[1:] == 2) + 1) if len(p)]
+    assert [p.tolist() for p in pieces] == [d[1:].tolist() for d in docs]
+    assert packed["splits"]["pretrain"]["stats"] == {
+        "documents": plain["splits"]["pretrain"]["stats"]["documents"],
+        "tokens": sum(len(s) for s in samples),
+    }
+    assert all(packed["splits"][s] == plain["splits"][s] for s in ("train", "valid", "test"))
+
+
 def test_text_shards_are_reproducible(tmp_path):
     src = user_folder(tmp_path / "src")
     out, _ = run(tmp_path / "a", src)

@@ -93,3 +93,43 @@ def test_a_run_trains_at_the_lr_its_short_runs_scored_best_on_valid(tmp_path, mo
     again = _weights(run)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
+
+
+def test_one_search_per_arm_and_budget_at_the_params_seed_serves_every_seed(tmp_path, monkeypatch, capsys):
+    """The first run of an arm and budget searches at the params seed, whatever its own seed; the runs of the
+    other seeds read that search and train at its choice; and a run whose seed is not the params seed is, bit
+    for bit, the run without a grid at the chosen LR."""
+    from d2v.cli import main
+    from d2v.finetune import LR_SEARCH_DIR
+
+    monkeypatch.chdir(tmp_path)
+    optim = {"lr": 1e-3, "warmup": 0.25}
+    head = {"head_init": "probe", "head_init_features": "train"}
+    grid = {"lr_grid": [0.1, 1.0, 10.0], "lr_grid_steps": 2, "lr_grid_valid_budget": 2, "steps": 3, "optim": optim,
+            **head}  # fmt: skip
+    write_params(tmp_path / "params.yaml", finetune=grid)
+    assert main(["prepare", "image"]) == 0 and main(["shard", "image"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "image", "--init", "scratch", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("LR search: lr") == 3 and "output layer fitted" in out  # the search's, then the run's own
+    shared = tmp_path / "ckpt" / "finetune" / "image" / LR_SEARCH_DIR / "b2-scratch.json"
+    first = json.loads(shared.read_text())
+    assert first["fingerprint"]["seed"] == 0  # the params seed, not the run's
+    for seed in (0, 2):
+        assert main(["finetune", "image", "--init", "scratch", "--seed", str(seed)]) == 0
+        assert "LR search" not in capsys.readouterr().out
+        run = tmp_path / "ckpt" / "finetune" / "image" / f"b2-s{seed}-scratch"
+        assert json.loads((run / LR_SEARCH_FILE).read_text()) == first
+    chosen = first["search"]["lr"]
+    assert checkpoint.read_meta(tmp_path / "ckpt" / "finetune" / "image" / "b2-s2-scratch")["config"]["optim"]["lr"] == chosen
+
+    weights = _weights(tmp_path / "ckpt" / "finetune" / "image" / "b2-s1-scratch")
+    write_params(tmp_path / "params.yaml", finetune={"steps": 3, "optim": {**optim, "lr": chosen}, **head})
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["paths"]["checkpoints"] = "ckpt_plain"
+    params["paths"]["metrics"] = "metrics_plain"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["finetune", "image", "--init", "scratch", "--seed", "1"]) == 0
+    other = _weights(tmp_path / "ckpt_plain" / "finetune" / "image" / "b2-s1-scratch")
+    assert weights.keys() == other.keys() and all(torch.equal(weights[k], other[k]) for k in weights)

@@ -42,6 +42,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -503,6 +504,11 @@ def own_preprocessing() -> dict[str, Any]:
         "storage": "FLAC PCM_16 (clipped to [-1, 1])",
         "min_samples": MIN_SAMPLES,
     }
+
+
+def pack(samples: Iterable[Encoded], ctx: Any) -> Iterator[Encoded]:
+    """The pretrain split's samples as they are: a clip / an image is one sample."""
+    return iter(samples)
 
 
 def preprocessing(ctx: Context | None, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,6 +345,11 @@ def encode_image(im: Image.Image, size: int, like: dict[str, Any] | None = None)
 
 def encode(item: Item, ctx: Context) -> list[Encoded]:
     return [encode_image(load_image(item.ref), ctx.image_size, ctx.like)]
+
+
+def pack(samples: Iterable[Encoded], ctx: Any) -> Iterator[Encoded]:
+    """The pretrain split's samples as they are: a clip / an image is one sample."""
+    return iter(samples)
 
 
 def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import random
 import re
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,11 @@ class ShardConfig(ShardCommon):
     """A merge must occur at least this often in the pretraining corpus (unused with ``preprocess_like``)."""
     max_tokens: int = 512
     """Pretraining chunk length in tokens, ``<s>``/``</s>`` included (RoBERTa ``tokens_per_sample``)."""
+    pack: bool = True
+    """Pack consecutive short pretraining documents into one sample of at most ``max_tokens`` ids, each
+    closed by ``</s>`` (fairseq's ``TokenBlockDataset`` 'complete' mode, RoBERTa's FULL-SENTENCES): the
+    loader batches by sequences, so without it a corpus of sentences gives batches of a few dozen tokens
+    a row. False: one sample per document (chunk)."""
     samples_per_shard: int = 500
     """Samples per shard (the default corpus gives 4 pretrain shards: enough for 2 ranks x 2 workers)."""
 
@@ -835,13 +840,15 @@ class Context:
     """By role: bos, pad, eos, unk, mask."""
     piece_chars: int | None
     """``token_ids``' piece size for this tokenizer (``piece_chars``); None: whole texts."""
+    pack: bool = False
+    """``ShardConfig.pack``: ``pack`` joins short pretraining documents."""
 
 
-def _context(content: str, ids: dict[str, int], max_tokens: int) -> Context:
+def _context(content: str, ids: dict[str, int], cfg: ShardConfig) -> Context:
     tok = _tokenizer_from(content)
     sha = hashlib.sha256(content.encode("utf-8")).hexdigest()
     return Context(
-        content, sha, max_tokens, tok.get_vocab_size(), dict(ids), piece_chars(json.loads(content))
+        content, sha, cfg.max_tokens, tok.get_vocab_size(), dict(ids), piece_chars(json.loads(content)), cfg.pack
     )
 
 
@@ -861,7 +868,7 @@ def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed:
     if cfg.preprocess_like is not None:
         content, ids = like_tokenizer(published.source(cfg.preprocess_like, "text", LIKE_KEY))
         path.write_bytes(content.encode("utf-8"))  # bytes as given: a checkpoint's keeps its sha256
-        return _context(content, ids, cfg.max_tokens)
+        return _context(content, ids, cfg)
     if not splits["pretrain"]:
         raise ValueError(
             "shard.text: the pretrain split is empty, so there is no corpus to train the tokenizer on: add "
@@ -869,7 +876,7 @@ def setup(splits: dict[str, list[Item]], cfg: ShardConfig, work_dir: Path, seed:
         )
     tok = train_tokenizer(texts(), cfg.vocab_size, cfg.min_frequency)
     tok.save(str(path), pretty=True)
-    return _context(path.read_bytes().decode("utf-8"), OWN_IDS, cfg.max_tokens)
+    return _context(path.read_bytes().decode("utf-8"), OWN_IDS, cfg)
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -912,6 +919,36 @@ def encode(item: Item, ctx: Context) -> list[Encoded]:
             )
         )
     return out
+
+
+def pack(samples: Iterable[Encoded], ctx: Context) -> Iterator[Encoded]:
+    """The pretrain split's samples with consecutive ones joined while they fit ``max_tokens`` ids:
+    ``<s> a </s> b </s> ...`` (a joined document drops its ``<s>``; every document keeps its ``</s>``, as
+    fairseq's blocks of eos-closed sentences). Greedy in writing order, so as seeded as that order; a
+    sample that does not fit starts the next one. Stats are summed (``tokens`` counts the packed ids)."""
+    if not ctx.pack:
+        yield from samples
+        return
+    dtype = np.uint16 if ctx.vocab_size <= 2**16 else np.int32
+    parts: list[np.ndarray] = []
+    size, documents = 0, 0
+
+    def flush() -> Encoded:
+        ids = np.concatenate(parts)
+        return Encoded({"ids.npy": _ids_bytes(ids, ctx.vocab_size)}, {"documents": documents, "tokens": len(ids)})
+
+    for enc in samples:
+        ids = np.load(io.BytesIO(enc.fields["ids.npy"])).astype(dtype)
+        if parts and size + len(ids) - 1 <= ctx.max_tokens:
+            parts.append(ids[1:])  # its <s> dropped: one per packed sample
+            size += len(ids) - 1
+        else:
+            if parts:
+                yield flush()
+            parts, size, documents = [ids], len(ids), 0
+        documents += int(enc.stats.get("documents", 0))
+    if parts:
+        yield flush()
 
 
 def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
