@@ -209,10 +209,10 @@ def lr_blocks(r: ModalityResult) -> list:
     )  # fmt: skip
     return [
         P(
-            "**learning rates** chosen on the valid split: every fine-tuning run tried each LR of its grid "
-            f"({'; '.join(sorted(tried))}) in a short run from the same start and trained at the one that "
-            "scored best; the test scores above are at that LR, so each arm is compared at its own best "
-            "(`finetune.<m>.lr_grid`)"
+            "**learning rates** chosen on the valid split: each arm and label budget tried each LR of its "
+            f"grid ({'; '.join(sorted(tried))}) in a short run from the same start, at the params seed, and its "
+            "runs trained at the one that scored best; the test scores above are at that LR, so each arm is "
+            "compared at its own best (`finetune.<m>.lr_grid`)"
         ),
         Table(("arm", "label budget", "LR per fine-tuning seed"), rows),
     ]

@@ -338,3 +338,43 @@ def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool
     printed = capsys.readouterr().out
     assert "| classification | mean |" in printed and "| mood | first |" in printed
     assert printed.count("embed's default") == 4 and "probe budget 0.5" in printed
+
+
+def test_word_classes_probes_every_layer_of_a_text_checkpoint(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A tiny text checkpoint and a small analogy file: words in two classes are kept, a word in both dropped,
+    and every layer's cross-validated accuracy is printed and written for both inits."""
+    import yaml
+
+    from d2v.cli import main as d2v_main
+
+    (tmp_path / "src").mkdir()
+    corpus = [{"text": f"the city of paris and the country of france {i} rome italy"} for i in range(24)]
+    (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    params = {
+        "seed": 0,
+        "paths": {"raw": "raw", "shards": "shards", "checkpoints": "ckpt", "metrics": "metrics", "plots": "plots"},
+        "tracking": {"mode": "disabled"},
+        "prepare": {"text": {"source": str(tmp_path / "src")}},
+        "shard": {"text": {"vocab_size": 300, "min_frequency": 1, "max_tokens": 24, "samples_per_shard": 16}},
+        "model": {"text": {"preset": "tiny", "vocab_size": 300, "max_positions": 32}},
+        "pretrain": {"text": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2,
+                              "guard_after": 1000}},
+    }  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert all(d2v_main([c, "text"]) == 0 for c in ("prepare", "shard", "pretrain"))
+    cities = ["Athens", "Rome", "Paris", "Oslo", "Cairo", "Lima", "Kabul", "Hanoi", "Dublin", "Madrid"]
+    countries = ["Greece", "Italy", "France", "Norway", "Egypt", "Peru", "Afghanistan", "Vietnam", "Ireland", "Spain"]
+    lines = [": capital-world", *(f"{a} {b} {c} {d}" for a, b, c, d in zip(cities, countries, cities[1:], countries[1:]))]
+    lines += [": currency", "Athens euro Spain euro"]  # Athens is a city above and a country here: dropped
+    (tmp_path / "q.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "words.json"
+    run_script("word_classes.py", str(tmp_path / "ckpt" / "pretrain" / "text"), "--words", str(tmp_path / "q.txt"),
+               "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["words"] == {"city": 9, "country": 10, "currency": 1}
+    depth = 2  # tiny: layers 0..2
+    for init in ("pretrained", "random init"):
+        assert len(result["accuracy"][init]) == depth + 1
+        assert all(0 <= a <= 100 for a in result["accuracy"][init])
+    assert "| pretrained / random init |" in capsys.readouterr().out
