@@ -265,7 +265,7 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
     checkpoint.save(tmp_path / "ck", 1, sd, meta)
     out = tmp_path / "layers.json"
     ld = runpy.run_path(str(ROOT / "benchmarks/layer_diagnostics.py"))
-    argv = [str(tmp_path / "ck"), "--shards", str(shards), "--budget", "3", "0.5", "--frames", "4", "--json", str(out)]  # fmt: skip
+    argv = [str(tmp_path / "ck"), "--shards", str(shards), "--budget", "3", "--frames", "4", "--json", str(out)]  # fmt: skip
     assert ld["main"](argv) == 0
     results = json.loads(out.read_text())
     assert sorted(k.split(":")[-1] for k in results) == ["pretrained", "scratch"]
