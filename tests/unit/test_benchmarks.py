@@ -286,6 +286,21 @@ def test_published_harness_runs_a_published_image_model_through_the_stages(tmp_p
     assert all(0.0 <= row[f"accuracy_{a}"] <= 1.0 for a in ("published", "pretrained", "scratch"))
 
 
+def tiny_text_params(src: Path) -> dict:
+    """params.yaml of a tiny text project on the JSONL folder ``src``: 2 pretraining updates, no tracking."""
+    return {
+        "seed": 0,
+        "paths": {"raw": "raw", "shards": "shards", "checkpoints": "ckpt", "metrics": "metrics", "plots": "plots"},
+        "tracking": {"mode": "disabled"},
+        "prepare": {"text": {"source": str(src)}},
+        "shard": {"text": {"vocab_size": 300, "min_frequency": 1, "max_tokens": 24, "samples_per_shard": 16}},
+        "model": {"text": {"preset": "tiny", "vocab_size": 300, "max_positions": 32}},
+        "pretrain": {"text": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2,
+                              "guard_after": 1000}},
+        "evaluate": {"text": {"batch_size": 8}},
+    }  # fmt: skip
+
+
 def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool(tmp_path: Path, capsys, monkeypatch) -> None:
     """A tiny text project with two labelled tasks: with a shard change it reshards in its own temporary
     project, pretrains, and prints per task and pool every layer's probe for pretrained and random init,
@@ -306,17 +321,7 @@ def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool
     records += [{"text": " ".join(filler) + f" {i}"} for i in range(20)]
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    params = {
-        "seed": 0,
-        "paths": {"raw": "raw", "shards": "shards", "checkpoints": "ckpt", "metrics": "metrics", "plots": "plots"},
-        "tracking": {"mode": "disabled"},
-        "prepare": {"text": {"source": str(tmp_path / "src")}},
-        "shard": {"text": {"vocab_size": 300, "min_frequency": 1, "max_tokens": 24, "samples_per_shard": 16}},
-        "model": {"text": {"preset": "tiny", "vocab_size": 300, "max_positions": 32}},
-        "pretrain": {"text": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2,
-                              "guard_after": 1000}},
-        "evaluate": {"text": {"batch_size": 8}},
-    }  # fmt: skip
+    params = tiny_text_params(tmp_path / "src")
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -350,16 +355,7 @@ def test_word_classes_probes_every_layer_of_a_text_checkpoint(tmp_path: Path, ca
     (tmp_path / "src").mkdir()
     corpus = [{"text": f"the city of paris and the country of france {i} rome italy"} for i in range(24)]
     (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    params = {
-        "seed": 0,
-        "paths": {"raw": "raw", "shards": "shards", "checkpoints": "ckpt", "metrics": "metrics", "plots": "plots"},
-        "tracking": {"mode": "disabled"},
-        "prepare": {"text": {"source": str(tmp_path / "src")}},
-        "shard": {"text": {"vocab_size": 300, "min_frequency": 1, "max_tokens": 24, "samples_per_shard": 16}},
-        "model": {"text": {"preset": "tiny", "vocab_size": 300, "max_positions": 32}},
-        "pretrain": {"text": {"steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2,
-                              "guard_after": 1000}},
-    }  # fmt: skip
+    params = tiny_text_params(tmp_path / "src")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     assert all(d2v_main([c, "text"]) == 0 for c in ("prepare", "shard", "pretrain"))
