@@ -73,22 +73,10 @@ def normalize(x_BTD: Tensor, kind: Norm) -> Tensor:
     return x
 
 
-def centre_positions(x_BTD: Tensor, padding_BT: Tensor | None) -> Tensor:
-    """``x`` minus its mean over the batch at each position, padded rows left out of the mean: [B, T, D]."""
-    w = torch.ones(x_BTD.shape[:2], dtype=x_BTD.dtype, device=x_BTD.device) if padding_BT is None else (
-        (~padding_BT).to(x_BTD.dtype)
-    )  # fmt: skip
-    mean_TD = (x_BTD * w[..., None]).sum(0) / w.sum(0).clamp_min(1.0)[:, None]
-    return x_BTD - mean_TD
-
-
-def build_targets(layers_K: list[Tensor], cfg: Data2VecTargets, padding_BT: Tensor | None = None) -> Tensor:
-    """``y = N_final(mean_k C(N_layer(a_k)))`` over the top-K taps: [B, T, D] each -> [B, T, D] fp32; ``C`` is
-    :func:`centre_positions` with ``cfg.position_centre`` (``padding_BT`` [B, T]), else the identity."""
-    top = [normalize(a, cfg.layer_norm) for a in layers_K[-cfg.top_k :]]
-    if cfg.position_centre:
-        top = [centre_positions(a, padding_BT) for a in top]
-    y = sum(top) / len(top)
+def build_targets(layers_K: list[Tensor], cfg: Data2VecTargets) -> Tensor:
+    """``y = N_final(mean_k N_layer(a_k))`` over the top-K taps: [B, T, D] each -> [B, T, D] fp32."""
+    top = layers_K[-cfg.top_k :]
+    y = sum(normalize(a, cfg.layer_norm) for a in top) / len(top)
     return normalize(y, cfg.final_norm)
 
 
@@ -199,8 +187,7 @@ class Data2Vec(nn.Module):
             x_BTD, padding_BT = self.teacher.local_features(inputs, raw_pad)
         out = self.teacher.contextualize(x_BTD.detach(), padding_BT, tap=self.targets.tap)
         p = self.student.num_prefix_tokens
-        pad = None if out.padding_BT is None else out.padding_BT[:, p:]
-        return build_targets([a[:, p:] for a in out.layers], self.targets, pad)
+        return build_targets([a[:, p:] for a in out.layers], self.targets)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         inputs, raw_pad, mask = batch["inputs"], batch.get("padding_mask"), batch["mask"]

@@ -454,7 +454,7 @@ def cli_finetune(params: dict[str, Any], args) -> int:
     def build(s: int) -> FinetuneModel:
         """The model at seed ``s``: a scratch encoder's init and the head's."""
         if run.init in (JOINT, PRETRAINED, PUBLISHED):
-            encoder = arm_encoder(run.init, source, s, m) if run.init == JOINT else arm_encoder(run.init, source, s)
+            encoder = arm_encoder(run.init, source, s, m)
         else:
             torch.manual_seed(s)
             encoder = mod.build_encoder(model_cfg)

@@ -576,6 +576,11 @@ def _write_split(
     return entry
 
 
+def unpacked(samples: Iterable[Encoded], ctx: Any) -> Iterator[Encoded]:
+    """A modality's ``pack`` that writes the pretrain split's samples as they are (an input is a sample)."""
+    return iter(samples)
+
+
 # ------------------------------------------------------------------------------------------- publishing
 
 

@@ -38,10 +38,6 @@ class Data2VecTargets:
     """Per-layer, parameter-less normalisation before averaging."""
     final_norm: Literal["instance", "layer", "none"] = "none"
     """Normalisation after averaging (vision: layer)."""
-    position_centre: bool = False
-    """Subtract from each normalised layer its mean over the batch at each position (padding excluded): the
-    part of a target that the token's position alone predicts. Not in the papers: text's upper blocks turn
-    into position under the plain targets (RESULTS.md, "what text's layers carry"); an option to study."""
     loss_beta: float = 0.0
     """Smooth-L1 transition; 0 means L2 (fairseq's ``loss_beta: 0``)."""
     loss_scale: float | None = None

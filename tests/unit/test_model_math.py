@@ -7,15 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v.data2vec import (
-    EMAConfig,
-    build_targets,
-    centre_positions,
-    ema_decay,
-    masked_std,
-    normalize,
-    regression_loss,
-)
+from d2v.data2vec import EMAConfig, build_targets, ema_decay, masked_std, normalize, regression_loss
 from d2v.modalities.base import Data2VecTargets
 from d2v.transformer import Attention, attend, attention_mask, dropout, keep_mask
 
@@ -200,22 +192,3 @@ def test_attention_gradients_on_the_cpu_math_path_match_sdpa():
             grads.append([y.detach(), xi.grad, *(p.grad.clone() for p in attn.parameters())])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_position_centred_targets_lose_what_position_alone_predicts():
-    """With ``position_centre`` every position's target averages to zero over the batch's real rows, a target
-    that is the same pattern over positions in every row becomes zero, and padded rows do not move the mean."""
-    from dataclasses import replace
-
-    g = torch.Generator().manual_seed(0)
-    cfg = Data2VecTargets(top_k=2, layer_norm="layer", position_centre=True)
-    pattern = torch.randn(1, 5, 8, generator=g).expand(4, 5, 8)  # position only, the same in every row
-    assert build_targets([pattern, pattern], cfg).abs().max() < 1e-5
-    assert build_targets([pattern, pattern], replace(cfg, position_centre=False)).abs().max() > 0.5
-    x = torch.randn(4, 5, 8, generator=g)
-    pad = torch.zeros(4, 5, dtype=torch.bool)
-    pad[3, 2:] = True  # row 3 is padding after position 1
-    y = centre_positions(x, pad)
-    assert torch.allclose(y[:3, 2:].sum(0), torch.zeros(3, 8), atol=1e-5)  # rows 0-2 only at 2..4
-    assert torch.allclose(y[:, :2].sum(0), torch.zeros(2, 8), atol=1e-5)
-    assert torch.equal(y[3, 2:], x[3, 2:] - x[:3, 2:].mean(0))

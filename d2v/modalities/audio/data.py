@@ -42,7 +42,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,18 @@ from tqdm import tqdm
 from d2v import published
 from d2v.config import ConfigError
 from d2v.data.loader import padding_or_none
-from d2v.data.shards import BadInput, Encoded, Item, Scan, ShardCommon, Skip, Task, item_file, rng_for
+from d2v.data.shards import (
+    BadInput,
+    Encoded,
+    Item,
+    Scan,
+    ShardCommon,
+    Skip,
+    Task,
+    item_file,
+    rng_for,
+    unpacked,
+)
 from d2v.data.stages import PrepareCommon, copy_source
 from d2v.modalities.audio.frames import SAMPLE_RATE, normalize_waveform
 
@@ -506,9 +516,7 @@ def own_preprocessing() -> dict[str, Any]:
     }
 
 
-def pack(samples: Iterable[Encoded], ctx: Any) -> Iterator[Encoded]:
-    """The pretrain split's samples as they are: a clip / an image is one sample."""
-    return iter(samples)
+pack = unpacked  # a clip is one sample
 
 
 def preprocessing(ctx: Context | None, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from d2v.data.shards import (
     Task,
     item_file,
     rng_for,
+    unpacked,
 )
 from d2v.data.stages import PrepareCommon, copy_source
 
@@ -347,9 +348,7 @@ def encode(item: Item, ctx: Context) -> list[Encoded]:
     return [encode_image(load_image(item.ref), ctx.image_size, ctx.like)]
 
 
-def pack(samples: Iterable[Encoded], ctx: Any) -> Iterator[Encoded]:
-    """The pretrain split's samples as they are: a clip / an image is one sample."""
-    return iter(samples)
+pack = unpacked  # an image is one sample
 
 
 def preprocessing(ctx: Context, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:

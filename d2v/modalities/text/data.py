@@ -840,7 +840,7 @@ class Context:
     """By role: bos, pad, eos, unk, mask."""
     piece_chars: int | None
     """``token_ids``' piece size for this tokenizer (``piece_chars``); None: whole texts."""
-    pack: bool = False
+    pack: bool
     """``ShardConfig.pack``: ``pack`` joins short pretraining documents."""
 
 
@@ -929,7 +929,6 @@ def pack(samples: Iterable[Encoded], ctx: Context) -> Iterator[Encoded]:
     if not ctx.pack:
         yield from samples
         return
-    dtype = np.uint16 if ctx.vocab_size <= 2**16 else np.int32
     parts: list[np.ndarray] = []
     size, documents = 0, 0
 
@@ -938,7 +937,7 @@ def pack(samples: Iterable[Encoded], ctx: Context) -> Iterator[Encoded]:
         return Encoded({"ids.npy": _ids_bytes(ids, ctx.vocab_size)}, {"documents": documents, "tokens": len(ids)})
 
     for enc in samples:
-        ids = np.load(io.BytesIO(enc.fields["ids.npy"])).astype(dtype)
+        ids = np.load(io.BytesIO(enc.fields["ids.npy"]))
         if parts and size + len(ids) - 1 <= ctx.max_tokens:
             parts.append(ids[1:])  # its <s> dropped: one per packed sample
             size += len(ids) - 1
