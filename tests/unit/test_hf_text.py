@@ -102,13 +102,6 @@ def test_export_loads_in_transformers(tmp_path):
         assert torch.equal(back.state_dict()[k], v), k
 
 
-def test_alibi_encoder_is_refused_by_export(tmp_path):
-    enc = text.build_encoder(text.model_config({"preset": "tiny", "positions": "alibi"}))
-    with pytest.raises(ValueError, match="positions: learned"):
-        d2v.hf.export_hf(enc, tmp_path)
-    assert not any(tmp_path.iterdir())
-
-
 def test_config_is_read_from_the_dict():
     d = hf_config(layer_norm_eps=1e-12, hidden_dropout_prob=0.0, max_position_embeddings=514).to_dict()
     cfg = text.config_from_hf(d)

@@ -48,8 +48,6 @@ def test_mask_defaults_follow_the_strategy():
         ({"transformer": {"layer_norm_first": True}}, "post-LN"),
         ({"mask_id": 1}, "distinct"),
         ({"max_positions": 0}, "max_positions"),
-        ({"positions": "alibi", "algorithm": "data2vec2"}, "alibi"),
-        ({"positions": "rotary"}, "positions"),
     ],
 )
 def test_bad_config_raises(override, match):
@@ -74,37 +72,6 @@ def test_position_ids_match_roberta(side):
     ours = text.build_encoder(TINY).embeddings.position_ids(ids, pad)
     ref = Data2VecTextEmbeddings.create_position_ids_from_input_ids(ids, TINY.pad_id)
     assert torch.equal(ours, ref)
-
-
-ALIBI = text.model_config({"preset": "tiny", "positions": "alibi"})
-
-
-def test_alibi_slopes_are_press_et_al():
-    # the paper's slopes for 8 heads: 1/2, 1/4, ..., 1/256; for 6: those of 4 heads, then 8's odd ones
-    assert torch.equal(text.model.alibi_slopes(8), 0.5 ** torch.arange(1, 9, dtype=torch.float))
-    assert text.model.alibi_slopes(6).tolist() == [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
-
-
-def test_alibi_bias_is_symmetric_distance():
-    bias = text.model.alibi_bias(torch.tensor([0.5, 0.25]), 4)
-    assert bias.shape == (2, 4, 4)
-    assert torch.equal(bias, bias.transpose(1, 2))
-    assert bias[0, 0].tolist() == [0.0, -0.5, -1.0, -1.5]
-
-
-def test_alibi_has_no_position_table_and_sees_order():
-    enc = text.build_encoder(ALIBI).eval()
-    assert not any("positions" in n for n, _ in enc.named_parameters())
-    ids, _ = padded_batch(ALIBI, [8], 8)
-    swapped = ids.clone()
-    swapped[0, [2, 5]] = ids[0, [5, 2]]
-    a, b = enc.features(ids)[0], enc.features(swapped)[0]
-    # order matters (a bag of words would give the same token vectors, permuted) ...
-    assert not torch.allclose(a[0, [2, 5]], b[0, [5, 2]], atol=1e-4)
-    # ... and padding on the right changes nothing for the real tokens
-    padded = torch.cat([ids, torch.full((1, 3), ALIBI.pad_id)], 1)
-    pad = padded.eq(ALIBI.pad_id)
-    torch.testing.assert_close(enc.features(padded, pad)[0][:, :8], a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -160,11 +160,6 @@ def to_hf(encoder: TextEncoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
     settings HF has no field for (LayerDrop, drop path, activation dropout) are not exported.
     """
     cfg, t = encoder.config, encoder.transformer
-    if cfg.positions != "learned":
-        raise ValueError(
-            f"a text encoder with positions: {cfg.positions} cannot be exported: Data2VecTextModel has only "
-            f"learned absolute positions (model.text.positions: learned)"
-        )
     sd = {k: v.detach() for k, v in encoder.state_dict().items()}
     dtype = sd["embeddings.tokens.weight"].dtype
     config = {

@@ -11,7 +11,6 @@ Text differs from speech and vision in two ways ([P1] §3.2, §4.3; spec §2.3):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,11 +111,6 @@ class ModelConfig:
     """Token ids are in [0, vocab_size) (byte-level BPE of our corpus; RoBERTa/GPT-2: 50,265)."""
     max_positions: int = 256
     """Longest sequence in tokens; the position table has max_positions + pad_id + 1 rows (fairseq / HF)."""
-    positions: Literal["learned", "alibi"] = "learned"
-    """'learned': RoBERTa's absolute position table added to the token embeddings ([FS], HF; exportable).
-    'alibi': no position table; each head's attention scores get ``-slope_h * |i - j|`` (Press et al. 2022,
-    symmetric as [FS] data2vec 2.0 applies it to speech), so the residual stream carries no absolute
-    position (RESULTS.md, "Text positions"). data2vec (1.0) only; no Hugging Face export."""
     pad_id: int = 1
     """``<pad>`` id; also the position index of padding (RoBERTa: non-pad positions start at pad_id + 1)."""
     mask_id: int = 4
@@ -184,11 +178,6 @@ class ModelConfig:
                 f"mask_length must be 1 or null with mask_strategy: {self.mask_strategy} (single tokens; or "
                 f"use span), got {self.mask_length}"
             )
-        if self.positions == "alibi" and self.algorithm == "data2vec2":
-            raise ConfigError(
-                "positions: alibi needs the whole sequence in the student, which data2vec2 drops tokens from; "
-                "use positions: learned with algorithm: data2vec2"
-            )
         if not 1 <= self.targets.top_k <= t.depth:
             raise ConfigError(
                 f"targets.top_k must be in [1, transformer.depth={t.depth}], got {self.targets.top_k}"
@@ -226,7 +215,7 @@ _V2_PRESETS: dict[str, dict[str, Any]] = {
 
 
 ARCHITECTURE: tuple[str, ...] = (
-    *TRANSFORMER_ARCHITECTURE, "vocab_size", "max_positions", "positions", "pad_id", "mask_id", "bos_id", "eos_id",
+    *TRANSFORMER_ARCHITECTURE, "vocab_size", "max_positions", "pad_id", "mask_id", "bos_id", "eos_id",
     "num_special",
 )  # fmt: skip
 """The ``model.text`` keys a published model fixes (its weights' shapes, its tokenizer's ids): ``preset:
@@ -242,30 +231,11 @@ def model_config(d: dict[str, Any] | None, where: str = "model.text") -> ModelCo
 # ---------------------------------------------------------------------------------------------- encoder
 
 
-def alibi_slopes(heads: int) -> Tensor:
-    """[H] ALiBi's per-head slopes: the geometric sequence 2^(-8/n), 2^(-16/n), ... for the nearest power of
-    two n >= H, interleaved as Press et al. (2022) do when H is not a power of two."""
-    def powers(n: int) -> list[float]:
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    n = 2 ** math.floor(math.log2(heads))
-    slopes = powers(n) + (powers(2 * n)[0::2][: heads - n] if n < heads else [])
-    return torch.tensor(slopes)
-
-
-def alibi_bias(slopes_H: Tensor, T: int) -> Tensor:
-    """[H, T, T] additive attention bias ``-slope_h * |i - j|`` (symmetric: a bidirectional encoder)."""
-    pos = torch.arange(T, device=slopes_H.device, dtype=slopes_H.dtype)
-    return -slopes_H[:, None, None] * (pos[None, :, None] - pos[None, None, :]).abs()
-
-
 class TextEmbeddings(nn.Module):
-    """Token (+ learned absolute position) embeddings + LayerNorm ([FS] ``layernorm_embedding``; HF).
+    """Token + learned absolute position embeddings + LayerNorm ([FS] ``layernorm_embedding``; HF embeddings).
 
     No sqrt(D) scaling ([FS] ``no_scale_embedding: true``). HF's ``token_type_embeddings[0]``, added to every
-    token, is folded into the position rows on import (exact), and exported as zeros. With ``positions:
-    alibi`` there is no position table: positions enter as the encoder's attention bias.
+    token, is folded into the position rows on import (exact), and exported as zeros.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -273,9 +243,7 @@ class TextEmbeddings(nn.Module):
         d = cfg.transformer.dim
         self.pad_id = cfg.pad_id
         self.tokens = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_id)
-        self.positions = (
-            nn.Embedding(cfg.position_rows, d, padding_idx=cfg.pad_id) if cfg.positions == "learned" else None
-        )
+        self.positions = nn.Embedding(cfg.position_rows, d, padding_idx=cfg.pad_id)
         self.norm = nn.LayerNorm(d, eps=cfg.transformer.norm_eps)
 
     def position_ids(self, ids_BT: Tensor, padding_BT: Tensor | None) -> Tensor:
@@ -288,10 +256,7 @@ class TextEmbeddings(nn.Module):
         return torch.cumsum(keep_BT, 1) * keep_BT + self.pad_id
 
     def forward(self, ids_BT: Tensor, padding_BT: Tensor | None) -> Tensor:
-        x_BTD = self.tokens(ids_BT)
-        if self.positions is not None:
-            x_BTD = x_BTD + self.positions(self.position_ids(ids_BT, padding_BT))
-        return self.norm(x_BTD)
+        return self.norm(self.tokens(ids_BT) + self.positions(self.position_ids(ids_BT, padding_BT)))
 
 
 class TextEncoder(Encoder):
@@ -310,9 +275,6 @@ class TextEncoder(Encoder):
         # shared embeddings without dropout, as fairseq's eval-mode teacher does ([FS] data2vec_text.py).
         self.dropout = Dropout(cfg.transformer.dropout)
         self.encoder = TransformerStack(cfg.transformer)
-        # fixed slopes: a buffer that moves with the module, not saved (the head count gives it)
-        if cfg.positions == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(cfg.transformer.heads), persistent=False)
 
     def check_inputs(self, inputs: Tensor, padding_mask: Tensor | None) -> None:
         cfg = self.config
@@ -368,10 +330,8 @@ class TextEncoder(Encoder):
         tap: Tap | None = None,
         generator: torch.Generator | None = None,
     ) -> EncoderOutput:
-        """Dropout, post-LN blocks, no final LayerNorm (§7.4); the embeddings carry the positions, or ALiBi's
-        bias does (the whole sequence: K = T)."""
-        bias = alibi_bias(self.alibi_slopes, x_BKD.shape[1]) if self.config.positions == "alibi" else None
-        out = self.encoder(self.dropout(x_BKD), padding_BK, bias=bias, tap=tap, generator=generator)
+        """Dropout, post-LN blocks, no final LayerNorm (§7.4); the embeddings already carry positions."""
+        out = self.encoder(self.dropout(x_BKD), padding_BK, tap=tap, generator=generator)
         return EncoderOutput(out.x_BTD, padding_BK, out.layers)
 
 
