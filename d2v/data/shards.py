@@ -211,6 +211,23 @@ class ShardCommon:
 # ------------------------------------------------------------------------------------------- determinism
 
 
+def files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted as ``sorted(root.rglob("*"))`` sorts them, with symlinked folders
+    followed (``rglob`` leaves them out, so a class folder linked into a dataset would vanish silently). Each
+    real folder is read once, the first time the sorted walk meets it: a link back up the tree is no loop,
+    and one folder linked twice gives its files once. Paths keep the names under ``root``."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()  # a deterministic walk decides which name a twice-linked folder is read under
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        out += [Path(dirpath, f) for f in filenames]
+    return sorted(p for p in out if p.is_file())
+
+
 def derive_seed(seed: int, *names: object) -> int:
     """A 63-bit seed from ``seed`` and names (stable across runs and machines, unlike ``hash``)."""
     h = hashlib.sha256(repr((seed, *names)).encode()).digest()

@@ -21,7 +21,7 @@ from typing import Any
 
 from d2v.config import PathsConfig, section, to_dict
 from d2v.data.remote import is_url, shard_location
-from d2v.data.shards import publish_shards, staging_dir, write_json, write_shards
+from d2v.data.shards import files_under, publish_shards, staging_dir, write_json, write_shards
 from d2v.modalities import MODALITIES
 
 
@@ -60,9 +60,9 @@ def copy_source(src: Path, dst: Path, exclude: tuple[Path, ...] = ()) -> int:
         shutil.copyfile(src, dst / src.name)
         return 1
     n = 0
-    for path in sorted(src.rglob("*")):
+    for path in files_under(src):
         rel = path.relative_to(src)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        if any(part.startswith(".") for part in rel.parts):
             continue
         if path.resolve() in excluded:
             continue

@@ -21,6 +21,7 @@ from d2v.data.shards import (
     SplitWriter,
     Task,
     clean_reason,
+    files_under,
     iter_shard,
     plan_splits,
     read_manifest,
@@ -116,6 +117,24 @@ def test_corrupt_or_truncated_shard_raises_naming_it(tmp_path, cut):
     path.write_bytes(data)
     with pytest.raises(ShardError, match=path.name):
         list(iter_shard(path, shards[0]["samples"]))
+
+
+def test_files_under_follows_linked_folders_once(tmp_path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    (elsewhere / "b").mkdir(parents=True)
+    (root / "a" / "1.txt").write_text("x")
+    (elsewhere / "b" / "2.txt").write_text("y")
+    (root / "b").symlink_to(elsewhere / "b")  # a class folder linked in
+    (root / "c").symlink_to(elsewhere / "b")  # the same folder linked twice: read once, as b
+    (root / "a" / "up").symlink_to(root)  # a loop
+    (root / "gone.txt").symlink_to(tmp_path / "missing")  # a broken link is no file
+    assert [p.relative_to(root).as_posix() for p in files_under(root)] == ["a/1.txt", "b/2.txt"]
+    for link in ("b", "c", "a/up"):
+        (root / link).unlink()
+    (root / "a" / "z").mkdir()
+    (root / "a" / "z" / "3.txt").write_text("z")
+    assert files_under(root) == sorted(p for p in root.rglob("*") if p.is_file())  # without links: rglob's
 
 
 def test_staging_dir_leaves_the_old_output_on_failure(tmp_path):

@@ -54,6 +54,18 @@ def run(tmp: Path, src: Path, **kw) -> tuple[Path, dict]:
     return out, shard("text", cfg, raw, out, seed=0)
 
 
+def test_linked_class_folder_is_read(tmp_path):
+    src = tmp_path / "src"
+    (tmp_path / "store" / "tech").mkdir(parents=True)
+    (src / "sport").mkdir(parents=True)
+    for i in range(10):
+        (src / "sport" / f"{i}.txt").write_text(f"sport {i}: " + sentence(i))
+        (tmp_path / "store" / "tech" / f"{i}.txt").write_text(f"tech {i}: " + sentence(i + 50))
+    (src / "tech").symlink_to(tmp_path / "store" / "tech")
+    _, manifest = run(tmp_path, src, pretrain_from="unlabelled+labelled")
+    assert manifest["tasks"]["classification"]["labels"] == ["sport", "tech"]
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("text")

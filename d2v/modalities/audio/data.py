@@ -64,6 +64,7 @@ from d2v.data.shards import (
     ShardCommon,
     Skip,
     Task,
+    files_under,
     item_file,
     rng_for,
     unpacked,
@@ -391,7 +392,7 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
     out = Scan(skipped=skips)
     pools: dict[str, list[Item]] = {"classification": [], "ctc": []}
     seen = set()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in files_under(root):
         rel = path.relative_to(root).as_posix()
         name = f"files/{rel}"
         seen.add(rel)

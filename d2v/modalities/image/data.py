@@ -49,6 +49,7 @@ from d2v.data.shards import (
     ShardCommon,
     Skip,
     Task,
+    files_under,
     item_file,
     rng_for,
     unpacked,
@@ -186,7 +187,7 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
         labelled, held_out = [], []
         # ImageNet-style train/ + val/: keep the source's split (val/ is the test set) rather than re-split
         split_dirs = (files / "train").is_dir() and (files / "val").is_dir()
-        for path in sorted(p for p in files.rglob("*") if p.is_file()):
+        for path in files_under(files):
             rel = path.relative_to(raw_dir).as_posix()
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 out.skipped.append(

@@ -63,6 +63,7 @@ from d2v.data.shards import (
     ShardCommon,
     Skip,
     Task,
+    files_under,
     item_file,
     rng_for,
 )
@@ -395,7 +396,7 @@ def scan(raw_dir: Path, cfg: ShardConfig) -> Scan:
         seen[key] = item.name
         (labelled.setdefault(task, []) if pool is not None else out.unlabelled).append(item)
 
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in files_under(root):
         rel = path.relative_to(raw_dir).as_posix()
         parts = path.relative_to(root).parts
         if path.suffix.lower() not in TEXT_SUFFIXES:
