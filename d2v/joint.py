@@ -41,7 +41,7 @@ from d2v.modalities import JOINT, MODALITIES, get
 from d2v.modalities.base import Encoder
 from d2v.optim import OptimConfig, lr_scale, param_groups
 from d2v.precision import Precision
-from d2v.transformer import TransformerStack, init_bert_params
+from d2v.transformer import DROPOUT_KEYS, TransformerStack, init_bert_params, set_dropout
 
 Mixing = Literal["interleave", "all"]
 LossNorm = Literal["none", "running"]
@@ -79,6 +79,12 @@ class JointConfig:
     the shared stack by comparable amounts whatever its loss level."""
     loss_norm_decay: float = 0.99
     """Decay of the running mean of 'running' (per update of the modality)."""
+    dropout: Literal["shared", "own"] = "shared"
+    """'shared': ``joint.transformer``'s dropout rates for every modality. 'own': the shared stack runs each
+    modality's update at that modality's rates (``model.<m>.transformer``'s dropout, attention and activation
+    dropout, as its separate run has them: 0 for data2vec 2.0 images, 0.1 for speech and text), and its encoder
+    keeps them for fine-tuning. Measured both ways: 'own' takes the dropout noise out of the image encoder's
+    features and hurt speech's (RESULTS.md, log entry "the joint encoders' dropout")."""
     modality_norms: bool = False
     """True: every modality has its own LayerNorm gains and biases inside the shared blocks (a few thousand
     parameters per modality; the attention and FFN weights stay shared), and its teacher their EMA."""
@@ -162,16 +168,20 @@ def own_updates(updates: list[tuple[str, ...]]) -> list[dict[str, int]]:
     return out
 
 
-def stack_conflicts(joint: TransformerConfig, own: dict[str, dict[str, Any]]) -> list[str]:
+def stack_conflicts(
+    joint: TransformerConfig, own: dict[str, dict[str, Any]], own_dropout: bool = False
+) -> list[str]:
     """The ``model.<m>.transformer.<key>`` values a user set that differ from the joint stack's:
     ``own[m]`` is the user's ``model.<m>.transformer`` section as written (preset defaults are not a choice
-    and are replaced silently)."""
+    and are replaced silently). ``own_dropout``: the dropout rates are each modality's (``dropout: own``),
+    never a conflict."""
     shared = to_dict(joint)
+    skip = set(DROPOUT_KEYS) if own_dropout else set()
     return [
         f"model.{m}.transformer.{k}: {v!r} (joint.transformer.{k}: {shared[k]!r})"
         for m, section_ in own.items()
         for k, v in sorted((section_ or {}).items())
-        if k in shared and v != shared[k] and not (isinstance(v, list) and tuple(v) == shared[k])
+        if k in shared and k not in skip and v != shared[k] and not (isinstance(v, list) and tuple(v) == shared[k])
     ]
 
 
@@ -215,6 +225,10 @@ class JointData2Vec(nn.Module):
             self.teacher_norms = nn.ModuleDict({m: _norm_copies(self.teacher_stack, grad=False) for m in members})
         self.current: str | None = None
         """The modality of the batch in progress (set by ``forward``)."""
+        self.dropout_rates = {
+            m: {k: getattr(member.student.config.transformer, k) for k in DROPOUT_KEYS} for m, member in members.items()
+        }
+        """Each modality's dropout rates (its member config's), which the shared stack runs its updates at."""
         # mixing 'all': each modality's gradient on the stack, as the difference the modality's backward made
         self._seen: Tensor | None = None
         self._grads: dict[str, Tensor] = {}
@@ -245,6 +259,7 @@ class JointData2Vec(nn.Module):
             swap.update({f"teacher_stack.{n.replace(SEP, '.')}": p for n, p in self.teacher_norms[m].items()})
             return torch.func.functional_call(self, swap, (batch,), {"own_norms": True})
         self.current = m
+        set_dropout(self.stack, self.dropout_rates[m])
         loss, metrics = self.members[m]({k: v for k, v in batch.items() if k != "modality"})
         out = {"loss": loss.detach()}
         zero = loss.new_zeros((), dtype=torch.float32)
@@ -425,8 +440,12 @@ def build_joint_model(
 
 
 def member_config(model_cfg: Any, cfg: JointConfig) -> Any:
-    """A modality's ``ModelConfig`` with the joint stack's ``transformer``."""
-    return replace(model_cfg, transformer=cfg.transformer)
+    """A modality's ``ModelConfig`` with the joint stack's ``transformer``, at the modality's own dropout
+    rates with ``dropout: own``."""
+    if cfg.dropout == "shared":
+        return replace(model_cfg, transformer=cfg.transformer)
+    own = {k: getattr(model_cfg.transformer, k) for k in DROPOUT_KEYS}
+    return replace(model_cfg, transformer=replace(cfg.transformer, **own))
 
 
 @dataclass(frozen=True)
@@ -519,7 +538,7 @@ def cli_pretrain_joint(params: dict[str, Any], args: Any) -> int:
         return 0
     models = params.get("model") or {}
     own_stack = {m: ((models.get(m) or {}).get("transformer") or {}) for m in cfg.modalities}
-    conflicts = stack_conflicts(cfg.transformer, own_stack)
+    conflicts = stack_conflicts(cfg.transformer, own_stack, cfg.dropout == "own")
     if conflicts:
         raise ConfigError(
             "joint pretraining runs one stack, joint.transformer, and model.<m>.transformer contradicts it: "

@@ -274,6 +274,19 @@ class TransformerStack(nn.Module):
         return StackOutput(x_BTD, layers)
 
 
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+"""The ``TransformerConfig`` rates :func:`set_dropout` sets on a built stack."""
+
+
+def set_dropout(stack: TransformerStack, rates: dict[str, float]) -> None:
+    """Set the dropout rates of a built stack's blocks (``rates``: :data:`DROPOUT_KEYS` -> p). Dropout has
+    no parameters, so one stack can run at a rate per caller (the joint model: each modality's own)."""
+    for blk in stack.blocks:
+        blk.dropout.p = rates["dropout"]
+        blk.attn.dropout = rates["attention_dropout"]
+        blk.mlp.drop.p = rates["activation_dropout"]
+
+
 def init_bert_params(module: nn.Module) -> None:
     """BERT init used by fairseq data2vec (``init_bert_params``): Linear/Embedding N(0, 0.02), zero bias."""
     if isinstance(module, nn.Linear):

@@ -238,8 +238,8 @@ def test_cpu_breakdown_sums_the_steps_ops_by_kind(capsys) -> None:
 def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Path, capsys) -> None:
     """On tiny image shards (the test split: 10 items, more than the 8 the position share needs) and a tiny
     pretraining checkpoint: per init, one row per depth (local features, positions added, each block), a
-    probe accuracy in [0, 1] and a position share in [0, 1]; fewer test items per class than asked for are
-    all used."""
+    probe accuracy in [0, 1], a position share in [0, 1] and dropout's noise where there is dropout; fewer test
+    items per class than asked for are all used."""
     import numpy as np
     from PIL import Image
 
@@ -257,7 +257,7 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
             Image.fromarray(arr, mode="L").save(raw / "files" / name / f"{i}.png")
     shards = tmp_path / "shards"
     manifest = shard("image", data_module("image").ShardConfig(samples_per_shard=8), raw, shards, 0)
-    cfg = get("image").model_config({"preset": "tiny"})
+    cfg = get("image").model_config({"preset": "tiny", "transformer": {"dropout": 0.3}})
     torch.manual_seed(0)
     sd = {f"student.{k}": v for k, v in get("image").build_encoder(cfg).state_dict().items()}
     meta = {"modality": "image", "kind": "pretrain", "model_config": to_dict(cfg), "encoder_prefix": "student.",
@@ -272,8 +272,10 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
     for rows in results.values():
         assert [r["depth"] for r in rows] == list(range(cfg.transformer.depth + 2))
         assert all(0 <= r["probe"] <= 1 and 0 <= r["pos"] <= 1 for r in rows)
+        # dropout acts in the blocks only: the patches and positions (depths 0, 1) do not move
+        assert [r["noise"] == 0 for r in rows] == [True, True] + [False] * cfg.transformer.depth
     printed = capsys.readouterr().out
-    assert printed.count("  probe ") == printed.count("  pos   ") == 2
+    assert printed.count("  probe ") == printed.count("  pos   ") == printed.count("  noise ") == 2
 
 
 def test_published_harness_runs_a_published_image_model_through_the_stages(tmp_path: Path) -> None:
