@@ -79,12 +79,13 @@ class JointConfig:
     the shared stack by comparable amounts whatever its loss level."""
     loss_norm_decay: float = 0.99
     """Decay of the running mean of 'running' (per update of the modality)."""
-    dropout: Literal["shared", "own"] = "shared"
+    dropout: Literal["shared", "own"] = "own"
     """'shared': ``joint.transformer``'s dropout rates for every modality. 'own': the shared stack runs each
     modality's update at that modality's rates (``model.<m>.transformer``'s dropout, attention and activation
     dropout, as its separate run has them: 0 for data2vec 2.0 images, 0.1 for speech and text), and its encoder
-    keeps them for fine-tuning. Measured both ways: 'own' takes the dropout noise out of the image encoder's
-    features and hurt speech's (RESULTS.md, log entry "the joint encoders' dropout")."""
+    keeps them for fine-tuning. With 'shared' at 0.1 the joint image encoder's features move under dropout as far
+    as images lie apart, and it fine-tunes below scratch; with 'own' it does not (RESULTS.md, log entries "the
+    joint encoders' dropout" and "the joint teacher's schedule")."""
     modality_norms: bool = False
     """True: every modality has its own LayerNorm gains and biases inside the shared blocks (a few thousand
     parameters per modality; the attention and FFN weights stay shared), and its teacher their EMA."""
@@ -92,7 +93,9 @@ class JointConfig:
     """AdamW and LR schedule of the shared stack (the modalities' own parameters follow ``pretrain.<m>.optim``;
     every schedule runs over the joint run's updates)."""
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(tau0=0.99, tau_end=0.999, tau_n=1000))
-    """Decay schedule of the shared teacher stack, per joint update."""
+    """Decay schedule of the shared teacher stack, per joint update. Every modality's update moves it, so a
+    modality that makes a share s of the updates sees it move 1/s times per update of its own: 1 - tau =
+    (1 - its separate run's tau) x s gives that modality its separate teacher's lag."""
     seed: int | None = None
     """Seed of the joint run (initial weights, the interleaving, masks, dropout); None: the top-level seed."""
     grad_accum: int = 1

@@ -376,3 +376,37 @@ def test_word_classes_probes_every_layer_of_a_text_checkpoint(tmp_path: Path, ca
         assert len(result["accuracy"][init]) == depth + 1
         assert all(0 <= a <= 100 for a in result["accuracy"][init])
     assert "| pretrained / random init |" in capsys.readouterr().out
+
+
+def test_finetune_arm_runs_the_stage_per_seed_and_scores_test(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A tiny text project: each seed's run goes through `d2v finetune` (its LR search included) into the
+    project's checkpoints, and is scored on the test split; the LR it reports is one of the grid's."""
+    import yaml
+
+    from d2v.cli import main as d2v_main
+
+    words = {"sport": ["goal", "match", "team"], "tech": ["chip", "code", "data"]}
+    records = [{"text": f"the {w} and the {w} again {i}", "label": t} for t, ws in words.items() for w in ws
+               for i in range(6)]  # fmt: skip
+    records += [{"text": f"plain filler text number {i}"} for i in range(12)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    params = tiny_text_params(tmp_path / "src")
+    params["finetune"] = {"text": {"steps": 4, "batch_size": 4, "log_every": 1, "lr_grid": [0.25, 1.0, 4.0],
+                                   "lr_grid_steps": 2, "lr_grid_valid_budget": 2, "head_init_items": 8,
+                                   "optim": {"lr": 1.0e-3}}}  # fmt: skip
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    assert d2v_main(["prepare", "text"]) == 0 and d2v_main(["shard", "text"]) == 0
+    assert d2v_main(["pretrain", "text"]) == 0
+    out = tmp_path / "arm.jsonl"
+    run_script("finetune_arm.py", str(project), "text", "--init", "pretrained", "--budget", "2", "--seeds", "0", "1",
+               "--json", str(out))  # fmt: skip
+    row = json.loads(out.read_text())
+    assert row["seeds"] == [0, 1] and all(0 <= a <= 1 for a in row["accuracy"])
+    assert all(any(abs(lr - 1.0e-3 * k) < 1e-12 for k in (0.25, 1.0, 4.0)) for lr in row["lr"])
+    for seed in (0, 1):
+        assert (project / "ckpt" / "finetune" / "text" / f"b2-s{seed}-pretrained").is_dir()
+    assert "text pretrained budget 2 seed 1: test accuracy" in capsys.readouterr().out

@@ -79,7 +79,7 @@ def test_a_model_transformer_key_that_contradicts_the_joint_stack_is_named():
 
 def test_each_modality_keeps_its_dropout_rates_in_the_shared_stack():
     """dropout: own: a member's config, and the stack while it runs that modality's update, have the
-    modality's rates; its model.<m> dropout is then no conflict. shared (the default): joint.transformer's."""
+    modality's rates; its model.<m> dropout is then no conflict. shared: joint.transformer's."""
     rates = {"image": 0.0, "text": 0.2}
     joint = from_dict(JointConfig, {"modalities": list(rates), "transformer": TINY_STACK, "dropout": "own"}, "joint")
     own = {m: get(m).model_config({"preset": "tiny", "transformer": {"dropout": r, "attention_dropout": r}})
@@ -95,7 +95,7 @@ def test_each_modality_keeps_its_dropout_rates_in_the_shared_stack():
         assert (blk.dropout.p, blk.attn.dropout) == (rates[m], rates[m]), m
     assert stack_conflicts(joint.transformer, {"text": {"dropout": 0.2}}, own_dropout=True) == []
     assert stack_conflicts(joint.transformer, {"text": {"dropout": 0.2}}) != []
-    shared = from_dict(JointConfig, {"modalities": ["text"], "transformer": TINY_STACK}, "joint")  # the default
+    shared = from_dict(JointConfig, {"modalities": ["text"], "transformer": TINY_STACK, "dropout": "shared"}, "joint")
     assert member_config(own["text"], shared).transformer.dropout == TINY_STACK["dropout"]
 
 
