@@ -17,7 +17,6 @@ the stage does: the runs land in ``<paths.checkpoints>/finetune/<m>/`` (so a var
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ from d2v.load import load_finetune_model
 from d2v.metrics import task_metrics
 from d2v.precision import autocast
 from d2v.sweep import Run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_recipe import append_jsonl  # noqa: E402
 
 
 def test_accuracy(project: Path, params: dict[str, Any], m: str, run: Run) -> tuple[float, float | None]:
@@ -92,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     out = run_arm(args.project.resolve(), args.modality, args.init, budget, args.seeds, args.params)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with args.json.open("a") as f:
-            f.write(json.dumps(out) + "\n")
+    append_jsonl(args.json, out)
     return 0
 
 

@@ -114,6 +114,14 @@ def run(
     return out
 
 
+def append_jsonl(path: Path | None, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``path`` as one JSON line (nothing when ``path`` is None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("project", type=Path)
@@ -125,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    out = run(args.project.resolve(), args.modality, budget, args.seeds, changes)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with args.json.open("a") as f:
-            f.write(json.dumps(out) + "\n")
+    append_jsonl(args.json, run(args.project.resolve(), args.modality, budget, args.seeds, changes))
     return 0
 
 
