@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_recipe import append_jsonl  # noqa: E402
 
 
-def test_accuracy(project: Path, params: dict[str, Any], m: str, run: Run) -> tuple[float, float | None]:
+def score_test(project: Path, params: dict[str, Any], m: str, run: Run) -> tuple[float, float]:
     """(test accuracy, the LR the run trained at) of fine-tuned run ``run`` of ``m``, scored as ``d2v
     evaluate`` scores it."""
     paths = params["paths"]
@@ -53,7 +53,9 @@ def test_accuracy(project: Path, params: dict[str, Any], m: str, run: Run) -> tu
     device = torch.device("cpu")
     with autocast(cfg.precision, device):
         preds, targets = predict_split(model, loader, device)
-    return task_metrics(meta["task"], preds, targets, num_classes)["accuracy"], meta.get("lr")
+    # "lr": the LR search's choice, absent with lr_grid: []
+    lr = meta.get("lr", meta["config"]["optim"]["lr"])
+    return task_metrics(meta["task"], preds, targets, num_classes)["accuracy"], lr
 
 
 def run_arm(
@@ -68,7 +70,7 @@ def run_arm(
         done = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{' '.join(cmd[2:])} failed in {project}:\n{done.stderr[-2000:]}")
-        a, lr = test_accuracy(project, params, m, Run(init, budget, seed))
+        a, lr = score_test(project, params, m, Run(init, budget, seed))
         accuracy.append(a)
         lrs.append(lr)
         print(f"{m} {init} budget {budget} seed {seed}: test accuracy {100 * a:.1f} at lr {lr:.3g} "

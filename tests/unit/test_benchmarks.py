@@ -410,3 +410,8 @@ def test_finetune_arm_runs_the_stage_per_seed_and_scores_test(tmp_path: Path, ca
     for seed in (0, 1):
         assert (project / "ckpt" / "finetune" / "text" / f"b2-s{seed}-pretrained").is_dir()
     assert "text pretrained budget 2 seed 1: test accuracy" in capsys.readouterr().out
+    params["finetune"]["text"]["lr_grid"] = []  # no search: the run trains at optim.lr, and says so
+    (project / "no_search.yaml").write_text(yaml.safe_dump(params))
+    run_script("finetune_arm.py", str(project), "text", "--init", "pretrained", "--budget", "3", "--seeds", "0",
+               "--params", "no_search.yaml", "--json", str(out))  # fmt: skip
+    assert json.loads(out.read_text().splitlines()[1])["lr"] == [1.0e-3]
