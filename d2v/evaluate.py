@@ -488,9 +488,14 @@ def ctc_probe_metrics(
         test_x, test_text = features(encoder, split_of(entry, "test"), None, seed)
         for s in cfg.probe_seeds:
             train_x, train_text = features(encoder, split_of(entry, "train"), cfg.ctc_probe_budget, seed + s)
+            bar = lambda r, i=init, s=s: tqdm(  # noqa: E731
+                r, desc=f"CTC probe: {i}, seed {s}", unit="step", file=sys.stderr, mininterval=2.0, delay=1.0,
+                leave=False,
+            )  # fmt: skip
             hyps = ctc_probe(
-                train_x, train_text, test_x, entry["alphabet"], steps=cfg.ctc_probe_steps, seed=seed + s
-            )
+                train_x, train_text, test_x, entry["alphabet"], steps=cfg.ctc_probe_steps, seed=seed + s,
+                progress=bar,
+            )  # fmt: skip
             run = Run(init, cfg.ctc_probe_budget, s)
             for metric, value in task_metrics("ctc", hyps, test_text, None).items():
                 out[run.key("ctc_probe", metric)] = value

@@ -9,7 +9,7 @@ CTC probe: a linear CTC head on frozen frame features (``frame_features``, ``ctc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -260,11 +260,13 @@ def ctc_probe(
     seed: int,
     lr: float = 1e-2,
     batch_size: int = 16,
+    progress: Callable[[range], Iterable[int]] = iter,
 ) -> list[str]:
     """Fit :class:`CTCProbe` on ``train_x`` (items [L, T_i, D]) and their transcripts (letters of
     ``alphabet``) with AdamW for ``steps`` minibatches drawn with ``seed``; returns the greedy transcripts
     of ``test_x``. CTC on frozen features learns slowly at first (blank-only outputs), hence many cheap
-    steps on cached features instead of fine-tuning the encoder."""
+    steps on cached features instead of fine-tuning the encoder. ``progress`` wraps the range of steps (a
+    progress bar: a minute of steps on a slow CPU)."""
     ids = {c: i + 1 for i, c in enumerate(alphabet)}
     bad = sorted({c for t in train_text for c in t} - set(ids))
     if bad:
@@ -279,7 +281,7 @@ def ctc_probe(
     opt = torch.optim.AdamW(head.parameters(), lr=lr)
     # fp32 whatever autocast the caller's features were computed under: a small head, many steps
     with torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        for _ in range(steps):
+        for _ in progress(range(steps)):
             idx = torch.randint(len(train_x), (min(batch_size, len(train_x)),), generator=g).tolist()
             x, lengths = _pad_LBTD([train_x[i] for i in idx])
             tgt = [targets[i] for i in idx]

@@ -25,6 +25,7 @@ def stale(cwd: Path) -> set[str]:
     return set(json.loads(run([*DVC, "status", "--json"], cwd)))
 
 
+@pytest.mark.slow  # about 75 s on epyc-2c: CI runs it (.ci/run)
 def test_dvc_repro_from_a_published_model(project_copy: Path, published):
     folder = "published/image/data2vec-vision-tiny"
     published("image", project_copy / folder)

@@ -278,6 +278,7 @@ def test_layer_diagnostics_probes_and_position_share_at_every_depth(tmp_path: Pa
     assert printed.count("  probe ") == printed.count("  pos   ") == printed.count("  noise ") == 2
 
 
+@pytest.mark.slow  # about 40 s on epyc-2c: CI runs it (.ci/run)
 def test_published_harness_runs_a_published_image_model_through_the_stages(tmp_path: Path) -> None:
     out = tmp_path / "published.json"
     run_script("published.py", "--modalities", "image", "--steps", "2", "--arms", "--workdir", str(tmp_path / "w"),

@@ -128,9 +128,18 @@ def test_ctc_probe_transcribes_when_frames_encode_letters_and_not_on_noise():
     hyps = ctc_probe([clip(t) for t in texts], texts, [clip(t) for t in test], alphabet, steps=300, seed=0)
     assert cer(test, hyps) < 0.05
     state = torch.random.get_rng_state()
-    again = ctc_probe([clip(t) for t in texts], texts, [clip(t) for t in test], alphabet, steps=300, seed=0)
+    seen: list[int] = []
+
+    def progress(steps):  # a progress bar sees every step, and changes nothing
+        for i in steps:
+            seen.append(i)
+            yield i
+
+    again = ctc_probe(
+        [clip(t) for t in texts], texts, [clip(t) for t in test], alphabet, steps=300, seed=0, progress=progress
+    )
     assert torch.equal(torch.random.get_rng_state(), state)  # seeded by its argument, not the global RNG
-    assert again == hyps  # and the same transcripts again
+    assert again == hyps and seen == list(range(300))  # and the same transcripts again
     noise = ctc_probe(
         [clip(t, False) for t in texts], texts, [clip(t, False) for t in test], alphabet, steps=300, seed=0
     )

@@ -71,6 +71,7 @@ CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # about 50 s on epyc-2c: CI runs it (.ci/run)
 def test_kernels_match_conv2d_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
