@@ -221,6 +221,7 @@ def test_time_windows_match_unfold_and_its_gradient(T, k, s, exact, dtype):
     assert torch.autograd.gradcheck(lambda v: time_windows(v, k, s), (x64,))
 
 
+@pytest.mark.slow  # about 17 s on epyc-2c (inductor compiles): CI runs it (.ci/run)
 def test_time_windows_compile_whole_with_their_backward():
     """``compile: true`` traces the windows' own autograd.Function into one graph (no graph break) with the
     same gradients."""

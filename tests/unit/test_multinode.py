@@ -195,6 +195,7 @@ def kill_node(agent: subprocess.Popen) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # about 20 s on epyc-2c: CI runs it (.ci/run)
 def test_a_killed_node_is_relaunched_and_the_run_ends_with_the_same_weights(one_node, s3_shards, tmp_path):
     url, env = s3_shards
     cwd = project(tmp_path, url)
