@@ -17,6 +17,7 @@ The metric functions and the probe's regression are ``d2v.metrics``; this module
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -488,9 +489,9 @@ def ctc_probe_metrics(
         test_x, test_text = features(encoder, split_of(entry, "test"), None, seed)
         for s in cfg.probe_seeds:
             train_x, train_text = features(encoder, split_of(entry, "train"), cfg.ctc_probe_budget, seed + s)
-            bar = lambda r, i=init, s=s: tqdm(  # noqa: E731
-                r, desc=f"CTC probe: {i}, seed {s}", unit="step", file=sys.stderr, mininterval=2.0, delay=1.0,
-                leave=False,
+            bar = functools.partial(
+                tqdm, desc=f"CTC probe: {init}, seed {s}", unit="step", file=sys.stderr, mininterval=2.0,
+                delay=1.0, leave=False,
             )  # fmt: skip
             hyps = ctc_probe(
                 train_x, train_text, test_x, entry["alphabet"], steps=cfg.ctc_probe_steps, seed=seed + s,
