@@ -142,8 +142,9 @@ def shard_fsdp(model: nn.Module) -> nn.Module:
         if isinstance(m, Block):
             fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    if hasattr(model, "_ema_plan"):  # fully_shard swapped the Parameters for DTensors: re-pair the EMA
-        model._ema_pairs, model._copy_pairs = model._ema_plan()
+    for m in model.modules():  # fully_shard swapped the Parameters for DTensors: re-pair each EMA
+        if hasattr(m, "_ema_plan"):  # the model, or each member of a joint one
+            m._ema_pairs, m._copy_pairs = m._ema_plan()
     return model
 
 
@@ -198,6 +199,12 @@ def all_reduce_mean(x: Tensor) -> Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def all_reduce_sum(x: Tensor) -> None:
+    """Sum over ranks, in place (partial sums of a sharded tensor's elements)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
 
 
 @contextlib.contextmanager

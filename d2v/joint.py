@@ -104,6 +104,11 @@ class JointConfig:
     grad_accum))."""
     precision: Precision = "bf16"
     """As ``pretrain.<m>.precision``, for every modality of the joint run."""
+    parallel: distributed.Parallel = "ddp"
+    """Under torchrun, as ``pretrain.<m>.parallel``: 'ddp', or 'fsdp' (FSDP2: every block of the shared stack
+    and its teacher sharded, the modalities' own parts in the root's unit). Every rank runs the same modality
+    in an update, so the parameters another modality owns are left out of that update's reductions alike on
+    every rank."""
     dist_timeout_s: float = distributed.TIMEOUT_S
     """As ``pretrain.<m>.dist_timeout_s``."""
     log_every: int = 10
@@ -126,6 +131,10 @@ class JointConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if self.parallel == "fsdp" and self.modality_norms:
+            # each update swaps m's norms into the stack by a functional call, which FSDP2's sharded
+            # parameters do not take
+            raise ConfigError("modality_norms: true needs parallel: ddp (FSDP2 shards the norms it would swap)")
         if self.steps is not None and (self.mixing != "all" or self.steps < 1):
             raise ConfigError(
                 f"steps: {self.steps} is for mixing: all (at least 1); mixing: interleave makes each "
@@ -274,9 +283,10 @@ class JointData2Vec(nn.Module):
         return self._normalised(m, loss), out
 
     def _stack_grad(self) -> Tensor:
-        """The stack's gradient as one flat fp32 vector [P] (zeros where a parameter has none)."""
+        """The stack's gradient as one flat fp32 vector [P] (zeros where a parameter has none); under FSDP2
+        this rank's shard of it."""
         return torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+            _local(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
             for p in self.stack.parameters()
         ])  # fmt: skip
 
@@ -294,10 +304,22 @@ class JointData2Vec(nn.Module):
         if self.cfg.mixing != "all":  # one modality: the norm of the accumulated gradients, no flat copy
             grads = [p.grad for p in self.stack.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
             return {f"{k}/stack_grad_norm": norm * float(k == self.current) for k in self.members}
         grads, self._grads, self._seen = self._grads, {}, None
-        out = {f"{k}/stack_grad_norm": torch.linalg.vector_norm(g) for k, g in grads.items()}
         names = sorted(grads)
+        if _local(next(self.stack.parameters())) is not next(self.stack.parameters()):
+            # FSDP2: each rank holds a shard of every gradient; norms and cosines come from dot products,
+            # which are sums over the elements, so the ranks' partial sums add up to the full ones
+            dots = torch.stack([torch.stack([grads[a] @ grads[b] for b in names]) for a in names])
+            distributed.all_reduce_sum(dots)
+            norms = dots.diagonal().clamp_min(0).sqrt()
+            out = {f"{k}/stack_grad_norm": norms[i] for i, k in enumerate(names)}
+            for i, a in enumerate(names):
+                for j in range(i + 1, len(names)):
+                    out[f"cos/{a}-{names[j]}"] = dots[i, j] / (norms[i] * norms[j]).clamp_min(1e-8)
+            return out
+        out = {f"{k}/stack_grad_norm": torch.linalg.vector_norm(g) for k, g in grads.items()}
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 out[f"cos/{a}-{b}"] = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)
@@ -321,6 +343,11 @@ class JointData2Vec(nn.Module):
                 teacher = list(self.teacher_norms[m].values())
                 torch._foreach_lerp_(teacher, [p.detach().float() for p in self.norms[m].values()], 1.0 - tau)
         return out
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters and gradients); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 SEP = "__"
@@ -480,7 +507,7 @@ def joint_job(
     own = own_updates(updates)
     per_update = len(updates[0]) * cfg.grad_accum
     run_cfg = JointRunConfig(
-        steps=total, batch_size=per_update, grad_accum=per_update, precision=cfg.precision,
+        steps=total, batch_size=per_update, grad_accum=per_update, precision=cfg.precision, parallel=cfg.parallel,
         dist_timeout_s=cfg.dist_timeout_s, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints, optim=cfg.optim,
     )  # fmt: skip

@@ -121,10 +121,14 @@ def test_dvc_repro_smoke_end_to_end(project_copy: Path):
     run([*DVC, "pull"], project_copy)
     assert shard.read_bytes() == before and (project_copy / "checkpoints/pretrain/image").is_dir()
 
-    # W&B offline runs: one per training/evaluating stage, with the params and the metrics
+    # W&B offline runs: one per training/evaluating stage, with the params and the metrics. Read until the
+    # runs checked below are found (each `wandb leet inspect` is a process of ~1 s; the project has ~40 runs)
     runs = sorted((project_copy / "wandb" / "wandb").glob("offline-run-*"))
+    wanted = {f"pretrain-{m}" for m in MODALITIES}
     summaries = {}
     for rd in runs:
+        if wanted <= set(summaries) and any(name.startswith("finetune-") for name in summaries):
+            break
         out = subprocess.run(
             [WANDB, "leet", "inspect", "--summary", "--json", str(rd)],
             capture_output=True,

@@ -67,6 +67,12 @@ def test_the_plan_of_each_mixing():
         from_dict(JointConfig, {"steps": 7}, "joint")
 
 
+def test_fsdp_refuses_modality_norms_and_takes_the_rest():
+    with pytest.raises(Exception, match="modality_norms: true needs parallel: ddp"):
+        from_dict(JointConfig, {"parallel": "fsdp", "modality_norms": True}, "joint")
+    assert from_dict(JointConfig, {"parallel": "fsdp", "mixing": "all"}, "joint").parallel == "fsdp"
+
+
 def test_a_model_transformer_key_that_contradicts_the_joint_stack_is_named():
     joint = TransformerConfig(**TINY_STACK)
     assert stack_conflicts(joint, {"audio": {}, "text": {"dim": 32}}) == []
@@ -293,11 +299,11 @@ DRIVER = textwrap.dedent(
     from d2v.pretrain import PretrainConfig
     from test_joint import TINY_STACK, get_batch
 
-    run_dir, loss_norm, mixing = sys.argv[1], sys.argv[2], sys.argv[3]
+    run_dir, loss_norm, mixing, parallel = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
     info = distributed.init()
     joint = from_dict(JointConfig, {"modalities": ["image", "text"], "transformer": TINY_STACK,
-                                    "loss_norm": loss_norm, "mixing": mixing, "log_every": 1,
+                                    "loss_norm": loss_norm, "mixing": mixing, "parallel": parallel, "log_every": 1,
                                     "checkpoint_every": 3, "precision": "fp32",
                                     "optim": {"lr": 2e-3, "clip_norm": 2.0}}, "joint")
     configs = {m: member_config(get(m).model_config({"preset": "tiny"}), joint) for m in joint.modalities}
@@ -322,7 +328,7 @@ DRIVER = textwrap.dedent(
 )
 
 
-def launch(tmp_path: Path, run_dir: Path, world: int, loss_norm: str, mixing: str) -> None:
+def launch(tmp_path: Path, run_dir: Path, world: int, loss_norm: str, mixing: str, parallel: str = "ddp") -> None:
     script = tmp_path / "joint_driver.py"
     script.write_text(DRIVER)
     port, procs = free_port(), []
@@ -332,18 +338,26 @@ def launch(tmp_path: Path, run_dir: Path, world: int, loss_norm: str, mixing: st
                "WORLD_SIZE": str(world)}  # fmt: skip
         if world == 1:
             env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        cmd = [sys.executable, str(script), str(run_dir), loss_norm, mixing]
+        cmd = [sys.executable, str(script), str(run_dir), loss_norm, mixing, parallel]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-3000:]
 
 
-@pytest.mark.parametrize(("loss_norm", "mixing"), [("none", "interleave"), ("running", "all")])
-def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_norm, mixing):
+@pytest.mark.parametrize(
+    ("loss_norm", "mixing", "parallel"),
+    [
+        ("none", "interleave", "ddp"),
+        ("running", "all", "ddp"),
+        ("none", "interleave", "fsdp"),
+        pytest.param("none", "all", "fsdp", marks=pytest.mark.slow),  # the cosines over shards; CI's slow step
+    ],
+)
+def test_two_gloo_ranks_train_the_joint_model_like_one_process(tmp_path, loss_norm, mixing, parallel):
     launch(tmp_path, tmp_path / "single", 1, loss_norm, mixing)
-    launch(tmp_path, tmp_path / "ddp", 2, loss_norm, mixing)  # interleave: the other modality's parameters
-    # are unused in an update, which must not hang DDP
+    launch(tmp_path, tmp_path / "ddp", 2, loss_norm, mixing, parallel)  # interleave: the other modality's
+    # parameters are unused in an update, which must not hang DDP or desynchronise FSDP2's reductions
     a, b = checkpoint.load_weights(tmp_path / "single"), checkpoint.load_weights(tmp_path / "ddp")
     assert a.keys() == b.keys()
     # as tests/unit/test_distributed.py: a few ulps per all-reduce, far below one wrong step (~lr = 2e-3)
