@@ -416,3 +416,39 @@ def test_finetune_arm_runs_the_stage_per_seed_and_scores_test(tmp_path: Path, ca
     run_script("finetune_arm.py", str(project), "text", "--init", "pretrained", "--budget", "3", "--seeds", "0",
                "--params", "no_search.yaml", "--json", str(out))  # fmt: skip
     assert json.loads(out.read_text().splitlines()[1])["lr"] == [1.0e-3]
+
+
+def test_heldout_probes_a_checkpoint_against_random_init_on_each_set(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A tiny text checkpoint on a folder of fortune files (10 categories, 6 each; one too short to keep):
+    every item is predicted once per encoder, the difference comes with an interval that contains it, every
+    layer is measured with --layers; without the files the set is skipped with a line saying how to get them."""
+    import yaml
+
+    from d2v.cli import main as d2v_main
+
+    (tmp_path / "src").mkdir()
+    corpus = [{"text": f"the law of love and the food of work {i} science"} for i in range(24)]
+    (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_text_params(tmp_path / "src")))
+    monkeypatch.chdir(tmp_path)
+    assert all(d2v_main([c, "text"]) == 0 for c in ("prepare", "shard", "pretrain"))
+    heldout = runpy.run_path(str(ROOT / "benchmarks/heldout.py"))
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    for c in heldout["FORTUNE_CLASSES"]:
+        items = [f"a {c} joke number {i}\nwith a second line" for i in range(6)] + ["too short"]
+        (folder / c).write_text("\n%\n".join(items) + "\n%\n")
+    out = tmp_path / "heldout.json"
+    ckpt = str(tmp_path / "ckpt" / "pretrain" / "text")
+    assert heldout["main"]([ckpt, "--fortunes", str(folder), "--layers", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["sets"]["fortunes"]
+    assert (result["items"], result["classes"]) == (60, 10)
+    assert sorted(k for k in result if k.startswith("layer")) == ["layer0", "layer1", "layer2"]  # tiny: 2 blocks
+    for key in ("embed", "layer0", "layer2"):
+        row = result[key]
+        assert all(0 <= row[i] <= 100 for i in ("pretrained", "random init"))
+        assert row["diff"] == pytest.approx(row["pretrained"] - row["random init"])
+        assert row["ci"][0] <= row["diff"] <= row["ci"][1]
+    assert "| fortunes | 60 | 10 | embed's default |" in capsys.readouterr().out
+    assert heldout["main"]([ckpt, "--fortunes", str(tmp_path / "none")]) == 0
+    assert "fortunes: skipped: the fortune files" in capsys.readouterr().out

@@ -21,6 +21,7 @@ import torch
 import yaml
 from test_distributed import free_port
 
+import d2v
 from d2v import checkpoint
 from d2v.config import TransformerConfig, from_dict
 from d2v.joint import (
@@ -224,7 +225,7 @@ def test_load_encoder_of_a_modality_is_the_joint_models_own_encoder(project, m):
     model = build_joint_model(joint, configs, seed=1)
     model.load_state_dict(weights)
     model.eval()
-    enc = load_encoder(project / RUN, modality=m)
+    enc = d2v.load_encoder(project / RUN, modality=m)  # the library's entry point, as the README shows it
     assert type(enc) is type(model.members[m].student)
     # the report's parameter count of the modality's encoder: its own parts and the shared stack
     metrics = json.loads((project / "metrics/pretrain/joint.json").read_text())
