@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 source scripts/env.sh
+if [ -z "${D2V_PROFILE:-}" ] && ! python -c "import sys, torch; from d2v.precision import cpu_bf16
+sys.exit(0 if torch.cuda.is_available() or cpu_bf16() else 1)"; then
+  # the measured stages on a 2-core fp32-only EPYC: benchmarks/RESULTS.md, "The demo's wall time"
+  echo "demo: this CPU has no bf16 hardware (AMX or AVX512-BF16), so every stage runs fp32: on 2 cores expect" \
+    "about 2 hours (about 50 minutes where bf16 runs in hardware). Progress bars show each stage." >&2
+fi
 if [ -n "${D2V_PROFILE:-}" ]; then
   dvc exp run -S "profile=${D2V_PROFILE}" "$@"
 else

@@ -452,3 +452,20 @@ def test_heldout_probes_a_checkpoint_against_random_init_on_each_set(tmp_path: P
     assert "| fortunes | 60 | 10 | embed's default |" in capsys.readouterr().out
     assert heldout["main"]([ckpt, "--fortunes", str(tmp_path / "none")]) == 0
     assert "fortunes: skipped: the fortune files" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # about 5 minutes on 2 cores (the smoke pipeline once): CI runs it (.ci/run)
+def test_dvc_overhead_times_the_smoke_pipeline_and_splits_off_dvcs_own_time(tmp_path: Path, capsys) -> None:
+    """The smoke pipeline's stages all record their wall time, DVC's own time is the rest of the repro's, and
+    the figures printed are the ones written."""
+    import yaml
+
+    out = tmp_path / "dvc.json"
+    run_script("dvc_overhead.py", "--rounds", "1", "--keep", str(tmp_path / "w"), "--json", str(out))
+    r = json.loads(out.read_text())
+    lock = yaml.safe_load((tmp_path / "w" / "project" / "dvc.lock").read_text())["stages"]
+    assert r["stages"] >= 30 and r["stages"] == len(set(lock) - {"report"})  # every stage but the report timed
+    assert 0 < r["stage_processes_s"] < r["repro_s"] and r["dvc_own_s"] == pytest.approx(
+        r["repro_s"] - r["stage_processes_s"], abs=0.11)
+    assert r["status_s"] > 0 and r["noop_repro_s"] > 0 and r["yaml_parser"] == "C (ruamel.yaml.clib)"
+    assert f"| {r['stages']} | {r['repro_s']:.1f} s |" in capsys.readouterr().out
