@@ -308,7 +308,7 @@ class JointData2Vec(nn.Module):
             return {f"{k}/stack_grad_norm": norm * float(k == self.current) for k in self.members}
         grads, self._grads, self._seen = self._grads, {}, None
         names = sorted(grads)
-        if _local(next(self.stack.parameters())) is not next(self.stack.parameters()):
+        if hasattr(next(self.stack.parameters()), "to_local"):  # DTensors: the stack is FSDP2-sharded
             # FSDP2: each rank holds a shard of every gradient; norms and cosines come from dot products,
             # which are sums over the elements, so the ranks' partial sums add up to the full ones
             dots = torch.stack([torch.stack([grads[a] @ grads[b] for b in names]) for a in names])

@@ -464,7 +464,7 @@ def test_dvc_overhead_times_the_smoke_pipeline_and_splits_off_dvcs_own_time(tmp_
     run_script("dvc_overhead.py", "--rounds", "1", "--keep", str(tmp_path / "w"), "--json", str(out))
     r = json.loads(out.read_text())
     lock = yaml.safe_load((tmp_path / "w" / "project" / "dvc.lock").read_text())["stages"]
-    assert r["stages"] >= 30 and r["stages"] == len(set(lock) - {"report"})  # every stage but the report timed
+    assert len(set(lock) - {"report"}) <= r["stages"] <= len(lock)  # every stage timed (the report too, once run)
     assert 0 < r["stage_processes_s"] < r["repro_s"] and r["dvc_own_s"] == pytest.approx(
         r["repro_s"] - r["stage_processes_s"], abs=0.11)
     assert r["status_s"] > 0 and r["noop_repro_s"] > 0 and r["yaml_parser"] == "C (ruamel.yaml.clib)"
