@@ -36,8 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2v import load_encoder
-from d2v.metrics import linear_probe
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/word_classes.py: the same folds
+from word_classes import fold_indices  # noqa: E402
+
+from d2v import load_encoder  # noqa: E402
+from d2v.metrics import linear_probe  # noqa: E402
 
 Set = tuple[list, list[int], list[str]]
 """(items as ``embed`` takes them, class index per item, class names)."""
@@ -110,9 +113,7 @@ SETS: dict[str, dict[str, Callable[[], Set]]] = {
 def cv_predictions(x_ND: torch.Tensor, y_N: torch.Tensor, classes: int, folds: int = 5) -> torch.Tensor:
     """Each item's prediction [N] by the probe trained on the other ``folds`` - 1 folds (seeded split)."""
     pred = torch.empty_like(y_N)
-    parts = torch.randperm(len(y_N), generator=torch.Generator().manual_seed(0)).chunk(folds)
-    for k, test in enumerate(parts):
-        train = torch.cat([p for j, p in enumerate(parts) if j != k])
+    for train, test in fold_indices(len(y_N), folds):
         pred[test] = linear_probe(x_ND[train], y_N[train], x_ND[test], classes)
     return pred
 

@@ -59,14 +59,18 @@ def word_classes(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     return words, names, torch.tensor([names.index(next(iter(seen[w]))) for w in words])
 
 
+def fold_indices(n: int, folds: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(train, test) item indices of ``folds`` seeded folds over ``n`` items."""
+    parts = torch.randperm(n, generator=torch.Generator().manual_seed(0)).chunk(folds)
+    return [(torch.cat([p for j, p in enumerate(parts) if j != k]), test) for k, test in enumerate(parts)]
+
+
 def cross_validated(x_ND: torch.Tensor, y_N: torch.Tensor, classes: int, folds: int = 5) -> float:
     """Mean test accuracy of the logistic probe over ``folds`` seeded folds."""
-    parts = torch.randperm(len(y_N), generator=torch.Generator().manual_seed(0)).chunk(folds)
-    acc = []
-    for k, test in enumerate(parts):
-        train = torch.cat([p for j, p in enumerate(parts) if j != k])
-        acc.append((linear_probe(x_ND[train], y_N[train], x_ND[test], classes) == y_N[test]).float().mean().item())
-    return statistics.fmean(acc)
+    return statistics.fmean(
+        (linear_probe(x_ND[train], y_N[train], x_ND[test], classes) == y_N[test]).float().mean().item()
+        for train, test in fold_indices(len(y_N), folds)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

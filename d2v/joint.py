@@ -308,21 +308,16 @@ class JointData2Vec(nn.Module):
             return {f"{k}/stack_grad_norm": norm * float(k == self.current) for k in self.members}
         grads, self._grads, self._seen = self._grads, {}, None
         names = sorted(grads)
+        # norms and cosines from the dot products, which are sums over the elements: under FSDP2 each rank
+        # holds a shard of every gradient, and the ranks' partial sums add up to the full ones
+        dots = torch.stack([torch.stack([grads[a] @ grads[b] for b in names]) for a in names])
         if hasattr(next(self.stack.parameters()), "to_local"):  # DTensors: the stack is FSDP2-sharded
-            # FSDP2: each rank holds a shard of every gradient; norms and cosines come from dot products,
-            # which are sums over the elements, so the ranks' partial sums add up to the full ones
-            dots = torch.stack([torch.stack([grads[a] @ grads[b] for b in names]) for a in names])
             distributed.all_reduce_sum(dots)
-            norms = dots.diagonal().clamp_min(0).sqrt()
-            out = {f"{k}/stack_grad_norm": norms[i] for i, k in enumerate(names)}
-            for i, a in enumerate(names):
-                for j in range(i + 1, len(names)):
-                    out[f"cos/{a}-{names[j]}"] = dots[i, j] / (norms[i] * norms[j]).clamp_min(1e-8)
-            return out
-        out = {f"{k}/stack_grad_norm": torch.linalg.vector_norm(g) for k, g in grads.items()}
+        norms = dots.diagonal().clamp_min(0).sqrt()
+        out = {f"{k}/stack_grad_norm": norms[i] for i, k in enumerate(names)}
         for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                out[f"cos/{a}-{b}"] = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)
+            for j in range(i + 1, len(names)):
+                out[f"cos/{a}-{names[j]}"] = dots[i, j] / (norms[i] * norms[j]).clamp_min(1e-8)
         return out
 
     @torch.no_grad()
