@@ -80,6 +80,10 @@ class EvaluateConfig:
     probe_eval_budget: int | float | None = None
     """Valid and test items the probe scores, per class (int) or a fraction (float); None: all. A fixed
     draw (the params seed), the same for every encoder: for large test sets on a CPU."""
+    test_budget: int | float | None = None
+    """Test items each fine-tuned classification run is scored on, per class (int) or a fraction (float);
+    None: all. A fixed draw (the params seed), the same for every run of the sweep, so their differences
+    stay paired. Transcription (CTC) runs are always scored on their whole test split."""
     probe_pools: tuple[Literal["mean", "first"], ...] = ("mean",)
     """How the per-layer probe pools each layer's tokens, as ``embed``'s ``pool``: 'mean' over the tokens
     (the headline probe and ``embed``'s default) and, listed too, 'first' the first token (text's ``<s>``,
@@ -109,6 +113,10 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.probe_inits has duplicates: {list(self.probe_inits)}")
         if (self.ctc_probe_budget is not None and self.ctc_probe_budget < 1) or self.ctc_probe_steps < 1:
             raise ConfigError("evaluate: ctc_probe_budget (clips) and ctc_probe_steps must be >= 1")
+        for key in ("probe_eval_budget", "test_budget"):
+            b = getattr(self, key)
+            if b is not None and not (b >= 1 if isinstance(b, int) else 0.0 < b <= 1.0):
+                raise ConfigError(f"evaluate.{key}: items per class (int >= 1) or a fraction in (0, 1], got {b}")
         if "mean" not in self.probe_pools or len(set(self.probe_pools)) != len(self.probe_pools):
             raise ConfigError(f"probe_pools: distinct pools including 'mean' expected, got {list(self.probe_pools)}")
         if not self.probe_seeds or len(set(self.probe_seeds)) != len(self.probe_seeds):
@@ -325,8 +333,10 @@ def evaluate(
     for (task, test), group in groups.items():
         entry = entries[task]
         models = [load_finetune_model(finetune_dir / run.name, modality)[0].to(device) for run in group]
-        loader = build_loader(shard_dir, test, models[0].encoder.config, eval_spec(cfg, seed))
-        loader = progress(loader, f"evaluate {modality}: {len(group)} runs on {test}", manifest, test)
+        budget = within_smallest_class(manifest, test, cfg.test_budget) if task == "classification" else None
+        loader = build_loader(shard_dir, test, models[0].encoder.config, eval_spec(cfg, seed, budget))
+        sized = manifest if budget is None else None  # a budgeted draw is smaller than the split
+        loader = progress(loader, f"evaluate {modality}: {len(group)} runs on {test}", sized, test)
         with autocast(cfg.precision, device):
             all_preds, targets = predict_many(models, loader, device)
         del models

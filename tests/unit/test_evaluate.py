@@ -1,5 +1,6 @@
 """Evaluation metrics against hand computations, and the linear probe on toy data."""
 
+import collections
 import csv
 import json
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from d2v import checkpoint
-from d2v.config import to_dict
+from d2v.config import ConfigError, to_dict
 from d2v.data.stages import data_module, shard
 from d2v.evaluate import EvaluateConfig, cli_evaluate, evaluate, predict_many, predict_split, probe_metrics
 from d2v.heads import HeadConfig, ctc_greedy_decode
@@ -280,6 +281,29 @@ def test_accuracy_matches_the_models_own_predictions(image_project):
         "evaluate/pretrained/b2/s0/macro_f1": pytest.approx(macro_f1(pred, batch["labels"], 3)),
     }
     assert len(rows) == len(pred)
+
+
+def test_test_budget_scores_every_run_on_one_stratified_draw(image_project):
+    root, _, manifest = image_project
+    ft = root / "checkpoints" / "finetune" / "image"
+    shards = root / "shards" / "image"
+    runs = [Run(init, 2, 0) for init in DEFAULT_INITS]
+    per_class = manifest["splits"]["test"]["label_counts"]
+    k = min(per_class.values()) - 1  # fewer than every class has: a real draw
+    cfg = EvaluateConfig(batch_size=2, probe_inits=(), test_budget=k)
+    metrics, rows = evaluate("image", runs, shards, root / "nowhere", ft, cfg)
+    assert len(rows) == k * len(per_class)
+    assert sorted(collections.Counter(a for a, _ in rows).values()) == [k] * len(per_class)
+    # the draw is the params seed's: the same items (and numbers) every time, whatever the batch size
+    again, rows_again = evaluate("image", runs, shards, root / "nowhere", ft, EvaluateConfig(
+        batch_size=3, probe_inits=(), test_budget=k))  # fmt: skip
+    assert again == metrics and sorted(rows_again) == sorted(rows)
+    # the budget is cut to the smallest class, and a bad one is refused before any forward pass
+    _, capped = evaluate("image", runs, shards, root / "nowhere", ft, EvaluateConfig(probe_inits=(), test_budget=1000))
+    assert len(capped) == min(per_class.values()) * len(per_class)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="test_budget"):
+            EvaluateConfig(test_budget=bad)
 
 
 def test_missing_runs_manifest_and_wrong_checkpoints_are_named(image_project, tmp_path):
