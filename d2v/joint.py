@@ -50,8 +50,8 @@ METRICS = ("loss", "target_var", "pred_var", "stack_grad_norm")
 
 
 def _joint_transformer() -> TransformerConfig:
-    # the small presets' width and depth (every modality's CPU default: 4 x 256), post-LN: see params.yaml
-    return TransformerConfig(dim=256, depth=4, heads=4, ffn_dim=1024)
+    # the small presets' width and depth (every modality's CPU default: 6 x 256), post-LN: see params.yaml
+    return TransformerConfig(dim=256, depth=6, heads=4, ffn_dim=1024)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def randomize_positions(enc) -> None:
 
 def test_default_config_is_small_preset():
     cfg = ModelConfig()
-    assert (cfg.transformer.dim, cfg.transformer.depth, cfg.grid, cfg.targets.top_k) == (256, 4, (7, 7), 2)
+    assert (cfg.transformer.dim, cfg.transformer.depth, cfg.grid, cfg.targets.top_k) == (256, 6, (7, 7), 3)
     torch.manual_seed(0)
     n = sum(p.numel() for p in build_encoder(cfg).parameters())
     assert 1e6 < n < 10e6  # "a few million" for CPU runs

@@ -36,14 +36,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0},
         "conv_dim": [16] * 7, "pos_conv_groups": 2, "targets": {"top_k": 2},
     },
-    # CPU default (3.8 M parameters). The conv stack is narrowed to 128 channels (same kernels/strides, so
-    # still 20 ms frames): at 512 it takes most of a CPU step (benchmarks/RESULTS.md). 4 blocks, as every
-    # modality's small preset: the demo fits 60 minutes on 2 cores without bf16 hardware; top_k keeps
-    # [P1]'s share of the stack (8 of 12).
+    # CPU default (5.4 M parameters). The conv stack is narrowed to 128 channels (same kernels/strides, so
+    # still 20 ms frames): at 512 it takes most of a CPU step (benchmarks/RESULTS.md).
     "small": {
-        "transformer": {"dim": 256, "depth": 4, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
+        "transformer": {"dim": 256, "depth": 6, "heads": 4, "ffn_dim": 1024, "dropout": 0.1,
                         "attention_dropout": 0.1, "activation_dropout": 0.0, "layerdrop": 0.05},
-        "conv_dim": [128] * 7, "pos_conv_groups": 16, "targets": {"top_k": 3},
+        "conv_dim": [128] * 7, "pos_conv_groups": 16, "targets": {"top_k": 4},
     },
     # [P1] §4.2 / [FS] base_librispeech.yaml.
     "base": {
@@ -70,7 +68,7 @@ class ModelConfig:
     """'data2vec' ([P1]) or 'data2vec2' (spec §5): the latter's recipe (spans of 5 at 0.5, decoder,
     8 clones, the teacher's own positional convs) is put under the user's keys by ``model_config``."""
     transformer: TransformerConfig = field(
-        default_factory=lambda: TransformerConfig(dim=256, depth=4, heads=4, ffn_dim=1024, layerdrop=0.05)
+        default_factory=lambda: TransformerConfig(dim=256, depth=6, heads=4, ffn_dim=1024, layerdrop=0.05)
     )
     """Block stack (post-LN, wav2vec 2.0 style: §7.4)."""
     conv_dim: tuple[int, ...] = (128,) * 7
@@ -111,7 +109,7 @@ class ModelConfig:
     shortest row's count, and padded frames count in the statistics). fairseq also drops clips under 2 s
     (``min_sample_size``); d2v keeps them (most of the embedded recordings are single words) and batches
     similar lengths instead (``pretrain.audio.length_buckets``)."""
-    targets: Data2VecTargets = field(default_factory=lambda: Data2VecTargets(top_k=3))
+    targets: Data2VecTargets = field(default_factory=lambda: Data2VecTargets(top_k=4))
     """Target/loss settings (speech: top-K FFN taps, instance norm, L2 x 1/sqrt(D): §1.4-1.7)."""
     ema: EMAConfig = field(default_factory=EMAConfig)
     """Teacher decay 0.999 -> 0.9999 over 30k updates ([P1] §4.2)."""

@@ -55,13 +55,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_positions": 64,
         "targets": {"top_k": 2},
     },
-    # CPU default: 5.3M parameters (2.1M of them the 8192 x 256 token table), trainable on 2 cores; 4 blocks
-    # as every small preset (audio/model.py), top_k [P1]'s 10 of 12 rounded down
+    # CPU default: 6.9M parameters (2.1M of them the 8192 x 256 token table), trainable on 2 cores
     "small": {
-        "transformer": {"dim": 256, "depth": 4, "heads": 4, "ffn_dim": 1024},
+        "transformer": {"dim": 256, "depth": 6, "heads": 4, "ffn_dim": 1024},
         "vocab_size": 8192,
         "max_positions": 256,
-        "targets": {"top_k": 3},
+        "targets": {"top_k": 5},
     },
     # [P1] §4 Base / [FS] base.yaml: RoBERTa-base, GPT-2 BPE (50,265 ids), 512 positions, K 10
     "base": {
@@ -208,7 +207,7 @@ _V2: dict[str, Any] = {
 }
 _V2_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"targets": {"top_k": 2}, "v2": {"clones": 2, "decoder": {"layers": 2, "dim": 16}}},
-    "small": {"targets": {"top_k": 4}},  # every block, as base
+    "small": {"targets": {"top_k": 6}},
     "base": {"targets": {"top_k": 12}, "v2": {"decoder": {"dim": 768}}},
     "large": {"targets": {"top_k": 24, "layer_norm": "layer", "final_norm": "instance"}, "mask_prob": 0.5,
               "v2": {"decoder": {"dim": 1024}}},
