@@ -298,7 +298,7 @@ def test_test_budget_scores_every_run_on_one_stratified_draw(image_project):
     again, rows_again = evaluate("image", runs, shards, root / "nowhere", ft, EvaluateConfig(
         batch_size=3, probe_inits=(), test_budget=k))  # fmt: skip
     assert again == metrics and sorted(rows_again) == sorted(rows)
-    # the budget is cut to the smallest class, and a bad one is refused before any forward pass
+    # the budget is cut to the smallest class, and a bad one is refused when the config is built
     _, capped = evaluate("image", runs, shards, root / "nowhere", ft, EvaluateConfig(probe_inits=(), test_budget=1000))
     assert len(capped) == min(per_class.values()) * len(per_class)
     for bad in (0, 1.5, -0.1):
