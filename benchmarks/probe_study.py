@@ -1,7 +1,7 @@
 """Which layer and pooling carry a task, pretrained against random init, under a changed recipe.
 
     .venv/bin/python benchmarks/probe_study.py <project> <modality> [--seeds 0] [--set key=value ...]
-        [--pools mean first] [--budget 100 [0.5 ...]] [--json out.jsonl]
+        [--pools mean first] [--budget 100 [0.5 ...]] [--json out.jsonl] [--keep DIR]
 
 ``<project>`` is a d2v project after ``dvc repro shard@<m>``. For every pretraining seed it makes a temporary
 project with the project's shards linked in and its ``params.yaml`` with ``seed`` and the ``--set`` changes
@@ -12,7 +12,8 @@ probe seeds 0-2) on the pretrained encoder and on the same architecture at rando
 once per ``--budget`` (training labels per class, or a fraction of each class). It prints, per budget, task
 and pool, the test accuracy of every layer (mean over probe seeds) for both, and the difference at
 ``embed``'s default features (the final output, mean-pooled). ``--json`` appends one line per seed and
-budget. Nothing in the project changes.
+budget; ``--keep DIR`` keeps each seed's pretrained checkpoint as ``DIR/seed<k>`` (for ``heldout.py`` or
+``layer_diagnostics.py``). Nothing in the project changes.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from pretrain_seeds import seed_project  # noqa: E402
 
 def study(
     project: Path, m: str, seed: int, changes: dict[str, Any], where: Path, pools: tuple[str, ...],
-    budgets: list[int | float],
+    budgets: list[int | float], keep: Path | None = None,
 ) -> list[dict[str, float]]:
     """Per budget, the probe metrics (``probe/<init>/s<k>/<metric>``) of one pretraining seed under
-    ``changes``."""
+    ``changes``; with ``keep``, the pretrained checkpoint folder is copied to ``keep/seed<seed>``."""
     run_dir, params = seed_project(project, [m], seed, changes, where)
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(run_dir)}
     paths = section(params, "paths", PathsConfig)
@@ -58,6 +59,8 @@ def study(
     subprocess.run(["d2v", "pretrain", m], cwd=run_dir, env=env, check=True)
     shards = run_dir / paths.shards / m
     step = checkpoint.resolve(run_dir / paths.checkpoints / "pretrain" / m)
+    if keep is not None:
+        shutil.copytree(run_dir / paths.checkpoints / "pretrain" / m, keep / f"seed{seed}")
     base = section(params, "evaluate", EvaluateConfig, m)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = {"pretrained": step, "scratch": step}
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="probe training labels per class (an int) or fraction of each class (a float); "
                     "several: one probe each on the same pretraining")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None, help="append the result as one JSON line per seed")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each seed's pretrained checkpoint here")
     args = ap.parse_args(argv)
+    if args.keep is not None and any((args.keep / f"seed{s}").exists() for s in args.seeds):
+        ap.error(f"--keep {args.keep}: a seed<k> folder is already there; choose an empty folder")
     project, m = args.project.resolve(), args.modality
     changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if any(k.startswith("prepare.") for k in changes):
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             params = yaml.safe_load((project / "params.yaml").read_text())
             tasks = probe_tasks(read_manifest(project / params["paths"]["shards"] / m))
-            for budget, metrics in zip(args.budget, study(project, m, seed, changes, where, pools, args.budget)):
+            results = study(project, m, seed, changes, where, pools, args.budget, args.keep)
+            for budget, metrics in zip(args.budget, results):
                 print(f"\n{m}, pretraining seed {seed}, changes {changes or 'none'}, probe budget {budget}: probe "
                       f"test accuracy %, pretrained / random init, per layer (1..L blocks, L + 1 the final output)")  # fmt: skip
                 print("| task | pool | per layer |\n|---|---|---|")

@@ -310,6 +310,7 @@ def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool
     and the difference at embed's default features; the project itself is left as it was."""
     import yaml
 
+    from d2v import load_encoder
     from d2v.cli import main as d2v_main
 
     rng = torch.Generator().manual_seed(0)
@@ -333,8 +334,10 @@ def test_probe_study_reshards_pretrains_and_probes_every_task_per_layer_and_pool
     before = sorted(p.relative_to(project) for p in project.rglob("*"))
     out = tmp_path / "study.jsonl"
     run_script("probe_study.py", str(project), "text", "--set", "shard.text.vocab_size=290", "--budget", "3", "0.5",
-               "--json", str(out))  # fmt: skip
+               "--json", str(out), "--keep", str(tmp_path / "kept"))  # fmt: skip
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
+    kept = load_encoder(tmp_path / "kept" / "seed0")  # the study's pretrained encoder, kept for heldout.py
+    assert kept.modality == "text" and kept.embed(["the cat sat"]).shape == (1, kept.transformer.dim)
     row, half = [json.loads(x) for x in out.read_text().splitlines()]  # one line per budget
     assert row["changes"] == {"shard.text.vocab_size": 290} and (row["budget"], half["budget"]) == (3, 0.5)
     depth = 2 + 1  # tiny: 2 blocks and the final output
